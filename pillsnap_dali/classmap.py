@@ -1,0 +1,98 @@
+"""The class map: K-codes in class-id order, with drug metadata.
+
+Class identity is the K-code, never the position alone: two maps are compared code by code, and a
+mismatch names the codes that differ.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_logger = logging.getLogger(__name__)
+
+META_KEYS = ("dl_name", "dl_name_en", "drug_shape", "color_class1", "color_class2", "print_front",
+             "print_back", "dl_company", "dl_company_en", "di_edi_code", "dl_custom_shape", "form_code_name",
+             "di_class_no", "di_etc_otc_code", "line_front", "line_back", "leng_long", "leng_short", "thick")
+
+
+class ClassMapMismatch(ValueError):
+    """Two class maps disagree on which K-code sits at which class id."""
+
+
+@dataclass
+class ClassMap:
+    codes: list[str]
+    meta: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if len(set(self.codes)) != len(self.codes):
+            dup = sorted({c for c in self.codes if self.codes.count(c) > 1})
+            raise ValueError(f"class map has duplicate K-codes: {dup[:10]}")
+        self.index = {c: i for i, c in enumerate(self.codes)}
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def id_of(self, code: str) -> int:
+        return self.index[code]
+
+    def to_dict(self) -> dict:
+        return {"version": 1, "num_classes": len(self.codes), "codes": list(self.codes),
+                "meta": {c: self.meta.get(c, {}) for c in self.codes}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassMap":
+        if isinstance(d, list):  # a bare list of codes
+            return cls(codes=[str(c) for c in d])
+        if "codes" in d:
+            return cls(codes=[str(c) for c in d["codes"]], meta=dict(d.get("meta") or {}))
+        # the existing project's form: {"K-000001": 0, ...} or {"0": "K-000001", ...}
+        if all(isinstance(v, int) for v in d.values()):
+            return cls(codes=[k for k, _ in sorted(d.items(), key=lambda kv: kv[1])])
+        if all(str(k).isdigit() for k in d):
+            return cls(codes=[str(d[k]) for k in sorted(d, key=int)])
+        raise ValueError("unrecognised class map JSON: expected {'codes': [...]}, a list, or a code->id mapping")
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClassMap":
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+    def check_same(self, other: "ClassMap", what: str = "checkpoint", against: str = "manifest") -> None:
+        """Raise ClassMapMismatch naming the K-codes that differ (by name, then by position)."""
+        if self.codes == other.codes:
+            return
+        mine, theirs = set(self.codes), set(other.codes)
+        only_a, only_b = sorted(mine - theirs), sorted(theirs - mine)
+        moved = [c for c in self.codes if c in theirs and self.index[c] != other.index[c]]
+        parts = [f"class map of the {what} ({len(self.codes)} classes) differs from the {against}'s "
+                 f"({len(other.codes)} classes)"]
+        if only_a:
+            parts.append(f"only in the {what}: {', '.join(only_a[:20])}" + (" ..." if len(only_a) > 20 else ""))
+        if only_b:
+            parts.append(f"only in the {against}: {', '.join(only_b[:20])}" + (" ..." if len(only_b) > 20 else ""))
+        if moved:
+            parts.append("same K-codes at different class ids: " + ", ".join(
+                f"{c} ({self.index[c]} vs {other.index[c]})" for c in moved[:10]) + (" ..." if len(moved) > 10 else ""))
+        raise ClassMapMismatch("; ".join(parts))
+
+    def describe(self, code: str) -> dict:
+        m = self.meta.get(code, {})
+        return {k: m[k] for k in META_KEYS if k in m}
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

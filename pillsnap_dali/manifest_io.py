@@ -1,0 +1,156 @@
+"""Reading and writing manifest CSVs (ours and the existing project's).
+
+Ours: ``row,image_path,mapping_code,image_type,source,combo_id,width,height,boxes,orig_path``
+  - ``row``: 0..N-1, the row id carried through the loaders (every sample is traceable to its row)
+  - ``boxes``: JSON list of ``[x, y, w, h, "K-code"]`` in pixels (COCO, top-left origin), one per pill
+  - ``combo_id``: the combination folder name (split unit); the image stem's code part for singles
+  - ``orig_path``: the source PNG when ``image_path`` points into a JPEG cache, else empty
+Legacy (the existing PillSnap project): exactly ``image_path,mapping_code,image_type,source``.
+
+The manifest never copies data: it only lists absolute paths.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .classmap import ClassMap
+
+_logger = logging.getLogger(__name__)
+
+COLUMNS = ["row", "image_path", "mapping_code", "image_type", "source", "combo_id", "width", "height",
+           "boxes", "orig_path"]
+LEGACY_COLUMNS = ["image_path", "mapping_code", "image_type", "source"]
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass
+class Manifest:
+    """Column-wise rows of one split. ``len(m)`` rows; row ids are ``range(len(m))``."""
+    path: str | None
+    paths: list[str]
+    codes: list[str]
+    image_types: list[str]
+    sources: list[str]
+    combo_ids: list[str]
+    boxes: list[list]
+    orig_paths: list[str]
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    fmt: str = "pillsnap"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, idx) -> "Manifest":
+        idx = list(idx)
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return Manifest(self.path, pick(self.paths), pick(self.codes), pick(self.image_types),
+                        pick(self.sources), pick(self.combo_ids), pick(self.boxes), pick(self.orig_paths),
+                        pick(self.sizes) if self.sizes else [], self.fmt)
+
+    def labels(self, class_map: ClassMap) -> list[int]:
+        """Class id of every row; a K-code missing from the class map is an error naming it."""
+        missing = sorted({c for c in self.codes if c not in class_map.index})
+        if missing:
+            raise ManifestError(f"{len(missing)} K-code(s) of {self.path} are not in the class map: "
+                                f"{', '.join(missing[:20])}")
+        return [class_map.index[c] for c in self.codes]
+
+
+def _combo_id(path: str, image_type: str) -> str:
+    if image_type == "combination":
+        return Path(path).parent.name
+    return Path(path).stem
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read either manifest format; the format is detected from the header."""
+    path = str(path)
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        if header[:len(LEGACY_COLUMNS)] == LEGACY_COLUMNS and "row" not in header:
+            fmt = "legacy"
+        elif all(c in header for c in ("image_path", "mapping_code")):
+            fmt = "pillsnap"
+        else:
+            raise ManifestError(f"{path}: unrecognised manifest header {header}; expected {COLUMNS} "
+                                f"or {LEGACY_COLUMNS}")
+        m = Manifest(path, [], [], [], [], [], [], [], [], fmt)
+        for i, r in enumerate(reader):
+            p = (r.get("image_path") or "").strip()
+            code = (r.get("mapping_code") or "").strip()
+            if not p or not code:
+                raise ManifestError(f"{path}: line {i + 2} has an empty image_path or mapping_code")
+            itype = (r.get("image_type") or "single").strip() or "single"
+            m.paths.append(p)
+            m.codes.append(code)
+            m.image_types.append(itype)
+            m.sources.append((r.get("source") or "").strip())
+            m.combo_ids.append((r.get("combo_id") or "").strip() or _combo_id(p, itype))
+            raw_boxes = (r.get("boxes") or "").strip()
+            try:
+                m.boxes.append(json.loads(raw_boxes) if raw_boxes else [])
+            except json.JSONDecodeError:
+                raise ManifestError(f"{path}: line {i + 2} has unparsable boxes {raw_boxes[:60]!r}") from None
+            m.orig_paths.append((r.get("orig_path") or "").strip())
+            w, h = r.get("width") or "", r.get("height") or ""
+            m.sizes.append((int(w), int(h)) if w and h else (0, 0))
+    return m
+
+
+def write_manifest(m: Manifest, path: str | Path) -> None:
+    """Write our format atomically (temp file + rename); rows are renumbered 0..N-1."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(COLUMNS)
+        for i in range(len(m)):
+            size = m.sizes[i] if m.sizes else (0, 0)
+            w.writerow([i, m.paths[i], m.codes[i], m.image_types[i], m.sources[i], m.combo_ids[i],
+                        size[0] or "", size[1] or "",
+                        json.dumps(m.boxes[i], ensure_ascii=False) if m.boxes[i] else "", m.orig_paths[i]])
+    os.replace(tmp, path)
+
+
+def class_map_for(manifest_path: str | Path, manifest: Manifest | None = None) -> ClassMap:
+    """The class map beside a manifest (``class_map.json``), else the sorted unique K-codes (legacy rule)."""
+    cm_path = Path(manifest_path).parent / "class_map.json"
+    if cm_path.exists():
+        return ClassMap.load(cm_path)
+    manifest = manifest or read_manifest(manifest_path)
+    _logger.warning("no class_map.json beside %s: class ids are the sorted unique K-codes of this file "
+                    "(the existing project's rule)", manifest_path)
+    return ClassMap(codes=sorted(set(manifest.codes)))
+
+
+def split_missing(m: Manifest) -> tuple[Manifest, list[tuple[str, str]]]:
+    """Drop rows whose file is missing or empty; return (kept manifest, [(path, reason)])."""
+    keep, bad = [], []
+    for i, p in enumerate(m.paths):
+        try:
+            size = os.stat(p).st_size
+        except FileNotFoundError:
+            bad.append((p, "missing file"))
+            continue
+        except OSError as e:
+            bad.append((p, f"unreadable: {e.strerror}"))
+            continue
+        if size == 0:
+            bad.append((p, "empty file"))
+            continue
+        keep.append(i)
+    for p, why in bad[:10]:
+        _logger.warning("quarantined %s: %s", p, why)
+    if len(bad) > 10:
+        _logger.warning("... and %d more quarantined rows", len(bad) - 10)
+    return (m if len(keep) == len(m) else m.subset(keep)), bad
