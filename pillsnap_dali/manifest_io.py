@@ -2,7 +2,8 @@
 
 Ours: ``row,image_path,mapping_code,image_type,source,combo_id,width,height,boxes,orig_path``
   - ``row``: 0..N-1, the row id carried through the loaders (every sample is traceable to its row)
-  - ``boxes``: JSON list of ``[x, y, w, h, "K-code"]`` in pixels (COCO, top-left origin), one per pill
+  - ``boxes``: JSON list of ``{"bbox": [x, y, w, h], "code": "K-code"}``, one per pill JSON, bbox in pixels
+    (COCO, top-left origin) exactly as the label had it (possibly malformed: consumers validate)
   - ``combo_id``: the combination folder name (split unit); the image stem's code part for singles
   - ``orig_path``: the source PNG when ``image_path`` points into a JPEG cache, else empty
 Legacy (the existing PillSnap project): exactly ``image_path,mapping_code,image_type,source``.
