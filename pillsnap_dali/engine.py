@@ -1,0 +1,440 @@
+"""The classification training engine: train_one_epoch / evaluate / fit, backend-blind.
+
+The loop never knows which loader produced a batch (design.md's batch contract). Host-device syncs
+happen only at the log interval and once per evaluation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from .classmap import ClassMap
+from .config import Config
+from .gpumon import GpuMonitor
+from .manifest_io import Manifest
+from .metrics import EvalAccumulator, top_confusions, write_per_class
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainData:
+    class_map: ClassMap
+    train: Manifest
+    val: Manifest
+    train_labels: list[int]
+    val_labels: list[int]
+
+
+@dataclass
+class RunSpec:
+    cfg: Config
+    data: TrainData
+    device: torch.device
+    run_dir: Path | None            # None: write nothing (dry run)
+    rank: int = 0
+    world_size: int = 1
+    dry_run: bool = False
+    resume: Path | None = None
+    max_steps: int | None = None    # dry run: stop after this many training steps
+    stop_signals: list = field(default_factory=lambda: [signal.SIGINT, signal.SIGTERM])
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def class_weights(labels: list[int], num_classes: int, mode: str, beta: float = 0.999) -> torch.Tensor | None:
+    """Loss weights with mean 1 over the classes present: inverse frequency or effective number (Cui 2019)."""
+    if mode == "none":
+        return None
+    counts = torch.bincount(torch.tensor(labels), minlength=num_classes).double()
+    present = counts > 0
+    w = torch.zeros(num_classes, dtype=torch.float64)
+    if mode == "inv_freq":
+        w[present] = 1.0 / counts[present]
+    else:
+        w[present] = (1 - beta) / (1 - beta ** counts[present])
+    w[present] = w[present] / w[present].mean()
+    return w.float()
+
+
+def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+    import timm
+
+    model = timm.create_model(cfg.model.name, num_classes=num_classes, pretrained=False,
+                              drop_rate=cfg.model.drop_rate)
+    if cfg.model.pretrained:
+        _load_pretrained(model, cfg.model.pretrained)
+    model.to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _load_pretrained(model: nn.Module, path: str) -> None:
+    """Local weights only; the classifier head is kept fresh when its shape differs (new class set)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path)
+    else:
+        sd = ckpt.load_checkpoint(path)
+        sd = sd.get("model", sd.get("state_dict", sd)) if isinstance(sd, dict) else sd
+    sd = ckpt.strip_prefixes(sd)
+    own = model.state_dict()
+    keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    dropped = sorted(set(sd) - set(keep))
+    model.load_state_dict(keep, strict=False)
+    _logger.info("loaded %d tensors from %s (%d skipped: shape or name mismatch, e.g. %s)", len(keep), path,
+                 len(dropped), dropped[:3])
+    if not keep:
+        raise ckpt.CheckpointError(f"{path}: no tensor matches model {type(model).__name__}")
+
+
+def lr_lambda_factory(total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+def amp_settings(cfg: Config, device: torch.device) -> tuple[bool, torch.dtype | None, bool]:
+    """(enabled, dtype, use_scaler): bf16 where supported, else fp16 with a scaler; fp32 on CPU."""
+    if not cfg.train.amp or device.type != "cuda":
+        return False, None, False
+    if torch.cuda.is_bf16_supported():
+        return True, torch.bfloat16, False
+    return True, torch.float16, True
+
+
+class StopFlag:
+    """SIGINT/SIGTERM: finish the current step, save last.pt, leave cleanly."""
+
+    def __init__(self, signals):
+        self.reason: str | None = None
+        self._old = {}
+        for s in signals:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (tests): signals stay as they are
+                pass
+
+    def _handle(self, signum, frame):
+        self.reason = signal.Signals(signum).name
+        _logger.warning("%s received: finishing this step, then saving last.pt", self.reason)
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain periodic log lines otherwise."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        self.desc = desc
+
+    def update(self, step: int, total: int, info: dict) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in info.items()})
+        else:
+            _logger.info("%s step %d/%d %s", self.desc, step, total,
+                         " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Trainer:
+    """Owns the model, optimizer and loaders of one run; ``fit()`` runs it to the end or a stop."""
+
+    def __init__(self, spec: RunSpec):
+        from .loaders import SkipLog, build_loader
+
+        self.spec, self.cfg, self.device = spec, spec.cfg, spec.device
+        cfg, data = spec.cfg, spec.data
+        torch.manual_seed(cfg.train.seed)
+        self.num_classes = len(data.class_map)
+        self.model = build_model(cfg, self.num_classes, self.device)
+        self.ddp = self._wrap_ddp(self.model)
+        self.skip_log = SkipLog(spec.run_dir / "skipped.csv" if spec.run_dir and spec.is_main else None)
+        common = dict(cfg=cfg, device=self.device, backend=cfg.loader.backend, rank=spec.rank,
+                      world_size=spec.world_size, skip_log=self.skip_log, seed=cfg.train.seed)
+        self.train_loader = build_loader(data.train, data.train_labels, train=True, **common)
+        self.val_loader = build_loader(data.val, data.val_labels, train=False, **common)
+        self.backend = self.train_loader.backend
+        self.optimizer = build_optimizer(cfg, self.model)
+        steps = max(1, len(self.train_loader)) * max(1, cfg.train.epochs)
+        warm = int(cfg.train.warmup_epochs * len(self.train_loader))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda_factory(steps, warm))
+        self.amp, self.amp_dtype, use_scaler = amp_settings(cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        w = class_weights(data.train_labels, self.num_classes, cfg.train.class_weights)
+        self.criterion = nn.CrossEntropyLoss(weight=None if w is None else w.to(self.device),
+                                             label_smoothing=cfg.train.label_smoothing)
+        self.eval_criterion = nn.CrossEntropyLoss(reduction="sum")
+        self.ema = None
+        if cfg.train.ema:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay)
+        self.gpu = GpuMonitor(self.device.index or 0) if self.device.type == "cuda" else None
+        self.start_epoch, self.global_step, self.best_top1, self.history = 0, 0, -1.0, []
+        if spec.resume:
+            self.restore(spec.resume)
+
+    def _wrap_ddp(self, model):
+        if self.spec.world_size <= 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def state(self, epoch: int, complete: bool) -> dict:
+        cfg = self.cfg
+        return {"format": ckpt.FORMAT, "model_name": cfg.model.name, "num_classes": self.num_classes,
+                "model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "epoch_complete": complete,
+                "step": self.global_step, "rng": ckpt.rng_state(), "config": cfg.to_dict(),
+                "class_map": self.spec.data.class_map.to_dict(), "preprocess": cfg.to_dict()["preprocess"],
+                "best_top1": self.best_top1, "history": self.history, "backend": self.backend}
+
+    def save(self, epoch: int, complete: bool, best: bool) -> None:
+        if not (self.spec.run_dir and self.spec.is_main) or self.spec.dry_run:
+            return
+        d = self.spec.run_dir / "checkpoints"
+        state = self.state(epoch, complete)
+        ckpt.save_checkpoint(d / "last.pt", state)
+        if best:
+            ckpt.save_checkpoint(d / "best.pt", state)
+
+    def restore(self, path: Path) -> None:
+        st = ckpt.load_checkpoint(path, map_location=self.device)
+        if st.get("format") != ckpt.FORMAT:
+            raise ckpt.CheckpointError(f"{path} is not a pillsnap_dali training checkpoint; use --pretrained for "
+                                       "plain weights")
+        ClassMap.from_dict(st["class_map"]).check_same(self.spec.data.class_map)
+        self.model.load_state_dict(st["model"])
+        if self.ema is not None and st.get("ema"):
+            self.ema.module.load_state_dict(st["ema"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.scaler.load_state_dict(st["scaler"])
+        ckpt.set_rng_state(st["rng"])
+        self.global_step, self.best_top1, self.history = st["step"], st["best_top1"], list(st["history"])
+        # an epoch interrupted by a signal is run again from its start with the weights as they were
+        self.start_epoch = st["epoch"] + 1 if st["epoch_complete"] else st["epoch"]
+        self.history = [h for h in self.history if h["epoch"] < self.start_epoch]
+        _logger.info("resumed from %s: next epoch %d, step %d, best top-1 %.4f", path, self.start_epoch,
+                     self.global_step, self.best_top1)
+
+    # ---- one epoch ---------------------------------------------------------------------------------
+    def train_one_epoch(self, epoch: int, stop: StopFlag) -> dict:
+        model, loader, dev = self.ddp, self.train_loader, self.device
+        model.train()
+        loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+        correct = torch.zeros((), device=dev, dtype=torch.int64)
+        seen = torch.zeros((), device=dev, dtype=torch.int64)
+        data_t = compute_t = 0.0
+        n_steps, interval = len(loader), max(1, self.cfg.train.log_interval)
+        bar = Progress(n_steps, f"epoch {epoch}", self.spec.is_main)
+        ctx = self._join_ctx()
+        with ctx:
+            t0 = time.perf_counter()
+            for i, batch in enumerate(loader):
+                t1 = time.perf_counter()
+                loss, logits = self._step(batch)
+                loss_sum += loss.detach().double() * batch.labels.numel()
+                correct += (logits.detach().argmax(1) == batch.labels).sum()
+                seen += batch.labels.numel()
+                t2 = time.perf_counter()
+                data_t, compute_t = data_t + (t1 - t0), compute_t + (t2 - t1)
+                self.global_step += 1
+                if (i + 1) % interval == 0 and self.spec.is_main:
+                    # the only host-device sync of the training loop: one per log interval
+                    n = max(int(seen.item()), 1)
+                    bar.update(i + 1, n_steps, {"loss": float(loss_sum.item()) / n, "acc": int(correct.item()) / n,
+                                                "img/s": n / max(data_t + compute_t, 1e-9),
+                                                "data": data_t / max(data_t + compute_t, 1e-9)})
+                    if self.gpu is not None and self.gpu.available:
+                        self.gpu.sample()
+                stop_now = stop.reason or (self.spec.max_steps and self.global_step >= self.spec.max_steps)
+                if stop_now:
+                    break
+                t0 = time.perf_counter()
+        bar.close()
+        stats = self._reduce([loss_sum, correct.double(), seen.double()])
+        n = max(stats[2], 1.0)
+        wall = data_t + compute_t
+        out = {"train_loss": stats[0] / n, "train_acc": stats[1] / n, "train_images": int(stats[2]),
+               "data_time": data_t, "compute_time": compute_t, "data_share": data_t / max(wall, 1e-9),
+               "images_per_s": stats[2] / max(wall, 1e-9) if self.spec.world_size == 1 else
+               stats[2] / max(self._reduce_max(wall), 1e-9), "steps": i + 1 if n_steps else 0,
+               "lr": self.optimizer.param_groups[0]["lr"]}
+        out["skipped_train"] = int(loader.epoch_stats().get("skipped", 0))
+        if self.gpu is not None:
+            out.update(self.gpu.summary())
+        return out
+
+    def _step(self, batch):
+        images = batch.images
+        if self.device.type == "cuda" and self.cfg.train.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            logits = self.ddp(images)
+            loss = self.criterion(logits.float(), batch.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+        return loss, logits
+
+    def _join_ctx(self):
+        if self.spec.world_size <= 1:
+            import contextlib
+            return contextlib.nullcontext()
+        from torch.distributed.algorithms.join import Join
+        return Join([self.ddp])
+
+    def _reduce(self, tensors: list[torch.Tensor]) -> list[float]:
+        t = torch.stack([x.double() for x in tensors])
+        if self.spec.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def _reduce_max(self, value: float) -> float:
+        import torch.distributed as dist
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, epoch: int, max_steps: int | None = None) -> dict:
+        model.eval()
+        self.val_loader.set_epoch(epoch)
+        acc = EvalAccumulator(self.num_classes, self.device)
+        for i, batch in enumerate(self.val_loader):
+            images = batch.images
+            if self.device.type == "cuda" and self.cfg.train.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                logits = model(images).float()
+            acc.update(logits, batch.labels, self.eval_criterion(logits, batch.labels))
+            if max_steps and i + 1 >= max_steps:
+                break
+        acc.all_reduce()
+        return acc.compute()
+
+    # ---- the run -----------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, spec = self.cfg, self.spec
+        stop = StopFlag(spec.stop_signals)
+        reason, t_start = "epochs done", time.perf_counter()
+        bad_epochs = 0
+        try:
+            for epoch in range(self.start_epoch, cfg.train.epochs):
+                t0 = time.perf_counter()
+                tr = self.train_one_epoch(epoch, stop)
+                if stop.reason:
+                    self.save(epoch, complete=False, best=False)
+                    reason = f"interrupted by {stop.reason} (last.pt saved; --resume reruns epoch {epoch})"
+                    break
+                row = self._evaluate_epoch(epoch, tr, time.perf_counter() - t0)
+                improved = row["val_top1"] > self.best_top1
+                if improved:
+                    self.best_top1, bad_epochs = row["val_top1"], 0
+                else:
+                    bad_epochs += 1
+                row["best"] = improved
+                self.history.append(row)
+                self.save(epoch, complete=True, best=improved)
+                self._log_epoch(row)
+                if spec.dry_run:
+                    reason = "dry run"
+                    break
+                if cfg.train.target_accuracy is not None and row["val_top1"] >= cfg.train.target_accuracy:
+                    reason = f"target accuracy {cfg.train.target_accuracy:.2%} reached at epoch {epoch}"
+                    break
+                if cfg.train.patience and bad_epochs >= cfg.train.patience:
+                    reason = f"early stop: no better val top-1 for {bad_epochs} epochs"
+                    break
+        finally:
+            stop.restore()
+            self.train_loader.close()
+            self.val_loader.close()
+        _logger.info("training finished: %s", reason)
+        return {"reason": reason, "best_top1": self.best_top1, "history": self.history,
+                "total_time": time.perf_counter() - t_start, "backend": self.backend,
+                "interrupted": bool(stop.reason)}
+
+    def _evaluate_epoch(self, epoch: int, tr: dict, train_time: float) -> dict:
+        t0 = time.perf_counter()
+        res = self.evaluate(self.model, epoch, max_steps=2 if self.spec.dry_run else None)
+        row = {"epoch": epoch, **tr, "val_loss": res["loss"], "val_top1": res["top1"], "val_top5": res["top5"],
+               "val_macro_precision": res["macro_precision"], "val_macro_recall": res["macro_recall"],
+               "val_macro_f1": res["macro_f1"], "val_images": res["count"],
+               "skipped_val": int(self.val_loader.epoch_stats().get("skipped", 0))}
+        if self.ema is not None:
+            ema_res = self.evaluate(self.ema.module, epoch, max_steps=2 if self.spec.dry_run else None)
+            row.update({"ema_val_top1": ema_res["top1"], "ema_val_top5": ema_res["top5"]})
+        row["epoch_time"] = train_time + (time.perf_counter() - t0)
+        self._write_eval_details(epoch, res)
+        return row
+
+    def _write_eval_details(self, epoch: int, res: dict) -> None:
+        d = self.spec.run_dir
+        if not (d and self.spec.is_main):
+            return
+        cm = self.spec.data.class_map
+        write_per_class(d / "per_class.csv", res, cm)
+        (d / "confusions.json").write_text(json.dumps({"epoch": epoch, "pairs": top_confusions(res, cm, 20)},
+                                                      ensure_ascii=False, indent=1), encoding="utf-8")
+
+    def _log_epoch(self, row: dict) -> None:
+        if not self.spec.is_main:
+            return
+        _logger.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f top-1 %.4f top-5 %.4f F1 %.4f | "
+                     "%.1f img/s, data %.0f%%%s", row["epoch"], row["train_loss"], row["train_acc"], row["val_loss"],
+                     row["val_top1"], row["val_top5"], row["val_macro_f1"], row["images_per_s"],
+                     100 * row["data_share"], " *best*" if row["best"] else "")
+        if self.spec.run_dir and not self.spec.dry_run:
+            with open(self.spec.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")

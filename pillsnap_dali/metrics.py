@@ -1,0 +1,86 @@
+"""Evaluation metrics from a confusion matrix kept on the device (one sync per evaluation)."""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import torch
+
+from .classmap import ClassMap
+
+_logger = logging.getLogger(__name__)
+
+
+class EvalAccumulator:
+    """Accumulates loss, top-k hits and a confusion matrix on the device; no host sync per step."""
+
+    def __init__(self, num_classes: int, device: torch.device, topk: int = 5):
+        self.n = num_classes
+        self.k = min(topk, num_classes)
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.topk_hits = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        pred = logits.argmax(1)
+        self.confusion += torch.bincount(labels * self.n + pred, minlength=self.n * self.n)
+        top = logits.topk(self.k, dim=1).indices
+        self.topk_hits += (top == labels[:, None]).any(1).sum()
+        self.loss_sum += loss_sum.double()
+        self.count += labels.numel()
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            for t in (self.confusion, self.loss_sum, self.topk_hits, self.count):
+                dist.all_reduce(t)
+
+    def compute(self) -> dict:
+        cm = self.confusion.view(self.n, self.n).cpu().double()  # the one sync of an evaluation
+        count = max(int(self.count.item()), 1)
+        tp = cm.diag()
+        support, predicted = cm.sum(1), cm.sum(0)
+        precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+        recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+        f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
+                         torch.zeros_like(tp))
+        present = support > 0
+        return {"loss": float(self.loss_sum.item()) / count, "top1": float(tp.sum()) / count,
+                "top5": float(self.topk_hits.item()) / count, "count": count,
+                "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
+                "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
+                "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+                "_per_class": (precision, recall, support), "_confusion": cm}
+
+
+def write_per_class(path: Path, result: dict, class_map: ClassMap) -> None:
+    precision, recall, support = result["_per_class"]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["class_id", "k_code", "dl_name", "support", "precision", "recall"])
+        for i, code in enumerate(class_map.codes):
+            w.writerow([i, code, class_map.meta.get(code, {}).get("dl_name", ""), int(support[i]),
+                        f"{float(precision[i]):.4f}", f"{float(recall[i]):.4f}"])
+
+
+def top_confusions(result: dict, class_map: ClassMap, n: int = 20) -> list[dict]:
+    """The n largest off-diagonal cells: (true K-code, predicted K-code, count), with drug names."""
+    cm = result["_confusion"].clone()
+    cm.fill_diagonal_(0)
+    flat = cm.flatten()
+    k = min(n, int((flat > 0).sum()))
+    if k == 0:
+        return []
+    vals, idx = flat.topk(k)
+    nc = cm.shape[0]
+    out = []
+    for v, i in zip(vals.tolist(), idx.tolist()):
+        t, p = divmod(i, nc)
+        ct, cp = class_map.codes[t], class_map.codes[p]
+        out.append({"true": ct, "pred": cp, "count": int(v),
+                    "true_name": class_map.meta.get(ct, {}).get("dl_name", ""),
+                    "pred_name": class_map.meta.get(cp, {}).get("dl_name", "")})
+    return out

@@ -1,0 +1,211 @@
+"""``python -m pillsnap_dali.train``: from manifest to report.
+
+    python -m pillsnap_dali.train --stage demo
+    python -m pillsnap_dali.train --stage 3
+    python -m pillsnap_dali.train --manifest artifacts/stage3/manifest_train.csv --num-classes 1000 \\
+        --target-accuracy 0.85 --epochs 50 --batch-size 16
+    torchrun --nproc_per_node=2 -m pillsnap_dali.train --stage demo
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .classmap import ClassMapMismatch
+from .config import Config, ConfigError, dump_config, load_config
+from .manifest_io import ManifestError, class_map_for, read_manifest, split_missing
+
+_logger = logging.getLogger("pillsnap_dali.train")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["demo", "1", "2", "3", "4"], help="stage overlay (configs/stage<N>.yaml)")
+    p.add_argument("--config", help="a YAML file merged over base + stage")
+    p.add_argument("--data-root", help="AI Hub tree to scan (default: the synthetic demo tree)")
+    p.add_argument("--manifest", help="training manifest CSV (ours or the existing project's 4-column one)")
+    p.add_argument("--val-manifest", help="validation manifest (default: manifest_val.csv beside --manifest)")
+    p.add_argument("--num-classes", type=int, help="expected number of classes; checked against the class map")
+    p.add_argument("--target-accuracy", type=float, help="stop when val top-1 reaches this (0..1)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--model", help="any timm model name (default tf_efficientnetv2_s)")
+    p.add_argument("--pretrained", help="local weights file (nothing is downloaded)")
+    p.add_argument("--backend", choices=["auto", "dali", "dali-cpu", "pil"])
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, help="DALI CPU threads / PIL workers")
+    p.add_argument("--resume", nargs="?", const="__last__", help="checkpoint to resume (default: the run's last.pt)")
+    p.add_argument("--out", help="runs folder (default runs/)")
+    p.add_argument("--name", help="run name (default: stage<N>)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dry-run", action="store_true", help="build everything, run two steps, write nothing heavy")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, repeatable")
+    return p.parse_args(argv)
+
+
+_FLAG_KEYS = {"data_root": "data.root", "target_accuracy": "train.target_accuracy", "epochs": "train.epochs",
+              "batch_size": "train.batch_size", "lr": "train.lr", "img_size": "preprocess.img_size",
+              "model": "model.name", "pretrained": "model.pretrained", "backend": "loader.backend",
+              "device": "train.device", "out": "train.out", "name": "train.name", "seed": "train.seed"}
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    from .config import set_nested
+    overrides: dict = {}
+    for attr, key in _FLAG_KEYS.items():
+        v = getattr(args, attr)
+        if v is not None:
+            set_nested(overrides, key, v)
+    if args.threads is not None:
+        set_nested(overrides, "loader.threads", args.threads)
+        set_nested(overrides, "loader.workers", args.threads)
+    return load_config(stage=args.stage, path=args.config, overrides=overrides, sets=args.set)
+
+
+def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = cfg.train.device
+    cuda = torch.cuda.is_available() and want != "cpu"
+    if world > 1:
+        import torch.distributed as dist
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(local)
+        return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
+    if want == "auto":
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {want} asked for, but CUDA is not available here")
+    return 0, 1, torch.device(want)
+
+
+def _val_path(train_path: Path) -> Path:
+    name = train_path.name
+    for a, b in (("manifest_train", "manifest_val"), ("train", "val")):
+        if a in name:
+            return train_path.with_name(name.replace(a, b, 1))
+    raise ManifestError(f"cannot guess the validation manifest beside {train_path}: pass --val-manifest")
+
+
+def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
+    """Manifests -> TrainData. Class identity is the K-code; unknown val classes are reported, not remapped."""
+    from .engine import TrainData
+    if args.manifest:
+        train_path = Path(args.manifest)
+        val_path = Path(args.val_manifest) if args.val_manifest else _val_path(train_path)
+    else:
+        from .manifest import ensure_manifests
+        d = ensure_manifests(cfg)
+        train_path, val_path = d / "manifest_train.csv", d / "manifest_val.csv"
+    train, val = read_manifest(train_path), read_manifest(val_path)
+    class_map = class_map_for(train_path, train)
+    train, bad_t = split_missing(train)
+    val, bad_v = split_missing(val)
+    quarantine += bad_t + bad_v
+    unknown = [i for i, c in enumerate(val.codes) if c not in class_map.index]
+    if unknown:
+        codes = sorted({val.codes[i] for i in unknown})
+        _logger.warning("%d validation rows have K-codes absent from the class map (%s): left out of validation",
+                        len(unknown), ", ".join(codes[:10]))
+        quarantine += [(val.paths[i], f"class {val.codes[i]} not in the class map") for i in unknown]
+        val = val.subset(i for i in range(len(val)) if val.codes[i] in class_map.index)
+    if args.num_classes is not None and args.num_classes != len(class_map):
+        raise ConfigError(f"--num-classes {args.num_classes} does not match the class map of {train_path} "
+                          f"({len(class_map)} K-codes: {', '.join(class_map.codes[:5])}...)")
+    if not len(train) or not len(val):
+        raise ManifestError(f"empty split: {len(train)} training and {len(val)} validation rows")
+    _logger.info("data: %d train rows, %d val rows, %d classes (%s)", len(train), len(val), len(class_map), train_path)
+    return TrainData(class_map, train, val, train.labels(class_map), val.labels(class_map))
+
+
+def prepare_run_dir(cfg: Config, resume: bool, is_main: bool) -> Path:
+    run_dir = Path(cfg.train.out) / (cfg.train.name or (f"stage{cfg.stage}" if cfg.stage != "demo" else "demo"))
+    if is_main and not resume and (run_dir / "checkpoints").exists():
+        old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(run_dir.stat().st_mtime))}")
+        shutil.move(str(run_dir), old)
+        _logger.info("an earlier run was in %s: moved to %s (use --resume to continue a run)", run_dir, old)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def setup_logging(run_dir: Path | None, rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    if run_dir is not None and rank == 0:
+        fh = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        fh.setFormatter(logging.Formatter(fmt))
+        logging.getLogger().addHandler(fh)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from .engine import RunSpec, Trainer
+    from .report import write_report
+    cfg = resolve_config(args)
+    rank, world, device = init_distributed(cfg)
+    setup_logging(None, rank)
+    resume = args.resume is not None
+    run_dir = None if args.dry_run else prepare_run_dir(cfg, resume, rank == 0)
+    setup_logging(run_dir, rank)
+    quarantine: list = []
+    data = load_data(cfg, args, quarantine)
+    if run_dir and rank == 0:
+        dump_config(cfg, run_dir / "config.yaml")
+        data.class_map.save(run_dir / "class_map.json")
+        if quarantine:
+            import csv
+            with open(run_dir / "quarantine.csv", "w", newline="", encoding="utf-8") as fh:
+                csv.writer(fh).writerows([("path", "reason"), *quarantine])
+    resume_path = None
+    if resume:
+        resume_path = Path(args.resume) if args.resume != "__last__" else (run_dir or Path(".")) / "checkpoints/last.pt"
+        if not resume_path.exists():
+            raise ConfigError(f"--resume: {resume_path} does not exist")
+    spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,
+                   dry_run=args.dry_run, resume=resume_path, max_steps=2 if args.dry_run else None)
+    trainer = Trainer(spec)
+    _logger.info("model %s, %d classes, %d px (%s), backend %s, device %s, %d rank(s)", cfg.model.name,
+                 len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, device, world)
+    summary = trainer.fit()
+    if run_dir and rank == 0 and not args.dry_run:
+        header = {"stage": cfg.stage, "model": cfg.model.name, "classes": len(data.class_map),
+                  "image size": f"{cfg.preprocess.img_size} ({cfg.preprocess.resize_mode})", "backend": trainer.backend,
+                  "device": str(device), "ranks": world, "train rows": len(data.train), "val rows": len(data.val)}
+        summary["report"] = str(write_report(run_dir, summary, header))
+    summary["run_dir"] = str(run_dir) if run_dir else None
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = run(args)
+    except (ConfigError, ManifestError, ClassMapMismatch, ValueError, FileNotFoundError) as e:
+        logging.getLogger("pillsnap_dali.train").debug("failure", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        best = summary["best_top1"]
+        print(f"{summary['reason']}; best val top-1 {best:.4f}" if best >= 0 else summary["reason"])
+        if summary.get("report"):
+            print(f"report: {summary['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
