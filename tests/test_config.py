@@ -1,0 +1,56 @@
+import pytest
+
+from pillsnap_dali.config import CONFIG_DIR, ConfigError, all_keys, load_config, parse_set
+
+
+def test_stage_overlays_set_stage_sizes():
+    sizes = {s: (load_config(s).manifest.images, load_config(s).manifest.classes) for s in "1234"}
+    assert sizes == {"1": (5000, 50), "2": (25000, 250), "3": (100000, 1000), "4": (500000, 4523)}
+    assert load_config("3").manifest.sampling == "tiered"
+
+
+def test_unknown_key_is_an_error_with_suggestion(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.learning_rate'"):
+        load_config("demo", path=p)
+    with pytest.raises(ConfigError, match="did you mean 'train.batch_size'"):
+        load_config("demo", sets=["train.batch_sze=4"])
+
+
+def test_set_overrides_and_types():
+    cfg = load_config("demo", sets=["train.lr=0.5", "loader.backend=pil", "train.target_accuracy=null",
+                                    "augment.random_area=[0.5, 1.0]"])
+    assert cfg.train.lr == 0.5 and cfg.loader.backend == "pil" and cfg.train.target_accuracy is None
+    assert cfg.augment.random_area == [0.5, 1.0]
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config("demo", sets=["loader.backend=cuda"])
+    with pytest.raises(ConfigError, match="must be an integer"):
+        load_config("demo", sets=["train.epochs=1.5"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_config("demo", sets=["train.class_weights=inv_freq", "train.weighted_sampler=true"])
+
+
+def test_every_schema_key_is_documented_in_base_yaml():
+    import yaml
+
+    base = yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    assert sorted(flat(base)) == sorted(all_keys())
+    text = (CONFIG_DIR / "base.yaml").read_text()
+    for line in text.splitlines():  # every key line carries a comment, or opens a commented section
+        s = line.strip()
+        if s and not s.startswith("#") and ":" in s and not s.endswith(":"):
+            assert "#" in s, f"undocumented key line: {line}"
+
+
+def test_parse_set_rejects_malformed():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set(["train.lr"])
