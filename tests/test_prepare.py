@@ -1,0 +1,200 @@
+"""The PNG -> JPEG cache (issue 7): round trip with broken files, resume, refusal on free space, dry run."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pillsnap_dali import prepare as P
+from pillsnap_dali.classmap import ClassMap
+from pillsnap_dali.config import load_config
+from pillsnap_dali.manifest_io import Manifest, class_map_for, read_manifest, write_manifest
+
+REAL = Path("/work/shared/testdata/real_images")
+CODES = ["K-000114", "K-000250", "K-000573"]
+W, H = 244, 320          # the real 976x1280 shape, a quarter of the side
+BOX = [24, 32, 80, 96]
+
+
+def _photo(rng: np.random.Generator, w: int = W, h: int = H) -> Image.Image:
+    """A smooth background with a bright disc and some noise: compresses like a photo, not like noise."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, np.full_like(xx, rng.integers(0, 255))], -1)
+    disc = ((xx - w / 2) ** 2 + (yy - h / 2) ** 2) < (min(w, h) / 4) ** 2
+    base[disc] = rng.integers(150, 255, 3)
+    return Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
+
+
+def _real_sample(n: int) -> list[Path]:
+    """A spread of the shared real-world edge cases (whichever of them decode is decided at run time)."""
+    files = sorted(p for p in REAL.iterdir() if p.suffix in (".png", ".jpg", ".bmp", ".webp"))
+    return files[:: max(1, len(files) // n)][:n]
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> dict:
+    """A source manifest (ours, with a class map and a combination row with a box) over a small tree."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    paths, codes, types, boxes = [], [], [], []
+    for i in range(6):
+        p = src / f"{CODES[i % 3]}_0_2_0_2_70_000_200_{i}.png"
+        _photo(rng).save(p)
+        paths.append(str(p)), codes.append(CODES[i % 3]), types.append("single"), boxes.append([])
+    combo = src / "K-000114-000250" / "K-000114-000250_0_2_0_2_70_000_200.png"
+    combo.parent.mkdir()
+    _photo(rng).save(combo)
+    paths.append(str(combo)), codes.append(CODES[0]), types.append("combination")
+    boxes.append([{"bbox": BOX, "code": CODES[0]}, {"bbox": [1, 2, 3], "code": CODES[1]}])
+    truncated, empty = src / "truncated.png", src / "empty.png"
+    truncated.write_bytes(Path(paths[0]).read_bytes()[:3000])
+    empty.write_bytes(b"")
+    extra = [str(truncated), str(empty)] + [str(p) for p in _real_sample(10)]
+    paths += extra
+    codes += [CODES[2]] * len(extra)
+    types += ["single"] * len(extra)
+    boxes += [[] for _ in extra]
+    n = len(paths)
+    m = Manifest(None, paths, codes, types, ["test"] * n, [Path(p).stem for p in paths], boxes, [""] * n)
+    manifest = tmp_path / "manifests" / "manifest_train.csv"
+    write_manifest(m, manifest)
+    ClassMap(codes=CODES).save(manifest.parent / "class_map.json")
+    return {"manifest": manifest, "cache": tmp_path / "cache", "truncated": str(truncated), "empty": str(empty),
+            "combo": str(combo), "n": n}
+
+
+def _opts(**kw) -> P.PrepareOptions:
+    base = dict(quality=90, max_side=160, workers=1, margin_gb=0.0, sample=8)
+    base.update(kw)
+    return P.PrepareOptions(**base)
+
+
+def _skipped(cache: Path) -> dict[str, str]:
+    with open(cache / P.SKIPPED_CSV, newline="", encoding="utf-8") as fh:
+        return {r["path"]: r["reason"] for r in csv.DictReader(fh)}
+
+
+def test_round_trip_with_broken_files(tree):
+    report = P.prepare_cache(tree["manifest"], tree["cache"], _opts(workers=2))
+    assert report.rows_in == tree["n"] == report.cached + report.skipped and report.remaining == 0
+    skipped = _skipped(tree["cache"])
+    assert len(skipped) == report.skipped
+    assert "truncated" in skipped[tree["truncated"]] and "empty" in skipped[tree["empty"]]
+    out = read_manifest(report.manifest_out)
+    assert len(out) == report.cached >= 7 and not set(out.orig_paths) & set(skipped)
+    for path, orig, (w, h) in zip(out.paths, out.orig_paths, out.sizes):
+        assert Path(path) == P.cache_path_for(orig, tree["cache"])
+        with Image.open(path) as im:
+            im.load()
+            assert im.format == "JPEG" and im.mode == "RGB" and im.size == (w, h)
+            assert not im.info.get("progressive")
+        assert max(w, h) <= 160
+    i = out.orig_paths.index(tree["combo"])
+    assert out.sizes[i] == (122, 160)
+    assert out.boxes[i][0] == {"bbox": [12.0, 16.0, 40.0, 48.0], "code": CODES[0]}   # scaled by 0.5
+    assert out.boxes[i][1]["bbox"] == [1, 2, 3]                                      # malformed: kept as is
+    assert class_map_for(report.manifest_out).codes == CODES
+    assert report.cache_bytes < report.source_bytes and report.transcoded == report.cached
+
+
+def test_resume_after_interruption(tree):
+    first = P.prepare_cache(tree["manifest"], tree["cache"], _opts(limit=4))
+    assert first.remaining > 0 and first.stopped and first.cached + first.skipped == 4
+    assert len(read_manifest(first.manifest_out)) == first.cached
+    done = read_manifest(first.manifest_out).paths
+    mtimes = {p: os.stat(p).st_mtime_ns for p in done}
+    os.remove(done[0])                                    # a lost output is redone
+    stale = Path(done[1] + ".999.tmp")                    # an interrupted write leaves only a temp file
+    stale.write_bytes(b"partial")
+    second = P.prepare_cache(tree["manifest"], tree["cache"], _opts())
+    assert second.remaining == 0 and second.stopped is None and second.tmp_removed == 1 and not stale.exists()
+    assert second.rows_in == second.cached + second.skipped
+    assert second.reused == first.cached - 1
+    assert second.transcoded == second.cached - second.reused
+    assert all(os.stat(p).st_mtime_ns == mtimes[p] for p in done[1:])   # not rewritten
+    assert Path(done[0]).exists()
+
+
+def test_refuses_when_margin_would_be_crossed(tree):
+    free_gb = shutil.disk_usage(tree["manifest"].parent).free / 1e9
+    with pytest.raises(P.InsufficientSpaceError, match=r"GB free.*margin of"):
+        P.prepare_cache(tree["manifest"], tree["cache"], _opts(margin_gb=free_gb + 1000))
+    assert not tree["cache"].exists()
+
+
+def test_dry_run_writes_nothing(tree):
+    report = P.prepare_cache(tree["manifest"], tree["cache"], _opts(dry_run=True))
+    assert report.dry_run and report.estimate_bytes > 0 and report.free_bytes > 0 and report.cached == 0
+    assert not tree["cache"].exists()
+
+
+def test_other_encoding_in_same_cache_is_refused(tree):
+    P.prepare_cache(tree["manifest"], tree["cache"], _opts(limit=1))
+    with pytest.raises(P.PrepareError, match="max_side"):
+        P.prepare_cache(tree["manifest"], tree["cache"], _opts(max_side=100))
+
+
+def test_max_side_keeps_aspect(tmp_path):
+    assert P.fit_size(976, 1280, 640) == (488, 640)
+    assert P.fit_size(1280, 976, 640) == (640, 488)
+    assert P.fit_size(300, 200, 640) == (300, 200)          # never upscales
+    assert P.fit_size(976, 1280, None) == (976, 1280)
+    src = tmp_path / "wide.png"
+    _photo(np.random.default_rng(1), 300, 120).save(src)
+    o = P._transcode(str(src), str(tmp_path / "c" / "wide.jpg"), P._Encode(95, 100, "420", 10**7))
+    assert o.ok and o.src_wh == (300, 120) and o.out_wh == (100, 40)
+    with Image.open(o.dst) as im:
+        assert im.size == (100, 40)
+
+
+def test_cli_and_config(tree, capsys):
+    cfg = load_config(sets=["prepare.quality=80", "prepare.max_side=null"])
+    opts = P.PrepareOptions.from_config(cfg, workers=3, limit=None)
+    assert (opts.quality, opts.max_side, opts.workers) == (80, None, 3)
+    args = ["--manifest", str(tree["manifest"]), "--cache-dir", str(tree["cache"]), "--workers", "1",
+            "--sample", "4", "--max-side", "96"]
+    assert P.main(args + ["--margin-gb", "1e9"]) == 2
+    assert "refusing" in capsys.readouterr().err
+    assert P.main(args + ["--margin-gb", "0", "--dry-run"]) == 0 and not tree["cache"].exists()
+    assert P.main(args + ["--margin-gb", "0", "--set", "prepare.quality=70"]) == 0
+    out = capsys.readouterr().out
+    assert f"rows in       {tree['n']}" in out and "ratio" in out
+    assert max(read_manifest(tree["cache"] / "manifest_train.csv").sizes[0]) == 96
+
+
+def _dali_decode(paths: list[str], device: str):
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=len(paths), num_threads=1, device_id=None if device == "cpu" else 0)
+    def pipe():
+        jpegs, _ = fn.readers.file(files=paths)
+        return fn.decoders.image(jpegs, device="cpu" if device == "cpu" else "mixed")
+
+    p = pipe()
+    p.build()
+    (images,) = p.run()
+    return [np.array(images.as_cpu()[i]) for i in range(len(paths))]
+
+
+def test_dali_cpu_decodes_the_cache(tree):
+    report = P.prepare_cache(tree["manifest"], tree["cache"], _opts())
+    out = read_manifest(report.manifest_out)
+    arrays = _dali_decode(out.paths, "cpu")
+    assert [a.shape for a in arrays] == [(h, w, 3) for w, h in out.sizes]
+
+
+@pytest.mark.gpu
+def test_gpu_decodes_the_cache(tree):
+    from nvidia.dali.backend import GetCUDADeviceCount
+    if GetCUDADeviceCount() < 1:
+        pytest.skip("needs CUDA")
+    report = P.prepare_cache(tree["manifest"], tree["cache"], _opts())
+    out = read_manifest(report.manifest_out)
+    arrays = _dali_decode(out.paths, "gpu")           # nvJPEG ("mixed"): the point of the cache
+    assert [a.shape for a in arrays] == [(h, w, 3) for w, h in out.sizes]
