@@ -1,0 +1,66 @@
+"""``python -m pillsnap_dali.bench {decode,step,scan,predict}``: the benchmarks behind docs/benchmarks.md."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+
+def _step(argv) -> int:
+    from .bench_step import bench_step
+    from .config import load_config
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench step",
+                                description="model-only training throughput on synthetic input (the ceiling)")
+    p.add_argument("--stage", default="3")
+    p.add_argument("--model")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--set", action="append", default=[])
+    a = p.parse_args(argv)
+    sets = list(a.set)
+    sets += [f"model.name={a.model}"] if a.model else []
+    sets += [f"preprocess.img_size={a.img_size}"] if a.img_size else []
+    cfg = load_config(a.stage, sets=sets)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    n = a.num_classes or cfg.manifest.classes
+    res = bench_step(cfg, device=dev, batch=a.batch_size or cfg.train.batch_size, steps=a.steps, reps=a.reps,
+                     num_classes=min(n, 100000))
+    print(f"| model | px | batch | device | img/s median | min | max |\n|---|---|---|---|---|---|---|\n"
+          f"| {res['model']} | {res['img_size']} | {res['batch']} | {res['device']} | {res['images_per_s']:.1f} | "
+          f"{res['min']:.1f} | {res['max']:.1f} |")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+def _delegate(module: str):
+    def run(argv) -> int:
+        import importlib
+        return importlib.import_module(f"pillsnap_dali.{module}").main(argv) or 0
+    return run
+
+
+COMMANDS = {"step": _step, "decode": _delegate("bench_decode"), "scan": _delegate("bench_scan"),
+            "predict": _delegate("bench_predict")}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m pillsnap_dali.bench {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

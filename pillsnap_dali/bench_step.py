@@ -1,0 +1,61 @@
+"""Model-only throughput on synthetic input: the ceiling a real run's data_time share is judged against."""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+
+from .config import Config
+from .engine import amp_settings, build_model, build_optimizer
+
+_logger = logging.getLogger(__name__)
+
+
+def bench_step(cfg: Config, *, device: torch.device, batch: int, steps: int = 10, warmup: int = 3,
+               reps: int = 3, num_classes: int = 1000) -> dict:
+    """Training steps (forward, backward, optimizer) on a batch that never leaves the device.
+
+    Returns images/s: median, min and max over ``reps`` timed runs of ``steps`` steps after ``warmup``.
+    """
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes, device).train()
+    opt = build_optimizer(cfg, model)
+    amp, dtype, use_scaler = amp_settings(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    s = cfg.preprocess.img_size
+    x = torch.randn(batch, 3, s, s, device=device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    crit = torch.nn.CrossEntropyLoss()
+
+    def one():
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = crit(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # timing boundary only, not inside the measured loop
+
+    for _ in range(warmup):
+        one()
+    sync()
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one()
+        sync()
+        rates.append(batch * steps / (time.perf_counter() - t0))
+    out = {"model": cfg.model.name, "img_size": s, "batch": batch, "device": str(device), "amp": str(dtype),
+           "images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "reps": reps,
+           "steps": steps}
+    _logger.info("model-only %s @%d px, batch %d on %s: %.1f img/s (median of %d)", cfg.model.name, s, batch,
+                 device, out["images_per_s"], reps)
+    return out
