@@ -1,0 +1,112 @@
+"""DALI graph for the detector: decode, letterbox, flips with their box transforms, HSV jitter.
+
+One graph, written once, with a ``device`` parameter: ``"gpu"`` decodes with ``device="mixed"`` and keeps
+every image op on the GPU; ``"cpu"`` runs the same ops on the CPU (``device_id=None`` works without a GPU).
+Boxes (a few per image) stay on the CPU in both cases: they are ragged and tiny, and the trainer moves the
+collated targets to its device itself.
+
+The graph is fed per sample through named external sources (push mode, see ``feed``):
+
+- ``encoded``: the encoded image file (uint8, 1-D)
+- ``boxes``: ``[N, 4]`` float32 ltrb normalized to the ORIGINAL image (N may be 0)
+- ``geometry``: int32 ``[new_h, new_w, top, left]``: the letterbox resize size and the padding offsets,
+  computed by the feeder from the image header (``letterbox_geometry``) so the caller knows the exact
+  ``ratio_pad`` the validator needs to map predictions back to the original pixels.
+
+Outputs: ``images`` uint8 CHW ``imgsz x imgsz`` (padding value 114, like Ultralytics' LetterBox) and
+``boxes`` ``[N, 4]`` float32 normalized center-xywh in the letterboxed frame (the Ultralytics batch format).
+"""
+from __future__ import annotations
+
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+from nvidia.dali import pipeline_def
+
+from .common import decoder_device
+
+PAD_VALUE = 114
+INPUT_NAMES = ("encoded", "boxes", "geometry")
+# ltrb -> center xywh, as the 4x4 matrix coord_transform applies to each box row
+_LTRB_TO_CXYWH = [0.5, 0.0, 0.5, 0.0,
+                  0.0, 0.5, 0.0, 0.5,
+                  -1.0, 0.0, 1.0, 0.0,
+                  0.0, -1.0, 0.0, 1.0]
+
+
+def letterbox_geometry(height: int, width: int, imgsz: int) -> tuple[int, int, int, int]:
+    """(new_h, new_w, top, left): scale the long side to ``imgsz`` keeping the aspect, centre the rest.
+
+    Rounds like Ultralytics' LetterBox (each side rounded, padding split with the smaller half first).
+    """
+    gain = min(imgsz / height, imgsz / width)
+    new_h, new_w = max(int(round(height * gain)), 1), max(int(round(width * gain)), 1)
+    top = int(round((imgsz - new_h) / 2 - 0.1))
+    left = int(round((imgsz - new_w) / 2 - 0.1))
+    return new_h, new_w, top, left
+
+
+def _box_affine(geometry, imgsz: int):
+    """Per-sample M (4x4, flattened) and T (4) mapping original-normalized ltrb to letterboxed ltrb."""
+    geometry = fn.cast(geometry, dtype=types.FLOAT)
+    sy = geometry[0] / imgsz      # new_h / imgsz
+    sx = geometry[1] / imgsz      # new_w / imgsz
+    ty = geometry[2] / imgsz      # top / imgsz
+    tx = geometry[3] / imgsz      # left / imgsz
+    zero = sx * 0.0
+    m = fn.stack(sx, zero, zero, zero,
+                 zero, sy, zero, zero,
+                 zero, zero, sx, zero,
+                 zero, zero, zero, sy)
+    t = fn.stack(tx, ty, tx, ty)
+    return fn.reshape(m, shape=[4, 4]), t
+
+
+def _letterbox_image(images, geometry, imgsz: int):
+    """Resize to (new_h, new_w), then pad to imgsz x imgsz with the image at (top, left)."""
+    size = fn.cast(geometry, dtype=types.FLOAT)
+    images = fn.resize(images, resize_y=size[0], resize_x=size[1], interp_type=types.INTERP_LINEAR,
+                       antialias=True)
+    start = fn.stack(-geometry[2], -geometry[3])
+    return fn.slice(images, start=start, shape=[imgsz, imgsz], axis_names="HW",
+                    out_of_bounds_policy="pad", fill_values=PAD_VALUE)
+
+
+def _jitter(images, boxes, aug: dict):
+    """Random flips (image and boxes together) and HSV colour jitter."""
+    flip_h = fn.random.coin_flip(probability=aug["fliplr"]) if aug["fliplr"] > 0 else 0
+    flip_v = fn.random.coin_flip(probability=aug["flipud"]) if aug["flipud"] > 0 else 0
+    if aug["fliplr"] > 0 or aug["flipud"] > 0:
+        images = fn.flip(images, horizontal=flip_h, vertical=flip_v)
+        boxes = fn.bb_flip(boxes, ltrb=True, horizontal=flip_h, vertical=flip_v)
+    if aug["hsv_h"] > 0 or aug["hsv_s"] > 0 or aug["hsv_v"] > 0:
+        hue = fn.random.uniform(range=[-360.0 * aug["hsv_h"], 360.0 * aug["hsv_h"]])
+        sat = fn.random.uniform(range=[max(0.0, 1.0 - aug["hsv_s"]), 1.0 + aug["hsv_s"]])
+        val = fn.random.uniform(range=[max(0.0, 1.0 - aug["hsv_v"]), 1.0 + aug["hsv_v"]])
+        images = fn.hsv(images, hue=hue, saturation=sat, value=val, dtype=types.UINT8)
+    return images, boxes
+
+
+NO_AUGMENT = {"fliplr": 0.0, "flipud": 0.0, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0}
+
+
+@pipeline_def(exec_async=False, exec_pipelined=False)
+def detect_pipeline(*, device: str = "gpu", imgsz: int = 640, augment: dict | None = None):
+    """The detector's input graph; ``augment`` None (or NO_AUGMENT) is the validation graph.
+
+    ``augment`` keys: fliplr, flipup probabilities; hsv_h (fraction of the hue circle), hsv_s, hsv_v
+    (relative gains), the Ultralytics hyperparameter names and meanings.
+    """
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+    aug = dict(NO_AUGMENT, **(augment or {}))
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    boxes = fn.external_source(name="boxes", dtype=types.FLOAT, ndim=2)
+    geometry = fn.external_source(name="geometry", dtype=types.INT32, ndim=1)
+    images = fn.decoders.image(encoded, device=decoder_device(device), output_type=types.RGB)
+    images = _letterbox_image(images, geometry, imgsz)
+    m, t = _box_affine(geometry, imgsz)
+    boxes = fn.coord_transform(boxes, M=m, T=t)
+    images, boxes = _jitter(images, boxes, aug)
+    boxes = fn.coord_transform(boxes, M=_LTRB_TO_CXYWH)
+    images = fn.transpose(images, perm=[2, 0, 1], output_layout="CHW")
+    return images, boxes
