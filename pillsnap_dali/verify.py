@@ -1,0 +1,186 @@
+"""Image verification before an image enters a manifest.
+
+- ``header``: magic bytes and the size from the header, no decoding. Rejects empty files, non-images,
+  formats the loaders do not take, images over the pixel limit (decompression-bomb guard), zero sizes and
+  PNGs whose IEND chunk is missing (truncated: cheap to see from the last bytes).
+- ``full``: the header check, then a full PIL decode (``img.load()``) in a process pool. Results are cached
+  in a JSON file keyed by path + size + mtime_ns, so a rerun only decodes what changed.
+
+A failure is a short stable reason string ("empty file", "not an image", "unsupported format: GIF",
+"too many pixels: N", "truncated png", "decode failed: ..."); success is ``None``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .classmap import atomic_write_text
+
+_logger = logging.getLogger(__name__)
+
+MODES = ("none", "header", "full")
+SUPPORTED = ("PNG", "JPEG", "BMP", "WEBP")   # what both DALI's decoder and PIL read
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"), (b"GIF8", "GIF"),
+          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x00\x0cjP  ", "JPEG2000"),
+          (b"\xff\x4f\xff\x51", "JPEG2000"), (b"DDS ", "DDS"), (b"8BPS", "PSD"), (b"\x00\x00\x01\x00", "ICO"),
+          (b"P1", "PNM"), (b"P2", "PNM"), (b"P3", "PNM"), (b"P4", "PNM"), (b"P5", "PNM"), (b"P6", "PNM"))
+_TAIL = 4096   # a truncated PNG has no IEND chunk in its last bytes (a valid one may have trailing junk)
+CACHE_NAME = "verify_cache.json"
+
+
+@dataclass
+class VerifySettings:
+    mode: str = "none"            # none | header | full
+    max_pixels: int = 40_000_000
+    workers: int = 2              # processes for the full decode; <= 1 decodes in this process
+    cache_path: Path | None = None
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format from the first bytes, or None when they are no image we know."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    return None
+
+
+def check_header(path: str, max_pixels: int) -> str | None:
+    """Reason the file is unusable, judged without decoding pixels; None when it looks fine."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+            fmt = sniff_format(head)
+            if fmt is None:
+                return "not an image"
+            if fmt not in SUPPORTED:
+                return f"unsupported format: {fmt}"
+            if fmt == "PNG":
+                fh.seek(max(0, size - _TAIL))
+                if b"IEND" not in fh.read():
+                    return "truncated png"
+    except FileNotFoundError:
+        return "missing file"
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+    return _check_size(path, max_pixels)
+
+
+def _check_size(path: str, max_pixels: int) -> str | None:
+    from PIL import Image  # lazily: scanning without verification never needs PIL
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: we apply our own limit
+            with Image.open(path) as img:
+                w, h = img.size
+    except Image.DecompressionBombError as e:
+        return f"too many pixels: {_pixels_from(str(e))}"
+    except Exception as e:  # noqa: BLE001 - any header parse error makes the file unusable
+        return f"bad header: {type(e).__name__}: {str(e)[:60]}"
+    if w <= 0 or h <= 0:
+        return "zero dimension"
+    if w * h > max_pixels:
+        return f"too many pixels: {w * h}"
+    return None
+
+
+def _pixels_from(msg: str) -> str:
+    digits = [t for t in msg.replace("(", " ").split() if t.isdigit()]
+    return digits[0] if digits else "?"
+
+
+def check_full(path: str, max_pixels: int) -> str | None:
+    """The header check, then a full decode; reason or None."""
+    reason = check_header(path, max_pixels)
+    if reason:
+        return reason
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                img.load()
+    except Exception as e:  # noqa: BLE001 - decoders raise many types; every one means "skip this image"
+        return f"decode failed: {type(e).__name__}: {str(e)[:80]}"
+    return None
+
+
+def _full_job(args: tuple) -> str | None:
+    return check_full(*args)
+
+
+class Verifier:
+    """Checks images under one mode; ``bad(paths)`` returns {path: reason} for the failures only."""
+
+    def __init__(self, settings: VerifySettings):
+        if settings.mode not in MODES:
+            raise ValueError(f"verify mode must be one of {MODES}, got {settings.mode!r}")
+        self.s = settings
+        self.cache: dict = self._load_cache() if settings.mode == "full" else {}
+        self.memo: dict = {}      # path -> reason or None, for this run (a path is checked once)
+        self.checked = 0
+        self.decoded = 0
+
+    def _load_cache(self) -> dict:
+        p = self.s.cache_path
+        if not p or not Path(p).exists():
+            return {}
+        try:
+            with open(p, encoding="utf-8") as fh:
+                data = json.load(fh)
+            if data.get("max_pixels") == self.s.max_pixels:
+                return dict(data.get("results", {}))
+            _logger.info("verify cache %s was made with another pixel limit: not used", p)
+        except (OSError, ValueError, AttributeError) as e:
+            _logger.warning("verify cache %s unreadable (%s): starting a new one", p, e)
+        return {}
+
+    def bad(self, paths: list[str]) -> dict[str, str]:
+        if self.s.mode == "none" or not paths:
+            return {}
+        todo = [p for p in dict.fromkeys(paths) if p not in self.memo]
+        self.checked += len(todo)
+        if self.s.mode == "header":
+            self.memo.update({p: check_header(p, self.s.max_pixels) for p in todo})
+        elif todo:
+            self.memo.update(self._full(todo))
+        return {p: self.memo[p] for p in paths if self.memo[p]}
+
+    def _full(self, paths: list[str]) -> dict:
+        keys = {p: _cache_key(p) for p in paths}
+        todo = [p for p in paths if keys[p] is None or keys[p] not in self.cache]
+        results = {p: self.cache[keys[p]] for p in paths if keys[p] is not None and keys[p] in self.cache}
+        jobs = [(p, self.s.max_pixels) for p in todo]
+        if self.s.workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=self.s.workers) as pool:
+                out = list(pool.map(_full_job, jobs, chunksize=max(1, len(jobs) // (self.s.workers * 8))))
+        else:
+            out = [_full_job(j) for j in jobs]
+        self.decoded += len(todo)
+        for p, r in zip(todo, out):
+            results[p] = r
+            if keys[p] is not None:
+                self.cache[keys[p]] = r
+        return results
+
+    def save(self) -> None:
+        if self.s.mode == "full" and self.s.cache_path:
+            atomic_write_text(self.s.cache_path, json.dumps(
+                {"max_pixels": self.s.max_pixels, "results": self.cache}, ensure_ascii=False))
+
+
+def _cache_key(path: str) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # never cached: a missing file is checked again next time
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
