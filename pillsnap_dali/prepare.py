@@ -55,6 +55,7 @@ STAMP_JSON = "prepare_options.json"
 LOCK_FILE = ".prepare.lock"
 _COMMENT_TAG = "pillsnap_dali.prepare"
 _SUBSAMPLING = {"444": 0, "420": 2}   # PIL's JPEG subsampling codes
+_SIXTEEN_BIT = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 class PrepareError(RuntimeError):
@@ -175,17 +176,20 @@ def cache_path_for(src: str | Path, cache_dir: str | Path) -> Path:
 def _open_rgb(path: str, max_pixels: int) -> Image.Image:
     """Decode fully, apply the EXIF orientation, return 8-bit RGB. Raises on anything unreadable.
 
-    Private stand-in for ``loaders.open_rgb`` (same contract) until that lands.
+    The same contract and result as ``loaders.open_rgb`` (tests/test_prepare.py compares the two), kept here
+    because importing the loaders package costs every worker process torch (~5 s and ~0.9 GB each).
     """
     with Image.open(path) as im:
         if im.width * im.height > max_pixels:
             raise ValueError(f"{im.width}x{im.height} pixels exceed max_pixels={max_pixels}")
         im.load()
         im = ImageOps.exif_transpose(im)
-    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):   # 16-bit / float grey: scale to 8 bits
+    if im.mode in _SIXTEEN_BIT or im.mode == "F":  # 16-bit / float grey: scale to 8 bits
         arr = np.asarray(im, dtype=np.float32)
         arr = arr / 257.0 if im.mode != "F" else arr
         im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    elif im.mode in ("P", "PA"):                   # palette with transparency: through RGBA, as the loaders do
+        im = im.convert("RGBA")
     return im if im.mode == "RGB" else im.convert("RGB")
 
 

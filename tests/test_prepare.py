@@ -198,3 +198,19 @@ def test_gpu_decodes_the_cache(tree):
     out = read_manifest(report.manifest_out)
     arrays = _dali_decode(out.paths, "gpu")           # nvJPEG ("mixed"): the point of the cache
     assert [a.shape for a in arrays] == [(h, w, 3) for w, h in out.sizes]
+
+
+def test_open_rgb_matches_the_loaders():
+    """prepare keeps a torch-free copy of loaders.open_rgb: same pixels, same failures, on real edge cases."""
+    from pillsnap_dali.loaders import open_rgb
+    for path in _real_sample(40):
+        outcomes = []
+        for fn in (lambda p: P._open_rgb(p, 10**7), lambda p: open_rgb(p, 10**7)):
+            try:
+                outcomes.append(np.asarray(fn(str(path))))
+            except Exception as e:  # noqa: BLE001 -- comparing failure types
+                outcomes.append(type(e).__name__)
+        if isinstance(outcomes[0], str) or isinstance(outcomes[1], str):
+            assert outcomes[0] == outcomes[1], path
+        else:
+            assert np.array_equal(outcomes[0], outcomes[1]), path
