@@ -134,3 +134,72 @@ def test_val_split_without_images_is_an_error(tmp_path, defect_tree):
     bad = m.subset([6])  # only the index picture
     with pytest.raises(ValueError, match="no usable image left in the val split"):
         convert_manifests({"train": [m], "val": [bad]}, tmp_path / "yolo", BoxRules())
+
+
+# ------------------------------------------------------------------------------------------ DALI loader
+def _loader(yolo: Path, split: str, augment=None, imgsz=64, batch_size=4):
+    from pillsnap_dali.detect import DaliDetectLoader, DaliOptions, read_yolo_split
+
+    return DaliDetectLoader(read_yolo_split(yolo / "images" / split), batch_size=batch_size, imgsz=imgsz,
+                            augment=augment, shuffle=augment is not None, options=DaliOptions(device="cpu"))
+
+
+def test_dali_batches_have_the_ultralytics_format(converted):
+    yolo, _ = converted
+    loader = _loader(yolo, "train")
+    batches = list(loader)
+    assert len(loader) == 2 and [b["img"].shape[0] for b in batches] == [4, 2]
+    b = batches[0]
+    assert str(b["img"].dtype) == "torch.uint8" and tuple(b["img"].shape[1:]) == (3, 64, 64)
+    assert b["cls"].shape == (len(b["batch_idx"]), 1) and b["bboxes"].shape == (len(b["batch_idx"]), 4)
+    assert b["ori_shape"][0] == (H, W) and b["ratio_pad"][0] == ((0.5, 0.5), (8, 0))  # 128 -> 64 high, 16 px pad
+    assert int(b["batch_idx"].max()) == 3
+    # the first box of a_70 in the letterboxed frame: x * 0.5 + 8 px pad, over 64
+    first = b["bboxes"][b["batch_idx"] == 0][0].numpy()
+    x, y, w, h = QUAD[0]
+    np.testing.assert_allclose(first, [((x + w / 2) * 0.5 + 8) / 64, (y + h / 2) * 0.5 / 64, w / 2 / 64, h / 2 / 64],
+                               atol=1e-5)
+
+
+def test_dali_flips_move_boxes_with_the_pixels(converted):
+    yolo, _ = converted
+    flipped = next(iter(_loader(yolo, "val", augment={"fliplr": 1.0, "flipud": 1.0}, batch_size=1)))
+    plain = next(iter(_loader(yolo, "val", batch_size=1)))
+    assert plain["im_file"] == flipped["im_file"]
+    np.testing.assert_array_equal(flipped["img"][0].numpy(), plain["img"][0].flip(1).flip(2).numpy())
+    np.testing.assert_allclose(flipped["bboxes"][:, :2].numpy(), 1 - plain["bboxes"][:, :2].numpy(), atol=1e-5)
+
+
+def test_corrupt_image_is_skipped_and_logged(converted, tmp_path):
+    import shutil
+
+    yolo, _ = converted
+    split = tmp_path / "yolo"
+    shutil.copytree(yolo / "labels" / "val", split / "labels" / "val")
+    (split / "images" / "val").mkdir(parents=True)
+    for p in (yolo / "images" / "val").iterdir():
+        shutil.copy(p.resolve(), split / "images" / "val" / p.name)
+    bad = split / "images" / "val" / "v0.png"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated: the header reads, the pixels do not
+    loader = _loader(split, "val")
+    batches = list(loader)
+    assert [b["im_file"] for b in batches] == [(str(split / "images" / "val" / "v1.png"),)]
+    assert loader.skipped and loader.skipped[0][0] == str(bad) and len(loader) == 1
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_dali_fed_ultralytics_training_completes_offline(converted, tmp_path, monkeypatch):
+    from pillsnap_dali.detect import DetectRun, train_detector
+
+    yolo, _ = converted
+    monkeypatch.setenv("HOME", str(tmp_path))  # any download or settings write would land here: none may
+    run = DetectRun(data_yaml=yolo / "data.yaml", model="yolo11n.yaml", epochs=1, imgsz=160, batch_size=4,
+                    backend="dali-cpu", out=tmp_path / "runs" / "detect_test", device="cpu")
+    summary = train_detector(run)
+    out = run.out
+    assert (out / "weights" / "best.pt").is_file() and (out / "weights" / "last.pt").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"precision", "recall", "mAP50", "mAP50-95"} and metrics == summary
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("precision", "recall", "mAP50", "mAP50-95"))
+    assert metrics["backend"] == "dali-cpu" and (out / "skipped.csv").read_text().startswith("image_path,reason")
+    assert not list(tmp_path.glob("*.pt")) and not list(Path.cwd().glob("yolo*.pt"))  # nothing fetched
