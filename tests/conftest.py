@@ -1,0 +1,21 @@
+"""Shared fixtures.
+
+``synth_tree``: one small synthetic AI Hub tree per test session (raw Korean layout with spaces, every
+defect injected), built in well under a second. It returns ``pillsnap_dali.synth.SynthSummary``:
+``.root`` is the folder to scan, ``.codes`` the 6 K-codes, ``.combos`` the combination folders per part,
+``.counts`` the files written per part, ``.defects`` the injected defect counts; ``root/defects.json`` lists
+the affected files (relative to ``root``). Tests must not write into it (it is shared): copy it first.
+"""
+from __future__ import annotations
+
+import pytest
+
+from pillsnap_dali.synth import generate
+
+SYNTH_TREE = dict(classes=6, images_per_class=8, combos=3, size=(122, 160), defects=True, seed=0, layout="raw")
+
+
+@pytest.fixture(scope="session")
+def synth_tree(tmp_path_factory):
+    """6 classes x 8 training singles (+2 validation each), 3 + 1 combinations, 122x160 PNGs, all defects."""
+    return generate(tmp_path_factory.mktemp("synth_tree") / "aihub", workers=1, **SYNTH_TREE)
