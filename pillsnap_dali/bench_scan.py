@@ -16,8 +16,8 @@ import platform
 import shutil
 import tempfile
 import time
-import zlib
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +26,22 @@ from .scan import scan_tree
 
 _logger = logging.getLogger(__name__)
 
-TRAIN_IMG = "1.Training/원천데이터/단일경구약제 5000종"
-TRAIN_LBL = "1.Training/라벨링데이터/단일경구약제 5000종"
-COMBO_IMG = "1.Training/원천데이터/경구약제조합 5000종"
-COMBO_LBL = "1.Training/라벨링데이터/경구약제조합 5000종"
+LAYOUTS = ("raw", "raw_underscore", "english")
+
+
+def source_dirs(root: Path, layout: str, part: str, kind: str, n: int) -> tuple[Path, Path]:
+    """(image folder, label folder) of source ``n`` in either layout; part train|val, kind single|combination."""
+    single = kind == "single"
+    if layout == "english":
+        base, tag = root / "data" / part, "single" if single else "combo"
+        pre = "T" if part == "train" else "V"
+        sub = "single" if single else "combination"
+        return (base / "images" / sub / f"{pre}S_{n}_{tag}", base / "labels" / sub / f"{pre}L_{n}_{tag}")
+    sep = "_" if layout == "raw_underscore" else " "
+    base = root / ("1.Training" if part == "train" else "2.Validation")
+    group = f"단일경구약제{sep}5000종" if single else f"경구약제조합{sep}5000종"
+    pre, tag = ("T" if part == "train" else "V"), ("단일" if single else "조합")
+    return (base / "원천데이터" / group / f"{pre}S_{n}_{tag}", base / "라벨링데이터" / group / f"{pre}L_{n}_{tag}")
 
 
 @dataclass
@@ -39,6 +51,8 @@ class TreeSpec:
     combos: int = 0            # combination folders, 3 images x 3 pills each
     per_source: int = 50       # classes per TS_n folder
     side: int = 8              # PNG width = height
+    layout: str = "raw"        # raw | raw_underscore | english
+    val_per_class: int = 0     # single images per class in the Validation part
 
 
 def tiny_png(side: int = 8, rgb=(200, 200, 200)) -> bytes:
@@ -69,47 +83,59 @@ def label_json(stem: str, code: str, bbox: list, idx: int) -> str:
         "img_regist_ts": "20040729", "form_code_name": "경질캡슐제, 산제", "mark_code_front_anal": "",
         "mark_code_back_anal": "", "mark_code_front_img": "", "mark_code_back_img": "", "mark_code_front": "",
         "mark_code_back": "", "change_date": "20210524", "id": idx}
-    ann = {"area": bbox[2] * bbox[3], "iscrowd": 0, "bbox": bbox, "category_id": 1, "ignore": 0,
+    area = bbox[2] * bbox[3] if len(bbox) == 4 else 0
+    ann = {"area": area, "iscrowd": 0, "bbox": bbox, "category_id": 1, "ignore": 0,
            "segmentation": [], "id": idx, "image_id": idx}
     doc = {"images": [info], "type": "instances", "annotations": [ann],
            "categories": [{"supercategory": "pill", "id": 1, "name": "Drug"}]}
     return json.dumps(doc, ensure_ascii=False, indent=4)
 
 
-def _stem(codes: str, i: int, la: int = 75) -> str:
-    return f"{codes}_0_{i % 3}_{i % 2}_{i % 3}_{la}_{(i * 20) % 360:03d}_200"
+def _stem(codes: str, j: int) -> str:
+    """The j-th distinct single-image name of a drug (3 backgrounds x 2 sides x 3 lights x 4 elevations x
+    18 rotations = 1,296, the most shots the real data has per drug)."""
+    lo, la, light, side, back = j % 18, (j // 18) % 4, (j // 72) % 3, (j // 216) % 2, (j // 432) % 3
+    return f"{codes}_0_{back}_{side}_{light}_{(60, 70, 75, 90)[la]}_{lo * 20:03d}_200"
 
 
 def make_tree(root: str | Path, spec: TreeSpec) -> Path:
-    """Write a raw-layout tree of ``spec.n_images`` singles (+ combinations); returns ``root``."""
+    """Write a tree of ``spec.n_images`` singles (+ validation singles, + combinations); returns ``root``."""
     root = Path(root)
     png = tiny_png(spec.side)
     for i in range(spec.n_images):
-        cls = i % spec.classes
-        code, src = f"K-{cls + 1:06d}", f"{cls // spec.per_source + 1}_단일"
-        stem = _stem(code, i // spec.classes)
-        img_dir, lbl_dir = root / TRAIN_IMG / f"TS_{src}" / code, root / TRAIN_LBL / f"TL_{src}" / f"{code}_json"
-        if i < spec.classes:
-            img_dir.mkdir(parents=True, exist_ok=True)
-            lbl_dir.mkdir(parents=True, exist_ok=True)
-        (img_dir / f"{stem}.png").write_bytes(png)
-        (lbl_dir / f"{stem}.json").write_text(label_json(stem, code, [300, 400, 380, 420], i), encoding="utf-8")
+        _make_single(root, spec, "train", i, png)
+    for i in range(spec.val_per_class * spec.classes):
+        _make_single(root, spec, "val", i, png)
     for c in range(spec.combos):
         _make_combo(root, c, spec, png)
     return root
 
 
+def _make_single(root: Path, spec: TreeSpec, part: str, i: int, png: bytes) -> None:
+    cls = i % spec.classes
+    code = f"K-{cls + 1:06d}"
+    stem = _stem(code, i // spec.classes)
+    img_src, lbl_src = source_dirs(root, spec.layout, part, "single", cls // spec.per_source + 1)
+    img_dir, lbl_dir = img_src / code, lbl_src / f"{code}_json"
+    if i < spec.classes:
+        img_dir.mkdir(parents=True, exist_ok=True)
+        lbl_dir.mkdir(parents=True, exist_ok=True)
+    (img_dir / f"{stem}.png").write_bytes(png)
+    (lbl_dir / f"{stem}.json").write_text(label_json(stem, code, [300, 400, 380, 420], i), encoding="utf-8")
+
+
 def _make_combo(root: Path, c: int, spec: TreeSpec, png: bytes) -> None:
-    codes = [f"K-{(c + j * 7) % spec.classes + 1:06d}" for j in range(3)]
-    name = "K-" + "-".join(x[2:] for x in sorted(codes))
-    img_dir = root / COMBO_IMG / "TS_1_조합" / name
+    codes = sorted({f"K-{(c + j * 7) % spec.classes + 1:06d}" for j in range(3)})
+    name = "K-" + "-".join(x[2:] for x in codes)
+    img_src, lbl_src = source_dirs(root, spec.layout, "train", "combination", 1)
+    img_dir = img_src / name
     img_dir.mkdir(parents=True, exist_ok=True)
     (img_dir / f"{name}_index.png").write_bytes(png)
     for i, la in enumerate((70, 75, 90)):
         stem = f"{name}_0_2_0_2_{la}_000_200"
         (img_dir / f"{stem}.png").write_bytes(png)
-        for j, code in enumerate(sorted(codes)):
-            d = root / COMBO_LBL / "TL_1_조합" / f"{name}_json" / code
+        for j, code in enumerate(codes):
+            d = lbl_src / f"{name}_json" / code
             d.mkdir(parents=True, exist_ok=True)
             box = [60 + 450 * (j % 2), 100 + 550 * (j // 2), 380, 420]
             (d / f"{stem}.json").write_text(label_json(stem, code, box, c * 10 + i), encoding="utf-8")
@@ -134,8 +160,9 @@ def run_scan_bench(n_images: int, out_json: str | Path | None, *, tree: str | Pa
     marker = root / ".scanbench.json"
     try:
         if not (marker.exists() and json.loads(marker.read_text()).get("n_images") == n_images):
+            if any(root.iterdir()) if root.exists() else False:
+                raise FileExistsError(f"{root} is not empty and holds no {n_images}-image bench tree")
             t0 = time.perf_counter()
-            shutil.rmtree(root / "1.Training", ignore_errors=True)
             make_tree(root, TreeSpec(n_images=n_images, combos=max(1, n_images // 450)))
             marker.write_text(json.dumps({"n_images": n_images}))
             _logger.info("built a %d-image tree in %.1f s", n_images, time.perf_counter() - t0)

@@ -126,12 +126,16 @@ def _files(top: str):
     stack = [(top, "")]
     while stack:
         d, folder = stack.pop()
-        with os.scandir(d) as it:
-            for e in it:
-                if e.is_dir():
-                    stack.append((e.path, folder or e.name))
-                else:
-                    yield folder, e
+        try:
+            entries = list(os.scandir(d))
+        except OSError as e:
+            _logger.warning("cannot list %s: %s (its files are not scanned)", d, e.strerror)
+            continue
+        for e in entries:
+            if e.is_dir():
+                stack.append((e.path, folder or e.name))
+            else:
+                yield folder, e
 
 
 def count_files(root: str | Path) -> int:
@@ -279,6 +283,7 @@ class _Scan:
         res.counts = dict(self.counts) | {f"dl_idx_{k}": v for k, v in sorted(self.dl_idx.items())}
         for k in ("images", "labels", "source_dirs", "other_files", "index_images"):
             res.counts.setdefault(k, 0)
+        res.counts = dict(sorted(res.counts.items()))
         return res
 
 

@@ -1,0 +1,138 @@
+"""Stage manifests: sampling, splitting, reuse, determinism, accounting, legacy import, the CLI."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pillsnap_dali.bench_scan import TreeSpec, label_json, make_tree, source_dirs
+from pillsnap_dali.classmap import ClassMap
+from pillsnap_dali.config import ManifestConfig, load_config
+from pillsnap_dali.manifest import build_manifests, import_legacy, main, plan_quotas
+from pillsnap_dali.manifest_io import read_manifest
+
+REAL = Path("/work/shared/testdata/real_images")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aihub")
+    return make_tree(root, TreeSpec(n_images=60, classes=6, combos=4, per_source=3, val_per_class=2))
+
+
+def _paths(out: Path, split: str, kind="manifest") -> list:
+    return read_manifest(out / f"{kind}_{split}.csv").paths
+
+
+def _quarantined(out: Path) -> dict:
+    with open(out / "quarantine.csv", encoding="utf-8") as fh:
+        return {r["path"]: r["reason"] for r in csv.DictReader(fh)}
+
+
+def _check_accounting(out: Path, report: dict) -> None:
+    """Every discovered image is in exactly one split, or quarantined, or counted as not sampled."""
+    split_paths = [p for s in ("train", "val", "test") for p in _paths(out, s)]
+    assert len(split_paths) == len(set(split_paths))
+    q_images = {p for p, r in _quarantined(out).items() if r != "orphan label"}
+    assert not q_images & set(split_paths)
+    acc = report["accounting"]
+    assert acc["in_splits"] == len(split_paths) and acc["quarantined_images"] == len(q_images)
+    assert len(split_paths) + len(q_images) + report["not_sampled"] == acc["discovered_images"]
+
+
+def test_demo_build_takes_everything_and_splits_by_combination(tree, tmp_path):
+    cfg = load_config(stage="demo")
+    out = tmp_path / "demo"
+    report = build_manifests(cfg, tree, out)
+    _check_accounting(out, report)
+    splits = report["splits"]
+    assert splits["train"] + splits["val"] == 60 + 12 and splits["test"] == 12 and report["not_sampled"] == 0
+    assert 12 <= splits["val"] <= 12 + 12   # two units of each class; a combination unit holds 3 images
+    assert report["dl_idx_convention"] == "raw: K-1" and report["quarantine"]["by_reason"] == {"index image": 4}
+    train, val = read_manifest(out / "manifest_train.csv"), read_manifest(out / "manifest_val.csv")
+    assert set(val.codes) == set(train.codes) == set(ClassMap.load(out / "class_map.json").codes)
+    combos = lambda m: {c for c, t in zip(m.combo_ids, m.image_types) if t == "combination"}  # noqa: E731
+    assert combos(train) and combos(val) and not combos(train) & combos(val)
+    cm = ClassMap.load(out / "class_map.json")
+    assert cm.codes == sorted(cm.codes) and cm.meta["K-000003"]["dl_name"] == "테스트정 3mg"
+    det = {s: read_manifest(out / f"detect_{s}.csv") for s in ("train", "val", "test")}
+    assert len(det["train"]) + len(det["val"]) == 12 and len(det["val"]) == 3
+    assert all(len(b) == 3 for b in det["train"].boxes) and not combos(det["train"]) & combos(det["val"])
+
+
+def test_same_inputs_same_bytes_and_reuse(tree, tmp_path):
+    cfg = load_config(stage="1", sets=["manifest.images=24", "manifest.classes=4"])
+    a, b = tmp_path / "a", tmp_path / "b"
+    ra = build_manifests(cfg, tree, a, seed=7)
+    build_manifests(cfg, tree, b, seed=7)
+    for f in ("manifest_train.csv", "manifest_val.csv", "manifest_test.csv", "detect_train.csv",
+              "class_map.json", "quarantine.csv"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert ra["got"] == {"images": 24, "classes": 4, "smaller_than_stage": False}
+    assert all(n["val"] >= 1 and n["train"] >= 1 for n in ra["per_class"].values())
+    stamp = (a / "manifest_train.csv").stat().st_mtime_ns
+    assert build_manifests(cfg, tree, a, seed=7) == ra                       # reused, not rewritten
+    assert (a / "manifest_train.csv").stat().st_mtime_ns == stamp
+    rc = build_manifests(cfg, tree, a, seed=8)                               # another seed: rebuilt
+    assert rc["inputs"]["seed"] == 8 and (a / "manifest_train.csv").stat().st_mtime_ns != stamp
+
+
+def test_plan_quotas_tiered_and_smaller_tree():
+    sizes = {f"K-{i:06d}": 100 - i for i in range(1, 8)}
+    units = dict.fromkeys(sizes, 5)
+    m = ManifestConfig(sampling="tiered", tiers=[[2, 50], [3, 20], [1, 5]])
+    quotas, _ = plan_quotas(sizes, units, m, seed=0)
+    assert quotas == {"K-000001": 50, "K-000002": 50, "K-000003": 20, "K-000004": 20, "K-000005": 20,
+                      "K-000006": 5}
+    uniform, notes = plan_quotas(sizes | {"K-000099": 1}, units | {"K-000099": 1},
+                                 ManifestConfig(images=30, classes=3), seed=0)
+    assert len(uniform) == 3 and sum(uniform.values()) == 30 and "K-000099" not in uniform and notes
+
+
+def test_real_images_mixed_in_every_image_accounted(tree, tmp_path):
+    root = tmp_path / "mixed"
+    shutil.copytree(tree, root)
+    img_dir, lbl_dir = source_dirs(root, "raw", "train", "single", 9)
+    (img_dir / "K-000777").mkdir(parents=True)
+    (lbl_dir / "K-000777_json").mkdir(parents=True)
+    for i, src in enumerate(sorted(REAL.iterdir())):
+        stem = f"K-000777_{i:03d}_{src.stem[:20]}"
+        shutil.copyfile(src, img_dir / "K-000777" / f"{stem}{src.suffix}")
+        (lbl_dir / "K-000777_json" / f"{stem}.json").write_text(
+            label_json(stem, "K-000777", [1, 1, 5, 5], i), encoding="utf-8")
+    cfg = load_config(stage="demo")
+    for mode in ("header", "full"):
+        out = tmp_path / mode
+        report = build_manifests(cfg, root, out, verify=mode)
+        _check_accounting(out, report)
+        reasons = {r.split(":", 1)[0] for r in _quarantined(out).values()}
+        assert {"bad header", "too many pixels", "truncated png"} <= reasons
+        assert "K-000777" in report["per_class"] and report["defects"]["truncated_png"] >= 1
+        assert report["scan"]["other_files"] == 1 and report["defects"]["orphan_label"] == 1  # the LICENSE .txt
+    assert "decode failed" in reasons and report["verify"]["checked"] > 300
+
+
+def test_legacy_import_quarantines_missing_and_unknown_classes(tree, tmp_path):
+    singles = sorted(str(p) for p in Path(tree).rglob("K-00000[12]_*.png"))
+    rows = [[p, Path(p).name[:8], "single", "TS_1"] for p in singles[:3] + singles[-3:]]
+    rows.append([str(tmp_path / "gone.png"), "K-000001", "single", "TS_1"])
+    for name, extra in (("train.csv", rows), ("val.csv", [[singles[5], "K-000009", "single", "VS_1"]])):
+        with open(tmp_path / name, "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows([["image_path", "mapping_code", "image_type", "source"], *extra])
+    out = tmp_path / "legacy"
+    report = import_legacy([tmp_path / "train.csv", tmp_path / "val.csv"], load_config(), out, verify="header")
+    assert report["splits"] == {"train": 6, "val": 0}
+    assert ClassMap.load(out / "class_map.json").codes == ["K-000001", "K-000002"]
+    q = _quarantined(out)
+    assert q[str(tmp_path / "gone.png")] == "missing file"
+    assert q[singles[5]] == "class not in training manifest: K-000009"
+
+
+def test_cli(tree, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["--data-root", str(tree), "--stage", "demo", "--out", str(out), "--seed", "3"]) == 0
+    assert "test 12 images, 6 classes" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["inputs"]["seed"] == 3
+    assert main(["--data-root", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "not a directory" in capsys.readouterr().err

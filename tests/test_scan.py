@@ -1,0 +1,121 @@
+"""The AI Hub scanner on small real trees: layouts, pairing, combination merging, defects."""
+import json
+import os
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from pillsnap_dali.bench_scan import TreeSpec, label_json, make_tree, source_dirs
+from pillsnap_dali.scan import count_files, scan_tree
+
+
+def _tree(tmp_path, layout="raw", **kw) -> Path:
+    spec = TreeSpec(n_images=kw.pop("n_images", 12), classes=kw.pop("classes", 4), combos=kw.pop("combos", 2),
+                    per_source=2, layout=layout, **kw)
+    return make_tree(tmp_path / layout, spec)
+
+
+def _label(root, part, kind, folder, stem, code="K-000001", **changes) -> Path:
+    """Rewrite (or create) one label JSON with some image keys or the bbox changed."""
+    _, lbl = source_dirs(root, "raw", part, kind, 1)
+    sub = lbl / f"{folder}_json" / (code if kind == "combination" else "")
+    sub.mkdir(parents=True, exist_ok=True)
+    doc = json.loads(label_json(stem, code, changes.pop("bbox", [300, 400, 380, 420]), 1))
+    doc["images"][0].update(changes)
+    path = sub / f"{stem}.json"
+    path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("layout", ["raw", "raw_underscore", "english"])
+def test_layouts_pair_images_and_merge_combination_boxes(tmp_path, layout):
+    root = _tree(tmp_path, layout, val_per_class=1)
+    res = scan_tree(root)
+    assert res.counts["images"] == 12 + 4 + 2 * 4 and res.counts["index_images"] == 2
+    assert len(res.records) == 12 + 4 + 2 * 3
+    assert sorted(p for p, _ in res.quarantine) == sorted(
+        str(p) for p in Path(root).rglob("*_index.png"))
+    combos = [r for r in res.records if r.image_type == "combination"]
+    assert len(combos) == 6
+    for r in combos:
+        assert len(r.boxes) == 3 == len(r.label_paths) == len(r.codes)   # one box per pill JSON, merged
+        assert r.code == r.codes[0] == r.combo_id.split("-", 1)[0] + "-" + r.combo_id.split("-")[1]
+        assert {b["code"] for b in r.boxes} == set(r.codes)
+    singles = [r for r in res.records if r.image_type == "single"]
+    assert all(Path(r.image_path).name.startswith(r.code + "_") for r in singles)
+    assert {r.part for r in singles} == {"train", "val"}
+    assert all(r.source.startswith("VS_" if r.part == "val" else "TS_") for r in singles)
+    assert all(r.width == 976 and r.height == 1280 and os.path.isabs(r.image_path) for r in res.records)
+    assert res.dl_idx_convention == "raw: K-1"
+    assert set(res.meta) == {f"K-{i:06d}" for i in range(1, 5)}
+    assert res.meta["K-000001"]["dl_name"] == "테스트정 1mg"
+    assert not any(v for k, v in res.defects.items() if k != "near_identical_pair")
+    assert count_files(root) == res.counts["images"] + res.counts["labels"]
+
+
+def test_defects_are_counted_and_nothing_crashes(tmp_path):
+    root = _tree(tmp_path, classes=3, n_images=15, combos=1)
+    img_dir, _ = source_dirs(root, "raw", "train", "single", 1)
+    singles = sorted((img_dir / "K-000001").glob("*.png"))
+    stems = [p.stem for p in singles]
+    lbl = lambda s: _label(root, "train", "single", "K-000001", s)  # noqa: E731
+    lbl(stems[0]).write_text('{"images": [{"file_name"', encoding="utf-8")        # unparsable
+    _label(root, "train", "single", "K-000001", stems[1], bbox=[1, 2, 3])         # bbox_bad_len
+    _label(root, "train", "single", "K-000001", stems[2], bbox=[6567, 625, 311, 315])  # bbox_outside
+    _label(root, "train", "single", "K-000001", stems[3], bbox=[10, 10, 0, 50], dl_name=None)  # nonpositive+null
+    (img_dir / "K-000001" / "K-000001_9_9_9_9_90_000_200.png").write_bytes(b"\x89PNG")  # orphan image
+    lbl("K-000001_7_7_7_7_90_000_200")                                             # orphan label
+    (img_dir / "K-000002" / singles[0].name.replace("K-000001", "K-000002")).write_bytes(b"")  # empty file
+    combo_dir = next((source_dirs(root, "raw", "train", "combination", 1)[1]).iterdir())
+    first_pill = sorted(combo_dir.iterdir())[0]
+    victim = sorted(first_pill.iterdir())[0]
+    victim.unlink()                                                                # combo_missing_pill_json
+    twin = sorted(sorted(combo_dir.iterdir())[1].iterdir())[1]                     # double label on image 1
+    doc = json.loads(twin.read_text(encoding="utf-8"))
+    doc["annotations"][0]["bbox"] = json.loads(
+        (sorted(combo_dir.iterdir())[2] / twin.name).read_text(encoding="utf-8"))["annotations"][0]["bbox"]
+    twin.write_text(json.dumps(doc), encoding="utf-8")
+    res = scan_tree(root)
+    d = res.defects
+    assert (d["unparsable_json"], d["bbox_bad_len"], d["bbox_outside"], d["bbox_nonpositive"]) == (1, 1, 1, 1)
+    assert (d["null_metadata"], d["orphan_image"], d["orphan_label"], d["empty_file"]) == (1, 1, 1, 1)
+    assert (d["combo_missing_pill_json"], d["double_label"]) == (1, 1)
+    reasons = dict(res.quarantine)
+    assert reasons[str(singles[0])] == "unparsable json"
+    assert reasons[str(img_dir / "K-000001" / "K-000001_9_9_9_9_90_000_200.png")] == "no label"
+    assert sorted(reasons.values()).count("orphan label") == 1 and "empty file" in reasons.values()
+    bad_box = next(r for r in res.records if Path(r.image_path).stem == stems[1])
+    assert bad_box.boxes == [{"bbox": [1, 2, 3], "code": "K-000001"}]    # kept raw for the converter
+    short = next(r for r in res.records if Path(r.image_path).stem == victim.stem)
+    assert len(short.boxes) == 2 and len(short.codes) == 3
+
+
+def test_class_fallbacks_and_dl_idx_convention(tmp_path):
+    root = _tree(tmp_path, classes=2, n_images=4, combos=0)
+    img_dir, _ = source_dirs(root, "raw", "train", "single", 1)
+    s1, s2 = sorted(p.stem for p in (img_dir / "K-000002").glob("*.png"))
+    _label(root, "train", "single", "K-000002", s1, code="K-000002", drug_N=None, dl_idx="2")
+    _label(root, "train", "single", "K-000002", s2, code="K-000002", drug_N="", dl_mapping_code="")
+    res = scan_tree(root)
+    assert [r.code for r in res.records if "K-000002" in r.image_path] == ["K-000002", "K-000002"]
+    assert res.dl_idx_convention == "mixed" and res.counts["dl_idx_k"] == 1
+    assert res.defects["null_metadata"] == 2
+
+
+def test_k_convention_and_nfd_folder_names(tmp_path):
+    root = _tree(tmp_path, classes=1, n_images=2, combos=0)
+    img_dir, lbl_dir = source_dirs(root, "raw", "train", "single", 1)
+    for s in [p.stem for p in (img_dir / "K-000001").glob("*.png")]:
+        _label(root, "train", "single", "K-000001", s, dl_idx="1")
+    for d in (img_dir, lbl_dir):  # a zip extracted on macOS: decomposed Hangul
+        d.rename(d.with_name(unicodedata.normalize("NFD", d.name)))
+    res = scan_tree(root)
+    assert len(res.records) == 2 and res.dl_idx_convention == "k"
+
+
+def test_empty_or_unrelated_root_gives_empty_result(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "a.png").write_bytes(b"123")
+    res = scan_tree(tmp_path)
+    assert res.records == [] and res.counts["images"] == 0 and res.dl_idx_convention == "unknown"

@@ -1,0 +1,89 @@
+"""Image verification: header reasons without decoding, full decode with a cache, real odd files."""
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pillsnap_dali.bench_scan import tiny_png
+from pillsnap_dali.verify import Verifier, VerifySettings, check_full, check_header
+
+REAL = Path("/work/shared/testdata/real_images")
+
+
+def _png_with_size(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h (the pixel data is a few bytes: a decompression-bomb shape)."""
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def files(tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(tiny_png(16))
+    f = {"good": good, "empty": tmp_path / "empty.png", "text": tmp_path / "notes.png",
+         "gif": tmp_path / "anim.png", "bomb": tmp_path / "bomb.png", "trunc": tmp_path / "trunc.png",
+         "corrupt": tmp_path / "corrupt.png", "jpeg": tmp_path / "photo.jpg"}
+    f["empty"].write_bytes(b"")
+    f["text"].write_text("not an image at all", encoding="utf-8")
+    Image.new("RGB", (8, 8), "red").save(f["gif"], format="GIF")
+    f["bomb"].write_bytes(_png_with_size(20000, 20000))
+    data = bytearray(tiny_png(64, (10, 200, 30)))
+    f["trunc"].write_bytes(bytes(data[: len(data) // 2]))
+    i = data.index(b"IDAT") + 8          # corrupt the compressed pixels, keep IEND: only a decode sees it
+    data[i:i + 8] = b"\xff" * 8
+    f["corrupt"].write_bytes(bytes(data))
+    Image.new("RGB", (8, 8), "blue").save(f["jpeg"], format="JPEG")
+    return f
+
+
+def test_header_reasons(files):
+    got = {k: check_header(str(p), 40_000_000) for k, p in files.items()}
+    assert got == {"good": None, "empty": "empty file", "text": "not an image", "gif": "unsupported format: GIF",
+                   "bomb": "too many pixels: 400000000", "trunc": "truncated png", "corrupt": None, "jpeg": None}
+    assert check_header(str(files["good"].with_name("nope.png")), 100) == "missing file"
+    assert check_header(str(files["good"]), 255) == "too many pixels: 256"
+
+
+def test_full_decodes_and_caches(files, tmp_path):
+    assert check_full(str(files["corrupt"]), 40_000_000).startswith("decode failed: ")
+    cache = tmp_path / "cache.json"
+    paths = [str(p) for p in files.values()]
+    v = Verifier(VerifySettings("full", 40_000_000, workers=2, cache_path=cache))
+    bad = v.bad(paths)
+    assert set(bad) == {str(files[k]) for k in ("empty", "text", "gif", "bomb", "trunc", "corrupt")}
+    assert v.decoded == len(paths)
+    v.save()
+    again = Verifier(VerifySettings("full", 40_000_000, workers=2, cache_path=cache))
+    assert again.bad(paths) == bad and again.decoded == 0          # rerun: nothing decoded
+    shutil.copyfile(files["good"], files["corrupt"])                # the bad file is fixed: checked again
+    os.utime(files["corrupt"], ns=(1, 1))
+    third = Verifier(VerifySettings("full", 40_000_000, workers=1, cache_path=cache))
+    assert str(files["corrupt"]) not in third.bad(paths) and third.decoded == 1
+
+
+def test_none_mode_checks_nothing(files):
+    assert Verifier(VerifySettings("none")).bad([str(p) for p in files.values()]) == {}
+    with pytest.raises(ValueError, match="verify mode"):
+        Verifier(VerifySettings("fast"))
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="shared real_images not present")
+def test_real_odd_images_get_a_verdict_never_a_crash():
+    paths = sorted(str(p) for p in REAL.iterdir())
+    v = Verifier(VerifySettings("full", 40_000_000, workers=2))
+    bad = v.bad(paths)
+    header_bad = {p for p in paths if check_header(p, 40_000_000)}
+    assert header_bad <= set(bad)                       # full never accepts what the header rejects
+    assert bad[str(REAL / "LICENSE-Pillow.txt")] == "not an image"
+    assert any(r.startswith("too many pixels") for r in bad.values())
+    assert any(r.startswith("decode failed") for r in bad.values())
+    assert 300 < len(paths) - len(bad) < len(paths)     # most are fine, some are not
+    for p in set(paths) - set(bad):                     # what passes really decodes
+        with Image.open(p) as im:
+            im.load()
