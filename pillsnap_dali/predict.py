@@ -1,0 +1,360 @@
+"""Prediction: ``single`` classifies the whole image; ``combo`` detects pills, crops each box and classifies it.
+
+``python -m pillsnap_dali.predict IMAGE|DIR ... --classifier CKPT [--detector WEIGHTS] --mode single|combo
+[--topk 5] [--json]``. The mode is the user's choice and is never switched automatically (a combo image
+without detections gives an empty pill list and a warning, not a whole-image guess).
+
+The classifier input is exactly the preprocessing stored in its checkpoint (image size, resize mode,
+mean/std), applied by ``loaders.pil_eval_transform``, the PIL twin of the DALI evaluation graph. The
+existing project's checkpoints load too: a timm EfficientNetV2 state dict (``_orig_mod.`` prefixes
+stripped) plus its class map as JSON (``--class-map``). Each pill gets its top-k K-codes with confidence and
+the drug metadata of the class map (dl_name, shape, colours, imprint). Per-image latency (load, detect,
+crop, classify) is measured and p50/p95 printed.
+
+With ``--eval MANIFEST`` (a ``detect_*.csv``) it reports the two-stage accuracy instead: the share of
+labelled pills whose K-code is right at top-1 (a pill counts when a detection overlaps its box with
+IoU >= 0.5 and that detection's top-1 is its code).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MODES = ("single", "combo")
+SHOWN_META = ("dl_name", "drug_shape", "color_class1", "color_class2", "print_front", "print_back")
+MATCH_IOU = 0.5
+
+
+@dataclass
+class PredictOptions:
+    """The prediction knobs, unpacked from ``cfg.predict`` / ``cfg.detect`` at one seam (``options_from``)."""
+    mode: str = "single"
+    topk: int = 5
+    crop_padding: float = 0.1   # each side of a box grows by this fraction of the box's width/height
+    conf: float = 0.25
+    iou: float = 0.7
+    det_imgsz: int = 640        # used only when the detector weights do not say their training size
+    max_pixels: int = 40_000_000
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.topk < 1 or self.crop_padding < 0:
+            raise ValueError("topk must be >= 1 and crop_padding >= 0")
+
+
+def options_from(cfg, mode: str, topk: int | None = None) -> PredictOptions:
+    p = cfg.predict
+    return PredictOptions(mode=mode, topk=topk or p.topk, crop_padding=p.crop_padding, conf=p.conf, iou=p.iou,
+                          det_imgsz=cfg.detect.imgsz, max_pixels=cfg.data.max_pixels)
+
+
+def load_detector(weights: str | Path):
+    """An Ultralytics YOLO from LOCAL weights (never downloaded), imported lazily and offline."""
+    from .detect import ultralytics_offline
+
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"detector weights not found: {weights}")
+    ultralytics_offline()
+    from ultralytics import YOLO
+
+    return YOLO(str(weights), task="detect")
+
+
+def _detector_imgsz(detector, default: int) -> int:
+    """The letterbox size the detector was trained at (stored in its weights), else ``default``."""
+    args = getattr(getattr(detector, "model", None), "args", None) or {}
+    size = args.get("imgsz") if isinstance(args, dict) else getattr(args, "imgsz", None)
+    return int(size) if isinstance(size, (int, float)) else default
+
+
+def padded_box(box, width: int, height: int, padding: float) -> tuple[int, int, int, int]:
+    """xyxy grown by ``padding`` x its width (height) on each side, clipped to the image, in whole pixels."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    dx, dy = (x2 - x1) * padding, (y2 - y1) * padding
+    return (max(int(np.floor(x1 - dx)), 0), max(int(np.floor(y1 - dy)), 0),
+            min(int(np.ceil(x2 + dx)), width), min(int(np.ceil(y2 + dy)), height))
+
+
+class Classify:
+    """The classifier with its own preprocessing: PIL crops in, top-k K-codes with metadata out."""
+
+    def __init__(self, loaded, topk: int):
+        from .loaders import pil_eval_transform
+
+        self.loaded, self.topk = loaded, min(topk, len(loaded.class_map))
+        self.transform = pil_eval_transform(loaded.preprocess)
+        self.device = next(loaded.model.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, crops: list) -> list[list[dict]]:
+        if not crops:
+            return []
+        x = torch.stack([self.transform(c) for c in crops]).to(self.device)
+        probs = torch.softmax(self.loaded.model(x).float(), dim=1)
+        conf, idx = probs.topk(self.topk, dim=1)
+        conf, idx = conf.cpu().tolist(), idx.cpu().tolist()  # one host sync per image
+        cm = self.loaded.class_map
+        return [[{"code": cm.codes[i], "confidence": round(c, 5), **_meta(cm, cm.codes[i])}
+                 for c, i in zip(cs, ids)] for cs, ids in zip(conf, idx)]
+
+
+def _meta(class_map, code: str) -> dict:
+    d = class_map.describe(code)
+    return {k: d[k] for k in SHOWN_META if d.get(k) not in (None, "")}
+
+
+def _detect(detector, image, opts: PredictOptions, imgsz: int) -> list[tuple[list[float], float]]:
+    """[(xyxy in original pixels, confidence)], best first."""
+    res = detector.predict(image, imgsz=imgsz, conf=opts.conf, iou=opts.iou, verbose=False)[0]
+    boxes = res.boxes
+    xyxy, conf = boxes.xyxy.cpu().numpy(), boxes.conf.cpu().numpy()
+    order = np.argsort(-conf)
+    return [(xyxy[i].tolist(), float(conf[i])) for i in order]
+
+
+def predict_one(path: str, classify: Classify, detector, opts: PredictOptions, det_imgsz: int) -> dict:
+    """One image -> {"image", "mode", "pills": [{"box"?, "det_conf"?, "topk"}], "latency_ms"} or "error"."""
+    from .loaders import open_rgb
+
+    t0 = time.perf_counter()
+    try:
+        image = open_rgb(path, opts.max_pixels)
+    except Exception as e:  # any unusable file: reported per image, never a silent drop
+        _logger.warning("cannot read %s: %s", path, e)
+        return {"image": str(path), "mode": opts.mode, "error": f"unreadable image: {e}", "pills": []}
+    if opts.mode == "single":
+        pills = [{"topk": classify([image])[0]}]
+    else:
+        found = _detect(detector, image, opts, det_imgsz)
+        boxes = [padded_box(b, image.width, image.height, opts.crop_padding) for b, _ in found]
+        tops = classify([image.crop(b) for b in boxes])
+        pills = [{"box": [round(v, 1) for v in b], "det_conf": round(c, 4), "topk": t}
+                 for (b, c), t in zip(found, tops)]
+        if not pills:
+            _logger.warning("%s: no pill detected (conf >= %.2f)", path, opts.conf)
+    return {"image": str(path), "mode": opts.mode, "pills": pills,
+            "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+
+def make_predictor(classifier, detector, mode: str, topk: int, cfg):
+    """A callable ``path -> result dict`` with the classifier, detector and options bound once."""
+    opts = options_from(cfg, mode, topk)
+    if mode == "combo" and detector is None:
+        raise ValueError("--mode combo needs a detector (--detector WEIGHTS)")
+    classify = Classify(classifier, opts.topk)
+    det_imgsz = _detector_imgsz(detector, opts.det_imgsz) if detector is not None else 0
+    return lambda path: predict_one(str(path), classify, detector, opts, det_imgsz)
+
+
+def predict_images(paths, classifier, detector, mode: str, topk: int, cfg) -> list[dict]:
+    """Predict every image of ``paths`` (LoadedClassifier, YOLO or None, "single"|"combo", top-k, Config)."""
+    predict = make_predictor(classifier, detector, mode, topk, cfg)
+    return [predict(p) for p in paths]
+
+
+def latency_summary(results: list[dict]) -> dict:
+    ms = [r["latency_ms"] for r in results if "latency_ms" in r]
+    if not ms:
+        return {"images": 0}
+    return {"images": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p95_ms": round(float(np.percentile(ms, 95)), 2), "mean_ms": round(float(np.mean(ms)), 2)}
+
+
+def bench_predict(paths, classifier, detector, mode: str, cfg, *, warmup: int = 2, repeats: int = 1) -> dict:
+    """Latency per image (p50/p95/mean ms) after ``warmup`` untimed images, plus the device it ran on."""
+    paths = list(paths)
+    if warmup:
+        predict_images(paths[:warmup], classifier, detector, mode, cfg.predict.topk, cfg)
+    results = [r for _ in range(repeats) for r in predict_images(paths, classifier, detector, mode,
+                                                                   cfg.predict.topk, cfg)]
+    device = next(classifier.model.parameters()).device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"mode": mode, "device": name, "threads": torch.get_num_threads(), **latency_summary(results)}
+
+
+def _ground_truth(raw_boxes: list, width: int, height: int, cfg) -> list[tuple[list[float], set]]:
+    """[(xyxy, accepted K-codes)]: the converter's clean boxes, each with the codes labelled on it."""
+    from .yolo_convert import BoxRules, clean_boxes, iou
+
+    rules = BoxRules(cfg.detect.clip_tolerance, cfg.detect.merge_iou)
+    boxes, _ = clean_boxes(raw_boxes, width, height, rules)
+    out = []
+    for box in boxes:
+        codes = {str(r.get("code")) for r in raw_boxes if isinstance(r, dict)
+                 and (b := clean_boxes([r], width, height, rules)[0]) and iou(b[0], box) >= MATCH_IOU}
+        out.append((box, codes))
+    return out
+
+
+def _score_image(result: dict, truth: list[tuple[list[float], set]]) -> tuple[int, int]:
+    """(pills found by a detection, pills whose matched detection has the right top-1 code)."""
+    from .yolo_convert import iou
+
+    free = list(range(len(truth)))
+    found = right = 0
+    for pill in result["pills"]:  # best detection first
+        if not free:
+            break
+        best = max(free, key=lambda g: iou(pill["box"], truth[g][0]))
+        if iou(pill["box"], truth[best][0]) < MATCH_IOU:
+            continue
+        free.remove(best)
+        found += 1
+        right += pill["topk"][0]["code"] in truth[best][1]
+    return found, right
+
+
+def two_stage_accuracy(manifest, classifier, detector, cfg) -> dict:
+    """Share of labelled pills of a ``detect_*.csv`` manifest whose K-code is right at top-1 (combo mode).
+
+    Padded crops are scored against the converter's clean boxes (IoU >= 0.5 to count as found).
+    """
+    predict = make_predictor(classifier, detector, "combo", 1, cfg)
+    pills = found = right = images = 0
+    for i in range(len(manifest)):
+        path = manifest.orig_paths[i] or manifest.paths[i]
+        if Path(path).name.endswith("_index.png") or not manifest.boxes[i]:
+            continue
+        result = predict(path)
+        if "error" in result:
+            continue
+        w, h = manifest.sizes[i] if manifest.sizes and manifest.sizes[i][0] else _size_of(path)
+        truth = _ground_truth(manifest.boxes[i], w, h, cfg)
+        f, r = _score_image(result, truth)
+        images, pills, found, right = images + 1, pills + len(truth), found + f, right + r
+    return {"images": images, "pills": pills, "detected": found, "top1_right": right,
+            "two_stage_top1": round(right / pills, 4) if pills else float("nan"),
+            "detection_recall": round(found / pills, 4) if pills else float("nan"),
+            "top1_of_detected": round(right / found, 4) if found else float("nan")}
+
+
+def _size_of(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Files as given; folders expanded (recursively, sorted) to their images, layout pictures left out."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            index = [f for f in found if f.name.endswith("_index.png")]
+            if index:
+                _logger.info("%s: %d *_index.png layout pictures left out", p, len(index))
+            out.extend(f for f in found if f not in index)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {item}")
+    if not out:
+        raise FileNotFoundError(f"no images found in {inputs}")
+    return out
+
+
+def format_table(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"{r['image']}  [{r['mode']}]" + (f"  {r['latency_ms']:.1f} ms" if "latency_ms" in r else ""))
+        if "error" in r:
+            lines.append(f"  ERROR {r['error']}")
+        elif not r["pills"]:
+            lines.append("  no pill detected")
+        for k, pill in enumerate(r["pills"]):
+            where = f"box {pill['box']} det {pill['det_conf']:.2f}" if "box" in pill else "whole image"
+            lines.append(f"  pill {k + 1}: {where}")
+            for t in pill["topk"]:
+                meta = ", ".join(str(t[m]) for m in SHOWN_META if m in t)
+                lines.append(f"    {t['code']}  {t['confidence']:.3f}  {meta}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("inputs", nargs="*", help="images or folders of images")
+    p.add_argument("--classifier", required=True, help="classifier checkpoint (ours, or the existing project's)")
+    p.add_argument("--class-map", default=None, help="class map JSON (needed for a plain state dict)")
+    p.add_argument("--model-name", default=None, help="timm model of a plain state dict (tf_efficientnetv2_s)")
+    p.add_argument("--detector", default=None, help="YOLO weights (.pt), needed for --mode combo")
+    p.add_argument("--mode", choices=MODES, required=True, help="single: whole image; combo: detect then classify")
+    p.add_argument("--topk", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--eval", default=None, metavar="DETECT_CSV",
+                   help="score two-stage top-1 on a detect_*.csv manifest instead of predicting inputs")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--stage", default=None)
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def _load_models(args):
+    from .checkpoint import load_classifier
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    classifier = load_classifier(args.classifier, class_map_json=args.class_map, model_name=args.model_name,
+                                 device=device)
+    detector = load_detector(args.detector) if args.detector else None
+    return classifier, detector
+
+
+def _run(args, cfg) -> int:
+    if args.mode == "combo" and not args.detector:
+        raise ValueError("--mode combo needs --detector WEIGHTS")
+    classifier, detector = _load_models(args)
+    if args.eval:
+        from .manifest_io import read_manifest
+
+        if args.mode != "combo":
+            raise ValueError("--eval scores the two-stage (combo) path: use --mode combo")
+        print(json.dumps(two_stage_accuracy(read_manifest(args.eval), classifier, detector, cfg), indent=1))
+        return 0
+    results = predict_images(collect_images(args.inputs), classifier, detector, args.mode,
+                             args.topk or cfg.predict.topk, cfg)
+    lat = latency_summary(results)
+    if args.json:
+        print(json.dumps({"results": results, "latency": lat}, ensure_ascii=False, indent=1))
+    else:
+        print(format_table(results))
+        if lat["images"]:
+            print(f"latency per image: p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms "
+                  f"({lat['images']} images)")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
+    from .classmap import ClassMapMismatch
+    from .config import ConfigError, load_config
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.inputs and not args.eval:
+        print("error: give images or folders (or --eval DETECT_CSV)", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(stage=args.stage, path=args.config, sets=args.set)
+        return _run(args, cfg)
+    except (ConfigError, CheckpointError, ClassMapMismatch, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Two-stage prediction on the synthetic AI Hub tree: a detector trained (1 epoch, DALI CPU) on its converted
+combination images, a timm classifier checkpoint with the tree's class map; both modes through the CLI and
+the library, the existing project's state-dict checkpoints, and the scoring helpers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pillsnap_dali import predict
+from pillsnap_dali.checkpoint import FORMAT, preprocess_dict, save_checkpoint
+from pillsnap_dali.classmap import ClassMap
+from pillsnap_dali.config import PreprocessConfig, load_config
+from pillsnap_dali.manifest_io import read_manifest
+
+LOW_CONF = "predict.conf=0.001"  # a 1-epoch detector is unsure of everything: keep its boxes to check their form
+
+
+@pytest.fixture(scope="module")
+def stage(synth_tree, tmp_path_factory):
+    """Manifests + YOLO dataset of the synthetic tree, a 1-epoch detector and a classifier checkpoint."""
+    import timm
+
+    from pillsnap_dali.detect import DetectRun, train_detector
+    from pillsnap_dali.yolo_convert import convert_stage
+
+    tmp = tmp_path_factory.mktemp("predict")
+    sets = [f"data.root={synth_tree.root}", f"data.artifacts={tmp / 'artifacts'}", LOW_CONF]
+    cfg = load_config(stage="demo", sets=sets)
+    data_yaml = convert_stage(cfg)
+    run = DetectRun(data_yaml=data_yaml, model="yolo11n.yaml", epochs=1, imgsz=160, batch_size=4,
+                    backend="dali-cpu", out=tmp / "runs" / "detect_demo", device="cpu")
+    train_detector(run)
+    cm = ClassMap.load(data_yaml.parent.parent / "class_map.json")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=len(cm))
+    ckpt = tmp / "classifier.pt"
+    save_checkpoint(ckpt, {"format": FORMAT, "model_name": "resnet18", "num_classes": len(cm),
+                           "model": model.state_dict(), "ema": None, "class_map": cm.to_dict(),
+                           "preprocess": preprocess_dict(PreprocessConfig(img_size=48, resize_mode="squash"))})
+    return {"cfg": cfg, "sets": sets, "manifests": data_yaml.parent.parent, "detector": run.out / "weights" / "best.pt",
+            "classifier": ckpt, "model": model, "class_map": cm, "tmp": tmp}
+
+
+def _combo_images(stage, split="val") -> list[str]:
+    m = read_manifest(stage["manifests"] / f"detect_{split}.csv")
+    return [p for p in m.paths if not p.endswith("_index.png")]
+
+
+def _check_topk(topk: list, cm: ClassMap, k: int) -> None:
+    assert len(topk) == k and all(t["code"] in cm.index for t in topk)
+    confs = [t["confidence"] for t in topk]
+    assert confs == sorted(confs, reverse=True) and all(0 <= c <= 1 for c in confs)
+
+
+def test_cli_combo_json_gives_boxes_and_topk_with_metadata(stage, capsys):
+    images = _combo_images(stage)[:2]
+    rc = predict.main([*images, "--classifier", str(stage["classifier"]), "--detector", str(stage["detector"]),
+                       "--mode", "combo", "--topk", "3", "--json", "--device", "cpu",
+                       *sum((["--set", s] for s in stage["sets"]), [])])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in out["results"]] == images
+    assert out["latency"]["images"] == 2 and out["latency"]["p95_ms"] >= out["latency"]["p50_ms"] > 0
+    pills = [p for r in out["results"] for p in r["pills"]]
+    assert pills, "a detector at conf 0.001 returns boxes"
+    for p in pills:
+        x1, y1, x2, y2 = p["box"]
+        assert 0 <= x1 < x2 and 0 <= y1 < y2 and 0 < p["det_conf"] <= 1
+        _check_topk(p["topk"], stage["class_map"], 3)
+    assert any("dl_name" in t for p in pills for t in p["topk"])  # drug metadata from the class map
+
+
+def test_single_mode_classifies_the_whole_image_with_the_checkpoint_preprocessing(stage):
+    from pillsnap_dali.checkpoint import load_classifier
+    from pillsnap_dali.loaders import open_rgb, pil_eval_transform
+
+    image = _combo_images(stage)[0]
+    clf = load_classifier(stage["classifier"], device="cpu")
+    (res,) = predict.predict_images([image], clf, None, "single", 2, stage["cfg"])
+    assert res["mode"] == "single" and len(res["pills"]) == 1 and "box" not in res["pills"][0]
+    _check_topk(res["pills"][0]["topk"], stage["class_map"], 2)
+    x = pil_eval_transform(PreprocessConfig(img_size=48))(open_rgb(image))[None]  # the stored preprocessing
+    with torch.no_grad():
+        expected = torch.softmax(stage["model"].eval()(x), 1)[0].max().item()
+    assert res["pills"][0]["topk"][0]["confidence"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_legacy_state_dict_with_orig_mod_prefix_and_unreadable_image(stage, tmp_path, capsys):
+    sd = {f"_orig_mod.{k}": v for k, v in stage["model"].state_dict().items()}
+    torch.save(sd, tmp_path / "legacy.pt")
+    cm_json = tmp_path / "class_map.json"
+    cm_json.write_text(json.dumps({c: i for i, c in enumerate(stage["class_map"].codes)}))  # their form
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    image = _combo_images(stage)[0]
+    rc = predict.main([image, str(broken), "--classifier", str(tmp_path / "legacy.pt"), "--class-map", str(cm_json),
+                       "--model-name", "resnet18", "--mode", "single", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 1  # one image could not be read: said so, not dropped
+    assert "ERROR unreadable image" in out and "p50" in out and stage["class_map"].codes[0][:2] in out
+
+
+def test_combo_without_detector_is_refused(stage, capsys):
+    rc = predict.main([_combo_images(stage)[0], "--classifier", str(stage["classifier"]), "--mode", "combo"])
+    assert rc == 2 and "--detector" in capsys.readouterr().err
+
+
+def test_two_stage_accuracy_scores_every_labelled_pill(stage):
+    from pillsnap_dali.checkpoint import load_classifier
+
+    clf = load_classifier(stage["classifier"], device="cpu")
+    det = predict.load_detector(stage["detector"])
+    m = read_manifest(stage["manifests"] / "detect_val.csv")
+    score = predict.two_stage_accuracy(m, clf, det, stage["cfg"])
+    assert score["images"] == len(_combo_images(stage)) and score["pills"] >= 3 * score["images"]
+    assert 0 <= score["top1_right"] <= score["detected"] <= score["pills"]
+
+
+def test_padded_box_and_matching():
+    assert predict.padded_box([10, 20, 30, 60], 100, 100, 0.1) == (8, 16, 32, 64)
+    assert predict.padded_box([0, 0, 100, 50], 100, 50, 0.1) == (0, 0, 100, 50)  # clipped to the image
+    truth = [([0, 0, 10, 10], {"K-000001"}), ([20, 0, 30, 10], {"K-000002"})]
+    result = {"pills": [{"box": [20, 0, 30, 10], "topk": [{"code": "K-000002"}]},
+                        {"box": [21, 0, 31, 10], "topk": [{"code": "K-000002"}]},   # the same pill again: ignored
+                        {"box": [0, 0, 9, 10], "topk": [{"code": "K-000009"}]}]}     # found, wrong code
+    assert predict._score_image(result, truth) == (2, 1)
