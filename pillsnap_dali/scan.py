@@ -37,7 +37,8 @@ UNSUPPORTED_EXTS = frozenset({".gif", ".tif", ".tiff", ".jp2", ".j2k", ".pnm", "
 DEFECTS = ("combo_missing_pill_json", "bbox_outside", "double_label", "unparsable_json", "bbox_bad_len",
            "bbox_nonpositive", "null_metadata", "zero_dimension", "orphan_image", "orphan_label",
            "truncated_png", "empty_file", "near_identical_pair")
-# metadata that a real label always fills; an empty or null value here is the null_metadata defect
+# metadata that a real label always fills; an empty or null value here (or any null) is null_metadata;
+# a 0 in SIZE_META, or no usable width/height, is zero_dimension
 REQUIRED_META = ("drug_N", "dl_name", "drug_shape", "color_class1", "dl_company")
 SIZE_META = ("thick", "leng_long", "leng_short")
 # what a pill looks like, imprint aside: two K-codes sharing this differ only by imprint
@@ -238,14 +239,15 @@ class _Scan:
         self._check_meta(info, code)
         width, height = _dims(info)
         if not (width and height):
-            self.res.defects["zero_dimension"] += 1
+            self.res.defects["zero_dimension"] += 1  # no usable image width/height
         self._check_bbox(bbox, width, height)
         return code, width, height, bbox
 
     def _check_meta(self, info: dict, code: str) -> None:
-        if any(info.get(k) in (None, "") for k in REQUIRED_META) or any(
-                info.get(k) in (None, "", 0) for k in SIZE_META) or None in info.values():
+        if any(info.get(k) in (None, "") for k in REQUIRED_META) or None in info.values():
             self.res.defects["null_metadata"] += 1
+        if any(info.get(k) == 0 for k in SIZE_META):
+            self.res.defects["zero_dimension"] += 1  # a pill of 0 mm (thick / leng_long / leng_short)
         self.dl_idx[_dl_idx_kind(info.get("dl_idx"), code)] += 1
         if code not in self.res.meta and info.get("drug_N") == code:
             self.res.meta[code] = {k: info.get(k) for k in META_KEYS}

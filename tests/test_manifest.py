@@ -136,3 +136,14 @@ def test_cli(tree, tmp_path, capsys):
     assert json.loads((out / "report.json").read_text(encoding="utf-8"))["inputs"]["seed"] == 3
     assert main(["--data-root", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_synthetic_tree_header_verify_report(synth_tree, tmp_path):
+    expected = json.loads((Path(synth_tree.root) / "defects.json").read_text(encoding="utf-8"))["counts"]
+    out = tmp_path / "synth"
+    report = build_manifests(load_config(stage="demo"), synth_tree.root, out, verify="header")
+    _check_accounting(out, report)
+    assert report["defects"] == expected
+    assert report["splits"]["test"] > 0 and set(report["per_class"]) == set(synth_tree.codes)
+    q = _quarantined(out)
+    assert {"truncated png", "empty file", "no label", "unparsable json", "index image"} <= set(q.values())

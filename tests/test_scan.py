@@ -119,3 +119,20 @@ def test_empty_or_unrelated_root_gives_empty_result(tmp_path):
     (tmp_path / "x" / "a.png").write_bytes(b"123")
     res = scan_tree(tmp_path)
     assert res.records == [] and res.counts["images"] == 0 and res.dl_idx_convention == "unknown"
+
+
+def test_synthetic_tree_defects_match_the_generator(synth_tree):
+    expected = json.loads((Path(synth_tree.root) / "defects.json").read_text(encoding="utf-8"))
+    res = scan_tree(synth_tree.root)
+    want = dict(expected["counts"], truncated_png=0)   # a truncated PNG needs --verify header|full
+    assert res.defects == want and expected["counts"]["truncated_png"] >= 1
+    reasons = dict(res.quarantine)
+    files = {k: [str(Path(synth_tree.root) / f) for f in v] for k, v in expected["files"].items()}
+    assert all(reasons[p] == "no label" for p in files["orphan_image"])
+    assert all(reasons[p] == "empty file" for p in files["empty_file"])
+    assert all(reasons[p] == "orphan label" for p in files["orphan_label"])
+    by_path = {r.image_path: r for r in res.records}
+    for p in files["combo_missing_pill_json"]:
+        assert len(by_path[p].boxes) == len(by_path[p].codes) - 1
+    assert res.dl_idx_convention == "raw: K-1"
+    assert set(res.meta) >= set(synth_tree.codes)
