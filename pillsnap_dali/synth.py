@@ -140,8 +140,10 @@ class SynthSpec:
             raise SynthError(f"at most {math.prod(SHOT_GRID)} distinct shots per K-code (train + val)")
         if min(self.size) < 64:
             raise SynthError(f"size must be at least 64x64, got {self.size}")
-        if self.combos and self.classes < 3:
-            raise SynthError("combinations need at least 3 classes")
+        possible = math.comb(self.classes, 3) + math.comb(self.classes, 4)
+        if self.combos + self.val_combos > possible:
+            raise SynthError(f"{self.combos} + {self.val_combos} (validation) combinations need more classes: "
+                             f"{self.classes} classes give {possible} distinct 3-4 pill combinations")
         if self.defects and self.classes < 2:
             raise SynthError("defects need at least 2 classes (near_identical_pair)")
 
