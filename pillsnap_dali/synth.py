@@ -144,8 +144,9 @@ class SynthSpec:
         if self.combos + self.val_combos > possible:
             raise SynthError(f"{self.combos} + {self.val_combos} (validation) combinations need more classes: "
                              f"{self.classes} classes give {possible} distinct 3-4 pill combinations")
-        if self.defects and self.classes < 2:
-            raise SynthError("defects need at least 2 classes (near_identical_pair)")
+        if self.defects and (self.classes < 5 or self.combos < 1):
+            raise SynthError("defects need >= 5 classes and >= 1 combination (double_label labels a pill with "
+                             "a K-code outside its combination)")
 
 
 @dataclass
@@ -601,12 +602,13 @@ class RenderContext:
         return self._sprites[key]
 
     def noise(self) -> np.ndarray:
-        """Sensor-like noise in 2x2 blocks (sigma ~3), PAD pixels larger than the image each way."""
+        """Sensor-like noise (sigma ~3) in 4x4 blocks, 64+ pixels larger than the image each way. Blocks,
+        because per-pixel noise doubles the PNG encoding time; at the 1/4 training scale they are pixels."""
         if self._noise is None:
             w, h = self.size
             rng = np.random.default_rng([self.seed, 0x0015E])
-            small = rng.normal(0, 3.0, size=(h // 2 + 33, w // 2 + 33, 3)).clip(-9, 9).astype(np.int16)
-            self._noise = small.repeat(2, axis=0).repeat(2, axis=1)
+            small = rng.normal(0, 3.0, size=(h // 4 + 17, w // 4 + 17, 3)).round().clip(-9, 9).astype(np.int16)
+            self._noise = small.repeat(4, axis=0).repeat(4, axis=1)
         return self._noise
 
     def background(self, rgb: tuple, tint: np.ndarray, rng: np.random.Generator) -> Image.Image:
@@ -617,7 +619,7 @@ class RenderContext:
 
     def add_noise(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         w, h = self.size
-        dy, dx = (int(v) * 2 for v in rng.integers(0, 32, size=2))
+        dy, dx = (int(v) * 4 for v in rng.integers(0, 16, size=2))
         arr = np.asarray(img, dtype=np.int16) + self.noise()[dy:dy + h, dx:dx + w]
         return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
@@ -631,7 +633,7 @@ def _tint_lut(tint: np.ndarray) -> list:
 
 def _pose(sprite: Image.Image, angle: float, squash: float, scale: float, tint: np.ndarray) -> Image.Image:
     """Rotate the pill in its plane, foreshorten it for the camera elevation, scale and light it."""
-    im = sprite.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
+    im = sprite.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
     size = (max(4, round(im.width * scale)), max(4, round(im.height * scale * squash)))
     return im.resize(size, Image.Resampling.BILINEAR).point(_tint_lut(tint))
 
@@ -866,9 +868,14 @@ def _run_jobs(jobs: list, catalog: Catalog, spec: SynthSpec, root: Path, writer:
     try:
         for index, boxes in results:
             writer.add(by_index[index], boxes)
-    finally:
-        _init_worker(None, None, 0, "") if workers <= 1 else None   # drop the sprites held in this process
+    except BaseException:
         if pool is not None:
+            pool.terminate()   # do not wait for the rest of the images
+        raise
+    finally:
+        if pool is None:
+            _init_worker(None, None, 0, "")   # drop the sprites held in this process
+        else:
             pool.close()
             pool.join()
 
@@ -889,7 +896,11 @@ def _defects_report(writer: LabelWriter, catalog: Catalog, tree: TreeLayout, cod
 def generate(out_dir: str | Path, *, classes: int = 20, images_per_class: int = 40, combos: int = 12,
              size: tuple = (976, 1280), defects: bool = False, seed: int = 0, layout: str = "raw",
              dl_idx: str = "raw", workers: int = 2) -> SynthSummary:
-    """Write a synthetic AI Hub tree under ``out_dir`` (created; must be empty) and describe it."""
+    """Write a synthetic AI Hub tree under ``out_dir`` (created; must be empty) and describe it.
+
+    ``size`` is (width, height) or ``"976x1280"``; ``workers`` render processes (the bytes do not depend on it).
+    Raises SynthError for settings it cannot honour, before anything is written."""
+    size = parse_size(size) if isinstance(size, str) else size
     spec = SynthSpec(classes=classes, images_per_class=images_per_class, combos=combos,
                      size=tuple(int(v) for v in size), defects=defects, seed=seed, layout=layout, dl_idx=dl_idx)
     spec.check()

@@ -273,7 +273,9 @@ def test_cli_underscore_variant(tmp_path, capsys):
     assert main(["--out", str(out), "--classes", "3"]) == 2                        # not empty: refused
     assert main(["--out", str(tmp_path / "x"), "--size", "big"]) == 2
     with pytest.raises(SynthError, match="images_per_class >= "):
-        generate(tmp_path / "d", classes=4, images_per_class=4, combos=1, defects=True)
+        generate(tmp_path / "d", classes=5, images_per_class=5, combos=1, defects=True)
+    with pytest.raises(SynthError, match=">= 5 classes"):
+        generate(tmp_path / "d", classes=4, images_per_class=9, combos=1, defects=True)
     with pytest.raises(SynthError, match="need more classes"):
         generate(tmp_path / "d", classes=3, images_per_class=2, combos=1)
     assert not (tmp_path / "d").exists()
