@@ -136,6 +136,31 @@ def test_val_split_without_images_is_an_error(tmp_path, defect_tree):
         convert_manifests({"train": [m], "val": [bad]}, tmp_path / "yolo", BoxRules())
 
 
+
+def test_convert_stage_on_the_synthetic_tree_handles_every_injected_box_defect(synth_tree, tmp_path):
+    """The real on-disk layout end to end (scan -> manifests -> YOLO), singles included as one-box images."""
+    from pillsnap_dali.config import load_config
+    from pillsnap_dali.yolo_convert import convert_stage
+
+    cfg = load_config(stage="demo", sets=[f"data.root={synth_tree.root}", f"data.artifacts={tmp_path}",
+                                          "detect.include_singles=true"])
+    yolo = convert_stage(cfg).parent
+    report = json.loads((yolo / "convert_report.json").read_text())
+    injected = json.loads((Path(synth_tree.root) / "defects.json").read_text())
+    assert report["box_events"] == {
+        "bad_length": injected["counts"]["bbox_bad_len"], "not_numeric": 0,
+        "non_positive_size": injected["counts"]["bbox_nonpositive"],
+        "outside_image": injected["counts"]["bbox_outside"], "clipped": 0,
+        "merged": injected["counts"]["double_label"]}
+    special = {Path(f).stem for k in ("combo_missing_pill_json", "double_label") for f in injected["files"][k]}
+    combos = [f for f in (yolo / "labels").rglob("K-*-*_*.txt")]
+    assert combos and report["images"]["train"] > len([f for f in combos if f.parent.name == "train"])
+    for f in combos:  # one label file per image, one line per pill of its name
+        n_codes = len(f.stem.split("_")[0].split("-")) - 1
+        lines = f.read_text().splitlines()
+        assert len(lines) == n_codes or (f.stem in special and 2 <= len(lines) < n_codes), f.name
+
+
 # ------------------------------------------------------------------------------------------ DALI loader
 def _loader(yolo: Path, split: str, augment=None, imgsz=64, batch_size=4):
     from pillsnap_dali.detect import DaliDetectLoader, DaliOptions, read_yolo_split
