@@ -218,7 +218,9 @@ def _report(build: _Build, cfg: Config, inputs: dict, splits: dict, detect: dict
     if build.verifier.s.mode == "none":
         notes.append("verify=none: image contents were not checked (truncated or unreadable images are found "
                      "by --verify header|full, or skipped and logged by the loaders)")
-    if got < asked or len(codes) < asked_cls:
+    if cfg.stage == "demo":
+        notes.append("demo stage: every usable image is taken")
+    elif got < asked or len(codes) < asked_cls:
         notes.append(f"the tree is smaller than the stage: asked {asked} images / {asked_cls} classes, "
                      f"got {got} / {len(codes)}")
     return {
@@ -310,6 +312,12 @@ def _write_all(out_dir: Path, scan: ScanResult, build: _Build, splits: dict, det
                  *(len(detect[s]) for s in SPLITS), report["quarantine"]["images"], report["not_sampled"])
 
 
+def _demo_root(cfg: Config) -> Path:
+    from .synth import ensure_demo_data  # lazily: only the demo path needs the generator
+    made = ensure_demo_data(cfg)
+    return Path(made) if isinstance(made, (str, Path)) else Path(made.root)
+
+
 def ensure_manifests(cfg: Config) -> Path:
     """Build (or reuse) the stage's manifests in ``<data.artifacts>/<stageN|demo>/``; returns that dir.
 
@@ -317,9 +325,7 @@ def ensure_manifests(cfg: Config) -> Path:
     if cfg.data.root:
         root = Path(cfg.data.root)
     else:
-        from .synth import ensure_demo_data  # lazily: only the demo path needs the generator
-        made = ensure_demo_data(cfg)
-        root = Path(getattr(made, "root", made))
+        root = _demo_root(cfg)
     out = Path(cfg.data.artifacts) / stage_dir_name(cfg.stage)
     build_manifests(cfg, root, out)
     return out
@@ -398,9 +404,7 @@ def main(argv=None) -> int:
         elif cfg.data.root:
             root = Path(cfg.data.root)
         else:
-            from .synth import ensure_demo_data
-            made = ensure_demo_data(cfg)
-            root = Path(getattr(made, "root", made))
+            root = _demo_root(cfg)
         report = build_manifests(cfg, root, out, verify=args.verify, seed=args.seed, force=args.force)
     except (ConfigError, ManifestError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -101,18 +101,34 @@ def _as_source(path: str, name: str) -> _Source | None:
     return _Source(path, name, "train" if m["part"] == "T" else "val", m["role"], m["n"], kind)
 
 
+def _new_dir(entry, seen: set) -> bool:
+    """True the first time a directory (followed through symlinks) is met: a link loop is walked once."""
+    try:
+        st = entry.stat()
+    except OSError:
+        return False
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        _logger.warning("skipped %s: a folder already walked (symlink loop or duplicate link)", entry.path)
+        return False
+    seen.add(key)
+    return True
+
+
+def _listdir(d: str) -> list:
+    try:
+        return list(os.scandir(d))
+    except OSError as e:
+        _logger.warning("cannot list %s: %s (its files are not scanned)", d, e.strerror)
+        return []
+
+
 def find_sources(root: str | Path) -> list[_Source]:
     """Every TS/TL/VS/VL folder under ``root`` (not descending into them), sorted by path."""
-    found, stack = [], [str(root)]
+    found, stack, seen = [], [str(root)], set()
     while stack:
-        d = stack.pop()
-        try:
-            entries = list(os.scandir(d))
-        except OSError as e:
-            _logger.warning("cannot list %s: %s", d, e.strerror)
-            continue
-        for e in entries:
-            if not e.is_dir():
+        for e in _listdir(stack.pop()):
+            if not e.is_dir() or not _new_dir(e, seen):
                 continue
             src = _as_source(e.path, e.name)
             if src:
@@ -124,17 +140,13 @@ def find_sources(root: str | Path) -> list[_Source]:
 
 def _files(top: str):
     """Yield (top-level folder name, DirEntry) for every file below ``top``; top-level files get folder ""."""
-    stack = [(top, "")]
+    stack, seen = [(top, "")], set()
     while stack:
         d, folder = stack.pop()
-        try:
-            entries = list(os.scandir(d))
-        except OSError as e:
-            _logger.warning("cannot list %s: %s (its files are not scanned)", d, e.strerror)
-            continue
-        for e in entries:
+        for e in _listdir(d):
             if e.is_dir():
-                stack.append((e.path, folder or e.name))
+                if _new_dir(e, seen):
+                    stack.append((e.path, folder or e.name))
             else:
                 yield folder, e
 

@@ -147,3 +147,12 @@ def test_synthetic_tree_header_verify_report(synth_tree, tmp_path):
     assert report["splits"]["test"] > 0 and set(report["per_class"]) == set(synth_tree.codes)
     q = _quarantined(out)
     assert {"truncated png", "empty file", "no label", "unparsable json", "index image"} <= set(q.values())
+
+
+def test_ensure_manifests_builds_into_the_stage_dir(tree, tmp_path):
+    from pillsnap_dali.manifest import ensure_manifests
+    cfg = load_config(stage="1", sets=[f"data.root={tree}", f"data.artifacts={tmp_path / 'art'}",
+                                       "manifest.images=12", "manifest.classes=3"])
+    out = ensure_manifests(cfg)
+    assert out == tmp_path / "art" / "stage1" and (out / "report.json").exists()
+    assert len(ClassMap.load(out / "class_map.json")) == 3

@@ -136,3 +136,12 @@ def test_synthetic_tree_defects_match_the_generator(synth_tree):
         assert len(by_path[p].boxes) == len(by_path[p].codes) - 1
     assert res.dl_idx_convention == "raw: K-1"
     assert set(res.meta) >= set(synth_tree.codes)
+
+
+def test_symlink_loop_is_walked_once(tmp_path):
+    root = _tree(tmp_path, classes=1, n_images=2, combos=0)
+    img_dir, _ = source_dirs(root, "raw", "train", "single", 1)
+    (img_dir / "K-000001" / "loop").symlink_to(img_dir)
+    (root / "again").symlink_to(root)
+    res = scan_tree(root)
+    assert len(res.records) == 2
