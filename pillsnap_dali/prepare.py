@@ -153,7 +153,7 @@ class _Encode:
         return {"quality": self.quality, "max_side": self.max_side, "subsampling": self.subsampling}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Outcome:
     src: str
     dst: str
@@ -344,19 +344,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _take_lock(lock: Path) -> None:
+    """Create the lock file exclusively; a lock whose process is gone is stale and taken over (once)."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _pid_alive(pid):
+                raise PrepareError(f"another prepare run (pid {pid}) is using {lock.parent}; wait for it to end "
+                                   f"(or remove {lock} if that process is not a prepare run)") from None
+            _logger.info("removing the stale lock of pid %s in %s", pid, lock.parent)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return
+    raise PrepareError(f"could not take the lock {lock}")
+
+
 @contextlib.contextmanager
 def _locked(cache_dir: Path) -> Iterator[None]:
     """One prepare run per cache dir (a second one would delete the first one's temp files)."""
     lock = cache_dir / LOCK_FILE
-    if lock.exists():
-        try:
-            pid = int(lock.read_text().strip() or 0)
-        except (OSError, ValueError):
-            pid = 0
-        if pid and pid != os.getpid() and _pid_alive(pid):
-            raise PrepareError(f"another prepare run (pid {pid}) is using {cache_dir}; wait for it to end")
-        _logger.info("taking over the stale lock of pid %s in %s", pid, cache_dir)
-    atomic_write_text(lock, str(os.getpid()))
+    _take_lock(lock)
     try:
         yield
     finally:
@@ -394,6 +409,9 @@ def _run_pool(pairs: list[tuple[str, str]], enc: _Encode, workers: int) -> Itera
         try:
             for fut in cf.as_completed(futures):
                 yield fut.result()
+        except cf.BrokenExecutor as e:
+            raise PrepareError(f"a worker process died ({e}): a decoder crash or out of memory; the files done so "
+                               "far are kept; rerun with --workers 1 to see which source it is") from e
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

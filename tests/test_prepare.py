@@ -214,3 +214,28 @@ def test_open_rgb_matches_the_loaders():
             assert outcomes[0] == outcomes[1], path
         else:
             assert np.array_equal(outcomes[0], outcomes[1]), path
+
+
+def test_legacy_manifest_keeps_the_source_class_ids(tmp_path):
+    """No class_map.json beside a legacy manifest: ids are the SOURCE's sorted codes, even when every row of
+    one class fails (the cached manifest alone would otherwise renumber the classes)."""
+    good = tmp_path / "a.png"
+    _photo(np.random.default_rng(2), 64, 80).save(good)
+    bad = tmp_path / "b.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    manifest = tmp_path / "legacy.csv"
+    manifest.write_text("image_path,mapping_code,image_type,source\n"
+                        f"{good},K-000300,single,x\n{bad},K-000200,single,x\n", encoding="utf-8")
+    report = P.prepare_cache(manifest, tmp_path / "cache", _opts())
+    assert (report.cached, report.skipped) == (1, 1)
+    assert class_map_for(report.manifest_out).codes == ["K-000200", "K-000300"]
+
+
+def test_busy_cache_dir_is_refused(tree):
+    tree["cache"].mkdir()
+    (tree["cache"] / P.LOCK_FILE).write_text(str(os.getppid()))     # a live process holds it
+    with pytest.raises(P.PrepareError, match="another prepare run"):
+        P.prepare_cache(tree["manifest"], tree["cache"], _opts())
+    (tree["cache"] / P.LOCK_FILE).write_text("999999999")          # a dead one: stale, taken over
+    assert P.prepare_cache(tree["manifest"], tree["cache"], _opts()).remaining == 0
+    assert not (tree["cache"] / P.LOCK_FILE).exists()
