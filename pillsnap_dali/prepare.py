@@ -42,8 +42,9 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from .classmap import ClassMap, atomic_write_text
-from .manifest_io import Manifest, read_manifest, write_manifest
+from .classmap import ClassMap, ClassMapMismatch, atomic_write_text
+from .config import ConfigError, load_config
+from .manifest_io import Manifest, ManifestError, read_manifest, write_manifest
 
 _logger = logging.getLogger(__name__)
 
@@ -618,8 +619,6 @@ def main(argv=None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)  # PIL warns about odd EXIF etc.: into the log, not bare stderr
-    from .config import ConfigError, load_config
-    from .manifest_io import ManifestError
     try:
         cfg = load_config(path=args.config, sets=args.set)
         opts = PrepareOptions.from_config(
@@ -628,7 +627,7 @@ def main(argv=None) -> int:
         if hasattr(args, "max_side"):  # absent unless given: None is a valid value ("keep the size")
             opts.max_side = args.max_side
         report = prepare_cache(args.manifest, args.cache_dir, opts)
-    except (PrepareError, ConfigError, ManifestError, FileNotFoundError) as e:
+    except (PrepareError, ConfigError, ManifestError, ClassMapMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.summary())
