@@ -554,10 +554,11 @@ def _draw_marks(d: ImageDraw.ImageDraw, look: PillLook, box: tuple, side: int) -
         d.line((cx, cy + h * 0.08, cx, cy + h * 0.36), fill=ink, width=lw)
     text = look.print_front if side == 0 else look.print_back
     if text:
+        room = w * {"삼각형": 0.42, "마름모형": 0.45}.get(look.shape, 0.78)   # narrow shapes: smaller text
         font = _font(int(h * 0.26))
         width = d.textlength(text, font=font)
-        if width > w * 0.78:
-            font = _font(int(h * 0.26 * w * 0.78 / width))
+        if width > room:
+            font = _font(int(h * 0.26 * room / width))
         d.text((cx, cy - h * (0.08 if line else 0.0)), text, fill=ink, font=font, anchor="mm")
 
 
@@ -565,7 +566,7 @@ def render_sprite(look: PillLook, side: int, px_per_mm: float) -> Image.Image:
     """One pill, long side horizontal, RGBA with a soft shadow (alpha <= 115, the pill itself is opaque)."""
     ss = 2  # drawn at twice the size, then reduced: smooth edges
     long_px, short_px = max(8, round(look.long_mm * px_per_mm * ss)), max(6, round(look.short_mm * px_per_mm * ss))
-    pad = max(4, short_px // 8)
+    pad = max(4, short_px // 6)
     canvas = (long_px + 2 * pad, short_px + 2 * pad)
     pill = Image.new("RGBA", canvas, (0, 0, 0, 0))
     d = ImageDraw.Draw(pill)
@@ -578,7 +579,8 @@ def render_sprite(look: PillLook, side: int, px_per_mm: float) -> Image.Image:
                                    pad + short_px * 0.4), fill=70)
     gloss = ImageChops.multiply(gloss.filter(ImageFilter.GaussianBlur(short_px / 14)), alpha)
     pill = Image.composite(Image.new("RGBA", canvas, (255, 255, 255, 255)), pill, gloss)
-    shadow = alpha.point(lambda a: a * 115 // 255).filter(ImageFilter.GaussianBlur(max(1, pad // 2)))
+    shadow = alpha.point(lambda a: a * 115 // 255).filter(ImageFilter.GaussianBlur(max(1, pad // 3)))
+    shadow = shadow.point(lambda a: a if a >= 4 else 0)   # no faint blur tail cut square by the canvas edge
     out = Image.new("RGBA", canvas, (0, 0, 0, 0))
     out.putalpha(ImageChops.offset(shadow, pad // 3, pad // 2))
     out.alpha_composite(pill)
