@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import hashlib
 import io
-import itertools
 import json
 import logging
 import math
@@ -51,7 +50,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 _logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1          # bump when the output of a given seed changes (invalidates demo caches)
+GENERATOR_VERSION = 2          # bump when the output of a given seed changes (invalidates demo caches)
 LAYOUTS = ("raw", "raw_underscore", "english")
 DL_IDX_MODES = ("raw", "k")    # raw: dl_idx = str(K - 1), as released; k: str(K), a derived copy's convention
 SUMMARY_FILE = "synth_summary.json"
@@ -277,7 +276,11 @@ def _drug_name(rng: np.random.Generator, capsule: bool) -> tuple:
     return f"{ko} {dose}mg", (f"{en} {dose}mg" if rng.random() < 0.7 else "")
 
 
-def _drug_meta(rng: np.random.Generator, code: str, look: PillLook) -> dict:
+def _date(rng: np.random.Generator, first_year: int, last_year: int) -> str:
+    return f"{int(rng.integers(first_year, last_year + 1))}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
+
+
+def _drug_meta(rng: np.random.Generator, look: PillLook) -> dict:
     """The per-K-code metadata of images[0] (dl_name .. change_date, minus per-image fields)."""
     name, name_en = _drug_name(rng, look.capsule)
     company, company_en = _pick(rng, _COMPANIES)
@@ -293,17 +296,16 @@ def _drug_meta(rng: np.random.Generator, code: str, look: PillLook) -> dict:
         "dl_material": material, "dl_material_en": material_en, "dl_custom_shape": custom,
         "dl_company": company, "dl_company_en": company_en, "di_company_mf": company,
         "di_company_mf_en": company_en, "item_seq": item_seq,
-        "di_item_permit_date": f"{int(rng.integers(1990, 2021))}{int(rng.integers(1, 13)):02d}"
-                               f"{int(rng.integers(1, 29)):02d}",
+        "di_item_permit_date": _date(rng, 1990, 2020),
         "di_class_no": _pick(rng, _CLASS_NOS), "di_etc_otc_code": _pick(rng, ("전문의약품", "전문의약품", "일반의약품")),
         "di_edi_code": edi, "chart": f"{colour_text}의 {look.shape} {custom}",
         "drug_shape": look.shape, "thick": _mm(rng.uniform(2.5, 7.0)), "leng_long": _mm(look.long_mm),
         "leng_short": _mm(look.short_mm), "print_front": look.print_front, "print_back": look.print_back,
         "color_class1": look.colour1, "color_class2": look.colour2, "line_front": look.line_front,
-        "line_back": look.line_back, "img_regist_ts": f"2020{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}",
+        "line_back": look.line_back, "img_regist_ts": _date(rng, 2020, 2020),
         "form_code_name": form, "mark_code_front_anal": "", "mark_code_back_anal": "", "mark_code_front_img": "",
         "mark_code_back_img": "", "mark_code_front": "", "mark_code_back": "",
-        "change_date": f"2021{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}",
+        "change_date": _date(rng, 2021, 2021),
     }
 
 
@@ -325,7 +327,7 @@ def _make_catalog(spec: SynthSpec, rng: np.random.Generator) -> Catalog:
         triple = candidates[rank % len(candidates)]   # beyond len(candidates): same triple, other sizes
         looks[codes[ci]] = _draw_look(rng, triple)
     for code in codes:
-        meta[code] = _drug_meta(rng, code, looks[code])
+        meta[code] = _drug_meta(rng, looks[code])
     pairs = []
     if spec.defects:
         a, b = (codes[int(i)] for i in rng.choice(len(codes), size=2, replace=False))

@@ -141,7 +141,7 @@ def test_combination_labels_one_json_per_pill(synth_tree):
             assert all(_iou(a, b) < 0.2 for i, a in enumerate(clean) for b in clean[i + 1:])   # 2x2, apart
 
 
-def _disk_defects(root: Path, summary: SynthSummary) -> dict:
+def _disk_defects(root: Path) -> dict:
     """Count the defects from what is on disk, independently of the generator's bookkeeping."""
     found = {k: 0 for k in DEFECT_KINDS}
     labels = _labels(root)
@@ -177,7 +177,7 @@ def test_defects_json_matches_disk(synth_tree):
     assert set(counts) == set(DEFECT_KINDS) and all(counts[k] >= 1 for k in DEFECT_KINDS)
     assert counts == synth_tree.defects and all(counts[k] == len(files[k]) for k in DEFECT_KINDS
                                                 if k != "near_identical_pair")
-    on_disk = _disk_defects(root, synth_tree)
+    on_disk = _disk_defects(root)
     for kind in ("orphan_label", "unparsable_json", "null_metadata", "zero_dimension", "bbox_bad_len",
                  "bbox_nonpositive", "bbox_outside", "empty_file", "truncated_png", "orphan_image"):
         assert on_disk[kind] == counts[kind], kind
