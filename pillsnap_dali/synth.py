@@ -50,7 +50,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 _logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2          # bump when the output of a given seed changes (invalidates demo caches)
+GENERATOR_VERSION = 3          # bump when the output of a given seed changes (invalidates demo caches)
 LAYOUTS = ("raw", "raw_underscore", "english")
 DL_IDX_MODES = ("raw", "k")    # raw: dl_idx = str(K - 1), as released; k: str(K), a derived copy's convention
 SUMMARY_FILE = "synth_summary.json"
@@ -260,7 +260,7 @@ def _draw_look(rng: np.random.Generator, triple: tuple) -> PillLook:
     shape, c1, c2 = triple
     capsule = bool(c2)
     long_mm = float(rng.uniform(14, 19.5) if capsule else rng.uniform(10, 17.5))
-    short_mm = long_mm if shape in ROUND_SHAPES else long_mm * float(rng.uniform(0.4, 0.62))
+    short_mm = long_mm if shape in ROUND_SHAPES else long_mm * float(rng.uniform(0.45, 0.62))
     back = _imprint(rng) if rng.random() < 0.5 else ""
     return PillLook(shape=shape, colour1=c1, colour2=c2, capsule=capsule, print_front=_imprint(rng),
                     print_back=back, line_front=_pick(rng, ("", "", "-", "+")) if not capsule else "",
@@ -594,7 +594,7 @@ class RenderContext:
 
     def __init__(self, looks: dict, size: tuple, seed: int):
         self.looks, self.size, self.seed = looks, size, seed
-        self.px_per_mm = 24.0 * min(size[0] / 976, size[1] / 1280)
+        self.px_per_mm = 25.0 * min(size[0] / 976, size[1] / 1280)
         self._sprites: dict = {}
         self._noise: Optional[np.ndarray] = None
         self._gradient = Image.linear_gradient("L").resize(size, Image.Resampling.BILINEAR)
@@ -679,7 +679,7 @@ def _render_combo(job: Job, ctx: RenderContext, rng: np.random.Generator) -> tup
     boxes = []
     for code, cell in zip(job.codes, cells):
         sprite = ctx.sprite(code, 0)
-        fit = min(1.0, 0.42 * w / sprite.width, 0.42 * w / sprite.height) * float(lay.uniform(0.92, 1.05))
+        fit = min(1.0, 0.44 * w / sprite.width, 0.44 * w / sprite.height) * float(lay.uniform(0.94, 1.04))
         pill = _pose(sprite, float(lay.uniform(0, 360)), squash, fit, tint)
         cx = w * (0.27 + 0.46 * (cell % 2) + lay.uniform(-0.03, 0.03))
         cy = h / 2 + (h * (0.3 + 0.4 * (cell // 2) + lay.uniform(-0.03, 0.03)) - h / 2) * squash
