@@ -118,6 +118,7 @@ class TrainConfig:
     target_accuracy: Optional[float] = None
     patience: int = 0
     log_interval: int = 20
+    save_every: int = 0
     seed: int = 0
     device: str = "auto"
     out: str = "runs"

@@ -186,7 +186,9 @@ class Trainer:
         self.num_classes = len(data.class_map)
         self.model = build_model(cfg, self.num_classes, self.device)
         self.ddp = self._wrap_ddp(self.model)
-        self.skip_log = SkipLog(spec.run_dir / "skipped.csv" if spec.run_dir and spec.is_main else None)
+        # every rank logs the files it skipped (rank 0: skipped.csv, rank r: skipped.rank<r>.csv): nothing is lost
+        skip_name = "skipped.csv" if spec.is_main else f"skipped.rank{spec.rank}.csv"
+        self.skip_log = SkipLog(spec.run_dir / skip_name if spec.run_dir and not spec.dry_run else None)
         common = dict(cfg=cfg, device=self.device, backend=cfg.loader.backend, rank=spec.rank,
                       world_size=spec.world_size, skip_log=self.skip_log, seed=cfg.train.seed)
         self.train_loader = build_loader(data.train, data.train_labels, train=True, **common)
@@ -227,7 +229,8 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "epoch": epoch, "epoch_complete": complete,
                 "step": self.global_step, "rng": ckpt.rng_state(), "config": cfg.to_dict(),
                 "class_map": self.spec.data.class_map.to_dict(), "preprocess": cfg.to_dict()["preprocess"],
-                "best_top1": self.best_top1, "history": self.history, "backend": self.backend}
+                "best_top1": self.best_top1, "history": self.history, "backend": self.backend,
+                "skipped": [dict(e) for e in self.skip_log.entries]}
 
     def save(self, epoch: int, complete: bool, best: bool) -> None:
         if not (self.spec.run_dir and self.spec.is_main) or self.spec.dry_run:
@@ -235,6 +238,9 @@ class Trainer:
         d = self.spec.run_dir / "checkpoints"
         state = self.state(epoch, complete)
         ckpt.save_checkpoint(d / "last.pt", state)
+        every = self.cfg.train.save_every
+        if complete and every and (epoch + 1) % every == 0:
+            ckpt.save_checkpoint(d / f"epoch_{epoch + 1:04d}.pt", state)
         if best:
             ckpt.save_checkpoint(d / "best.pt", state)
 
@@ -251,6 +257,9 @@ class Trainer:
         self.scheduler.load_state_dict(st["scheduler"])
         self.scaler.load_state_dict(st["scaler"])
         ckpt.set_rng_state(st["rng"])
+        for e in st.get("skipped", []):  # files skipped before the stop stay skipped, wherever the run dir is
+            if e["path"] not in self.skip_log:
+                self.skip_log.add(int(e["row"]), e["path"], e["reason"], e["backend"], int(e["epoch"]))
         self.global_step, self.best_top1, self.history = st["step"], st["best_top1"], list(st["history"])
         # an epoch interrupted by a signal is run again from its start with the weights as they were
         self.start_epoch = st["epoch"] + 1 if st["epoch_complete"] else st["epoch"]

@@ -1,0 +1,177 @@
+"""Training CLI end to end on a tiny synthetic tree (real DALI CPU, real timm, real files)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pillsnap_dali import train
+from pillsnap_dali.checkpoint import load_checkpoint, load_classifier
+from pillsnap_dali.config import load_config
+from pillsnap_dali.manifest import build_manifests
+
+TINY = ["--model", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--lr", "0.003",
+        "--set", "train.warmup_epochs=0", "--set", "loader.threads=1", "--set", "loader.workers=1",
+        "--set", "train.log_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def manifests(synth_tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("manifests")
+    build_manifests(load_config("demo"), synth_tree.root, out)
+    return out
+
+
+def _args(manifests, run_root, *extra):
+    return ["--manifest", str(manifests / "manifest_train.csv"), "--out", str(run_root), *TINY, *extra]
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_dir_checkpoint_and_report(manifests, tmp_path):
+    assert train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "r", "--num-classes", "6")) == 0
+    d = tmp_path / "r"
+    for f in ("config.yaml", "class_map.json", "metrics.jsonl", "report.md", "per_class.csv", "confusions.json",
+              "checkpoints/last.pt", "checkpoints/best.pt", "plots/curves.png", "plots/time.png"):
+        assert (d / f).exists(), f
+    hist = _history(d)
+    assert [h["epoch"] for h in hist] == [0, 1]
+    for h in hist:
+        assert 0 <= h["val_top1"] <= h["val_top5"] <= 1 and h["data_time"] >= 0 and h["images_per_s"] > 0
+    ck = load_checkpoint(d / "checkpoints/last.pt")  # weights_only: no arbitrary unpickling
+    cm = json.loads((manifests / "class_map.json").read_text())
+    assert ck["class_map"]["codes"] == cm["codes"] and ck["preprocess"]["img_size"] == 32
+    assert ck["epoch"] == 1 and ck["epoch_complete"]
+    # the defect tree holds truncated / empty PNGs: skipped, logged with reason, never lost
+    skipped = {r["path"]: r for r in csv.DictReader(open(d / "skipped.csv"))}
+    train_paths = {r["image_path"] for r in csv.DictReader(open(manifests / "manifest_train.csv"))}
+    assert skipped and all(r["reason"] for r in skipped.values())
+    assert hist[0]["train_images"] + len(set(skipped) & train_paths) == len(train_paths)
+    assert hist[1]["train_images"] == hist[0]["train_images"]  # not retried, nothing else lost
+    assert "| epoch | train loss |" in (d / "report.md").read_text()
+    loaded = load_classifier(d / "checkpoints/best.pt")
+    assert loaded.class_map.codes == cm["codes"] and loaded.preprocess.img_size == 32
+
+
+def test_resume_reproduces_uninterrupted_run(manifests, tmp_path):
+    assert train.main(_args(manifests, tmp_path, "--epochs", "3", "--name", "full", "--set", "train.save_every=1")) == 0
+    full = _history(tmp_path / "full")
+    ck = tmp_path / "full/checkpoints/epoch_0001.pt"
+    assert train.main(_args(manifests, tmp_path, "--epochs", "3", "--name", "resumed", "--resume", str(ck))) == 0
+    resumed = _history(tmp_path / "resumed")
+    assert [h["epoch"] for h in resumed] == [1, 2]
+    for a, b in zip(full[1:], resumed):
+        for k in ("train_loss", "val_loss", "val_top1", "train_acc"):
+            assert abs(a[k] - b[k]) < 1e-4, (k, a[k], b[k])
+
+
+def test_class_map_mismatch_and_num_classes_are_refused(manifests, tmp_path, capsys):
+    assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--name", "a")) == 0
+    assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--num-classes", "7")) == 2
+    assert "--num-classes 7 does not match" in capsys.readouterr().err
+    # a legacy manifest with one class fewer: its class map (sorted unique K-codes) differs by one K-code
+    rows = list(csv.DictReader(open(manifests / "manifest_train.csv")))
+    dropped = sorted({r["mapping_code"] for r in rows})[0]
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for split in ("train", "val"):
+        src = list(csv.DictReader(open(manifests / f"manifest_{split}.csv")))
+        with open(legacy / f"manifest_{split}.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["image_path", "mapping_code", "image_type", "source"])
+            w.writerows([r["image_path"], r["mapping_code"], r["image_type"], r["source"]]
+                        for r in src if r["mapping_code"] != dropped)
+    rc = train.main(["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY,
+                     "--epochs", "1", "--name", "a", "--resume", str(tmp_path / "a/checkpoints/last.pt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and dropped in err and "only in the checkpoint" in err
+
+
+def test_legacy_manifest_with_val_only_class_and_missing_file(manifests, tmp_path):
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for split in ("train", "val"):
+        src = list(csv.DictReader(open(manifests / f"manifest_{split}.csv")))
+        with open(legacy / f"manifest_{split}.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["image_path", "mapping_code", "image_type", "source"])
+            w.writerows([r["image_path"], r["mapping_code"], r["image_type"], r["source"]] for r in src)
+            if split == "val":  # the users' old bug: a validation-only class
+                w.writerow([src[0]["image_path"], "K-999999", "single", "TS_9_단일"])
+                w.writerow(["/nonexistent/K-000001_0_2_0_0_75_260_200.png", src[0]["mapping_code"], "single", "x"])
+    assert train.main(["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY,
+                       "--epochs", "1", "--name", "l", "--dry-run"]) == 0
+    assert train.main(["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY,
+                       "--epochs", "1", "--name", "l"]) == 0
+    q = list(csv.DictReader(open(tmp_path / "l/quarantine.csv")))
+    reasons = " ".join(r["reason"] for r in q)
+    assert "K-999999 not in the class map" in reasons and "missing file" in reasons
+    assert "K-999999" not in json.loads((tmp_path / "l/class_map.json").read_text())["codes"]
+
+
+def test_dry_run_writes_nothing_heavy(manifests, tmp_path):
+    assert train.main(_args(manifests, tmp_path, "--epochs", "5", "--name", "dry", "--dry-run")) == 0
+    assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_target_accuracy_and_patience_stop(manifests, tmp_path, capsys):
+    assert train.main(_args(manifests, tmp_path, "--epochs", "4", "--name", "t", "--target-accuracy", "0.01")) == 0
+    assert "target accuracy 1.00% reached at epoch 0" in capsys.readouterr().out
+    assert len(_history(tmp_path / "t")) == 1
+    assert train.main(_args(manifests, tmp_path, "--epochs", "6", "--name", "p", "--lr", "0",
+                            "--set", "train.patience=1")) == 0
+    assert "early stop" in capsys.readouterr().out and len(_history(tmp_path / "p")) < 6
+
+
+def _cmd(*args):
+    return [sys.executable, "-m", "pillsnap_dali.train", *args]
+
+
+def test_sigterm_saves_last_and_resume_continues(manifests, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = _args(manifests, tmp_path, "--epochs", "40", "--name", "sig")
+    proc = subprocess.Popen(_cmd(*args), stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    for line in proc.stderr:  # wait until training really runs
+        if "step 2/" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    ck = load_checkpoint(tmp_path / "sig/checkpoints/last.pt")
+    assert "SIGTERM" in err
+    done_epochs = ck["epoch"] + (1 if ck["epoch_complete"] else 0)
+    assert done_epochs < 40
+    r = subprocess.run(_cmd(*args[:-4], "--epochs", str(done_epochs + 1), "--name", "sig", "--resume"),
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    hist = _history(tmp_path / "sig")
+    assert hist[-1]["epoch"] == done_epochs
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_torchrun_two_cpu_ranks(manifests, tmp_path):
+    args = _args(manifests, tmp_path, "--epochs", "1", "--name", "ddp", "--device", "cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "pillsnap_dali.train", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hist = _history(tmp_path / "ddp")
+    n_train = sum(1 for _ in open(manifests / "manifest_train.csv")) - 1
+    skipped = set()
+    for f in (tmp_path / "ddp").glob("skipped*.csv"):
+        skipped |= {row["path"] for row in csv.DictReader(open(f))}
+    train_rows = {row["image_path"] for row in csv.DictReader(open(manifests / "manifest_train.csv"))}
+    # both ranks' images are counted (reduced) and together with the skips they cover the split
+    assert hist[0]["train_images"] + len(skipped & train_rows) == n_train
+    assert not list((tmp_path / "ddp").glob("metrics.rank*"))
