@@ -1,0 +1,209 @@
+"""Loader benchmark: images/s of the ``pil`` and ``dali-cpu`` loaders and their decode-only ceilings.
+
+``bench_decode`` is called by ``python -m pillsnap_dali.bench decode``. Every variant reads the same files
+in the same process, side by side; each repetition is one full epoch (startup included) over at least
+``min_rows`` rows (the image list repeated), and the reported figure is the median of ``reps`` after one
+warm-up epoch. Ceilings: ``dali-decode`` = ``fn.decoders.image`` alone with the same reader and threads;
+``pil-decode`` = ``open_rgb`` (decode + RGB) alone in a pool of ``threads`` processes.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .config import Config, load_config
+from .manifest_io import Manifest, read_manifest
+
+_logger = logging.getLogger(__name__)
+
+BENCH_BACKENDS = ("pil", "dali-cpu", "pil-decode", "dali-decode")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def photo_like(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A 976x1280-like pill photo: lit background gradient, soft texture, a few pills, sensor noise."""
+    import cv2
+
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(40, 200, size=3).astype(np.float32)
+    light = 1.0 - 0.35 * (((xx - width * rng.uniform(0.3, 0.7)) ** 2 + (yy - height * 0.4) ** 2)
+                          / (width ** 2 + height ** 2))
+    img = base[None, None, :] * light[..., None]
+    texture = cv2.GaussianBlur(rng.normal(0, 12, (height, width)).astype(np.float32), (0, 0), 6)
+    img += texture[..., None]
+    for _ in range(int(rng.integers(1, 5))):
+        centre = (int(rng.integers(width // 5, 4 * width // 5)), int(rng.integers(height // 5, 4 * height // 5)))
+        axes = (int(rng.integers(60, 200)), int(rng.integers(40, 140)))
+        colour = tuple(float(c) for c in rng.uniform(0, 255, size=3))
+        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, lineType=cv2.LINE_AA)
+    img = cv2.GaussianBlur(img, (0, 0), 1.2) + rng.normal(0, 2.0, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_bench_images(out_dir: str | Path, n: int = 64, *, fmt: str = "png", size: tuple = (976, 1280),
+                       quality: int = 95, seed: int = 0) -> list[Path]:
+    """Write ``n`` photo-like images (PNG, or JPEG at ``quality``) once; existing files are kept."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ext = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg"}[fmt]
+    paths = []
+    for i in range(n):
+        path = out_dir / f"bench_{i:04d}{ext}"
+        if not path.exists():
+            arr = photo_like(size[0], size[1], np.random.default_rng([seed, i]))
+            tmp = path.with_name(f".{path.name}.tmp{ext}")
+            Image.fromarray(arr).save(tmp, **({"quality": quality} if ext == ".jpg" else {}))
+            os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def _paths_of(source: str | Path | Manifest) -> list[str]:
+    if isinstance(source, Manifest):
+        return list(source.paths)
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(str(p) for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    else:
+        paths = list(read_manifest(source).paths)
+    if not paths:
+        raise ValueError(f"no images in {source}")
+    return paths
+
+
+def _manifest(paths: Sequence[str]) -> Manifest:
+    n = len(paths)
+    return Manifest(None, list(paths), ["K-000001"] * n, ["single"] * n, ["bench"] * n,
+                    [Path(p).stem for p in paths], [[] for _ in range(n)], [""] * n)
+
+
+def _decode_one(path: str) -> int:
+    from .loaders import open_rgb
+    return open_rgb(path).width
+
+
+def _time_pil_decode(paths: Sequence[str], threads: int) -> float:
+    ctx = mp.get_context("fork")
+    with ctx.Pool(threads) as pool:
+        t0 = time.perf_counter()
+        for _ in pool.imap(_decode_one, paths, chunksize=4):
+            pass
+        return time.perf_counter() - t0
+
+
+def _time_loader(loader, epoch: int) -> float:
+    loader.set_epoch(epoch)
+    t0 = time.perf_counter()
+    for _ in loader:
+        pass
+    return time.perf_counter() - t0
+
+
+class _FileBatches:
+    """A plain external source: the files' bytes in order, ``batch`` at a time (the ceiling's reader)."""
+
+    def __init__(self, paths: Sequence[str], batch: int):
+        self.paths, self.batch, self.pos = paths, batch, 0
+
+    def __call__(self):
+        if self.pos >= len(self.paths):
+            raise StopIteration
+        chunk = self.paths[self.pos:self.pos + self.batch]
+        self.pos += len(chunk)
+        return [np.fromfile(p, dtype=np.uint8) for p in chunk], np.arange(len(chunk), dtype=np.int64)
+
+
+def _time_dali_decode(paths: Sequence[str], cfg: Config, threads: int) -> float:
+    from pipelines import PipelineOptions, TrainSpec, classify_pipeline, decode_graph
+    opts = PipelineOptions(batch_size=cfg.train.batch_size, num_threads=threads, prefetch=cfg.loader.prefetch)
+    t0 = time.perf_counter()
+    pipe = classify_pipeline(_FileBatches(paths, opts.batch_size), TrainSpec(img_size=cfg.preprocess.img_size),
+                             opts, graph=decode_graph)
+    try:
+        while True:
+            pipe.run()
+    except StopIteration:
+        pass
+    return time.perf_counter() - t0
+
+
+def _make_runner(name: str, paths: Sequence[str], cfg: Config, threads: int):
+    """A callable ``epoch -> seconds`` for one benchmark variant."""
+    import torch
+
+    from .loaders import build_loader
+    if name == "pil-decode":
+        return lambda epoch: _time_pil_decode(paths, threads)
+    if name == "dali-decode":
+        return lambda epoch: _time_dali_decode(paths, cfg, threads)
+    if name not in ("pil", "dali-cpu", "dali"):
+        raise ValueError(f"unknown benchmark variant {name!r}; choose from {list(BENCH_BACKENDS) + ['dali']}")
+    device = torch.device("cuda" if name == "dali" else "cpu")
+    loader = build_loader(_manifest(paths), [0] * len(paths), cfg, train=True, device=device, backend=name)
+    return lambda epoch: _time_loader(loader, epoch)
+
+
+def _bench_config(size: int, batch: int, threads: int) -> Config:
+    return load_config(stage="demo", sets=[f"preprocess.img_size={size}", f"train.batch_size={batch}",
+                                           f"loader.threads={threads}", f"loader.workers={threads}",
+                                           "loader.backend=auto"])
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DataLoader workers, pool processes)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def bench_decode(source: str | Path | Manifest, *, size: int = 384, batch: int = 16, reps: int = 5,
+                 threads: int = 2, backends: Sequence[str] = BENCH_BACKENDS, min_rows: int = 128) -> dict:
+    """Images/s of each variant over the images of ``source`` (a folder of images, a manifest CSV, or a
+    Manifest), training graph at ``size`` px, ``batch`` per step, ``threads`` DALI threads / PIL workers.
+
+    Returns ``{"images": rows per epoch, "files": distinct files, "size", "batch", "threads", "reps",
+    "machine": {...}, "results": {variant: {"images_per_s": median, "runs": [...],
+    "cpu_ms_per_image": median CPU time of this process and its workers per image}}}``, and for every loader
+    that has its ceiling measured, ``results[loader]["of_ceiling"]`` (loader / ceiling).
+    """
+    files = _paths_of(source)
+    paths = (files * (-(-min_rows // len(files))))[:max(min_rows, len(files))]
+    cfg = _bench_config(size, batch, threads)
+    runners = {name: _make_runner(name, paths, cfg, threads) for name in backends}
+    runs: dict = {name: [] for name in backends}
+    cpu: dict = {name: [] for name in backends}
+    for name, run in runners.items():
+        run(0)  # warm-up: page cache, pipeline code paths, worker start
+    for rep in range(reps):  # interleaved, so a slow moment of a shared machine hits every variant
+        for name, run in runners.items():
+            c0 = _cpu_seconds()
+            runs[name].append(len(paths) / run(rep + 1))
+            cpu[name].append((_cpu_seconds() - c0) / len(paths) * 1000.0)
+    results = {name: {"images_per_s": statistics.median(r), "runs": r,
+                      "cpu_ms_per_image": statistics.median(cpu[name])} for name, r in runs.items()}
+    for loader, ceiling in (("pil", "pil-decode"), ("dali-cpu", "dali-decode")):
+        if loader in results and ceiling in results:
+            results[loader]["of_ceiling"] = results[loader]["images_per_s"] / results[ceiling]["images_per_s"]
+    _logger.info("bench_decode %s: %s", source,
+                 ", ".join(f"{k} {v['images_per_s']:.1f} img/s" for k, v in results.items()))
+    return {"images": len(paths), "files": len(files), "size": size, "batch": batch, "threads": threads,
+            "reps": reps, "machine": machine_info(), "results": results}

@@ -1,0 +1,79 @@
+"""Input loaders behind one batch contract: ``dali`` (GPU), ``dali-cpu`` and ``pil``.
+
+Every loader yields ``Batch(images, labels, rows)`` on the training device, has ``len()`` = steps per
+epoch for its rank, ``set_epoch(e)``, ``epoch_stats()`` (``rows``, ``yielded``, ``skipped``, ``excluded``,
+``dropped`` of the last epoch; ``yielded + skipped + excluded + dropped == rows`` after a full epoch),
+``.backend`` and ``close()``. Files that cannot be used are skipped and written to the ``SkipLog``; they are
+excluded from later epochs. The training loop never knows which backend produced a batch.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Sequence, Union
+
+import torch
+
+from ..config import Config
+from ..manifest_io import Manifest
+from .common import Batch, EpochPlan, LoaderSpec, SkipLog, read_encoded, steps_for
+from .pil_loader import PilLoader, PilTrainTransform, open_rgb, pil_eval_transform
+
+_logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "dali", "dali-cpu", "pil")
+
+__all__ = ["BACKENDS", "Batch", "EpochPlan", "LoaderSpec", "SkipLog", "Loader", "build_loader", "open_rgb",
+           "pil_eval_transform", "PilTrainTransform", "read_encoded", "resolve_backend", "steps_for"]
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``auto`` -> ``dali`` on a CUDA device, ``dali-cpu`` without CUDA, ``pil`` without DALI (logged).
+
+    An explicit choice that cannot run here (``dali`` without CUDA, a DALI backend without DALI) is an error.
+    """
+    device = torch.device(device)
+    if name not in BACKENDS:
+        raise ValueError(f"loader backend must be one of {list(BACKENDS)}, got {name!r}")
+    has_dali, cuda = dali_available(), device.type == "cuda" and torch.cuda.is_available()
+    if name == "auto":
+        chosen = ("dali" if cuda else "dali-cpu") if has_dali else "pil"
+        _logger.info("loader backend auto -> %s (DALI %s, training device %s)", chosen,
+                     "installed" if has_dali else "not installed", device)
+        return chosen
+    if name.startswith("dali") and not has_dali:
+        raise ValueError(f"loader backend {name!r} needs NVIDIA DALI (pip install nvidia-dali-cuda120); "
+                         "use loader.backend=pil")
+    if name == "dali" and not cuda:
+        raise ValueError(f"loader backend 'dali' decodes on the GPU but the training device is {device}; "
+                         "use loader.backend=dali-cpu or auto")
+    return name
+
+
+def build_loader(manifest: Manifest, labels: Sequence[int], cfg: Config, *, train: bool, device: torch.device,
+                 backend: str = "auto", rank: int = 0, world_size: int = 1, skip_log: SkipLog | None = None,
+                 seed: int = 0) -> "Loader":
+    """A loader over ``manifest`` (``labels[i]`` is the class id of row ``i``) for this rank.
+
+    ``train=True``: training graph, seeded per-epoch shuffle, ``cfg.loader.drop_last``. ``train=False``:
+    evaluation graph (``preprocess.resize_mode``), manifest order, never drops. Batch size is
+    ``cfg.train.batch_size``. ``seed`` is the shuffle/augmentation seed (pass ``cfg.train.seed``).
+    """
+    if len(labels) != len(manifest):
+        raise ValueError(f"{len(labels)} labels for a manifest of {len(manifest)} rows")
+    device = torch.device(device)
+    name = resolve_backend(backend, device)
+    spec = LoaderSpec.from_config(cfg, train=train, seed=seed, rank=rank, world_size=world_size)
+    table = torch.as_tensor(list(labels), dtype=torch.int64).to(device)
+    skip_log = skip_log if skip_log is not None else SkipLog(None)
+    if name == "pil":
+        return PilLoader(manifest.paths, table, spec, skip_log)
+    from .dali_loader import DaliLoader
+    return DaliLoader(manifest.paths, table, spec, skip_log, name)
+
+
+Loader = Union[PilLoader, "DaliLoader"]

@@ -1,0 +1,183 @@
+"""What every backend shares: the batch contract, the skip log, the per-epoch row plan, the header check."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipelines.common import shard_order
+
+from ..config import AugmentConfig, Config, LoaderConfig, PreprocessConfig
+
+_logger = logging.getLogger(__name__)
+
+SKIP_COLUMNS = ["row", "path", "reason", "backend", "epoch"]
+
+
+@dataclass
+class Batch:
+    """One step's input. ``images``: normalized float16/32, logical shape NCHW (channels_last strides when
+    ``loader.layout`` is NHWC), on the training device; ``labels``: int64 class ids; ``rows``: int64
+    manifest row ids. All three are on the training device."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    rows: torch.Tensor
+
+
+class SkipLog:
+    """Files that could not be used, appended to ``<run_dir>/skipped.csv`` (row,path,reason,backend,epoch).
+
+    ``path=None`` keeps the log in memory only. An existing file is read back, so a resumed run does not
+    retry files it already skipped. Loaders exclude by **path** (``.paths``), so one log can be shared by the
+    training and validation loaders, whose row ids overlap; ``.rows`` holds the row ids as logged.
+    Thread-safe.
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+        self.rows: set[int] = set()
+        self.paths: set[str] = set()
+        self.entries: list[dict] = []
+        self._lock = threading.Lock()
+        if self.path is not None and self.path.exists() and self.path.stat().st_size:
+            self._read_back()
+
+    def _read_back(self) -> None:
+        with open(self.path, newline="", encoding="utf-8") as fh:
+            for rec in csv.DictReader(fh):
+                self._remember(rec)
+        _logger.info("skip log %s: %d file(s) skipped earlier are excluded", self.path, len(self.paths))
+
+    def _remember(self, rec: dict) -> None:
+        self.entries.append(rec)
+        self.paths.add(rec["path"])
+        if str(rec.get("row", "")).lstrip("-").isdigit():
+            self.rows.add(int(rec["row"]))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.paths
+
+    def add(self, row: int, path: str, reason: str, backend: str, epoch: int) -> bool:
+        """Record one skipped file (logged as a warning); False if its path was already in the log."""
+        reason = " ".join(str(reason).split())[:300]
+        rec = {"row": int(row), "path": path, "reason": reason, "backend": backend, "epoch": int(epoch)}
+        with self._lock:
+            if path in self.paths:
+                return False
+            self._remember(rec)
+            if self.path is not None:
+                self._append(rec)
+        _logger.warning("skipped row %d (%s): %s [%s, epoch %d]", row, path, reason, backend, epoch)
+        return True
+
+    def _append(self, rec: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=SKIP_COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow(rec)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a loader reads from the config, unpacked at one seam (``from_config``)."""
+    train: bool
+    batch_size: int
+    drop_last: bool
+    preprocess: PreprocessConfig
+    augment: AugmentConfig
+    loader: LoaderConfig
+    max_pixels: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, train: bool, seed: int = 0, rank: int = 0,
+                    world_size: int = 1) -> "LoaderSpec":
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        return cls(train=train, batch_size=cfg.train.batch_size, drop_last=bool(train and cfg.loader.drop_last),
+                   preprocess=cfg.preprocess, augment=cfg.augment, loader=cfg.loader,
+                   max_pixels=cfg.data.max_pixels, seed=seed, rank=rank, world_size=world_size)
+
+
+def steps_for(num_rows: int, batch_size: int, drop_last: bool) -> int:
+    return num_rows // batch_size if drop_last else -(-num_rows // batch_size)
+
+
+class EpochPlan:
+    """The rows one rank reads in one epoch and the epoch's accounting.
+
+    ``order``: this rank's shard (``pipelines.shard_order``: seeded permutation per epoch when training,
+    manifest order otherwise) minus files already in the skip log. Invariant after a full epoch:
+    ``yielded + skipped + excluded + dropped == rows``.
+    """
+
+    def __init__(self, paths: Sequence[str], spec: LoaderSpec, epoch: int, skip_paths: set):
+        shard = shard_order(len(paths), shard_id=spec.rank, num_shards=spec.world_size, shuffle=spec.train,
+                            seed=spec.seed, epoch=epoch)
+        keep = np.fromiter((paths[r] not in skip_paths for r in shard), dtype=bool, count=len(shard))
+        self.epoch = epoch
+        self.order = shard[keep]
+        self.stats = {"rows": int(len(shard)), "excluded": int((~keep).sum()), "yielded": 0, "skipped": 0,
+                      "dropped": 0}
+
+    def steps(self, spec: LoaderSpec) -> int:
+        return steps_for(len(self.order), spec.batch_size, spec.drop_last)
+
+
+def read_encoded(path: str, max_pixels: int) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """The file's bytes, or ``(None, reason)`` when it is missing, empty, or claims too many pixels.
+
+    The size check reads the header only (PIL, lazily), so a file claiming an absurd size never reaches a
+    decoder. A header PIL does not understand is passed on: the decoder decides.
+    """
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    if buf.size == 0:
+        return None, "empty file"
+    return (None, reason) if (reason := header_problem(buf, max_pixels)) else (buf, None)
+
+
+def header_problem(buf: np.ndarray, max_pixels: int) -> Optional[str]:
+    try:
+        with Image.open(io.BytesIO(buf.data)) as im:
+            w, h = im.size
+    except Image.DecompressionBombError as e:
+        return f"decompression bomb: {e}"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError):
+        return None
+    if w * h > max_pixels:
+        return f"{w}x{h} pixels exceed data.max_pixels={max_pixels}"
+    if w < 1 or h < 1:
+        return f"invalid size {w}x{h}"
+    return None
+
+
+def to_device_batch(images: torch.Tensor, rows: torch.Tensor, label_table: torch.Tensor,
+                    channels_last: bool) -> Batch:
+    """Move a CPU batch to the label table's device and look the labels up there."""
+    device = label_table.device
+    if device.type == "cuda":
+        images, rows = images.pin_memory(), rows.pin_memory()
+    images = images.to(device, non_blocking=True)
+    rows = rows.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return Batch(images=images, labels=label_table[rows], rows=rows)

@@ -1,0 +1,271 @@
+"""The ``dali`` (GPU) and ``dali-cpu`` backends, with recovery from files DALI cannot decode.
+
+DALI aborts the whole pipeline on one undecodable file ("Current pipeline object is no longer valid").
+The reader is therefore ours (``RowReader``, the pipeline's external source): it remembers every batch
+it handed to DALI until that batch's outputs come back. When the pipeline dies, the rows in flight are
+probed one by one with a batch-1 pipeline of the same graph and device (``RowProbe``); the bad ones go to
+the skip log, the good ones go back to the head of the stream, a new pipeline is built and the epoch goes
+on where it was: every row is yielded exactly once or logged as skipped.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from pipelines import ENCODED, ROWS, EvalSpec, OutputSpec, PipelineOptions, TrainSpec, classify_pipeline
+
+from .common import Batch, EpochPlan, LoaderSpec, SkipLog, read_encoded, to_device_batch
+
+_logger = logging.getLogger(__name__)
+
+_DEAD_PIPELINE = ("Current pipeline object is no longer valid", "Critical error in pipeline")
+# failures in a row without a culprit found by probing before the oldest in-flight batch is given up
+_MAX_BLIND_FAILURES = 2
+
+
+def graph_spec(spec: LoaderSpec):
+    """The pipelines' TrainSpec/EvalSpec for a loader spec (config unpacked here, once)."""
+    pre, aug, ld = spec.preprocess, spec.augment, spec.loader
+    out = OutputSpec(mean=tuple(pre.mean), std=tuple(pre.std), dtype=ld.dtype, layout=ld.layout)
+    if not spec.train:
+        return EvalSpec(img_size=pre.img_size, resize_mode=pre.resize_mode, crop_pct=pre.crop_pct, output=out,
+                        hw_decoder_load=ld.hw_decoder_load)
+    return TrainSpec(img_size=pre.img_size, random_area=tuple(aug.random_area),
+                     random_aspect_ratio=tuple(aug.random_aspect_ratio), hflip=aug.hflip,
+                     brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue,
+                     output=out, hw_decoder_load=ld.hw_decoder_load)
+
+
+def is_dead_pipeline(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in _DEAD_PIPELINE)
+
+
+def dali_reason(err: BaseException) -> str:
+    """The operator's own message out of DALI's multi-line error."""
+    text = str(err)
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1]
+    text = text.split("Current pipeline object is no longer valid", 1)[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return ("DALI: " + " ".join(lines))[:300] if lines else "DALI: pipeline error"
+
+
+class RowReader:
+    """External source of one epoch: batches of ``(encoded bytes, row id)`` in this rank's order.
+
+    Files that are missing, empty or too large (header check) are skipped here, before DALI sees them, and
+    the batch is filled up from the following rows. Every batch handed out stays in ``in_flight`` until
+    ``complete`` receives its outputs.
+    """
+
+    def __init__(self, order: Sequence[int], paths: Sequence[str], spec: LoaderSpec, on_skip):
+        self.queue = deque(int(r) for r in order)
+        self.in_flight: deque = deque()
+        self.paths, self.on_skip = paths, on_skip
+        self.batch_size, self.drop_last, self.max_pixels = spec.batch_size, spec.drop_last, spec.max_pixels
+        self.dropped = 0
+
+    def __call__(self):
+        rows, bufs = [], []
+        while len(rows) < self.batch_size and self.queue:
+            row = self.queue.popleft()
+            buf, reason = read_encoded(self.paths[row], self.max_pixels)
+            if reason is not None:
+                self.on_skip(row, reason)
+                continue
+            rows.append(row)
+            bufs.append(buf)
+        if not rows or (self.drop_last and len(rows) < self.batch_size):
+            self.dropped += len(rows)
+            raise StopIteration
+        self.in_flight.append(rows)
+        return bufs, np.asarray(rows, dtype=np.int64)
+
+    def complete(self, rows: np.ndarray) -> None:
+        expected = self.in_flight.popleft()
+        if rows.tolist() != expected:
+            raise RuntimeError(f"DALI returned rows {rows.tolist()[:8]}... for a batch fed as {expected[:8]}...")
+
+    def take_in_flight(self) -> list[list[int]]:
+        batches = list(self.in_flight)
+        self.in_flight.clear()
+        return batches
+
+    def requeue(self, rows: Sequence[int]) -> None:
+        """Put rows back at the head of the stream, in their order."""
+        self.queue.extendleft(reversed(list(rows)))
+
+
+class RowProbe:
+    """Runs one file at a time through a batch-1 pipeline of the same graph and device."""
+
+    def __init__(self, spec, opts: PipelineOptions):
+        self.spec = spec
+        self.opts = PipelineOptions(batch_size=1, device=opts.device, device_id=opts.device_id, num_threads=1,
+                                    prefetch=1, seed=opts.seed)
+        self._pipe = None
+
+    def problem(self, path: str, max_pixels: int) -> Optional[str]:
+        """None if the file goes through the graph, else the reason it does not."""
+        buf, reason = read_encoded(path, max_pixels)
+        if reason is not None:
+            return reason
+        if self._pipe is None:
+            self._pipe = classify_pipeline(None, self.spec, self.opts)
+        try:
+            self._pipe.feed_input(ENCODED, [buf])
+            self._pipe.feed_input(ROWS, [np.zeros((), dtype=np.int64)])
+            self._pipe.run()
+        except RuntimeError as e:
+            self._pipe = None  # dead: rebuilt on the next probe
+            return dali_reason(e)
+        return None
+
+
+class DaliLoader:
+    """``dali`` / ``dali-cpu`` backend. The pipeline is rebuilt each epoch with a seed from
+    (seed, epoch, rank), so an epoch is reproducible after a restart. A file found bad mid-epoch may make
+    the epoch one batch shorter than ``len()``."""
+
+    def __init__(self, paths: Sequence[str], labels: torch.Tensor, spec: LoaderSpec, skip_log: SkipLog,
+                 backend: str):
+        self.paths, self.label_table, self.spec, self.skip_log = paths, labels, spec, skip_log
+        self.backend = backend
+        self.graph = graph_spec(spec)
+        device = labels.device
+        gpu = backend == "dali"
+        self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
+        self.epoch = 0
+        self._last_stats: dict = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths).steps(self.spec)
+
+    def epoch_stats(self) -> dict:
+        return dict(self._last_stats)
+
+    def close(self) -> None:
+        pass
+
+    def _options(self, restarts: int) -> PipelineOptions:
+        seed = int(np.random.SeedSequence([self.spec.seed, self.epoch, self.spec.rank, restarts])
+                   .generate_state(1)[0] % (2 ** 31))
+        ld = self.spec.loader
+        return PipelineOptions(batch_size=self.spec.batch_size, device="gpu" if self.backend == "dali" else "cpu",
+                               device_id=self.device_id, num_threads=ld.threads, prefetch=ld.prefetch, seed=seed)
+
+    def __iter__(self):
+        plan = EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths)
+        self._last_stats = plan.stats
+        epoch = _Epoch(self, plan)
+        try:
+            yield from epoch.run()
+        finally:
+            plan.stats["dropped"] = epoch.reader.dropped
+            epoch.pipe = None
+
+    def skip(self, plan: EpochPlan, row: int, reason: str) -> None:
+        plan.stats["skipped"] += 1
+        self.skip_log.add(row, self.paths[row], reason, self.backend, self.epoch)
+
+
+class _Epoch:
+    """One epoch of a DaliLoader: the reader, the live pipeline and the recovery after a failure."""
+
+    def __init__(self, loader: DaliLoader, plan: EpochPlan):
+        self.loader, self.plan = loader, plan
+        self.reader = RowReader(plan.order, loader.paths, loader.spec, lambda r, why: loader.skip(plan, r, why))
+        self.restarts = self.blind_failures = 0
+        self.probe: Optional[RowProbe] = None
+        self.probed_good: set[int] = set()
+        self.pipe = None
+
+    def _new_pipeline(self):
+        self.pipe = classify_pipeline(self.reader, self.loader.graph, self.loader._options(self.restarts))
+
+    def run(self):
+        self._new_pipeline()
+        while True:
+            try:
+                images, rows = self.pipe.run()
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                if not is_dead_pipeline(err):
+                    raise
+                self.pipe = None
+                self._recover(err)
+                self.restarts += 1
+                self._new_pipeline()
+                continue
+            yield self._batch(images, rows)
+
+    def _batch(self, images, rows) -> Batch:
+        row_ids = torch.from_numpy(np.array(rows.as_tensor(), dtype=np.int64).reshape(-1))
+        self.reader.complete(row_ids.numpy())
+        self.plan.stats["yielded"] += len(row_ids)
+        return dali_to_batch(images, row_ids, self.loader.label_table, self.loader.spec.loader)
+
+    def _recover(self, err: RuntimeError) -> None:
+        batches = self.reader.take_in_flight()
+        rows = [r for b in batches for r in b]
+        _logger.info("DALI pipeline failed with %d row(s) in flight (%s): probing them one by one",
+                     len(rows), dali_reason(err))
+        bad = self._probe(rows)
+        if bad:
+            self.blind_failures = 0
+        else:
+            self.blind_failures += 1
+            if self.blind_failures >= _MAX_BLIND_FAILURES and batches:
+                why = f"pipeline failed on its batch, not on the file alone ({dali_reason(err)})"
+                bad = {r: why for r in batches[0]}
+        for row, why in bad.items():
+            self.loader.skip(self.plan, row, why)
+        self.reader.requeue([r for r in rows if r not in bad])
+
+    def _probe(self, rows: list[int]) -> dict:
+        ld = self.loader
+        if self.probe is None:
+            self.probe = RowProbe(ld.graph, ld._options(self.restarts))
+        bad = {}
+        for row in rows:
+            if row in self.probed_good:
+                continue
+            why = self.probe.problem(ld.paths[row], ld.spec.max_pixels)
+            if why is None:
+                self.probed_good.add(row)
+            else:
+                bad[row] = why
+        return bad
+
+
+def dali_to_batch(images, rows: torch.Tensor, label_table: torch.Tensor, ld) -> Batch:
+    """DALI output (CPU or GPU TensorList) -> Batch on the label table's device.
+
+    The DALI buffer is reused by later iterations, so it is copied (``feed_ndarray``): into a new CPU tensor,
+    or for GPU output straight into a CUDA tensor on the current stream (no host round trip).
+    """
+    from nvidia.dali.backend import TensorGPU
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = images.as_tensor()
+    dtype = getattr(torch, ld.dtype)
+    on_gpu = isinstance(dense, TensorGPU)
+    out = torch.empty(tuple(dense.shape()), dtype=dtype, device=label_table.device if on_gpu else "cpu")
+    if on_gpu:
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device))
+    else:
+        feed_ndarray(dense, out)
+    if ld.layout == "NHWC":
+        out = out.permute(0, 3, 1, 2)  # logical NCHW, channels_last memory
+    if on_gpu:
+        rows = rows.to(label_table.device, non_blocking=True)
+        return Batch(images=out, labels=label_table[rows], rows=rows)
+    return to_device_batch(out, rows, label_table, ld.layout == "NHWC")

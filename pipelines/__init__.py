@@ -1,0 +1,8 @@
+"""DALI graph definitions (imports ``nvidia.dali`` only, never ``pillsnap_dali``)."""
+from .classify import (ENCODED, ROWS, EvalSpec, OutputSpec, TrainSpec, classify_pipeline, decode_graph,
+                       eval_graph, eval_resize_shorter, train_graph)
+from .common import IMAGENET_MEAN, IMAGENET_STD, PipelineOptions, shard_order
+
+__all__ = ["ENCODED", "ROWS", "EvalSpec", "OutputSpec", "TrainSpec", "classify_pipeline", "decode_graph",
+           "eval_graph", "eval_resize_shorter", "train_graph", "IMAGENET_MEAN", "IMAGENET_STD",
+           "PipelineOptions", "shard_order"]

@@ -1,0 +1,164 @@
+"""Classification graphs: a training graph and an evaluation graph, each written once for both devices.
+
+The reader is not part of the graph: each pipeline factory takes a ``source`` callable for
+``fn.external_source`` that returns ``(list of encoded images as uint8 arrays, int64 row ids)`` per batch
+(the loader owns file reading, sharding and corrupt-file recovery). The row id travels through the graph
+untouched so every output sample stays traceable to its manifest row.
+
+Training: ``decoders.image_random_crop`` (decode fused with a random-resized crop) -> resize to
+``img_size`` x ``img_size`` (linear, antialiased) -> ``hsv`` (hue, saturation) -> ``brightness_contrast``
+-> ``crop_mirror_normalize`` (random horizontal flip, ImageNet normalization, float16/32, CHW or HWC).
+Evaluation: ``squash`` = decode -> resize to (S, S); ``crop`` = decode -> resize the shorter side to
+``round(S / crop_pct)`` -> centre crop S x S; then the same normalization.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+from nvidia.dali.pipeline import Pipeline
+
+from .common import (AIHUB_HEIGHT, AIHUB_WIDTH, IMAGENET_MEAN, IMAGENET_STD, PipelineOptions, dali_dtype,
+                     dali_layout, decoder_device)
+
+# Names of the external-source outputs when a pipeline is fed with ``feed_input`` instead of a callable.
+ENCODED = "encoded"
+ROWS = "rows"
+RESIZE_MODES = ("squash", "crop")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What the last op produces: normalization on 0..1 pixel values, dtype and batch layout."""
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    dtype: str = "float32"
+    layout: str = "NCHW"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    img_size: int
+    random_area: tuple = (0.25, 1.0)
+    random_aspect_ratio: tuple = (0.75, 4 / 3)
+    hflip: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.02  # fraction of a full turn
+    output: OutputSpec = OutputSpec()
+    hw_decoder_load: float = 0.65
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    img_size: int
+    resize_mode: str = "squash"
+    crop_pct: float = 0.875
+    output: OutputSpec = OutputSpec()
+    hw_decoder_load: float = 0.65
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+
+
+Spec = Union[TrainSpec, EvalSpec]
+
+
+def _decoder_kwargs(device: str, hw_decoder_load: float) -> dict:
+    kw = {"device": decoder_device(device), "output_type": types.RGB}
+    if device == "gpu":
+        kw.update(hw_decoder_load=hw_decoder_load, preallocate_width_hint=AIHUB_WIDTH,
+                  preallocate_height_hint=AIHUB_HEIGHT)
+    return kw
+
+
+def _normalize(images, out: OutputSpec, mirror=None, crop: Optional[int] = None):
+    kw = {"mirror": mirror} if mirror is not None else {}
+    if crop is not None:
+        kw.update(crop=(crop, crop), crop_pos_x=0.5, crop_pos_y=0.5)
+    return fn.crop_mirror_normalize(images, dtype=dali_dtype(out.dtype), output_layout=dali_layout(out.layout),
+                                    mean=[m * 255.0 for m in out.mean], std=[s * 255.0 for s in out.std], **kw)
+
+
+def _uniform_around_one(amount: float):
+    return fn.random.uniform(range=[1.0 - amount, 1.0 + amount])
+
+
+def _colour_jitter(images, spec: TrainSpec):
+    if spec.hue > 0 or spec.saturation > 0:
+        hue = fn.random.uniform(range=[-spec.hue * 360.0, spec.hue * 360.0]) if spec.hue > 0 else 0.0
+        sat = _uniform_around_one(spec.saturation) if spec.saturation > 0 else 1.0
+        images = fn.hsv(images, hue=hue, saturation=sat)
+    if spec.brightness > 0 or spec.contrast > 0:
+        bri = _uniform_around_one(spec.brightness) if spec.brightness > 0 else 1.0
+        con = _uniform_around_one(spec.contrast) if spec.contrast > 0 else 1.0
+        images = fn.brightness_contrast(images, brightness=bri, contrast=con)
+    return images
+
+
+def train_graph(encoded, spec: TrainSpec, device: str = "cpu"):
+    """Training images from encoded bytes: fused decode + random crop, resize, colour jitter, flip, normalize."""
+    images = fn.decoders.image_random_crop(encoded, random_area=list(spec.random_area),
+                                           random_aspect_ratio=list(spec.random_aspect_ratio),
+                                           **_decoder_kwargs(device, spec.hw_decoder_load))
+    images = fn.resize(images, resize_x=spec.img_size, resize_y=spec.img_size, antialias=True,
+                       interp_type=types.INTERP_LINEAR)
+    images = _colour_jitter(images, spec)
+    mirror = fn.random.coin_flip(probability=spec.hflip) if spec.hflip > 0 else None
+    return _normalize(images, spec.output, mirror=mirror)
+
+
+def eval_resize_shorter(spec: EvalSpec) -> int:
+    """Shorter side before the centre crop in ``crop`` mode (the same rule as the PIL path)."""
+    return int(round(spec.img_size / spec.crop_pct))
+
+
+def eval_graph(encoded, spec: EvalSpec, device: str = "cpu"):
+    """Evaluation images: decode, squash to (S, S) or shorter side + centre crop, normalize."""
+    images = fn.decoders.image(encoded, **_decoder_kwargs(device, spec.hw_decoder_load))
+    if spec.resize_mode == "squash":
+        images = fn.resize(images, resize_x=spec.img_size, resize_y=spec.img_size, antialias=True,
+                           interp_type=types.INTERP_LINEAR)
+        return _normalize(images, spec.output)
+    images = fn.resize(images, resize_shorter=eval_resize_shorter(spec), antialias=True,
+                       interp_type=types.INTERP_LINEAR)
+    return _normalize(images, spec.output, crop=spec.img_size)
+
+
+def decode_graph(encoded, spec: Spec, device: str = "cpu"):
+    """Decode only (the throughput ceiling of a graph: no resize, no augmentation)."""
+    return fn.decoders.image(encoded, **_decoder_kwargs(device, spec.hw_decoder_load))
+
+
+def _external_inputs(source: Optional[Callable]):
+    kw = {"dtype": [types.UINT8, types.INT64], "batch": True}
+    if source is not None:
+        return fn.external_source(source=source, num_outputs=2, **kw)
+    encoded = fn.external_source(name=ENCODED, dtype=types.UINT8, batch=True)
+    rows = fn.external_source(name=ROWS, dtype=types.INT64, batch=True)
+    return encoded, rows
+
+
+def classify_pipeline(source: Optional[Callable], spec: Spec, opts: PipelineOptions,
+                      graph: Optional[Callable] = None) -> Pipeline:
+    """A built pipeline whose outputs are ``(images, rows)``.
+
+    ``source()`` returns one batch ``([uint8 arrays], int64 array of row ids)`` (it may be shorter than
+    ``opts.batch_size``) or raises ``StopIteration`` at the end of the epoch. With ``source=None`` the
+    inputs are named ``ENCODED`` and ``ROWS`` for ``pipe.feed_input``. ``graph`` defaults to
+    ``train_graph`` for a ``TrainSpec`` and ``eval_graph`` for an ``EvalSpec``.
+    """
+    if graph is None:
+        graph = train_graph if isinstance(spec, TrainSpec) else eval_graph
+    pipe = opts.new_pipeline()
+    with pipe:
+        encoded, rows = _external_inputs(source)
+        pipe.set_outputs(graph(encoded, spec, opts.device), rows)
+    pipe.build()
+    return pipe

@@ -1,0 +1,120 @@
+"""The DALI classification graphs on the CPU (device="cpu", device_id=None): shapes, dtypes, layouts, values."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import (IMAGENET_MEAN, IMAGENET_STD, EvalSpec, OutputSpec, PipelineOptions, TrainSpec,
+                       classify_pipeline, shard_order)
+
+
+def _png(arr: np.ndarray) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+class _Source:
+    """Hands out the given encoded images in batches, then StopIteration."""
+
+    def __init__(self, encoded: list, batch: int):
+        self.encoded, self.batch, self.pos = encoded, batch, 0
+
+    def __call__(self):
+        if self.pos >= len(self.encoded):
+            raise StopIteration
+        chunk = self.encoded[self.pos:self.pos + self.batch]
+        rows = np.arange(self.pos, self.pos + len(chunk), dtype=np.int64)
+        self.pos += len(chunk)
+        return chunk, rows
+
+
+def _run_all(pipe) -> list:
+    out = []
+    try:
+        while True:
+            images, rows = pipe.run()
+            out.append((np.array(images.as_tensor()), np.array(rows.as_tensor()).reshape(-1)))
+    except StopIteration:
+        return out
+
+
+def _gradient(h: int = 80, w: int = 64, shift: int = 0) -> np.ndarray:
+    a = np.zeros((h, w, 3), np.uint8)
+    a[..., 0] = (np.arange(w)[None] * 3 + shift) % 256
+    a[..., 1] = np.arange(h)[:, None] * 2
+    a[..., 2] = 90
+    return a
+
+
+@pytest.mark.parametrize("dtype,layout,shape", [("float32", "NCHW", (3, 32, 32)), ("float16", "NHWC", (32, 32, 3))])
+def test_train_graph_outputs_normalized_batches_and_partial_last_batch(dtype, layout, shape):
+    encoded = [_png(_gradient(shift=i * 20)) for i in range(5)]
+    spec = TrainSpec(img_size=32, output=OutputSpec(dtype=dtype, layout=layout))
+    pipe = classify_pipeline(_Source(encoded, 4), spec, PipelineOptions(batch_size=4, num_threads=1, seed=3))
+    out = _run_all(pipe)
+    assert [len(r) for _, r in out] == [4, 1]  # the last partial batch comes through as it is
+    assert np.concatenate([r for _, r in out]).tolist() == [0, 1, 2, 3, 4]
+    images = out[0][0]
+    assert images.shape == (4,) + shape and images.dtype == np.dtype(dtype)
+    assert np.isfinite(images).all() and -3.0 < images.min() and images.max() < 3.0
+    assert images.std() > 0.1  # not a constant image
+
+
+def test_eval_graph_normalizes_a_flat_colour_exactly():
+    colour = np.array([200, 100, 50], np.uint8)
+    encoded = [_png(np.broadcast_to(colour, (80, 64, 3)).copy())]
+    expected = (colour / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    for mode, size in (("squash", 24), ("crop", 24)):
+        pipe = classify_pipeline(_Source(encoded, 1), EvalSpec(img_size=size, resize_mode=mode),
+                                 PipelineOptions(batch_size=1, num_threads=1))
+        (images, rows), = _run_all(pipe)
+        assert images.shape == (1, 3, size, size)
+        assert np.abs(images[0].mean(axis=(1, 2)) - expected).max() < 0.01
+
+
+def test_eval_crop_mode_keeps_the_centre_and_squash_keeps_everything():
+    a = np.zeros((100, 50, 3), np.uint8)  # tall image: bright band top and bottom 10 % only
+    a[:10], a[-10:] = 255, 255
+    encoded = [_png(a)]
+    results = {}
+    for mode in ("squash", "crop"):
+        pipe = classify_pipeline(_Source(encoded, 1), EvalSpec(img_size=40, resize_mode=mode, crop_pct=1.0),
+                                 PipelineOptions(batch_size=1, num_threads=1))
+        results[mode] = _run_all(pipe)[0][0][0]
+    assert results["squash"][:, 0, :].mean() > 1.0  # the top band survives a squash
+    assert results["crop"].max() < -1.0  # the centre 50x50 of 50x100 holds no bright band
+
+
+def test_training_augmentation_is_seeded():
+    encoded = [_png(_gradient(shift=i * 30)) for i in range(4)]
+    spec = TrainSpec(img_size=32)
+
+    def run(seed):
+        pipe = classify_pipeline(_Source(encoded, 4), spec, PipelineOptions(batch_size=4, num_threads=2, seed=seed))
+        return _run_all(pipe)[0][0]
+    assert np.array_equal(run(7), run(7))
+    assert not np.array_equal(run(7), run(8))
+
+
+def test_pipeline_options_reject_bad_values():
+    with pytest.raises(ValueError, match="device_id"):
+        PipelineOptions(batch_size=2, device="gpu")
+    with pytest.raises(ValueError, match="device"):
+        PipelineOptions(batch_size=2, device="tpu")
+    with pytest.raises(ValueError, match="resize_mode"):
+        EvalSpec(img_size=32, resize_mode="letterbox")
+
+
+def test_shard_order_is_seeded_disjoint_and_covering():
+    a0 = shard_order(11, shard_id=0, num_shards=2, seed=5, epoch=0)
+    a1 = shard_order(11, shard_id=1, num_shards=2, seed=5, epoch=0)
+    assert sorted(np.concatenate([a0, a1]).tolist()) == list(range(11)) and len(a0) == 6 and len(a1) == 5
+    assert np.array_equal(a0, shard_order(11, shard_id=0, num_shards=2, seed=5, epoch=0))
+    assert not np.array_equal(a0, shard_order(11, shard_id=0, num_shards=2, seed=5, epoch=1))
+    assert shard_order(5, shuffle=False, shard_id=1, num_shards=2).tolist() == [1, 3]
+    with pytest.raises(ValueError):
+        shard_order(5, shard_id=2, num_shards=2)
