@@ -123,9 +123,10 @@ class _FileBatches:
         return [np.fromfile(p, dtype=np.uint8) for p in chunk], np.arange(len(chunk), dtype=np.int64)
 
 
-def _time_dali_decode(paths: Sequence[str], cfg: Config, threads: int) -> float:
+def _time_dali_decode(paths: Sequence[str], cfg: Config, threads: int, device: str = "cpu") -> float:
     from pipelines import PipelineOptions, TrainSpec, classify_pipeline, decode_graph
-    opts = PipelineOptions(batch_size=cfg.train.batch_size, num_threads=threads, prefetch=cfg.loader.prefetch)
+    opts = PipelineOptions(batch_size=cfg.train.batch_size, num_threads=threads, prefetch=cfg.loader.prefetch,
+                           device=device, device_id=0 if device == "gpu" else None)
     t0 = time.perf_counter()
     pipe = classify_pipeline(_FileBatches(paths, opts.batch_size), TrainSpec(img_size=cfg.preprocess.img_size),
                              opts, graph=decode_graph)
@@ -146,6 +147,8 @@ def _make_runner(name: str, paths: Sequence[str], cfg: Config, threads: int):
         return lambda epoch: _time_pil_decode(paths, threads)
     if name == "dali-decode":
         return lambda epoch: _time_dali_decode(paths, cfg, threads)
+    if name == "dali-gpu-decode":
+        return lambda epoch: _time_dali_decode(paths, cfg, threads, device="gpu")
     if name not in ("pil", "dali-cpu", "dali"):
         raise ValueError(f"unknown benchmark variant {name!r}; choose from {list(BENCH_BACKENDS) + ['dali']}")
     device = torch.device("cuda" if name == "dali" else "cpu")
@@ -191,19 +194,74 @@ def bench_decode(source: str | Path | Manifest, *, size: int = 384, batch: int =
     runners = {name: _make_runner(name, paths, cfg, threads) for name in backends}
     runs: dict = {name: [] for name in backends}
     cpu: dict = {name: [] for name in backends}
+    usage: dict = {name: [] for name in backends}
     for name, run in runners.items():
         run(0)  # warm-up: page cache, pipeline code paths, worker start
     for rep in range(reps):  # interleaved, so a slow moment of a shared machine hits every variant
         for name, run in runners.items():
             c0 = _cpu_seconds()
-            runs[name].append(len(paths) / run(rep + 1))
+            with ResourceSampler(gpu=name in ("dali", "dali-gpu-decode")) as sampler:
+                seconds = run(rep + 1)
+            runs[name].append(len(paths) / seconds)
             cpu[name].append((_cpu_seconds() - c0) / len(paths) * 1000.0)
-    results = {name: {"images_per_s": statistics.median(r), "runs": r,
-                      "cpu_ms_per_image": statistics.median(cpu[name])} for name, r in runs.items()}
-    for loader, ceiling in (("pil", "pil-decode"), ("dali-cpu", "dali-decode")):
+            usage[name].append({**sampler.result(), "cpu_util": (_cpu_seconds() - c0) / seconds / (os.cpu_count() or 1)})
+    results = {name: {"images_per_s": statistics.median(r), "runs": r, "min": min(r), "max": max(r),
+                      "cpu_ms_per_image": statistics.median(cpu[name]), **_merge_usage(usage[name])}
+               for name, r in runs.items()}
+    for loader, ceiling in (("pil", "pil-decode"), ("dali-cpu", "dali-decode"), ("dali", "dali-gpu-decode")):
         if loader in results and ceiling in results:
             results[loader]["of_ceiling"] = results[loader]["images_per_s"] / results[ceiling]["images_per_s"]
     _logger.info("bench_decode %s: %s", source,
                  ", ".join(f"{k} {v['images_per_s']:.1f} img/s" for k, v in results.items()))
     return {"images": len(paths), "files": len(files), "size": size, "batch": batch, "threads": threads,
             "reps": reps, "machine": machine_info(), "results": results}
+
+
+class ResourceSampler:
+    """Samples, in a background thread, the peak RSS of this process tree (DataLoader workers included)
+    and, with ``gpu=True``, NVML GPU utilization, memory and decoder use."""
+
+    def __init__(self, gpu: bool = False, interval: float = 0.05):
+        import threading
+        self.interval, self.peak_rss, self.gpu_samples = interval, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._gpu = None
+        if gpu:
+            from .gpumon import GpuMonitor
+            self._gpu = GpuMonitor(0)
+
+    def _loop(self):
+        import psutil
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                procs = [me] + me.children(recursive=True)
+                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            if self._gpu is not None and self._gpu.available:
+                self.gpu_samples.append(self._gpu.sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict:
+        out = {"peak_rss_mb": self.peak_rss / 2**20}
+        for key in ("gpu_util", "gpu_mem_used_gb", "decoder_util", "jpg_util"):
+            vals = [s[key] for s in self.gpu_samples if key in s]
+            if vals:
+                out[key] = max(vals) if key == "gpu_mem_used_gb" else statistics.mean(vals)
+        return out
+
+
+def _merge_usage(samples: list[dict]) -> dict:
+    keys = {k for s in samples for k in s}
+    return {k: (max if k == "peak_rss_mb" or k == "gpu_mem_used_gb" else statistics.median)(
+        [s[k] for s in samples if k in s]) for k in sorted(keys)}

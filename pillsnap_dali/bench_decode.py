@@ -1,0 +1,139 @@
+"""``python -m pillsnap_dali.bench decode`` (``scripts/bench_decode.sh``): DALI against PIL, with ceilings.
+
+On one set of images (a manifest or a folder, or generated 976x1280 photo-like images in PNG and in JPEG)
+it measures the images/s of the PIL DataLoader (workers = cores), ``dali-cpu`` and, with CUDA, ``dali``,
+all producing the same 384 px training output with the same augmentations; the decode-only ceilings (PIL
+and DALI, same threads; DALI on the GPU too) and the model-only training throughput on synthetic input.
+Median of ``--reps`` epochs after a warm-up, with min and max, CPU utilization, peak RSS of the process tree,
+and GPU utilization / memory / decoder use where NVML exposes them. Writes ``results.json``, prints a
+markdown table and saves ``bars.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .bench_loaders import bench_decode, machine_info, write_bench_images
+
+_logger = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench decode", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--manifest", help="benchmark these images (first --limit rows)")
+    src.add_argument("--images", help="a folder of images")
+    p.add_argument("--formats", default="png,jpeg", help="generated inputs when no source is given")
+    p.add_argument("--n", type=int, default=24, help="generated images per format")
+    p.add_argument("--limit", type=int, default=256, help="rows taken from --manifest")
+    p.add_argument("--rows", type=int, default=64, help="images per timed epoch (the files repeated)")
+    p.add_argument("--size", type=int, default=384)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="DALI threads = PIL workers")
+    p.add_argument("--model", help="model for the model-only ceiling (default: tf_efficientnetv2_s on a GPU, "
+                                   "resnet18 on CPU)")
+    p.add_argument("--no-model", action="store_true", help="skip the model-only ceiling")
+    p.add_argument("--out", default=f"bench_results/decode-{time.strftime('%Y%m%d-%H%M%S')}")
+    p.add_argument("--workdir", default="bench_results/images", help="where generated images are kept")
+    return p
+
+
+def _sources(a) -> dict:
+    if a.manifest:
+        from .manifest_io import read_manifest
+        m = read_manifest(a.manifest)
+        return {Path(a.manifest).name: m.subset(range(min(a.limit, len(m))))}
+    if a.images:
+        return {Path(a.images).name: a.images}
+    out = {}
+    for fmt in [f.strip() for f in a.formats.split(",") if f.strip()]:
+        d = Path(a.workdir) / f"{fmt}_976x1280"
+        write_bench_images(d, a.n, fmt=fmt)
+        out[fmt] = d
+    return out
+
+
+def _model_ceiling(a, cuda: bool) -> dict | None:
+    if a.no_model:
+        return None
+    from .bench_step import bench_step
+    from .config import load_config
+    name = a.model or ("tf_efficientnetv2_s" if cuda else "resnet18")
+    cfg = load_config("3", sets=[f"model.name={name}", f"preprocess.img_size={a.size}"])
+    dev = torch.device("cuda" if cuda else "cpu")
+    return bench_step(cfg, device=dev, batch=a.batch if not cuda else max(a.batch, 64),
+                      steps=3 if not cuda else 20, warmup=1 if not cuda else 5, reps=a.reps, num_classes=1000)
+
+
+def _table(results: dict, model: dict | None) -> str:
+    lines = ["| input | arm | img/s (median) | min | max | vs pil | of its ceiling | CPU util | peak RSS MB | GPU util |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for src, res in results.items():
+        r = res["results"]
+        pil = r.get("pil", {}).get("images_per_s")
+        for arm, v in r.items():
+            vs = f"{v['images_per_s'] / pil:.2f}x" if pil and arm in ("dali-cpu", "dali") else ""
+            ceil = f"{v['of_ceiling']:.0%}" if "of_ceiling" in v else ""
+            gpu = f"{v['gpu_util']:.0f} %" if "gpu_util" in v else ""
+            lines.append(f"| {src} | {arm} | {v['images_per_s']:.1f} | {v['min']:.1f} | {v['max']:.1f} | {vs} | {ceil} "
+                         f"| {100 * v['cpu_util']:.0f} % | {v['peak_rss_mb']:.0f} | {gpu} |")
+    if model:
+        lines.append(f"| synthetic | model-only {model['model']} @{model['img_size']} b{model['batch']} "
+                     f"({model['device']}) | {model['images_per_s']:.1f} | {model['min']:.1f} | {model['max']:.1f} "
+                     "| | | | | |")
+    return "\n".join(lines)
+
+
+def _plot(results: dict, model: dict | None, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels, vals = [], []
+    for src, res in results.items():
+        for arm, v in res["results"].items():
+            labels.append(f"{src}\n{arm}")
+            vals.append(v["images_per_s"])
+    if model:
+        labels.append(f"model-only\n{model['model']}")
+        vals.append(model["images_per_s"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(vals)), 4))
+    ax.bar(range(len(vals)), vals, color=["#4c72b0" if "dali" in lab else "#dd8452" for lab in labels])
+    ax.set_xticks(range(len(vals)), labels, fontsize=7)
+    ax.set_ylabel("images/s (median)")
+    ax.set_title("input pipelines at 384 px, same augmentations")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    cuda = torch.cuda.is_available()
+    arms = ["pil", "dali-cpu", "pil-decode", "dali-decode"] + (["dali", "dali-gpu-decode"] if cuda else [])
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, src in _sources(a).items():
+        results[name] = bench_decode(src, size=a.size, batch=a.batch, reps=a.reps, threads=a.threads,
+                                     backends=arms, min_rows=a.rows)
+    model = _model_ceiling(a, cuda)
+    payload = {"machine": {**machine_info(), "gpu": torch.cuda.get_device_name(0) if cuda else None},
+               "command": "python -m pillsnap_dali.bench decode " + " ".join(argv or []), "inputs": results,
+               "model_only": model}
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    table = _table(results, model)
+    (out / "table.md").write_text(table + "\n")
+    _plot(results, model, out / "bars.png")
+    m = payload["machine"]
+    print(f"machine: {m['cores']} cores, {m['cpu']}, GPU: {m['gpu'] or 'none'}; threads {a.threads}, "
+          f"{a.size} px, batch {a.batch}, median of {a.reps}")
+    print(table)
+    print(f"results: {out}/results.json, {out}/bars.png")
+    return 0
