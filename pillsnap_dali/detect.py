@@ -209,12 +209,13 @@ class DaliDetectLoader:
             return items, self._run(items)
         except RuntimeError as e:
             self._pipe = None  # a failed DALI pipeline is no longer valid
-            bad = [it for it in items if not _decodes(it.data)]
+            bad = {it.index for it in items if not _decodes(it.data)}
             if not bad:
                 raise
-            for it in bad:
-                self._skip(it, f"does not decode ({str(e).splitlines()[0][:80]})")
-            items = [it for it in items if it not in bad]
+            for it in items:
+                if it.index in bad:
+                    self._skip(it, f"does not decode ({str(e).splitlines()[0][:80]})")
+            items = [it for it in items if it.index not in bad]
             return (items, self._run(items)) if items else (items, None)
 
     def __iter__(self):

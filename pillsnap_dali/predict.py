@@ -46,6 +46,7 @@ class PredictOptions:
     iou: float = 0.7
     det_imgsz: int = 640        # used only when the detector weights do not say their training size
     max_pixels: int = 40_000_000
+    max_det: int = 300          # detector's cap on boxes per image (Ultralytics' default)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -67,7 +68,7 @@ def load_detector(weights: str | Path):
     if not Path(weights).is_file():
         raise FileNotFoundError(f"detector weights not found: {weights}")
     ultralytics_offline()
-    from ultralytics import YOLO
+    from ultralytics import YOLO  # note: its CPU predictor sets torch threads to min(8, cores - 1)
 
     return YOLO(str(weights), task="detect")
 
@@ -117,7 +118,7 @@ def _meta(class_map, code: str) -> dict:
 
 def _detect(detector, image, opts: PredictOptions, imgsz: int) -> list[tuple[list[float], float]]:
     """[(xyxy in original pixels, confidence)], best first."""
-    res = detector.predict(image, imgsz=imgsz, conf=opts.conf, iou=opts.iou, verbose=False)[0]
+    res = detector.predict(image, imgsz=imgsz, conf=opts.conf, iou=opts.iou, max_det=opts.max_det, verbose=False)[0]
     boxes = res.boxes
     xyxy, conf = boxes.xyxy.cpu().numpy(), boxes.conf.cpu().numpy()
     order = np.argsort(-conf)
@@ -148,10 +149,9 @@ def predict_one(path: str, classify: Classify, detector, opts: PredictOptions, d
             "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
 
-def make_predictor(classifier, detector, mode: str, topk: int, cfg):
+def make_predictor(classifier, detector, opts: PredictOptions):
     """A callable ``path -> result dict`` with the classifier, detector and options bound once."""
-    opts = options_from(cfg, mode, topk)
-    if mode == "combo" and detector is None:
+    if opts.mode == "combo" and detector is None:
         raise ValueError("--mode combo needs a detector (--detector WEIGHTS)")
     classify = Classify(classifier, opts.topk)
     det_imgsz = _detector_imgsz(detector, opts.det_imgsz) if detector is not None else 0
@@ -160,7 +160,7 @@ def make_predictor(classifier, detector, mode: str, topk: int, cfg):
 
 def predict_images(paths, classifier, detector, mode: str, topk: int, cfg) -> list[dict]:
     """Predict every image of ``paths`` (LoadedClassifier, YOLO or None, "single"|"combo", top-k, Config)."""
-    predict = make_predictor(classifier, detector, mode, topk, cfg)
+    predict = make_predictor(classifier, detector, options_from(cfg, mode, topk))
     return [predict(p) for p in paths]
 
 
@@ -172,16 +172,23 @@ def latency_summary(results: list[dict]) -> dict:
             "p95_ms": round(float(np.percentile(ms, 95)), 2), "mean_ms": round(float(np.mean(ms)), 2)}
 
 
-def bench_predict(paths, classifier, detector, mode: str, cfg, *, warmup: int = 2, repeats: int = 1) -> dict:
-    """Latency per image (p50/p95/mean ms) after ``warmup`` untimed images, plus the device it ran on."""
+def bench_predict(paths, classifier, detector, opts: PredictOptions, *, warmup: int = 2) -> dict:
+    """Latency per image (p50/p95/mean ms over ``paths``) after ``warmup`` untimed images, and the device.
+
+    Each image is timed from file to top-k (load, detect, crop, classify), one image at a time as a user
+    would call it. For a compute-equivalent figure with untrained weights, pass ``conf=0`` and ``max_det=4``
+    (four pills per combination image, as in the real data).
+    """
     paths = list(paths)
-    if warmup:
-        predict_images(paths[:warmup], classifier, detector, mode, cfg.predict.topk, cfg)
-    results = [r for _ in range(repeats) for r in predict_images(paths, classifier, detector, mode,
-                                                                   cfg.predict.topk, cfg)]
+    predict = make_predictor(classifier, detector, opts)
+    for p in paths[:warmup]:
+        predict(p)
+    results = [predict(p) for p in paths]
     device = next(classifier.model.parameters()).device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"mode": mode, "device": name, "threads": torch.get_num_threads(), **latency_summary(results)}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    crops = [len(r["pills"]) for r in results if "error" not in r]
+    return {"mode": opts.mode, "device": name, "pills_per_image": round(float(np.mean(crops)), 2) if crops else 0,
+            **latency_summary(results)}
 
 
 def _ground_truth(raw_boxes: list, width: int, height: int, cfg) -> list[tuple[list[float], set]]:
@@ -221,7 +228,7 @@ def two_stage_accuracy(manifest, classifier, detector, cfg) -> dict:
 
     Padded crops are scored against the converter's clean boxes (IoU >= 0.5 to count as found).
     """
-    predict = make_predictor(classifier, detector, "combo", 1, cfg)
+    predict = make_predictor(classifier, detector, options_from(cfg, "combo", 1))
     pills = found = right = images = 0
     for i in range(len(manifest)):
         path = manifest.orig_paths[i] or manifest.paths[i]
@@ -235,9 +242,9 @@ def two_stage_accuracy(manifest, classifier, detector, cfg) -> dict:
         f, r = _score_image(result, truth)
         images, pills, found, right = images + 1, pills + len(truth), found + f, right + r
     return {"images": images, "pills": pills, "detected": found, "top1_right": right,
-            "two_stage_top1": round(right / pills, 4) if pills else float("nan"),
-            "detection_recall": round(found / pills, 4) if pills else float("nan"),
-            "top1_of_detected": round(right / found, 4) if found else float("nan")}
+            "two_stage_top1": round(right / pills, 4) if pills else None,
+            "detection_recall": round(found / pills, 4) if pills else None,
+            "top1_of_detected": round(right / found, 4) if found else None}
 
 
 def _size_of(path: str) -> tuple[int, int]:

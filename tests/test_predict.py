@@ -127,3 +127,14 @@ def test_padded_box_and_matching():
                         {"box": [21, 0, 31, 10], "topk": [{"code": "K-000002"}]},   # the same pill again: ignored
                         {"box": [0, 0, 9, 10], "topk": [{"code": "K-000009"}]}]}     # found, wrong code
     assert predict._score_image(result, truth) == (2, 1)
+
+
+def test_bench_predict_times_each_image_with_four_crops(stage):
+    from pillsnap_dali.checkpoint import load_classifier
+
+    clf = load_classifier(stage["classifier"], device="cpu")
+    det = predict.load_detector(stage["detector"])
+    opts = predict.PredictOptions(mode="combo", topk=5, conf=0.0, max_det=4)
+    bench = predict.bench_predict(_combo_images(stage)[:2], clf, det, opts, warmup=1)
+    assert bench["images"] == 2 and bench["pills_per_image"] == 4.0
+    assert bench["p95_ms"] >= bench["p50_ms"] > 0 and bench["device"].startswith("cpu")
