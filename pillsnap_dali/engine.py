@@ -69,6 +69,14 @@ def class_weights(labels: list[int], num_classes: int, mode: str, beta: float = 
     return w.float()
 
 
+def sampler_weights(labels: list[int], cfg: Config) -> list[float] | None:
+    """``train.weighted_sampler``: each row drawn with probability 1 / (rows of its class): balanced classes."""
+    if not cfg.train.weighted_sampler:
+        return None
+    counts = torch.bincount(torch.tensor(labels))
+    return (1.0 / counts[torch.tensor(labels)].double()).tolist()
+
+
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
     import timm
 
@@ -191,7 +199,8 @@ class Trainer:
         self.skip_log = SkipLog(spec.run_dir / skip_name if spec.run_dir and not spec.dry_run else None)
         common = dict(cfg=cfg, device=self.device, backend=cfg.loader.backend, rank=spec.rank,
                       world_size=spec.world_size, skip_log=self.skip_log, seed=cfg.train.seed)
-        self.train_loader = build_loader(data.train, data.train_labels, train=True, **common)
+        self.train_loader = build_loader(data.train, data.train_labels, train=True,
+                                         sample_weights=sampler_weights(data.train_labels, cfg), **common)
         self.val_loader = build_loader(data.val, data.val_labels, train=False, **common)
         self.backend = self.train_loader.backend
         self.optimizer = build_optimizer(cfg, self.model)

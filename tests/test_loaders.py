@@ -217,3 +217,23 @@ def test_skip_log_is_shared_by_path_and_read_back(tmp_path):
     back = SkipLog(log.path)
     assert back.rows == {3} and "/a.png" in back and back.entries[0]["reason"] == "bad file"
     assert SkipLog(None).add(1, "/b.png", "x", "dali-cpu", 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_sampler_balances_classes(split, backend):
+    """train.weighted_sampler: rows drawn with replacement, 1/class-size each: a 2-row class is seen as
+    often as an 18-row class; the draw is seeded per epoch and every draw is accounted."""
+    labels = [0 if i < 2 else 1 for i in range(len(split))]
+    counts = np.bincount(labels)
+    weights = [1.0 / counts[c] for c in labels]
+    loader = build_loader(_manifest(split), labels, _cfg(), train=True, device=CPU, backend=backend,
+                          sample_weights=weights)
+    seen = []
+    for epoch in range(6):
+        rows = _epoch_rows(loader, epoch)
+        stats = loader.epoch_stats()
+        assert len(rows) == stats["yielded"] == stats["rows"] == len(split)
+        seen += [labels[r] for r in rows]
+    share_small = seen.count(0) / len(seen)
+    assert 0.3 < share_small < 0.7  # unweighted it would be 0.1
+    assert _epoch_rows(loader, 2) == _epoch_rows(loader, 2) != _epoch_rows(loader, 3)

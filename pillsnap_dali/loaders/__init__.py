@@ -56,18 +56,23 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 def build_loader(manifest: Manifest, labels: Sequence[int], cfg: Config, *, train: bool, device: torch.device,
                  backend: str = "auto", rank: int = 0, world_size: int = 1, skip_log: SkipLog | None = None,
-                 seed: int = 0) -> "Loader":
+                 seed: int = 0, sample_weights: Sequence[float] | None = None) -> "Loader":
     """A loader over ``manifest`` (``labels[i]`` is the class id of row ``i``) for this rank.
 
     ``train=True``: training graph, seeded per-epoch shuffle, ``cfg.loader.drop_last``. ``train=False``:
     evaluation graph (``preprocess.resize_mode``), manifest order, never drops. Batch size is
     ``cfg.train.batch_size``. ``seed`` is the shuffle/augmentation seed (pass ``cfg.train.seed``).
+    ``sample_weights`` (training only): draw each epoch's rows with replacement, proportionally to these.
     """
     if len(labels) != len(manifest):
         raise ValueError(f"{len(labels)} labels for a manifest of {len(manifest)} rows")
     device = torch.device(device)
     name = resolve_backend(backend, device)
     spec = LoaderSpec.from_config(cfg, train=train, seed=seed, rank=rank, world_size=world_size)
+    if sample_weights is not None:
+        import dataclasses
+        import numpy as np
+        spec = dataclasses.replace(spec, sample_weights=np.asarray(sample_weights, dtype=np.float64))
     table = torch.as_tensor(list(labels), dtype=torch.int64).to(device)
     skip_log = skip_log if skip_log is not None else SkipLog(None)
     if name == "pil":

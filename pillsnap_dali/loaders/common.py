@@ -5,7 +5,7 @@ import csv
 import io
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -104,6 +104,7 @@ class LoaderSpec:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    sample_weights: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: Config, *, train: bool, seed: int = 0, rank: int = 0,
@@ -130,6 +131,8 @@ class EpochPlan:
     def __init__(self, paths: Sequence[str], spec: LoaderSpec, epoch: int, skip_paths: set):
         shard = shard_order(len(paths), shard_id=spec.rank, num_shards=spec.world_size, shuffle=spec.train,
                             seed=spec.seed, epoch=epoch)
+        if spec.train and spec.sample_weights is not None:
+            shard = weighted_order(paths, spec, epoch, len(shard), skip_paths)
         keep = np.fromiter((paths[r] not in skip_paths for r in shard), dtype=bool, count=len(shard))
         self.epoch = epoch
         self.order = shard[keep]
@@ -138,6 +141,21 @@ class EpochPlan:
 
     def steps(self, spec: LoaderSpec) -> int:
         return steps_for(len(self.order), spec.batch_size, spec.drop_last)
+
+
+def weighted_order(paths: Sequence[str], spec: LoaderSpec, epoch: int, n: int, skip_paths: set) -> np.ndarray:
+    """``train.weighted_sampler``: this rank draws ``n`` rows with replacement, with probability proportional
+    to ``spec.sample_weights`` (seeded by seed, epoch, rank). Rows already skipped get weight 0. A row may
+    come more than once in an epoch; the accounting counts draws."""
+    w = np.asarray(spec.sample_weights, dtype=np.float64).copy()
+    if len(w) != len(paths):
+        raise ValueError(f"{len(w)} sample weights for {len(paths)} rows")
+    if skip_paths:
+        w[[i for i, p in enumerate(paths) if p in skip_paths]] = 0.0
+    if w.sum() <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([spec.seed, epoch, spec.rank, 0x5A])
+    return rng.choice(len(paths), size=n, replace=True, p=w / w.sum()).astype(np.int64)
 
 
 def read_encoded(path: str, max_pixels: int) -> tuple[Optional[np.ndarray], Optional[str]]:
