@@ -44,9 +44,22 @@ METRIC_KEYS = {"precision": "metrics/precision(B)", "recall": "metrics/recall(B)
 
 
 def ultralytics_offline() -> None:
-    """Call before the first ``import ultralytics``: no update checks, no hub sync, no downloads."""
+    """Call before using Ultralytics: no update checks, hub sync, downloads or pip installs.
+
+    Importing Ultralytics also replaces ``PIL.Image.open`` process-wide with a wrapper that, on an image PIL
+    cannot identify, tries to pip-install ``pi-heif`` and then fails with ModuleNotFoundError. Our loaders
+    and verifiers rely on PIL's own ``UnidentifiedImageError`` for broken files, so the original is put back.
+    """
     os.environ["YOLO_OFFLINE"] = "true"
+    os.environ["YOLO_AUTOINSTALL"] = "false"
     os.environ.setdefault("YOLO_VERBOSE", "true")
+    from PIL import Image
+    try:
+        from ultralytics.utils import patches
+    except ImportError:
+        return
+    if getattr(Image, "open", None) is getattr(patches, "image_open", None) and hasattr(patches, "_image_open"):
+        Image.open = patches._image_open
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -288,3 +288,22 @@ def test_gpu_dali_training_completes(converted, tmp_path):
                     backend="dali", out=tmp_path / "detect_gpu", device="cuda:0")
     assert train_detector(run)["backend"] == "dali"
     assert (run.out / "weights" / "best.pt").is_file()
+
+
+def test_ultralytics_import_leaves_pil_open_alone(tmp_path):
+    """Ultralytics patches PIL.Image.open to pip-install pi-heif on unknown files; we put PIL's back, so a
+    junk file is PIL's UnidentifiedImageError (a logged skip) and never an install attempt or an import error."""
+    import PIL.Image
+
+    from pillsnap_dali.detect import ultralytics_offline
+    from pillsnap_dali.loaders.common import read_encoded
+
+    ultralytics_offline()
+    import ultralytics  # noqa: F401
+
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all" * 10)
+    with pytest.raises(PIL.UnidentifiedImageError):
+        PIL.Image.open(junk)
+    buf, reason = read_encoded(str(junk), 10_000_000)
+    assert reason is None and buf is not None  # header unreadable: the decoder decides, nothing crashes

@@ -125,9 +125,11 @@ def test_dry_run_writes_nothing_heavy(manifests, tmp_path):
 
 
 def test_target_accuracy_and_patience_stop(manifests, tmp_path, capsys):
-    assert train.main(_args(manifests, tmp_path, "--epochs", "4", "--name", "t", "--target-accuracy", "0.01")) == 0
-    assert "target accuracy 1.00% reached at epoch 0" in capsys.readouterr().out
-    assert len(_history(tmp_path / "t")) == 1
+    assert train.main(_args(manifests, tmp_path, "--epochs", "6", "--name", "t", "--target-accuracy", "0.01")) == 0
+    out = capsys.readouterr().out
+    hist = _history(tmp_path / "t")
+    assert f"target accuracy 1.00% reached at epoch {hist[-1]['epoch']}" in out
+    assert hist[-1]["val_top1"] >= 0.01 and all(h["val_top1"] < 0.01 for h in hist[:-1])
     assert train.main(_args(manifests, tmp_path, "--epochs", "6", "--name", "p", "--lr", "0",
                             "--set", "train.patience=1")) == 0
     assert "early stop" in capsys.readouterr().out and len(_history(tmp_path / "p")) < 6
