@@ -133,6 +133,7 @@ class DetectConfig:
     batch_size: int = 16
     backend: str = "dali"
     include_singles: bool = False
+    drop_incomplete: bool = False
     clip_tolerance: float = 0.02
     merge_iou: float = 0.9
     val_fraction: float = 0.2

@@ -46,6 +46,7 @@ NAMES = {0: "pill"}
 class BoxRules:
     clip_tolerance: float = 0.02  # fraction of the image side a box may stick out and still be clipped
     merge_iou: float = 0.9        # boxes with IoU >= this are one pill labelled twice
+    drop_incomplete: bool = False  # leave out combination images with fewer boxes than drugs in their name
 
 
 @dataclass
@@ -204,6 +205,9 @@ def _convert_row(m: Manifest, i: int, split: str, out: Path, rules: BoxRules, us
         return 0
     if m.image_types[i] == "combination" and len(boxes) < _codes_in_name(m.combo_ids[i]):
         report.fewer_boxes_than_codes += 1
+        if rules.drop_incomplete:  # its unlabelled pills would be taught as background
+            report.skipped_images.append((path, "fewer boxes than drugs in its name"))
+            return 0
     name = _link_name(path, used)
     os.symlink(os.path.abspath(path), out / "images" / split / name)
     atomic_write_text(out / "labels" / split / (Path(name).stem + ".txt"),
@@ -309,7 +313,8 @@ def convert_stage(cfg) -> Path:
     from .manifest import ensure_manifests  # the manifest module pulls in the scanner: import on use
 
     manifest_dir = Path(ensure_manifests(cfg))
-    rules = BoxRules(clip_tolerance=cfg.detect.clip_tolerance, merge_iou=cfg.detect.merge_iou)
+    rules = BoxRules(clip_tolerance=cfg.detect.clip_tolerance, merge_iou=cfg.detect.merge_iou,
+                     drop_incomplete=cfg.detect.drop_incomplete)
     out = manifest_dir / "yolo"
     convert_manifests(detection_manifests(manifest_dir, cfg.detect.include_singles), out, rules)
     return out / "data.yaml"

@@ -111,6 +111,14 @@ def test_slightly_outside_clipped_merged_duplicates_and_skips(converted):
     assert "train: images/train" in data and "0: pill" in data
 
 
+def test_drop_incomplete_leaves_out_images_missing_a_pill_box(defect_tree, tmp_path):
+    report = convert_manifests(detection_manifests(defect_tree), tmp_path / "yolo",
+                               BoxRules(0.02, 0.9, drop_incomplete=True))
+    skipped = {Path(p).stem for p, r in report.skipped_images if r == "fewer boxes than drugs in its name"}
+    assert skipped == {"b_75", "c_90", "d_70"} and report.images["train"] == 3
+    assert not (tmp_path / "yolo" / "labels" / "train" / "b_75.txt").exists()
+
+
 def test_clean_boxes_tolerance_is_a_fraction_of_the_side():
     rules = BoxRules(clip_tolerance=0.05, merge_iou=0.9)
     inside, ev = clean_boxes([{"bbox": [-4, 0, 20, 20]}], 100, 100, rules)  # 4 % outside: clipped
