@@ -15,9 +15,7 @@ from pillsnap_dali.config import load_config
 from pillsnap_dali.loaders import Batch, SkipLog, build_loader, open_rgb, pil_eval_transform, resolve_backend
 from pillsnap_dali.manifest_io import Manifest
 
-REAL_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real_images"
-if not REAL_IMAGES.is_dir():
-    REAL_IMAGES = Path("/work/shared/testdata/real_images")
+from _paths import REAL_IMAGES  # noqa: E402
 BACKENDS = ("dali-cpu", "pil")
 CPU = torch.device("cpu")
 

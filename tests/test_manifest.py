@@ -12,7 +12,7 @@ from pillsnap_dali.config import ManifestConfig, load_config
 from pillsnap_dali.manifest import build_manifests, import_legacy, main, plan_quotas
 from pillsnap_dali.manifest_io import read_manifest
 
-REAL = Path("/work/shared/testdata/real_images")
+from _paths import REAL_IMAGES as REAL  # noqa: E402
 
 
 @pytest.fixture(scope="module")

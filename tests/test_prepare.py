@@ -15,7 +15,7 @@ from pillsnap_dali.classmap import ClassMap
 from pillsnap_dali.config import load_config
 from pillsnap_dali.manifest_io import Manifest, class_map_for, read_manifest, write_manifest
 
-REAL = Path("/work/shared/testdata/real_images")
+from _paths import REAL_IMAGES as REAL  # noqa: E402
 CODES = ["K-000114", "K-000250", "K-000573"]
 W, H = 244, 320          # the real 976x1280 shape, a quarter of the side
 BOX = [24, 32, 80, 96]

@@ -11,7 +11,7 @@ from PIL import Image
 from pillsnap_dali.bench_scan import tiny_png
 from pillsnap_dali.verify import Verifier, VerifySettings, check_full, check_header
 
-REAL = Path("/work/shared/testdata/real_images")
+from _paths import REAL_IMAGES as REAL  # noqa: E402
 
 
 def _png_with_size(w: int, h: int) -> bytes:
