@@ -30,7 +30,7 @@ from pathlib import Path
 from .classmap import ClassMap, atomic_write_text
 from .config import Config, ConfigError, ManifestConfig, load_config
 from .manifest_io import Manifest, ManifestError, read_manifest, split_missing, write_manifest
-from .scan import ImageRecord, ScanResult, count_files, scan_tree
+from .scan import ScanResult, count_files, scan_tree
 from .verify import CACHE_NAME, Verifier, VerifySettings
 
 _logger = logging.getLogger(__name__)

@@ -228,7 +228,7 @@ def _reset_split(out: Path, split: str) -> None:
 
 
 def write_data_yaml(out: Path, splits: list[str]) -> Path:
-    lines = [f"# written by pillsnap_dali.yolo_convert: one class, every pill box of each image",
+    lines = ["# written by pillsnap_dali.yolo_convert: one class, every pill box of each image",
              f"path: {out.resolve()}"]
     lines += [f"{s}: images/{s}" for s in splits]
     lines += ["nc: 1", "names:", "  0: pill"]

@@ -158,6 +158,31 @@ def weighted_order(paths: Sequence[str], spec: LoaderSpec, epoch: int, n: int, s
     return rng.choice(len(paths), size=n, replace=True, p=w / w.sum()).astype(np.int64)
 
 
+class LoaderBase:
+    """What every backend shares: the rows, the label table on the training device, the epoch and its plan."""
+    backend = ""
+
+    def __init__(self, paths: Sequence[str], labels: torch.Tensor, spec: LoaderSpec, skip_log: SkipLog):
+        self.paths, self.label_table, self.spec, self.skip_log = paths, labels, spec, skip_log
+        self.epoch = 0
+        self._last_stats: dict = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def plan(self) -> EpochPlan:
+        return EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths)
+
+    def __len__(self) -> int:
+        return self.plan().steps(self.spec)
+
+    def epoch_stats(self) -> dict:
+        return dict(self._last_stats)
+
+    def close(self) -> None:
+        pass
+
+
 def read_encoded(path: str, max_pixels: int) -> tuple[Optional[np.ndarray], Optional[str]]:
     """The file's bytes, or ``(None, reason)`` when it is missing, empty, or claims too many pixels.
 

@@ -18,7 +18,7 @@ import torch
 
 from pipelines import ENCODED, ROWS, EvalSpec, OutputSpec, PipelineOptions, TrainSpec, classify_pipeline
 
-from .common import Batch, EpochPlan, LoaderSpec, SkipLog, read_encoded, to_device_batch
+from .common import Batch, EpochPlan, LoaderBase, LoaderSpec, SkipLog, read_encoded, to_device_batch
 
 _logger = logging.getLogger(__name__)
 
@@ -126,33 +126,19 @@ class RowProbe:
         return None
 
 
-class DaliLoader:
+class DaliLoader(LoaderBase):
     """``dali`` / ``dali-cpu`` backend. The pipeline is rebuilt each epoch with a seed from
     (seed, epoch, rank), so an epoch is reproducible after a restart. A file found bad mid-epoch may make
     the epoch one batch shorter than ``len()``."""
 
     def __init__(self, paths: Sequence[str], labels: torch.Tensor, spec: LoaderSpec, skip_log: SkipLog,
                  backend: str):
-        self.paths, self.label_table, self.spec, self.skip_log = paths, labels, spec, skip_log
+        super().__init__(paths, labels, spec, skip_log)
         self.backend = backend
         self.graph = graph_spec(spec)
         device = labels.device
         gpu = backend == "dali"
         self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
-        self.epoch = 0
-        self._last_stats: dict = {}
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths).steps(self.spec)
-
-    def epoch_stats(self) -> dict:
-        return dict(self._last_stats)
-
-    def close(self) -> None:
-        pass
 
     def _options(self, restarts: int) -> PipelineOptions:
         seed = int(np.random.SeedSequence([self.spec.seed, self.epoch, self.spec.rank, restarts])
@@ -162,7 +148,7 @@ class DaliLoader:
                                device_id=self.device_id, num_threads=ld.threads, prefetch=ld.prefetch, seed=seed)
 
     def __iter__(self):
-        plan = EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths)
+        plan = self.plan()
         self._last_stats = plan.stats
         epoch = _Epoch(self, plan)
         try:

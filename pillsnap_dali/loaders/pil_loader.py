@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import AugmentConfig, PreprocessConfig
-from .common import Batch, EpochPlan, LoaderSpec, SkipLog, to_device_batch
+from .common import EpochPlan, LoaderBase, LoaderSpec, to_device_batch
 
 _logger = logging.getLogger(__name__)
 
@@ -156,27 +156,10 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # each worker is one process on one core
 
 
-class PilLoader:
+class PilLoader(LoaderBase):
     """``pil`` backend. A file found bad mid-epoch makes its batch smaller (an all-bad batch is not
     yielded, so the epoch may be shorter than ``len()``)."""
     backend = BACKEND
-
-    def __init__(self, paths: Sequence[str], labels: torch.Tensor, spec: LoaderSpec, skip_log: SkipLog):
-        self.paths, self.label_table, self.spec, self.skip_log = paths, labels, spec, skip_log
-        self.epoch = 0
-        self._last_stats: dict = {}
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths).steps(self.spec)
-
-    def epoch_stats(self) -> dict:
-        return dict(self._last_stats)
-
-    def close(self) -> None:
-        pass
 
     def _batches(self, plan: EpochPlan) -> list[list[int]]:
         bs, order = self.spec.batch_size, plan.order.tolist()
@@ -192,7 +175,7 @@ class PilLoader:
                           prefetch_factor=self.spec.loader.prefetch if workers else None)
 
     def __iter__(self):
-        plan = EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths)
+        plan = self.plan()
         self._last_stats = plan.stats
         dtype = getattr(torch, self.spec.loader.dtype)
         for item in self._data_loader(self._batches(plan)):
