@@ -43,15 +43,45 @@ def _step(argv) -> int:
     return 0
 
 
+def _predict(argv) -> int:
+
+    from .checkpoint import load_classifier
+    from .predict import PredictOptions, bench_predict, collect_images, load_detector
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench predict",
+                                description="latency per image, file to top-k (p50/p95), one image at a time")
+    p.add_argument("inputs", nargs="+", help="images or folders")
+    p.add_argument("--classifier", required=True)
+    p.add_argument("--detector", help="YOLO weights (combo mode)")
+    p.add_argument("--mode", choices=["single", "combo"], default="combo")
+    p.add_argument("--conf", type=float, default=0.25, help="0 with --max-det 4: four crops per image, as with "
+                                                            "untrained weights of the same compute")
+    p.add_argument("--max-det", type=int, default=300)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write the result here")
+    a = p.parse_args(argv)
+    clf = load_classifier(a.classifier, device=a.device)
+    det = load_detector(a.detector) if a.mode == "combo" else None
+    paths = collect_images(a.inputs)
+    res = bench_predict(paths, clf, det, PredictOptions(mode=a.mode, conf=a.conf, max_det=a.max_det))
+    print(f"| mode | device | images | pills/image | p50 ms | p95 ms |\n|---|---|---|---|---|---|\n"
+          f"| {res['mode']} | {res['device']} | {res['images']} | {res['pills_per_image']} | {res['p50_ms']:.1f} | "
+          f"{res['p95_ms']:.1f} |")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
 def _delegate(module: str):
     def run(argv) -> int:
         import importlib
-        return importlib.import_module(f"pillsnap_dali.{module}").main(argv) or 0
+        print(importlib.import_module(f"pillsnap_dali.{module}").run(argv))
+        return 0
     return run
 
 
 COMMANDS = {"step": _step, "decode": _delegate("bench_decode"), "scan": _delegate("bench_scan"),
-            "predict": _delegate("bench_predict")}
+            "predict": _predict}
 
 
 def main(argv=None) -> int:

@@ -113,7 +113,8 @@ def _plot(results: dict, model: dict | None, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> str:
+    """Run the benchmark; returns the text the CLI (``python -m pillsnap_dali.bench decode``) prints."""
     a = _parser().parse_args(argv)
     cuda = torch.cuda.is_available()
     arms = ["pil", "dali-cpu", "pil-decode", "dali-decode"] + (["dali", "dali-gpu-decode"] if cuda else [])
@@ -132,8 +133,5 @@ def main(argv=None) -> int:
     (out / "table.md").write_text(table + "\n")
     _plot(results, model, out / "bars.png")
     m = payload["machine"]
-    print(f"machine: {m['cores']} cores, {m['cpu']}, GPU: {m['gpu'] or 'none'}; threads {a.threads}, "
-          f"{a.size} px, batch {a.batch}, median of {a.reps}")
-    print(table)
-    print(f"results: {out}/results.json, {out}/bars.png")
-    return 0
+    return (f"machine: {m['cores']} cores, {m['cpu']}, GPU: {m['gpu'] or 'none'}; threads {a.threads}, "
+            f"{a.size} px, batch {a.batch}, median of {a.reps}\n{table}\nresults: {out}/results.json, {out}/bars.png")

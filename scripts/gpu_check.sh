@@ -33,8 +33,17 @@ python -m pillsnap_dali.train --stage demo --backend dali --epochs 3 --out "$out
   2>&1 | tee "$out/train.txt" || status=1
 grep -h "data" "$out/runs/demo_gpu/report.md" 2>/dev/null | head -3
 echo "== stage-3-like throughput on the dali backend (synthetic 976x1280 tree, 384 px, tf_efficientnetv2_s)"
+s3=(--set data.synth.size=976x1280 --set data.synth.images_per_class=60 --set data.synth.combos=12
+    --set "data.artifacts=$out/artifacts")
 python -m pillsnap_dali.train --stage demo --backend dali --epochs 2 --out "$out/runs" --name s3like \
-  --set data.synth.size=976x1280 --set data.synth.images_per_class=60 --img-size 384 \
-  --model tf_efficientnetv2_s --batch-size 64 2>&1 | tee "$out/train_s3like.txt" || status=1
+  "${s3[@]}" --img-size 384 --model tf_efficientnetv2_s --batch-size 64 2>&1 | tee "$out/train_s3like.txt" || status=1
+grep -h "data_time share" "$out/runs/s3like/report.md" 2>/dev/null
+echo "== detector on DALI (yolo11m, 640 px, 1 epoch) and combo latency with the users' model sizes"
+python -m pillsnap_dali.detect --stage demo --model yolo11m.yaml --epochs 1 --imgsz 640 --backend dali \
+  "${s3[@]}" --set "train.out=$out/runs" 2>&1 | tee "$out/detect.txt" || status=1
+combos=$(ls -d "$out"/artifacts/synth/*/*/*/1.Training/*/*조합*/TS_1_* 2>/dev/null | head -1)
+python -m pillsnap_dali.bench predict "$combos" --classifier "$out/runs/s3like/checkpoints/last.pt" \
+  --detector "$out/runs/detect_demo/weights/last.pt" --mode combo --conf 0 --max-det 4 \
+  --json "$out/predict_latency.json" 2>&1 | tee "$out/predict_latency.txt" || status=1
 echo "results in $out"
 exit $status

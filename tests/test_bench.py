@@ -1,0 +1,31 @@
+"""The benchmark CLI's subcommands run end to end (tiny sizes; figures live in docs/benchmarks.md)."""
+import json
+
+from pillsnap_dali import bench
+
+
+def test_bench_step_reports_a_rate(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    assert bench.main(["step", "--stage", "demo", "--model", "test_efficientnet", "--img-size", "32",
+                       "--batch-size", "4", "--steps", "1", "--reps", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["images_per_s"] > 0 and res["min"] <= res["images_per_s"] <= res["max"]
+    assert "| test_efficientnet | 32 | 4 | cpu |" in capsys.readouterr().out
+
+
+def test_bench_decode_table_json_and_chart(tmp_path, capsys):
+    out = tmp_path / "dec"
+    assert bench.main(["decode", "--formats", "jpeg", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
+                       "--reps", "1", "--threads", "1", "--no-model", "--out", str(out),
+                       "--workdir", str(tmp_path / "img")]) == 0
+    res = json.loads((out / "results.json").read_text())
+    arms = res["inputs"]["jpeg"]["results"]
+    assert set(arms) >= {"pil", "dali-cpu", "pil-decode", "dali-decode"}
+    assert all(a["images_per_s"] > 0 and a["peak_rss_mb"] > 0 for a in arms.values())
+    assert (out / "bars.png").stat().st_size > 0 and "| jpeg | dali-cpu |" in capsys.readouterr().out
+
+
+def test_bench_scan_and_unknown_command(capsys):
+    assert bench.main(["scan", "--images", "50"]) == 0
+    assert "images/s" in capsys.readouterr().out
+    assert bench.main(["nope"]) == 2
