@@ -177,3 +177,16 @@ def test_torchrun_two_cpu_ranks(manifests, tmp_path):
     # both ranks' images are counted (reduced) and together with the skips they cover the split
     assert hist[0]["train_images"] + len(skipped & train_rows) == n_train
     assert not list((tmp_path / "ddp").glob("metrics.rank*"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_training_on_the_dali_backend(manifests, tmp_path):
+    """The whole loop on the GPU path: mixed decode, AMP, channels_last, NVML figures in the metrics."""
+    assert train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "gpu", "--backend", "dali",
+                            "--device", "cuda")) == 0
+    hist = _history(tmp_path / "gpu")
+    assert len(hist) == 2 and all(h["images_per_s"] > 0 and 0 <= h["data_share"] <= 1 for h in hist)
+    assert "gpu_mem_peak_gb" in hist[-1] or "gpu_util_mean" in hist[-1] or hist[-1]["steps"] < 2
+    ck = load_checkpoint(tmp_path / "gpu/checkpoints/last.pt")
+    assert ck["backend"] == "dali"
