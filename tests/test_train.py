@@ -38,6 +38,21 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _write_legacy(manifests: Path, legacy: Path, drop_code: str | None = None, extra_val=()) -> Path:
+    """The existing project's 4-column manifests made from ours (optionally without one class, plus rows)."""
+    legacy.mkdir()
+    for split in ("train", "val"):
+        src = list(csv.DictReader(open(manifests / f"manifest_{split}.csv")))
+        with open(legacy / f"manifest_{split}.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["image_path", "mapping_code", "image_type", "source"])
+            w.writerows([r["image_path"], r["mapping_code"], r["image_type"], r["source"]]
+                        for r in src if r["mapping_code"] != drop_code)
+            if split == "val":
+                w.writerows(extra_val)
+    return legacy
+
+
 def test_run_dir_checkpoint_and_report(manifests, tmp_path):
     assert train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "r", "--num-classes", "6")) == 0
     d = tmp_path / "r"
@@ -82,15 +97,7 @@ def test_class_map_mismatch_and_num_classes_are_refused(manifests, tmp_path, cap
     # a legacy manifest with one class fewer: its class map (sorted unique K-codes) differs by one K-code
     rows = list(csv.DictReader(open(manifests / "manifest_train.csv")))
     dropped = sorted({r["mapping_code"] for r in rows})[0]
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    for split in ("train", "val"):
-        src = list(csv.DictReader(open(manifests / f"manifest_{split}.csv")))
-        with open(legacy / f"manifest_{split}.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["image_path", "mapping_code", "image_type", "source"])
-            w.writerows([r["image_path"], r["mapping_code"], r["image_type"], r["source"]]
-                        for r in src if r["mapping_code"] != dropped)
+    legacy = _write_legacy(manifests, tmp_path / "legacy", drop_code=dropped)
     rc = train.main(["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY,
                      "--epochs", "1", "--name", "a", "--resume", str(tmp_path / "a/checkpoints/last.pt")])
     err = capsys.readouterr().err
@@ -98,17 +105,10 @@ def test_class_map_mismatch_and_num_classes_are_refused(manifests, tmp_path, cap
 
 
 def test_legacy_manifest_with_val_only_class_and_missing_file(manifests, tmp_path):
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    for split in ("train", "val"):
-        src = list(csv.DictReader(open(manifests / f"manifest_{split}.csv")))
-        with open(legacy / f"manifest_{split}.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["image_path", "mapping_code", "image_type", "source"])
-            w.writerows([r["image_path"], r["mapping_code"], r["image_type"], r["source"]] for r in src)
-            if split == "val":  # the users' old bug: a validation-only class
-                w.writerow([src[0]["image_path"], "K-999999", "single", "TS_9_단일"])
-                w.writerow(["/nonexistent/K-000001_0_2_0_0_75_260_200.png", src[0]["mapping_code"], "single", "x"])
+    first = next(csv.DictReader(open(manifests / "manifest_val.csv")))
+    legacy = _write_legacy(manifests, tmp_path / "legacy", extra_val=[
+        [first["image_path"], "K-999999", "single", "TS_9_단일"],  # the users' old bug: a validation-only class
+        ["/nonexistent/K-000001_0_2_0_0_75_260_200.png", first["mapping_code"], "single", "x"]])
     assert train.main(["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY,
                        "--epochs", "1", "--name", "l", "--dry-run"]) == 0
     assert train.main(["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY,
