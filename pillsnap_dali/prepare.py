@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .classmap import ClassMap, ClassMapMismatch, atomic_write_text
 from .config import ConfigError, load_config
+from .imageio import open_rgb
 from .manifest_io import Manifest, ManifestError, read_manifest, write_manifest
 
 _logger = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ STAMP_JSON = "prepare_options.json"
 LOCK_FILE = ".prepare.lock"
 _COMMENT_TAG = "pillsnap_dali.prepare"
 _SUBSAMPLING = {"444": 0, "420": 2}   # PIL's JPEG subsampling codes
-_SIXTEEN_BIT = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 class PrepareError(RuntimeError):
@@ -174,26 +174,6 @@ def cache_path_for(src: str | Path, cache_dir: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- one image
-def _open_rgb(path: str, max_pixels: int) -> Image.Image:
-    """Decode fully, apply the EXIF orientation, return 8-bit RGB. Raises on anything unreadable.
-
-    The same contract and result as ``loaders.open_rgb`` (tests/test_prepare.py compares the two), kept here
-    because importing the loaders package costs every worker process torch (~5 s and ~0.9 GB each).
-    """
-    with Image.open(path) as im:
-        if im.width * im.height > max_pixels:
-            raise ValueError(f"{im.width}x{im.height} pixels exceed max_pixels={max_pixels}")
-        im.load()
-        im = ImageOps.exif_transpose(im)
-    if im.mode in _SIXTEEN_BIT or im.mode == "F":  # 16-bit / float grey: scale to 8 bits
-        arr = np.asarray(im, dtype=np.float32)
-        arr = arr / 257.0 if im.mode != "F" else arr
-        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-    elif im.mode in ("P", "PA"):                   # palette with transparency: through RGBA, as the loaders do
-        im = im.convert("RGBA")
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
 def fit_size(w: int, h: int, max_side: Optional[int]) -> tuple[int, int]:
     """Size with the long side at most ``max_side``, aspect kept (never upscales)."""
     if max_side is None or max(w, h) <= max_side:
@@ -252,7 +232,7 @@ def _transcode(src: str, dst: str, enc: _Encode) -> _Outcome:
         src_bytes = os.path.getsize(src)
         if src_bytes == 0:
             raise ValueError("empty file")
-        im = _open_rgb(src, enc.max_pixels)
+        im = open_rgb(src, enc.max_pixels)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         with open(tmp, "wb") as fh:
             out_wh = _encode(im, enc, fh)
@@ -289,7 +269,7 @@ def estimate_cache_bytes(sources: list[str], enc: _Encode, sample: int, seed: in
     for src in picks:
         try:
             buf = io.BytesIO()
-            _encode(_open_rgb(src, enc.max_pixels), enc, buf)
+            _encode(open_rgb(src, enc.max_pixels), enc, buf)
         except Exception as e:  # noqa: BLE001 -- an unreadable sample is not an error here
             _logger.debug("estimate: %s unreadable (%s)", src, e)
             continue

@@ -205,7 +205,7 @@ def test_open_rgb_matches_the_loaders():
     from pillsnap_dali.loaders import open_rgb
     for path in _real_sample(40):
         outcomes = []
-        for fn in (lambda p: P._open_rgb(p, 10**7), lambda p: open_rgb(p, 10**7)):
+        for fn in (lambda p: P.open_rgb(p, 10**7), lambda p: open_rgb(p, 10**7)):
             try:
                 outcomes.append(np.asarray(fn(str(path))))
             except Exception as e:  # noqa: BLE001 -- comparing failure types
