@@ -318,14 +318,19 @@ def _demo_root(cfg: Config) -> Path:
     return Path(made) if isinstance(made, (str, Path)) else Path(made.root)
 
 
+def _data_root(cfg: Config) -> Path:
+    """No data.root: the synthetic tree for the demo; a real stage never trains on it by accident."""
+    if cfg.stage == "demo":
+        return _demo_root(cfg)
+    raise ManifestError(f"stage {cfg.stage} needs the AI Hub tree: pass --data-root DIR (or set data.root in a "
+                        "config), or --manifest CSV; only --stage demo generates synthetic data")
+
+
 def ensure_manifests(cfg: Config) -> Path:
     """Build (or reuse) the stage's manifests in ``<data.artifacts>/<stageN|demo>/``; returns that dir.
 
     The data root is ``cfg.data.root``, or the synthetic demo tree when it is null."""
-    if cfg.data.root:
-        root = Path(cfg.data.root)
-    else:
-        root = _demo_root(cfg)
+    root = Path(cfg.data.root) if cfg.data.root else _data_root(cfg)
     out = Path(cfg.data.artifacts) / stage_dir_name(cfg.stage)
     build_manifests(cfg, root, out)
     return out
@@ -400,11 +405,8 @@ def main(argv=None) -> int:
             print(f"{out}: {report['splits']} rows kept, {report['quarantine']['rows']} quarantined")
             return 0
         if args.data_root:
-            root = Path(args.data_root)
-        elif cfg.data.root:
-            root = Path(cfg.data.root)
-        else:
-            root = _demo_root(cfg)
+            cfg.data.root = args.data_root
+        root = Path(cfg.data.root) if cfg.data.root else _data_root(cfg)
         report = build_manifests(cfg, root, out, verify=args.verify, seed=args.seed, force=args.force)
     except (ConfigError, ManifestError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -104,6 +104,13 @@ def test_class_map_mismatch_and_num_classes_are_refused(manifests, tmp_path, cap
     assert rc == 2 and dropped in err and "only in the checkpoint" in err
 
 
+def test_real_stage_without_data_is_a_clear_error(tmp_path, capsys):
+    assert train.main(["--stage", "3", "--out", str(tmp_path), "--dry-run",
+                       "--set", f"data.artifacts={tmp_path / 'art'}"]) == 2
+    assert "stage 3 needs the AI Hub tree: pass --data-root" in capsys.readouterr().err
+    assert not (tmp_path / "art").exists()  # nothing generated behind the user's back
+
+
 def test_legacy_manifest_with_val_only_class_and_missing_file(manifests, tmp_path):
     first = next(csv.DictReader(open(manifests / "manifest_val.csv")))
     legacy = _write_legacy(manifests, tmp_path / "legacy", extra_val=[
