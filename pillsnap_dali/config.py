@@ -21,6 +21,7 @@ _logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 STAGES = ("demo", "1", "2", "3", "4")
+CUSTOM = "custom"  # base.yaml alone: a user's own manifest whose stage cannot be told (no overlay applied)
 
 
 class ConfigError(ValueError):
@@ -177,7 +178,7 @@ class Config:
 
 
 _CHOICES = {
-    "stage": STAGES,
+    "stage": STAGES + (CUSTOM,),
     "data.verify": ("none", "header", "full"),
     "data.synth.layout": ("raw", "raw_underscore", "english"),
     "manifest.sampling": ("uniform", "tiered"),
@@ -342,10 +343,11 @@ def load_config(stage: str | None = None, path: str | Path | None = None, overri
     user = _read_yaml(Path(path)) if path else {}
     stage = stage or user.get("stage") or data.get("stage") or "demo"
     stage = str(stage)
-    if stage not in STAGES:
+    if stage not in STAGES + (CUSTOM,):
         raise ConfigError(f"stage must be one of {list(STAGES)}, got {stage!r}")
-    overlay = CONFIG_DIR / ("demo.yaml" if stage == "demo" else f"stage{stage}.yaml")
-    data = _merge(data, _read_yaml(overlay))
+    if stage != CUSTOM:
+        overlay = CONFIG_DIR / ("demo.yaml" if stage == "demo" else f"stage{stage}.yaml")
+        data = _merge(data, _read_yaml(overlay))
     data = _merge(data, user)
     data = _merge(data, overrides or {})
     data = _merge(data, parse_set(sets))

@@ -69,7 +69,30 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.threads is not None:
         set_nested(overrides, "loader.threads", args.threads)
         set_nested(overrides, "loader.workers", args.threads)
-    return load_config(stage=args.stage, path=args.config, overrides=overrides, sets=args.set)
+    return load_config(stage=args.stage or stage_of_manifest(args.manifest), path=args.config,
+                       overrides=overrides, sets=args.set)
+
+
+def stage_of_manifest(manifest: str | None) -> str | None:
+    """``--manifest`` without ``--stage``: the stage its folder says (``stage3``, ``demo``), or the one recorded
+    in the ``report.json`` beside it; else ``custom`` (base.yaml only: EfficientNetV2-S at 384 px, never the
+    demo's small model). No manifest: None (the config's stage, ``demo`` by default)."""
+    if not manifest:
+        return None
+    folder = Path(manifest).resolve().parent
+    name = folder.name.lower()
+    if name == "demo" or (name.startswith("stage") and name[5:] in ("1", "2", "3", "4")):
+        return name.replace("stage", "")
+    report = folder / "report.json"
+    if report.exists():
+        import json
+        try:
+            stage = str(json.loads(report.read_text(encoding="utf-8")).get("inputs", {}).get("stage", ""))
+        except (ValueError, OSError):
+            stage = ""
+        if stage in ("demo", "1", "2", "3", "4"):
+            return stage
+    return "custom"
 
 
 def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
@@ -130,7 +153,8 @@ def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
 
 
 def prepare_run_dir(cfg: Config, resume: bool, is_main: bool) -> Path:
-    run_dir = Path(cfg.train.out) / (cfg.train.name or (f"stage{cfg.stage}" if cfg.stage != "demo" else "demo"))
+    default = f"stage{cfg.stage}" if cfg.stage.isdigit() else cfg.stage
+    run_dir = Path(cfg.train.out) / (cfg.train.name or default)
     if is_main and not resume and (run_dir / "checkpoints").exists():
         old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(run_dir.stat().st_mtime))}")
         shutil.move(str(run_dir), old)

@@ -197,3 +197,20 @@ def test_gpu_training_on_the_dali_backend(manifests, tmp_path):
     assert "gpu_mem_peak_gb" in hist[-1] or "gpu_util_mean" in hist[-1] or hist[-1]["steps"] < 2
     ck = load_checkpoint(tmp_path / "gpu/checkpoints/last.pt")
     assert ck["backend"] == "dali"
+
+
+def test_manifest_without_stage_never_gets_the_demo_model(tmp_path, manifests):
+    """The users' command `--manifest artifacts/stage3/manifest_train.csv ...` must train their Stage 3 model
+    (EfficientNetV2-S, 384 px), not the demo's resnet18 at 96 px."""
+    s3 = tmp_path / "artifacts" / "stage3"
+    s3.mkdir(parents=True)
+    (s3 / "manifest_train.csv").write_text("image_path,mapping_code,image_type,source\n")
+    cfg = train.resolve_config(train.parse_args(["--manifest", str(s3 / "manifest_train.csv"), "--epochs", "50"]))
+    assert (cfg.stage, cfg.model.name, cfg.preprocess.img_size) == ("3", "tf_efficientnetv2_s", 384)
+    assert cfg.train.target_accuracy == 0.85
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    assert train.stage_of_manifest(str(other / "train.csv")) == "custom"
+    cfg = train.resolve_config(train.parse_args(["--manifest", str(other / "train.csv")]))
+    assert cfg.model.name == "tf_efficientnetv2_s" and cfg.preprocess.img_size == 384
+    assert train.stage_of_manifest(str(manifests / "manifest_train.csv")) == "demo"  # from its report.json
