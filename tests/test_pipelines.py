@@ -118,3 +118,30 @@ def test_shard_order_is_seeded_disjoint_and_covering():
     assert shard_order(5, shuffle=False, shard_id=1, num_shards=2).tolist() == [1, 3]
     with pytest.raises(ValueError):
         shard_order(5, shard_id=2, num_shards=2)
+
+
+def test_gpu_graphs_are_well_formed_without_a_gpu():
+    """The device="gpu" graphs are defined (not built) here: DALI checks every op's device placement at
+    definition, so a CPU op fed GPU data, or a wrong argument, fails on this CPU machine too."""
+    import nvidia.dali.fn as fn
+    from pipelines import EvalSpec, PipelineOptions, TrainSpec
+    from pipelines.classify import _external_inputs, eval_graph, train_graph
+    from pipelines.detect import detect_pipeline
+
+    opts = PipelineOptions(batch_size=4, device="gpu", device_id=0)
+    for spec, graph in ((TrainSpec(img_size=64), train_graph), (EvalSpec(img_size=64), eval_graph),
+                        (EvalSpec(img_size=64, resize_mode="crop"), eval_graph)):
+        pipe = opts.new_pipeline()
+        with pipe:
+            encoded, rows = _external_inputs(None)
+            out = graph(encoded, spec, "gpu")
+            pipe.set_outputs(out, rows)
+        assert out.device == "gpu"
+    det = detect_pipeline(batch_size=4, num_threads=1, device_id=0, device="gpu", imgsz=64,
+                          augment={"fliplr": 0.5, "hsv_h": 0.015})  # @pipeline_def: defined, not built
+    assert [o.device for o in det._graph_out] == ["gpu", "cpu"]  # images on the GPU; boxes stay small, on the host
+    bad = opts.new_pipeline()
+    with pytest.raises(RuntimeError, match="IsCompatibleDevice"):
+        with bad:
+            encoded, _ = _external_inputs(None)
+            bad.set_outputs(fn.resize(fn.decoders.image(encoded, device="mixed"), size=8, device="cpu"))
