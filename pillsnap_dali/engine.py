@@ -326,9 +326,7 @@ class Trainer:
         return out
 
     def _step(self, batch):
-        images = batch.images
-        if self.device.type == "cuda" and self.cfg.train.channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = self._model_input(batch.images)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             logits = self.ddp(images)
             loss = self.criterion(logits.float(), batch.labels)
@@ -343,6 +341,14 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
         return loss, logits
+
+    def _model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """channels_last on CUDA; float16 loader output is cast up where no autocast runs (CPU, amp off)."""
+        if self.device.type == "cuda" and self.cfg.train.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if not self.amp and images.dtype != torch.float32:
+            images = images.float()
+        return images
 
     def _join_ctx(self):
         if self.spec.world_size <= 1:
@@ -370,9 +376,7 @@ class Trainer:
         self.val_loader.set_epoch(epoch)
         acc = EvalAccumulator(self.num_classes, self.device)
         for i, batch in enumerate(self.val_loader):
-            images = batch.images
-            if self.device.type == "cuda" and self.cfg.train.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = self._model_input(batch.images)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 logits = model(images).float()
             acc.update(logits, batch.labels, self.eval_criterion(logits, batch.labels))

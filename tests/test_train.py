@@ -131,6 +131,14 @@ def test_dry_run_writes_nothing_heavy(manifests, tmp_path):
     assert not list(tmp_path.rglob("*.pt"))
 
 
+@pytest.mark.parametrize("backend", ["dali-cpu", "pil"])
+def test_float16_channels_last_loader_output_trains_on_cpu(manifests, tmp_path, backend):
+    """The GPU-friendly loader settings (float16, NHWC) must not break a CPU run (no autocast there)."""
+    assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--name", f"h{backend}", "--backend", backend,
+                            "--set", "loader.dtype=float16", "--set", "loader.layout=NHWC")) == 0
+    assert _history(tmp_path / f"h{backend}")[0]["train_images"] > 0
+
+
 def test_target_accuracy_and_patience_stop(manifests, tmp_path, capsys):
     assert train.main(_args(manifests, tmp_path, "--epochs", "6", "--name", "t", "--target-accuracy", "0.01")) == 0
     out = capsys.readouterr().out
