@@ -34,17 +34,21 @@ def _step(argv) -> int:
     n = a.num_classes or (cfg.data.synth.classes if cfg.stage == "demo" else cfg.manifest.classes)
     res = bench_step(cfg, device=dev, batch=a.batch_size or cfg.train.batch_size, steps=a.steps, reps=a.reps,
                      num_classes=n)
-    print(f"| model | px | batch | device | img/s median | min | max |\n|---|---|---|---|---|---|---|\n"
-          f"| {res['model']} | {res['img_size']} | {res['batch']} | {res['device']} | {res['images_per_s']:.1f} | "
-          f"{res['min']:.1f} | {res['max']:.1f} |")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+    return _emit({"model": res["model"], "px": res["img_size"], "batch": res["batch"], "device": res["device"],
+                  "img/s median": f"{res['images_per_s']:.1f}", "min": f"{res['min']:.1f}",
+                  "max": f"{res['max']:.1f}"}, res, a.json)
+
+
+def _emit(row: dict, result: dict, json_path: str | None) -> int:
+    """Print one result as a one-row markdown table; write the whole result as JSON when asked."""
+    print("| " + " | ".join(row) + " |\n" + "|---" * len(row) + "|\n| " + " | ".join(str(v) for v in row.values()) + " |")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(result, fh, indent=1)
     return 0
 
 
 def _predict(argv) -> int:
-
     from .checkpoint import load_classifier
     from .predict import PredictOptions, bench_predict, collect_images, load_detector
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench predict",
@@ -59,17 +63,15 @@ def _predict(argv) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
+    if a.mode == "combo" and not a.detector:
+        p.error("--mode combo needs --detector WEIGHTS")
     clf = load_classifier(a.classifier, device=a.device)
     det = load_detector(a.detector) if a.mode == "combo" else None
     paths = collect_images(a.inputs)
     res = bench_predict(paths, clf, det, PredictOptions(mode=a.mode, conf=a.conf, max_det=a.max_det))
-    print(f"| mode | device | images | pills/image | p50 ms | p95 ms |\n|---|---|---|---|---|---|\n"
-          f"| {res['mode']} | {res['device']} | {res['images']} | {res['pills_per_image']} | {res['p50_ms']:.1f} | "
-          f"{res['p95_ms']:.1f} |")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
-    return 0
+    return _emit({"mode": res["mode"], "device": res["device"], "images": res["images"],
+                  "pills/image": res["pills_per_image"], "p50 ms": f"{res['p50_ms']:.1f}",
+                  "p95 ms": f"{res['p95_ms']:.1f}"}, res, a.json)
 
 
 def _delegate(module: str):

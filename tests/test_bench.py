@@ -29,3 +29,11 @@ def test_bench_scan_and_unknown_command(capsys):
     assert bench.main(["scan", "--images", "50"]) == 0
     assert "images/s" in capsys.readouterr().out
     assert bench.main(["nope"]) == 2
+
+
+def test_bench_predict_combo_needs_a_detector(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["predict", "x.png", "--classifier", "y.pt", "--mode", "combo"])
+    assert e.value.code == 2 and "--mode combo needs --detector" in capsys.readouterr().err
