@@ -21,6 +21,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bench_loaders import machine_info
 from .classmap import atomic_write_text
 from .scan import scan_tree
 
@@ -141,17 +142,6 @@ def _make_combo(root: Path, c: int, spec: TreeSpec, png: bytes) -> None:
             (d / f"{stem}.json").write_text(label_json(stem, code, box, c * 10 + i), encoding="utf-8")
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run_scan_bench(n_images: int, out_json: str | Path | None, *, tree: str | Path | None = None,
                    keep: bool = False) -> dict:
     """Build a tree of ``n_images`` (reused if ``tree`` already holds one that size), time one scan."""
@@ -175,7 +165,7 @@ def run_scan_bench(n_images: int, out_json: str | Path | None, *, tree: str | Pa
     n = res.counts["images"]
     result = {"images": n, "labels": res.counts["labels"], "records": len(res.records), "wall_s": round(wall, 3),
               "cpu_s": round(cpu, 3), "images_per_s": round(n / wall, 1), "images_per_cpu_s": round(n / cpu, 1),
-              "cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+              "cpu": machine_info()["cpu"], "cores": os.cpu_count(), "python": platform.python_version(),
               "tree": str(root), "page_cache": "warm (tree just written or scanned before)"}
     if out_json:
         atomic_write_text(out_json, json.dumps(result, indent=1))

@@ -371,13 +371,18 @@ def _convention(tally: Counter) -> str:
     return "k" if tally["k"] else "unknown"
 
 
-def iou(a, b) -> float:
-    """IoU of two [x, y, w, h] boxes."""
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = a[2] * a[3] + b[2] * b[3] - inter
+def iou_xyxy(a, b) -> float:
+    """IoU of two [x1, y1, x2, y2] boxes (the one IoU of the project; the detection converter uses it too)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def iou(a, b) -> float:
+    """IoU of two [x, y, w, h] boxes (COCO, as the label JSONs hold them)."""
+    return iou_xyxy([a[0], a[1], a[0] + a[2], a[1] + a[3]], [b[0], b[1], b[0] + b[2], b[1] + b[3]])
 
 
 def _has_double_label(bboxes: list) -> bool:

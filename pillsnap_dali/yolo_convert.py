@@ -33,6 +33,7 @@ from PIL import Image
 
 from .classmap import atomic_write_text
 from .manifest_io import Manifest, read_manifest
+from .scan import iou_xyxy as iou  # boxes here are [x1, y1, x2, y2]
 
 _logger = logging.getLogger(__name__)
 
@@ -112,14 +113,6 @@ def _check_box(bbox, width: int, height: int, rules: BoxRules) -> tuple[list[flo
     if (x1, y1, x2, y2) != (x, y, x + w, y + h):
         return [x1, y1, x2, y2], "clipped", f"{out:.4f} of the image side outside, clipped"
     return [x1, y1, x2, y2], "", ""
-
-
-def iou(a: list[float], b: list[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def clean_boxes(raw: list, width: int, height: int, rules: BoxRules,
