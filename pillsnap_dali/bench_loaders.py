@@ -1,6 +1,8 @@
 """Loader benchmark: images/s of the ``pil`` and ``dali-cpu`` loaders and their decode-only ceilings.
 
-``bench_decode`` is called by ``python -m pillsnap_dali.bench decode``. Every variant reads the same files
+``bench_decode`` is called by ``python -m pillsnap_dali.bench decode``. ``dali-cpu:colour-graph`` (and
+``dali:colour-graph``) is the loader with ``loader.colour=graph``: jitter + normalization in the DALI graph
+instead of on the batch. Every variant reads the same files
 in the same process, side by side; each repetition is one full epoch (startup included) over at least
 ``min_rows`` rows (the image list repeated), and the reported figure is the median of ``reps`` after one
 warm-up epoch. Ceilings: ``dali-decode`` = ``fn.decoders.image`` alone with the same reader and threads;
@@ -8,6 +10,7 @@ warm-up epoch. Ceilings: ``dali-decode`` = ``fn.decoders.image`` alone with the 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -26,7 +29,7 @@ from .manifest_io import Manifest, read_manifest
 
 _logger = logging.getLogger(__name__)
 
-BENCH_BACKENDS = ("pil", "dali-cpu", "pil-decode", "dali-decode")
+BENCH_BACKENDS = ("pil", "dali-cpu", "dali-cpu:colour-graph", "pil-decode", "dali-decode")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -81,7 +84,8 @@ def _paths_of(source: str | Path | Manifest) -> list[str]:
     return paths
 
 
-def _manifest(paths: Sequence[str]) -> Manifest:
+def bench_manifest(paths: Sequence[str]) -> Manifest:
+    """A one-class manifest of these files."""
     n = len(paths)
     return Manifest(None, list(paths), ["K-000001"] * n, ["single"] * n, ["bench"] * n,
                     [Path(p).stem for p in paths], [[] for _ in range(n)], [""] * n)
@@ -149,10 +153,14 @@ def _make_runner(name: str, paths: Sequence[str], cfg: Config, threads: int):
         return lambda epoch: _time_dali_decode(paths, cfg, threads)
     if name == "dali-gpu-decode":
         return lambda epoch: _time_dali_decode(paths, cfg, threads, device="gpu")
-    if name not in ("pil", "dali-cpu", "dali"):
-        raise ValueError(f"unknown benchmark variant {name!r}; choose from {list(BENCH_BACKENDS) + ['dali']}")
-    device = torch.device("cuda" if name == "dali" else "cpu")
-    loader = build_loader(_manifest(paths), [0] * len(paths), cfg, train=True, device=device, backend=name)
+    backend, _, variant = name.partition(":")
+    if backend not in ("pil", "dali-cpu", "dali") or variant not in ("", "colour-graph"):
+        raise ValueError(f"unknown benchmark variant {name!r}; choose from {list(BENCH_BACKENDS)}, dali, "
+                         "dali:colour-graph, dali-cpu:colour-graph")
+    if variant:
+        cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, colour="graph"))
+    device = torch.device("cuda" if backend == "dali" else "cpu")
+    loader = build_loader(bench_manifest(paths), [0] * len(paths), cfg, train=True, device=device, backend=backend)
     return lambda epoch: _time_loader(loader, epoch)
 
 
@@ -200,7 +208,7 @@ def bench_decode(source: str | Path | Manifest, *, size: int = 384, batch: int =
     for rep in range(reps):  # interleaved, so a slow moment of a shared machine hits every variant
         for name, run in runners.items():
             c0 = _cpu_seconds()
-            with ResourceSampler(gpu=name in ("dali", "dali-gpu-decode")) as sampler:
+            with ResourceSampler(gpu=name.startswith("dali:") or name in ("dali", "dali-gpu-decode")) as sampler:
                 seconds = run(rep + 1)
             runs[name].append(len(paths) / seconds)
             cpu[name].append((_cpu_seconds() - c0) / len(paths) * 1000.0)
@@ -208,8 +216,10 @@ def bench_decode(source: str | Path | Manifest, *, size: int = 384, batch: int =
     results = {name: {"images_per_s": statistics.median(r), "runs": r, "min": min(r), "max": max(r),
                       "cpu_ms_per_image": statistics.median(cpu[name]), **_merge_usage(usage[name])}
                for name, r in runs.items()}
-    for loader, ceiling in (("pil", "pil-decode"), ("dali-cpu", "dali-decode"), ("dali", "dali-gpu-decode")):
-        if loader in results and ceiling in results:
+    ceilings = {"pil": "pil-decode", "dali-cpu": "dali-decode", "dali": "dali-gpu-decode"}
+    for loader in results:
+        ceiling = ceilings.get(loader.partition(":")[0])
+        if ceiling in results and "decode" not in loader:
             results[loader]["of_ceiling"] = results[loader]["images_per_s"] / results[ceiling]["images_per_s"]
     _logger.info("bench_decode %s: %s", source,
                  ", ".join(f"{k} {v['images_per_s']:.1f} img/s" for k, v in results.items()))

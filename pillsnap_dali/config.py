@@ -90,6 +90,7 @@ class LoaderConfig:
     dtype: str = "float32"
     layout: str = "NCHW"
     hw_decoder_load: float = 0.65
+    colour: str = "batch"
 
 
 @dataclass
@@ -186,6 +187,7 @@ _CHOICES = {
     "loader.backend": ("auto", "dali", "dali-cpu", "pil"),
     "loader.dtype": ("float16", "float32"),
     "loader.layout": ("NCHW", "NHWC"),
+    "loader.colour": ("batch", "graph"),
     "train.optimizer": ("adamw", "sgd"),
     "train.class_weights": ("none", "inv_freq", "effective_num"),
     "detect.backend": ("dali", "dali-cpu", "ultralytics"),

@@ -1,8 +1,10 @@
-"""DALI graph definitions (imports ``nvidia.dali`` only, never ``pillsnap_dali``)."""
+"""DALI graph definitions and the batch colour step (import ``nvidia.dali``, torch and numpy, never
+``pillsnap_dali``)."""
 from .classify import (ENCODED, ROWS, EvalSpec, OutputSpec, TrainSpec, classify_pipeline, decode_graph,
                        eval_graph, eval_resize_shorter, train_graph)
+from .colour import BatchColour
 from .common import IMAGENET_MEAN, IMAGENET_STD, PipelineOptions, shard_order
 
-__all__ = ["ENCODED", "ROWS", "EvalSpec", "OutputSpec", "TrainSpec", "classify_pipeline", "decode_graph",
+__all__ = ["BatchColour", "ENCODED", "ROWS", "EvalSpec", "OutputSpec", "TrainSpec", "classify_pipeline", "decode_graph",
            "eval_graph", "eval_resize_shorter", "train_graph", "IMAGENET_MEAN", "IMAGENET_STD",
            "PipelineOptions", "shard_order"]

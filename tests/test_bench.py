@@ -15,13 +15,19 @@ def test_bench_step_reports_a_rate(tmp_path, capsys):
 
 def test_bench_decode_table_json_and_chart(tmp_path, capsys):
     out = tmp_path / "dec"
-    assert bench.main(["decode", "--formats", "jpeg", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
+    assert bench.main(["decode", "--formats", "jpeg,cache640", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
                        "--reps", "1", "--threads", "1", "--no-model", "--out", str(out),
                        "--workdir", str(tmp_path / "img")]) == 0
     res = json.loads((out / "results.json").read_text())
     arms = res["inputs"]["jpeg"]["results"]
-    assert set(arms) >= {"pil", "dali-cpu", "pil-decode", "dali-decode"}
+    assert set(arms) >= {"pil", "dali-cpu", "dali-cpu:colour-graph", "pil-decode", "dali-decode"}
     assert all(a["images_per_s"] > 0 and a["peak_rss_mb"] > 0 for a in arms.values())
+    assert 0 < arms["dali-cpu:colour-graph"]["of_ceiling"] and "of_ceiling" not in arms["dali-decode"]
+    # the cache input: the generated PNGs through prepare at 640 px, benchmarked from its manifest
+    from pillsnap_dali.manifest_io import read_manifest
+    cached = read_manifest(tmp_path / "img" / "cache640_4" / "png_976x1280_4.csv")
+    assert len(cached.paths) == 4 and all(p.endswith(".jpg") for p in cached.paths)
+    assert res["inputs"]["cache640"]["results"]["dali-cpu"]["images_per_s"] > 0
     assert (out / "bars.png").stat().st_size > 0 and "| jpeg | dali-cpu |" in capsys.readouterr().out
 
 

@@ -69,21 +69,38 @@ def test_gpu_eval_matches_dali_cpu(photos):
     assert float((gpu - cpu).abs().mean(dim=(1, 2, 3)).max()) <= 0.03
 
 
-def test_no_host_round_trip_between_decode_and_model(photos):
+def test_gpu_training_without_jitter_matches_dali_cpu_for_both_colour_modes(photos):
+    """Full-image crop, no flip, no jitter: the training batch of ``dali`` (colour step on the GPU tensor)
+    and of ``dali-cpu`` agree within the eval bound, with the colour step on the batch and in the graph."""
+    plain = ["augment.random_area=[1.0,1.0]", f"augment.random_aspect_ratio=[{976 / 1280},{976 / 1280}]",
+             "augment.hflip=0", "augment.brightness=0", "augment.contrast=0", "augment.saturation=0",
+             "augment.hue=0"]
+    for mode in ("batch", "graph"):
+        cfg = _cfg(f"loader.colour={mode}", *plain)
+        out = {}
+        for backend, dev in (("dali", "cuda"), ("dali-cpu", "cpu")):
+            b = next(iter(build_loader(_manifest(photos), [0] * 4, cfg, train=True, device=torch.device(dev),
+                                       backend=backend)))
+            out[backend] = b.images.float().cpu()[b.rows.cpu().argsort()]
+        assert float((out["dali"] - out["dali-cpu"]).abs().mean(dim=(1, 2, 3)).max()) <= 0.03
+
+
+@pytest.mark.parametrize("colour", ["batch", "graph"])
+def test_no_host_round_trip_between_decode_and_model(photos, colour):
     """The graph's image output lives in GPU memory (mixed decode, GPU ops after it) and the loader copies it
-    device-to-device into the CUDA tensor it yields."""
+    device-to-device into the CUDA tensor it yields (the batch colour step then runs on that tensor)."""
     import nvidia.dali.backend as dali_backend
 
     from pipelines import PipelineOptions, TrainSpec, classify_pipeline
     bufs = [np.fromfile(p, dtype=np.uint8) for p in photos]
     fed = iter([(bufs, np.arange(len(bufs), dtype=np.int64))])
-    pipe = classify_pipeline(lambda: next(fed), TrainSpec(img_size=64),
+    pipe = classify_pipeline(lambda: next(fed), TrainSpec(img_size=64, colour=colour),
                              PipelineOptions(batch_size=4, device="gpu", device_id=torch.cuda.current_device()))
     images, rows = pipe.run()
     assert isinstance(images.as_tensor(), dali_backend.TensorGPU)
     assert isinstance(rows.as_tensor(), dali_backend.TensorCPU)  # row ids stay on the host, tiny
-    loader = build_loader(_manifest(photos), [0] * 4, _cfg(), train=False, device=torch.device("cuda"),
-                          backend="dali")
+    loader = build_loader(_manifest(photos), [0] * 4, _cfg(f"loader.colour={colour}"), train=True,
+                          device=torch.device("cuda"), backend="dali")
     assert next(iter(loader)).images.is_cuda
 
 

@@ -129,7 +129,8 @@ def test_gpu_graphs_are_well_formed_without_a_gpu():
     from pipelines.detect import detect_pipeline
 
     opts = PipelineOptions(batch_size=4, device="gpu", device_id=0)
-    for spec, graph in ((TrainSpec(img_size=64), train_graph), (EvalSpec(img_size=64), eval_graph),
+    for spec, graph in ((TrainSpec(img_size=64), train_graph), (TrainSpec(img_size=64, colour="batch"), train_graph),
+                        (EvalSpec(img_size=64), eval_graph),
                         (EvalSpec(img_size=64, resize_mode="crop"), eval_graph)):
         pipe = opts.new_pipeline()
         with pipe:

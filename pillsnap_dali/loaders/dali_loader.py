@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from pipelines import ENCODED, ROWS, EvalSpec, OutputSpec, PipelineOptions, TrainSpec, classify_pipeline
+from pipelines import (ENCODED, ROWS, BatchColour, EvalSpec, OutputSpec, PipelineOptions, TrainSpec,
+                       classify_pipeline)
 
 from .common import Batch, EpochPlan, LoaderBase, LoaderSpec, SkipLog, read_encoded, to_device_batch
 
@@ -37,7 +38,15 @@ def graph_spec(spec: LoaderSpec):
     return TrainSpec(img_size=pre.img_size, random_area=tuple(aug.random_area),
                      random_aspect_ratio=tuple(aug.random_aspect_ratio), hflip=aug.hflip,
                      brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue,
-                     output=out, hw_decoder_load=ld.hw_decoder_load)
+                     output=out, hw_decoder_load=ld.hw_decoder_load, colour=ld.colour)
+
+
+def batch_colour(graph: TrainSpec, seed: int, epoch: int, rank: int) -> BatchColour:
+    """The batch colour step of a ``colour="batch"`` training graph, seeded by (seed, epoch, rank)."""
+    out = graph.output
+    return BatchColour(hue=graph.hue, saturation=graph.saturation, brightness=graph.brightness,
+                       contrast=graph.contrast, mean=out.mean, std=out.std, dtype=out.dtype, layout=out.layout,
+                       seed=[seed, epoch, rank, 0xC0])
 
 
 def is_dead_pipeline(err: BaseException) -> bool:
@@ -172,6 +181,9 @@ class _Epoch:
         self.probe: Optional[RowProbe] = None
         self.probed_good: set[int] = set()
         self.pipe = None
+        graph = loader.graph
+        self.colour = (batch_colour(graph, loader.spec.seed, loader.epoch, loader.spec.rank)
+                       if isinstance(graph, TrainSpec) and graph.colour == "batch" else None)
 
     def _new_pipeline(self):
         self.pipe = classify_pipeline(self.reader, self.loader.graph, self.loader._options(self.restarts))
@@ -197,7 +209,7 @@ class _Epoch:
         row_ids = torch.from_numpy(np.array(rows.as_tensor(), dtype=np.int64).reshape(-1))
         self.reader.complete(row_ids.numpy())
         self.plan.stats["yielded"] += len(row_ids)
-        return dali_to_batch(images, row_ids, self.loader.label_table, self.loader.spec.loader)
+        return dali_to_batch(images, row_ids, self.loader.label_table, self.loader.spec.loader, self.colour)
 
     def _recover(self, err: RuntimeError) -> None:
         batches = self.reader.take_in_flight()
@@ -232,26 +244,36 @@ class _Epoch:
         return bad
 
 
-def dali_to_batch(images, rows: torch.Tensor, label_table: torch.Tensor, ld) -> Batch:
+def dali_to_batch(images, rows: torch.Tensor, label_table: torch.Tensor, ld,
+                  colour: Optional[BatchColour] = None) -> Batch:
     """DALI output (CPU or GPU TensorList) -> Batch on the label table's device.
 
     The DALI buffer is reused by later iterations, so it is copied (``feed_ndarray``): into a new CPU tensor,
-    or for GPU output straight into a CUDA tensor on the current stream (no host round trip).
+    or for GPU output straight into a CUDA tensor on the current stream (no host round trip). With
+    ``colour`` the output is uint8 CHW: it moves to the training device as uint8 (a quarter of the float32
+    bytes) and ``colour`` turns it into the normalized batch there.
     """
     from nvidia.dali.backend import TensorGPU
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     dense = images.as_tensor()
-    dtype = getattr(torch, ld.dtype)
+    dtype = torch.uint8 if colour is not None else getattr(torch, ld.dtype)
     on_gpu = isinstance(dense, TensorGPU)
-    out = torch.empty(tuple(dense.shape()), dtype=dtype, device=label_table.device if on_gpu else "cpu")
+    device = label_table.device
+    out = torch.empty(tuple(dense.shape()), dtype=dtype, device=device if on_gpu else "cpu")
     if on_gpu:
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device))
     else:
         feed_ndarray(dense, out)
+    if colour is not None:
+        if not on_gpu and device.type == "cuda":
+            out = out.pin_memory().to(device, non_blocking=True)
+        out = colour(out)  # normalized, ld.dtype, channels_last for NHWC
+        rows = rows.to(device, non_blocking=True)
+        return Batch(images=out, labels=label_table[rows], rows=rows)
     if ld.layout == "NHWC":
         out = out.permute(0, 3, 1, 2)  # logical NCHW, channels_last memory
     if on_gpu:
-        rows = rows.to(label_table.device, non_blocking=True)
+        rows = rows.to(device, non_blocking=True)
         return Batch(images=out, labels=label_table[rows], rows=rows)
     return to_device_batch(out, rows, label_table, ld.layout == "NHWC")
