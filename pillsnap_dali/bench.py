@@ -1,4 +1,4 @@
-"""``python -m pillsnap_dali.bench {decode,step,scan,predict}``: the benchmarks behind docs/benchmarks.md."""
+"""``python -m pillsnap_dali.bench {decode,step,scan,predict,readers}``: the benchmarks behind docs/benchmarks.md."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,29 @@ def _predict(argv) -> int:
                   "p95 ms": f"{res['p95_ms']:.1f}"}, res, a.json)
 
 
+def _readers(argv) -> int:
+    from .bench_loaders import bench_readers
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench readers",
+                                description="dali-cpu loader with each loader.readers value: img/s and the "
+                                            "training thread's time in the external source")
+    p.add_argument("source", help="a folder of images or a manifest")
+    p.add_argument("--readers", default="0,4", help="comma-separated loader.readers values")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="simulated storage wait per file")
+    p.add_argument("--rows", type=int, default=192)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", help="write the result here")
+    a = p.parse_args(argv)
+    res = bench_readers(a.source, readers=[int(r) for r in a.readers.split(",")], latency_ms=a.latency_ms,
+                        rows=a.rows, reps=a.reps)
+    print("| readers | latency ms/file | img/s median | callback ms/batch |\n|---|---|---|---|")
+    for r, v in res["results"].items():
+        print(f"| {r} | {a.latency_ms:g} | {v['images_per_s']:.1f} | {v['callback_ms_per_batch']:.1f} |")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
 def _delegate(module: str):
     def run(argv) -> int:
         import importlib
@@ -83,7 +106,7 @@ def _delegate(module: str):
 
 
 COMMANDS = {"step": _step, "decode": _delegate("bench_decode"), "scan": _delegate("bench_scan"),
-            "predict": _predict}
+            "predict": _predict, "readers": _readers}
 
 
 def main(argv=None) -> int:

@@ -275,3 +275,70 @@ def _merge_usage(samples: list[dict]) -> dict:
     keys = {k for s in samples for k in s}
     return {k: (max if k == "peak_rss_mb" or k == "gpu_mem_used_gb" else statistics.median)(
         [s[k] for s in samples if k in s]) for k in sorted(keys)}
+
+
+class _SlowStorage:
+    """Wraps the DALI reader's file read in a sleep of ``latency_s`` per file (GIL released, like a storage
+    wait): a stand-in for a cold page cache, which a benchmark cannot produce without root."""
+
+    def __init__(self, latency_s: float):
+        self.latency_s = latency_s
+
+    def __enter__(self):
+        from .loaders import dali_loader
+        self._module, self._orig = dali_loader, dali_loader.read_encoded
+        latency, orig = self.latency_s, self._orig
+
+        def slow(path, max_pixels):
+            time.sleep(latency)
+            return orig(path, max_pixels)
+        if latency > 0:
+            dali_loader.read_encoded = slow
+        return self
+
+    def __exit__(self, *exc):
+        self._module.read_encoded = self._orig
+
+
+def bench_readers(source: str | Path | Manifest, *, readers: Sequence[int] = (0, 4), latency_ms: float = 0.0,
+                  size: int = 384, batch: int = 16, threads: int = 2, rows: int = 192, reps: int = 3) -> dict:
+    """The dali-cpu training loader with each ``loader.readers`` value, epochs interleaved: images/s and the
+    time the training thread spends in the pipeline's external source per batch (reading in place puts the
+    file reads there). ``latency_ms`` adds a per-file storage wait (see ``_SlowStorage``)."""
+    import torch
+
+    from .loaders import build_loader
+    from .loaders import dali_loader
+    files = _paths_of(source)
+    paths = (files * (-(-rows // len(files))))[:max(rows, len(files))]
+    base = _bench_config(size, batch, threads)
+    loaders = {r: build_loader(bench_manifest(paths), [0] * len(paths),
+                               dataclasses.replace(base, loader=dataclasses.replace(base.loader, readers=r)),
+                               train=True, device=torch.device("cpu"), backend="dali-cpu") for r in readers}
+    spent = [0.0]
+    orig_call = dali_loader.RowReader.__call__
+
+    def timed(self):
+        t0 = time.perf_counter()
+        try:
+            return orig_call(self)
+        finally:
+            spent[0] += time.perf_counter() - t0
+    rates: dict = {r: [] for r in readers}
+    callback: dict = {r: [] for r in readers}
+    dali_loader.RowReader.__call__ = timed
+    try:
+        with _SlowStorage(latency_ms / 1000.0):
+            for rep in range(reps + 1):  # the first round warms up
+                for r, loader in loaders.items():
+                    spent[0] = 0.0
+                    seconds = _time_loader(loader, rep)
+                    if rep:
+                        rates[r].append(len(paths) / seconds)
+                        callback[r].append(spent[0] / -(-len(paths) // batch) * 1000.0)
+    finally:
+        dali_loader.RowReader.__call__ = orig_call
+    results = {str(r): {"images_per_s": statistics.median(rates[r]), "runs": rates[r],
+                        "callback_ms_per_batch": statistics.median(callback[r])} for r in readers}
+    return {"source": str(source), "images": len(paths), "latency_ms": latency_ms, "batch": batch,
+            "threads": threads, "reps": reps, "machine": machine_info(), "results": results}

@@ -91,6 +91,7 @@ class LoaderConfig:
     layout: str = "NCHW"
     hw_decoder_load: float = 0.65
     colour: str = "batch"
+    readers: int = 4
 
 
 @dataclass
@@ -384,6 +385,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.target_accuracy must be in (0, 1], got {cfg.train.target_accuracy}")
     if len(cfg.augment.random_area) != 2 or len(cfg.augment.random_aspect_ratio) != 2:
         raise ConfigError("augment.random_area and augment.random_aspect_ratio must be [min, max]")
+    ld = cfg.loader
+    if ld.threads < 1 or ld.workers < 0 or ld.prefetch < 1 or ld.readers < 0:
+        raise ConfigError(f"loader.threads and loader.prefetch must be >= 1, loader.workers and loader.readers "
+                          f">= 0 (got threads={ld.threads}, prefetch={ld.prefetch}, workers={ld.workers}, "
+                          f"readers={ld.readers})")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -43,3 +43,17 @@ def test_bench_predict_combo_needs_a_detector(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["predict", "x.png", "--classifier", "y.pt", "--mode", "combo"])
     assert e.value.code == 2 and "--mode combo needs --detector" in capsys.readouterr().err
+
+
+def test_bench_readers_compares_read_ahead_with_reading_in_place(tmp_path, capsys):
+    from pillsnap_dali.bench_loaders import write_bench_images
+    write_bench_images(tmp_path / "img", 4, fmt="jpeg", size=(64, 80))
+    out = tmp_path / "readers.json"
+    assert bench.main(["readers", str(tmp_path / "img"), "--readers", "0,2", "--latency-ms", "5", "--rows", "16",
+                       "--reps", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"0", "2"} and all(v["images_per_s"] > 0 for v in res.values())
+    # reading in place, the 5 ms wait of each of the batch's 16 files lands in the training thread
+    assert res["0"]["callback_ms_per_batch"] > 5 * 8
+    assert res["2"]["callback_ms_per_batch"] < res["0"]["callback_ms_per_batch"]
+    assert "| 0 | 5 |" in capsys.readouterr().out

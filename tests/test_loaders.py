@@ -157,6 +157,27 @@ def test_corrupt_files_never_stop_an_epoch(tmp_path, split, backend):
     assert st2["yielded"] + st2["skipped"] + st2["excluded"] + st2["dropped"] == n
 
 
+def test_read_ahead_changes_nothing_but_timing(tmp_path, split):
+    """loader.readers > 0 reads the next batch in threads: the same batches in the same order and the same
+    skips (with pipeline failures and recoveries on the real broken files) as reading in place."""
+    real = sorted(p for p in REAL_IMAGES.iterdir() if p.suffix.lower() != ".txt")[:120]
+    paths = [p for pair in zip(split, real) for p in pair] + real[len(split):]
+    n = len(paths)
+    runs = {}
+    for readers in (0, 3):
+        cfg = _cfg("train.batch_size=8", f"loader.readers={readers}", "data.max_pixels=4000000")
+        log = SkipLog(None)
+        loader = build_loader(_manifest(paths), [0] * n, cfg, train=True, device=CPU, backend="dali-cpu",
+                              skip_log=log)
+        loader.set_epoch(0)
+        batches = [b.rows.tolist() for b in loader]
+        runs[readers] = (batches, sorted((e["row"], e["reason"]) for e in log.entries), loader.epoch_stats())
+    assert runs[0] == runs[3]
+    batches, skips, stats = runs[3]
+    assert skips and stats["yielded"] + stats["skipped"] == n
+    assert all(len(b) == 8 for b in batches[:-1])  # skipped files are replaced from the following rows
+
+
 def test_eval_parity_dali_cpu_vs_pil(tmp_path):
     """Bound: on 976x1280 photo-like PNGs the normalized evaluation tensors of dali-cpu and pil differ by
     at most 0.02 in mean absolute value (about 1.2 grey levels of 255), for both resize modes."""

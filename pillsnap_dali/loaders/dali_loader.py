@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import numpy as np
@@ -69,25 +70,52 @@ class RowReader:
     Files that are missing, empty or too large (header check) are skipped here, before DALI sees them, and
     the batch is filled up from the following rows. Every batch handed out stays in ``in_flight`` until
     ``complete`` receives its outputs.
+
+    With ``readers > 0`` the next batch's files are read (bytes + header check) by that many threads while
+    DALI works on the current one, so file I/O is off the training loop's thread (DALI calls its external
+    source in the thread that runs the pipeline). The order, the skips and the accounting are exactly those
+    of reading in place: a skip is logged when its batch is handed out, and on a pipeline failure the rows
+    read ahead go back to the queue behind the rows that were in flight.
     """
 
-    def __init__(self, order: Sequence[int], paths: Sequence[str], spec: LoaderSpec, on_skip):
+    def __init__(self, order: Sequence[int], paths: Sequence[str], spec: LoaderSpec, on_skip,
+                 readers: int = 0):
         self.queue = deque(int(r) for r in order)
         self.in_flight: deque = deque()
         self.paths, self.on_skip = paths, on_skip
         self.batch_size, self.drop_last, self.max_pixels = spec.batch_size, spec.drop_last, spec.max_pixels
         self.dropped = 0
+        self._pool = ThreadPoolExecutor(readers, thread_name_prefix="pillsnap-read") if readers > 0 else None
+        self._ahead: Optional[list] = None  # [(row, future of read_encoded)] of the next batch
+
+    def _read(self, row: int):
+        return read_encoded(self.paths[row], self.max_pixels)
+
+    def _start_ahead(self) -> None:
+        rows = [self.queue.popleft() for _ in range(min(self.batch_size, len(self.queue)))]
+        self._ahead = [(r, self._pool.submit(self._read, r)) for r in rows] or None
 
     def __call__(self):
         rows, bufs = [], []
-        while len(rows) < self.batch_size and self.queue:
-            row = self.queue.popleft()
-            buf, reason = read_encoded(self.paths[row], self.max_pixels)
+
+        def take(row, result):
+            buf, reason = result
             if reason is not None:
                 self.on_skip(row, reason)
-                continue
-            rows.append(row)
-            bufs.append(buf)
+            else:
+                rows.append(row)
+                bufs.append(buf)
+        if self._pool is not None:
+            if self._ahead is None:
+                self._start_ahead()
+            ahead, self._ahead = self._ahead or [], None
+            for row, fut in ahead:
+                take(row, fut.result())
+        while len(rows) < self.batch_size and self.queue:  # all rows, or the top-up after skips
+            row = self.queue.popleft()
+            take(row, self._read(row))
+        if self._pool is not None:
+            self._start_ahead()  # the next batch is read while DALI decodes this one
         if not rows or (self.drop_last and len(rows) < self.batch_size):
             self.dropped += len(rows)
             raise StopIteration
@@ -100,13 +128,28 @@ class RowReader:
             raise RuntimeError(f"DALI returned rows {rows.tolist()[:8]}... for a batch fed as {expected[:8]}...")
 
     def take_in_flight(self) -> list[list[int]]:
+        """The batches DALI holds, for recovery; rows read ahead go back to the head of the queue (they
+        will follow the in-flight rows that recovery requeues)."""
+        self._return_ahead()
         batches = list(self.in_flight)
         self.in_flight.clear()
         return batches
 
+    def _return_ahead(self) -> None:
+        if self._ahead:
+            for _, fut in self._ahead:
+                fut.cancel()
+            self.requeue([r for r, _ in self._ahead])
+        self._ahead = None
+
     def requeue(self, rows: Sequence[int]) -> None:
         """Put rows back at the head of the stream, in their order."""
         self.queue.extendleft(reversed(list(rows)))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 class RowProbe:
@@ -164,6 +207,7 @@ class DaliLoader(LoaderBase):
             yield from epoch.run()
         finally:
             plan.stats["dropped"] = epoch.reader.dropped
+            epoch.reader.close()
             epoch.pipe = None
 
     def skip(self, plan: EpochPlan, row: int, reason: str) -> None:
@@ -176,7 +220,8 @@ class _Epoch:
 
     def __init__(self, loader: DaliLoader, plan: EpochPlan):
         self.loader, self.plan = loader, plan
-        self.reader = RowReader(plan.order, loader.paths, loader.spec, lambda r, why: loader.skip(plan, r, why))
+        self.reader = RowReader(plan.order, loader.paths, loader.spec, lambda r, why: loader.skip(plan, r, why),
+                                readers=loader.spec.loader.readers)
         self.restarts = self.blind_failures = 0
         self.probe: Optional[RowProbe] = None
         self.probed_good: set[int] = set()
