@@ -208,20 +208,27 @@ class DaliDetectLoader:
         return _Item(i, data, (h, w), letterbox_geometry(h, w, self.imgsz),
                      _xywh_to_ltrb(self.dataset.labels[i]["bboxes"]))
 
-    def _run(self, items: list[_Item]):
+    def _submit(self, items: list[_Item]):
+        """Feed one batch and schedule it; DALI works on it in its own threads while the trainer trains on
+        the previous one. Returns what ``_collect`` needs (the pipeline is kept: ``reset()`` may drop ours)."""
         if self._pipe is None:
             self._pipe = self._build()
-        self._pipe.feed_input("encoded", [it.data for it in items])
-        self._pipe.feed_input("boxes", [it.boxes for it in items])
-        self._pipe.feed_input("geometry", [np.array(it.geometry, np.int32) for it in items])
-        return self._pipe.run()
+        pipe = self._pipe
+        pipe.feed_input("encoded", [it.data for it in items])
+        pipe.feed_input("boxes", [it.boxes for it in items])
+        pipe.feed_input("geometry", [np.array(it.geometry, np.int32) for it in items])
+        pipe.schedule_run()
+        return items, pipe
 
-    def _run_or_probe(self, items: list[_Item]):
-        """Run the graph; when it fails, find the files that do not decode, skip them and run again."""
+    def _collect(self, pending):
+        """The scheduled batch's outputs; when the graph fails, skip the files that do not decode and run
+        the rest again. Returns (items, pipeline, outputs), outputs None when no item was left."""
+        items, pipe = pending
         try:
-            return items, self._run(items)
+            return items, pipe, pipe.outputs()
         except RuntimeError as e:
-            self._pipe = None  # a failed DALI pipeline is no longer valid
+            if self._pipe is pipe:
+                self._pipe = None  # a failed DALI pipeline is no longer valid
             bad = {it.index for it in items if not _decodes(it.data)}
             if not bad:
                 raise
@@ -229,20 +236,34 @@ class DaliDetectLoader:
                 if it.index in bad:
                     self._skip(it, f"does not decode ({str(e).splitlines()[0][:80]})")
             items = [it for it in items if it.index not in bad]
-            return (items, self._run(items)) if items else (items, None)
+            if not items:
+                return items, None, None
+            items, pipe = self._submit(items)
+            return items, pipe, pipe.outputs()
+
+    def _item_batches(self, order: np.ndarray):
+        for start in range(0, len(order), self.batch_size):
+            items = [it for it in (self._read(int(i)) for i in order[start:start + self.batch_size]) if it]
+            if items:
+                yield items
 
     def __iter__(self):
         good = np.array([i for i in range(len(self.dataset)) if i not in self._bad], dtype=np.int64)
         if self.shuffle:
             good = np.random.default_rng(self.options.seed + self._epoch).permutation(good)
         self._epoch += 1
-        for start in range(0, len(good), self.batch_size):
-            items = [it for it in (self._read(int(i)) for i in good[start:start + self.batch_size]) if it]
-            if not items:
-                continue
-            items, outs = self._run_or_probe(items)
+        batches = self._item_batches(good)
+        first = next(batches, None)
+        pending = self._submit(first) if first else None
+        while pending is not None:
+            items, pipe, outs = self._collect(pending)
+            batch = self._collate(items, outs) if outs is not None else None  # copies out of DALI's buffers
             if outs is not None:
-                yield self._collate(items, outs)
+                pipe.release_outputs()
+            following = next(batches, None)  # read and scheduled before this batch is handed over
+            pending = self._submit(following) if following else None
+            if batch is not None:
+                yield batch
 
     def _images_to_torch(self, images) -> torch.Tensor:
         if self.options.device == "gpu":

@@ -89,7 +89,7 @@ def _jitter(images, boxes, aug: dict):
 NO_AUGMENT = {"fliplr": 0.0, "flipud": 0.0, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0}
 
 
-@pipeline_def(exec_async=False, exec_pipelined=False)
+@pipeline_def
 def detect_pipeline(*, device: str = "gpu", imgsz: int = 640, augment: dict | None = None):
     """The detector's input graph; ``augment`` None (or NO_AUGMENT) is the validation graph.
 
