@@ -87,10 +87,22 @@ class BatchColour:
             buf = self._buf = torch.empty(u8.shape, dtype=torch.float32, device=u8.device)
         return buf.copy_(u8)
 
-    def _luma(self, device: torch.device) -> torch.Tensor:
+    def _device_consts(self, device: torch.device) -> tuple:
+        """(luma (3,), scale (1,3,1), shift (1,3,1)) on ``device``, made once per device."""
         if device not in self._consts:
-            self._consts[device] = torch.as_tensor(LUMA, dtype=torch.float32, device=device)
+            as_t = lambda a: torch.as_tensor(a, dtype=torch.float32).to(device)  # noqa: E731
+            self._consts[device] = (as_t(LUMA), as_t(1.0 / (255.0 * self.std)).view(1, 3, 1),
+                                    as_t(-self.mean / self.std).view(1, 3, 1))
         return self._consts[device]
+
+    @staticmethod
+    def _to_device(params: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Per-batch parameters to the batch's device without a host-device sync: a plain
+        ``torch.as_tensor(..., device="cuda")`` waits for the stream (every queued kernel of the last step)."""
+        t = torch.from_numpy(params)
+        if device.type != "cuda":
+            return t.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
 
     def __call__(self, images: torch.Tensor, factors: Optional[dict] = None) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
@@ -110,12 +122,13 @@ class BatchColour:
         b, _, h, w = images.shape
         f = factors if factors is not None else self.draw(b)
         dev = images.device
-        luma = self._luma(dev)
+        luma, scale, shift = self._device_consts(dev)
         x = self._float_input(images.reshape(b, 3, h * w))
         # colour matrix on 0..255 values: brightness * hue/saturation; contrast blends with the mean gray
         m = hue_saturation_matrices(f["hue"], f["saturation"]) * f["brightness"][:, None, None]
-        m_t = torch.as_tensor(m, dtype=torch.float32, device=dev)
-        c = torch.as_tensor(f["contrast"], dtype=torch.float32, device=dev)
+        params = self._to_device(np.concatenate([m.reshape(b, 9), f["contrast"][:, None]], axis=1)
+                                 .astype(np.float32), dev)
+        m_t, c = params[:, :9].reshape(b, 3, 3), params[:, 9]
         if np.any(f["contrast"] != 1.0):
             # the image's mean gray after hue/saturation/brightness
             mean_gray = luma @ torch.bmm(m_t, x.mean(dim=2, keepdim=True)).squeeze(2).T  # (b,)
@@ -124,8 +137,6 @@ class BatchColour:
             offset = torch.zeros(b, 3, 1, device=dev)
         m_t = m_t * c.view(b, 1, 1)
         # normalize: y = (x' / 255 - mean) / std, folded into the matrix and the offset
-        scale = torch.as_tensor(1.0 / (255.0 * self.std), dtype=torch.float32, device=dev).view(1, 3, 1)
-        shift = torch.as_tensor(-self.mean / self.std, dtype=torch.float32, device=dev).view(1, 3, 1)
         y = torch.baddbmm(offset * scale + shift, m_t * scale, x)
         for ch in range(3):  # = clamp of x' to [0, 255]; scalar bounds per channel (tensor bounds: 3x slower)
             y[:, ch].clamp_(self._lo[ch], self._hi[ch])

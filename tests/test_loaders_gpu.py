@@ -113,3 +113,24 @@ def test_gpu_epoch_survives_a_corrupt_file(photos, tmp_path):
                           backend="dali", skip_log=log)
     rows = [r for b in loader for r in b.rows.tolist()]
     assert sorted(rows) == [0, 1, 2, 3] and log.rows == {4}
+
+
+def test_colour_step_and_dali_batches_make_no_host_device_sync(photos):
+    """Past the first batch (which makes per-device constants and pinned buffers), neither the batch colour
+    step nor the loader's hand-over waits for the GPU: torch's sync debug mode turns any sync into an error."""
+    from pipelines import IMAGENET_MEAN, IMAGENET_STD, BatchColour
+    colour = BatchColour(hue=0.02, saturation=0.2, brightness=0.2, contrast=0.2, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD)
+    x = torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8, device="cuda")
+    colour(x)
+    loader = build_loader(_manifest(list(photos) * 3), [0] * 12, _cfg(), train=True, device=torch.device("cuda"),
+                          backend="dali")
+    it = iter(loader)
+    next(it)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = colour(x)
+        rest = list(it)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert y.is_cuda and len(rest) == 2 and all(b.images.is_cuda for b in rest)

@@ -314,11 +314,16 @@ def dali_to_batch(images, rows: torch.Tensor, label_table: torch.Tensor, ld,
         if not on_gpu and device.type == "cuda":
             out = out.pin_memory().to(device, non_blocking=True)
         out = colour(out)  # normalized, ld.dtype, channels_last for NHWC
-        rows = rows.to(device, non_blocking=True)
+        rows = _rows_to(rows, device)
         return Batch(images=out, labels=label_table[rows], rows=rows)
     if ld.layout == "NHWC":
         out = out.permute(0, 3, 1, 2)  # logical NCHW, channels_last memory
     if on_gpu:
-        rows = rows.to(device, non_blocking=True)
+        rows = _rows_to(rows, device)
         return Batch(images=out, labels=label_table[rows], rows=rows)
     return to_device_batch(out, rows, label_table, ld.layout == "NHWC")
+
+
+def _rows_to(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Row ids to the training device, asynchronously (pinned) on CUDA."""
+    return rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows
