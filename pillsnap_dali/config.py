@@ -10,11 +10,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+AUTO = "auto"
+AutoInt = Union[int, str]  # an integer, or "auto": resolved when the config is loaded (``resolve_auto``)
 
 _logger = logging.getLogger(__name__)
 
@@ -83,8 +87,8 @@ class AugmentConfig:
 @dataclass
 class LoaderConfig:
     backend: str = "auto"
-    threads: int = 2
-    workers: int = 2
+    threads: AutoInt = AUTO
+    workers: AutoInt = AUTO
     prefetch: int = 2
     drop_last: bool = False
     dtype: str = "float32"
@@ -221,6 +225,13 @@ def _suggest(key: str, valid: list[str]) -> str:
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     origin = get_origin(typ)
+    if origin is Union and set(get_args(typ)) == {int, str}:  # AutoInt
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        try:
+            return _coerce(value, int, key)
+        except ConfigError:
+            raise ConfigError(f"config key '{key}' must be an integer or 'auto', got {value!r}") from None
     if origin is not None and type(None) in get_args(typ):  # Optional[X]
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
             return None
@@ -355,16 +366,38 @@ def load_config(stage: str | None = None, path: str | Path | None = None, overri
     data = _merge(data, overrides or {})
     data = _merge(data, parse_set(sets))
     data["stage"] = stage
-    cfg = _build(Config, data)
+    cfg = resolve_auto(_build(Config, data))
     validate(cfg)
     return cfg
 
 
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config from a resolved dict (e.g. the copy stored in a checkpoint or run dir)."""
-    cfg = _build(Config, data)
+    cfg = resolve_auto(_build(Config, data))
     validate(cfg)
     return cfg
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_auto(cfg: Config) -> Config:
+    """``loader.threads`` / ``loader.workers`` = "auto": this process's share of the cores (all of them, or
+    cores / LOCAL_WORLD_SIZE under torchrun), so DALI's CPU stages (PNG decoding, even on the GPU path) and
+    the PIL workers scale with the machine instead of a fixed 2."""
+    ld = cfg.loader
+    if AUTO not in (ld.threads, ld.workers):
+        return cfg
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    share = max(1, available_cores() // local)
+    loader = dataclasses.replace(ld, threads=share if ld.threads == AUTO else ld.threads,
+                                 workers=share if ld.workers == AUTO else ld.workers)
+    return dataclasses.replace(cfg, loader=loader)
 
 
 def validate(cfg: Config) -> None:

@@ -54,3 +54,21 @@ def test_every_schema_key_is_documented_in_base_yaml():
 def test_parse_set_rejects_malformed():
     with pytest.raises(ConfigError, match="key=value"):
         parse_set(["train.lr"])
+
+
+def test_loader_threads_and_workers_auto_follow_the_cores_and_the_local_ranks(monkeypatch):
+    from pillsnap_dali.config import available_cores, config_from_dict
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cores = available_cores()
+    cfg = load_config("3")  # base.yaml says auto for both
+    assert (cfg.loader.threads, cfg.loader.workers) == (cores, cores)
+    assert load_config("3", sets=["loader.threads=3", "loader.workers=0"]).loader.workers == 0
+    assert load_config("3", sets=["loader.threads=3"]).loader.threads == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))  # more ranks than cores: still one thread each
+    assert load_config("3").loader.threads == 1
+    # a stored (resolved) config comes back as it was written
+    assert config_from_dict(cfg.to_dict()).loader.threads == cores
+    with pytest.raises(ConfigError, match="integer or 'auto'"):
+        load_config("3", sets=["loader.threads=fast"])
+    with pytest.raises(ConfigError, match="loader.threads"):
+        load_config("3", sets=["loader.threads=0"])
