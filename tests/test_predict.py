@@ -4,7 +4,6 @@ the library, the existing project's state-dict checkpoints, and the scoring help
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ import os
 import shutil
 import struct
 import zlib
-from pathlib import Path
 
 import pytest
 from PIL import Image
