@@ -109,6 +109,7 @@ class DaliOptions:
     threads: int = 2               # DALI CPU threads
     device_id: int | None = None   # CUDA device for "gpu"
     seed: int = 0
+    max_pixels: int = 40_000_000   # files claiming more pixels are skipped from the header (data.max_pixels)
 
 
 @dataclass
@@ -125,14 +126,19 @@ def _xywh_to_ltrb(b: np.ndarray) -> np.ndarray:
     return np.concatenate([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], axis=1).astype(np.float32)
 
 
-def _decodes(data: np.ndarray) -> bool:
-    """Full decode with OpenCV: the probe that tells a corrupt file from a DALI problem."""
-    import cv2
+_EXIF_ORIENTATION = 0x0112
 
-    try:
-        return cv2.imdecode(data, cv2.IMREAD_COLOR) is not None
-    except cv2.error:
-        return False
+
+def _decoded_shape(data: np.ndarray) -> tuple[int, int]:
+    """(h, w) of the image as DALI decodes it: the header's size, transposed when EXIF orientation 5-8
+    rotates it (DALI applies the orientation, and Ultralytics keeps labels in that upright frame)."""
+    with Image.open(io.BytesIO(data.data)) as im:
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # a broken EXIF block: the decoder ignores it too
+            orientation = 1
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
 class DaliDetectLoader:
@@ -155,6 +161,7 @@ class DaliDetectLoader:
         self._shapes: dict[int, tuple[int, int]] = {}
         self._epoch = 0
         self._pipe = None
+        self._probe_pipe = None
 
     @property
     def sampler(self) -> range:
@@ -172,11 +179,11 @@ class DaliDetectLoader:
     def close(self) -> None:
         self._pipe = None
 
-    def _build(self):
+    def _build(self, batch_size: int | None = None):
         from pipelines.detect import detect_pipeline
 
         o = self.options
-        pipe = detect_pipeline(batch_size=self.batch_size, num_threads=o.threads,
+        pipe = detect_pipeline(batch_size=batch_size or self.batch_size, num_threads=o.threads,
                                device_id=o.device_id if o.device == "gpu" else None,
                                seed=o.seed + 1000 * self._epoch, device=o.device, imgsz=self.imgsz,
                                augment=self.augment, prefetch_queue_depth=1)
@@ -193,27 +200,46 @@ class DaliDetectLoader:
     def _read(self, i: int) -> _Item | None:
         from pipelines.detect import letterbox_geometry
 
+        from .loaders.common import read_encoded
         path = self.dataset.im_files[i]
-        try:
-            data = np.fromfile(path, dtype=np.uint8)
-            if data.size == 0:
-                raise OSError("empty file")
-            if i not in self._shapes:
-                with Image.open(io.BytesIO(data.tobytes())) as im:
-                    self._shapes[i] = (im.height, im.width)
-        except (OSError, Image.UnidentifiedImageError, ValueError) as e:
-            self._skip(i, f"unreadable: {e}")
+        data, reason = read_encoded(path, self.options.max_pixels)
+        if reason is not None:
+            self._skip(i, reason)
             return None
+        if i not in self._shapes:
+            try:
+                self._shapes[i] = _decoded_shape(data)
+            except Exception as e:  # any header PIL cannot read: this file's skip, with its reason
+                self._skip(i, f"unreadable header: {type(e).__name__}: {e}")
+                return None
         h, w = self._shapes[i]
         return _Item(i, data, (h, w), letterbox_geometry(h, w, self.imgsz),
                      _xywh_to_ltrb(self.dataset.labels[i]["bboxes"]))
 
-    def _submit(self, items: list[_Item]):
+    def _probe(self, items: list[_Item]) -> dict[int, str]:
+        """index -> reason, for the items the graph cannot take alone (a batch-1 pipeline of the same graph:
+        only DALI itself knows what DALI cannot decode)."""
+        from .loaders.dali_loader import dali_reason
+        bad = {}
+        for it in items:
+            if self._probe_pipe is None:
+                self._probe_pipe = self._build(batch_size=1)
+            try:
+                _, pipe = self._submit([it], self._probe_pipe)
+                pipe.outputs()
+                pipe.release_outputs()
+            except RuntimeError as e:
+                self._probe_pipe = None  # dead: rebuilt for the next probe
+                bad[it.index] = dali_reason(e)
+        return bad
+
+    def _submit(self, items: list[_Item], pipe=None):
         """Feed one batch and schedule it; DALI works on it in its own threads while the trainer trains on
         the previous one. Returns what ``_collect`` needs (the pipeline is kept: ``reset()`` may drop ours)."""
-        if self._pipe is None:
-            self._pipe = self._build()
-        pipe = self._pipe
+        if pipe is None:
+            if self._pipe is None:
+                self._pipe = self._build()
+            pipe = self._pipe
         pipe.feed_input("encoded", [it.data for it in items])
         pipe.feed_input("boxes", [it.boxes for it in items])
         pipe.feed_input("geometry", [np.array(it.geometry, np.int32) for it in items])
@@ -221,25 +247,27 @@ class DaliDetectLoader:
         return items, pipe
 
     def _collect(self, pending):
-        """The scheduled batch's outputs; when the graph fails, skip the files that do not decode and run
-        the rest again. Returns (items, pipeline, outputs), outputs None when no item was left."""
+        """The scheduled batch's outputs. When the graph fails, the batch's files are probed one by one;
+        those DALI cannot take are skipped (all of them, if it failed on the batch but on no file alone)
+        and the rest runs again. Returns (items, pipeline, outputs), outputs None when no item was left."""
+        from .loaders.dali_loader import dali_reason
         items, pipe = pending
         try:
             return items, pipe, pipe.outputs()
         except RuntimeError as e:
             if self._pipe is pipe:
                 self._pipe = None  # a failed DALI pipeline is no longer valid
-            bad = {it.index for it in items if not _decodes(it.data)}
+            bad = self._probe(items)
             if not bad:
-                raise
+                why = f"pipeline failed on its batch, not on the file alone ({dali_reason(e)})"
+                bad = {it.index: why for it in items}
             for it in items:
                 if it.index in bad:
-                    self._skip(it, f"does not decode ({str(e).splitlines()[0][:80]})")
+                    self._skip(it, bad[it.index])
             items = [it for it in items if it.index not in bad]
             if not items:
                 return items, None, None
-            items, pipe = self._submit(items)
-            return items, pipe, pipe.outputs()
+            return self._collect(self._submit(items))
 
     def _item_batches(self, order: np.ndarray):
         for start in range(0, len(order), self.batch_size):
@@ -338,6 +366,7 @@ class DetectRun:
     threads: int = 2    # DALI CPU threads
     seed: int = 0
     device: str = "auto"
+    max_pixels: int = 40_000_000
 
 
 def resolve_device(device: str, backend: str) -> tuple[str, str]:
@@ -393,7 +422,8 @@ def train_detector(run: DetectRun) -> dict:
     if backend != "ultralytics":
         dev_id = int(device.split(":")[1]) if ":" in device else 0
         options = DaliOptions(device="gpu" if backend == "dali" else "cpu", threads=run.threads,
-                              device_id=dev_id if backend == "dali" else None, seed=run.seed)
+                              device_id=dev_id if backend == "dali" else None, seed=run.seed,
+                              max_pixels=run.max_pixels)
         trainer = functools.partial(dali_trainer_class(), dali=options)
     _logger.info("training %s on %s (%s backend, %d px, %d epochs) -> %s", run.model, run.data_yaml, backend,
                  run.imgsz, run.epochs, run.out)
@@ -409,7 +439,7 @@ def run_from_config(cfg, data_yaml: Path) -> DetectRun:
     out = Path(cfg.train.out) / (f"detect_{cfg.stage}" if not cfg.train.name else f"detect_{cfg.train.name}")
     return DetectRun(data_yaml=data_yaml, model=d.model, epochs=d.epochs, imgsz=d.imgsz, batch_size=d.batch_size,
                      backend=d.backend, out=out, workers=d.workers, threads=cfg.loader.threads, seed=cfg.train.seed,
-                     device=cfg.train.device)
+                     device=cfg.train.device, max_pixels=cfg.data.max_pixels)
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -220,6 +220,49 @@ def test_corrupt_image_is_skipped_and_logged(converted, tmp_path):
     assert loader.skipped and loader.skipped[0][0] == str(bad) and len(loader) == 1
 
 
+def test_every_real_world_file_is_yielded_once_or_skipped(tmp_path):
+    """All of shared/testdata/real_images (valid, odd, broken; each with one box) through the detection
+    loader: nothing stops an epoch, each file is yielded once or skipped with a reason, none is retried."""
+    import shutil
+
+    from _paths import REAL_IMAGES
+    images, labels = tmp_path / "images" / "train", tmp_path / "labels" / "train"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    real = sorted(p for p in REAL_IMAGES.iterdir() if p.suffix.lower() not in (".txt", ".md"))
+    for i, p in enumerate(real):
+        dst = images / f"r{i:04d}.png"  # Ultralytics lists images by extension; the bytes stay what they are
+        shutil.copy(p, dst)
+        (labels / f"r{i:04d}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    loader = _loader(tmp_path, "train", augment={"fliplr": 0.5}, batch_size=8)
+    first = [f for b in loader for f in b["im_file"]]
+    skipped = {path for path, _ in loader.skipped}
+    assert len(first) == len(set(first)) and set(first).isdisjoint(skipped)
+    assert len(first) + len(skipped) == len(real) and len(skipped) == len(loader.skipped) > 0
+    assert all(reason for _, reason in loader.skipped)
+    assert any("exceed data.max_pixels" in reason or "decompression bomb" in reason for _, reason in loader.skipped)
+    second = [f for b in loader for f in b["im_file"]]
+    assert sorted(second) == sorted(first) and len(loader.skipped) == len(skipped)  # no retries
+
+
+def test_exif_rotated_image_is_letterboxed_upright(tmp_path):
+    """DALI applies EXIF orientation; the letterbox geometry must use the upright size (80 wide x 40 high for
+    a 40 x 80 file with orientation 6), or the resize would distort it."""
+    images, labels = tmp_path / "images" / "val", tmp_path / "labels" / "val"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 80), (200, 30, 30)).save(images / "rot.jpg", exif=exif.tobytes(), quality=95)
+    (labels / "rot.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    loader = _loader(tmp_path, "val", imgsz=64)
+    batch = next(iter(loader))
+    assert batch["ori_shape"] == ((40, 80),) and batch["resized_shape"] == ((32, 64),)
+    img = batch["img"][0].numpy()  # CHW uint8: rows 16..47 hold the picture, the rest is padding
+    assert (img[:, :14] == 114).all() and (img[:, 50:] == 114).all()
+    assert img[0, 20:44].mean() > 150 and img[1, 20:44].mean() < 80
+
+
 # ------------------------------------------------------------------------------------------ training
 def test_dali_fed_ultralytics_training_completes_offline(converted, tmp_path, monkeypatch):
     from pillsnap_dali.detect import DetectRun, train_detector
