@@ -19,6 +19,9 @@ import yaml
 
 AUTO = "auto"
 AutoInt = Union[int, str]  # an integer, or "auto": resolved when the config is loaded (``resolve_auto``)
+# caps of "auto" on big machines: DALI threads past 32 add no decode throughput per GPU; each PIL worker is a
+# process holding its own prefetched batches
+AUTO_MAX_THREADS, AUTO_MAX_WORKERS = 32, 16
 
 _logger = logging.getLogger(__name__)
 
@@ -388,15 +391,15 @@ def available_cores() -> int:
 
 def resolve_auto(cfg: Config) -> Config:
     """``loader.threads`` / ``loader.workers`` = "auto": this process's share of the cores (all of them, or
-    cores / LOCAL_WORLD_SIZE under torchrun), so DALI's CPU stages (PNG decoding, even on the GPU path) and
-    the PIL workers scale with the machine instead of a fixed 2."""
+    cores / LOCAL_WORLD_SIZE under torchrun; at most 32 threads / 16 workers), so DALI's CPU stages (PNG
+    decoding, even on the GPU path) and the PIL workers scale with the machine instead of a fixed 2."""
     ld = cfg.loader
     if AUTO not in (ld.threads, ld.workers):
         return cfg
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     share = max(1, available_cores() // local)
-    loader = dataclasses.replace(ld, threads=share if ld.threads == AUTO else ld.threads,
-                                 workers=share if ld.workers == AUTO else ld.workers)
+    loader = dataclasses.replace(ld, threads=min(share, AUTO_MAX_THREADS) if ld.threads == AUTO else ld.threads,
+                                 workers=min(share, AUTO_MAX_WORKERS) if ld.workers == AUTO else ld.workers)
     return dataclasses.replace(cfg, loader=loader)
 
 

@@ -61,13 +61,13 @@ def test_loader_threads_and_workers_auto_follow_the_cores_and_the_local_ranks(mo
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cores = available_cores()
     cfg = load_config("3")  # base.yaml says auto for both
-    assert (cfg.loader.threads, cfg.loader.workers) == (cores, cores)
+    assert (cfg.loader.threads, cfg.loader.workers) == (min(cores, 32), min(cores, 16))
     assert load_config("3", sets=["loader.threads=3", "loader.workers=0"]).loader.workers == 0
     assert load_config("3", sets=["loader.threads=3"]).loader.threads == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))  # more ranks than cores: still one thread each
     assert load_config("3").loader.threads == 1
     # a stored (resolved) config comes back as it was written
-    assert config_from_dict(cfg.to_dict()).loader.threads == cores
+    assert config_from_dict(cfg.to_dict()).loader.threads == min(cores, 32)
     with pytest.raises(ConfigError, match="integer or 'auto'"):
         load_config("3", sets=["loader.threads=fast"])
     with pytest.raises(ConfigError, match="loader.threads"):
