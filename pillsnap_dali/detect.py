@@ -26,6 +26,8 @@ import logging
 import math
 import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +112,7 @@ class DaliOptions:
     device_id: int | None = None   # CUDA device for "gpu"
     seed: int = 0
     max_pixels: int = 40_000_000   # files claiming more pixels are skipped from the header (data.max_pixels)
+    readers: int = 4               # threads reading the next batches' files during the step (loader.readers)
 
 
 @dataclass
@@ -270,10 +273,28 @@ class DaliDetectLoader:
             return self._collect(self._submit(items))
 
     def _item_batches(self, order: np.ndarray):
-        for start in range(0, len(order), self.batch_size):
-            items = [it for it in (self._read(int(i)) for i in order[start:start + self.batch_size]) if it]
-            if items:
-                yield items
+        """Batches of read items in ``order``. With ``options.readers`` threads the next two batches' files
+        are read (bytes + header) while the trainer steps, not in the step's gap."""
+        chunks = (order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size))
+        if self.options.readers <= 0:
+            for chunk in chunks:
+                items = [it for it in (self._read(int(i)) for i in chunk) if it]
+                if items:
+                    yield items
+            return
+        with ThreadPoolExecutor(self.options.readers, thread_name_prefix="pillsnap-detect-read") as pool:
+            ahead: deque = deque()
+            for chunk in chunks:
+                ahead.append([pool.submit(self._read, int(i)) for i in chunk])
+                if len(ahead) < 2:
+                    continue
+                items = [it for it in (f.result() for f in ahead.popleft()) if it]
+                if items:
+                    yield items
+            while ahead:
+                items = [it for it in (f.result() for f in ahead.popleft()) if it]
+                if items:
+                    yield items
 
     def __iter__(self):
         good = np.array([i for i in range(len(self.dataset)) if i not in self._bad], dtype=np.int64)
@@ -367,6 +388,7 @@ class DetectRun:
     seed: int = 0
     device: str = "auto"
     max_pixels: int = 40_000_000
+    readers: int = 4
 
 
 def resolve_device(device: str, backend: str) -> tuple[str, str]:
@@ -423,7 +445,7 @@ def train_detector(run: DetectRun) -> dict:
         dev_id = int(device.split(":")[1]) if ":" in device else 0
         options = DaliOptions(device="gpu" if backend == "dali" else "cpu", threads=run.threads,
                               device_id=dev_id if backend == "dali" else None, seed=run.seed,
-                              max_pixels=run.max_pixels)
+                              max_pixels=run.max_pixels, readers=run.readers)
         trainer = functools.partial(dali_trainer_class(), dali=options)
     _logger.info("training %s on %s (%s backend, %d px, %d epochs) -> %s", run.model, run.data_yaml, backend,
                  run.imgsz, run.epochs, run.out)
@@ -439,7 +461,7 @@ def run_from_config(cfg, data_yaml: Path) -> DetectRun:
     out = Path(cfg.train.out) / (f"detect_{cfg.stage}" if not cfg.train.name else f"detect_{cfg.train.name}")
     return DetectRun(data_yaml=data_yaml, model=d.model, epochs=d.epochs, imgsz=d.imgsz, batch_size=d.batch_size,
                      backend=d.backend, out=out, workers=d.workers, threads=cfg.loader.threads, seed=cfg.train.seed,
-                     device=cfg.train.device, max_pixels=cfg.data.max_pixels)
+                     device=cfg.train.device, max_pixels=cfg.data.max_pixels, readers=cfg.loader.readers)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
