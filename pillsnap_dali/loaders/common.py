@@ -213,14 +213,20 @@ def header_problem(buf: np.ndarray, max_pixels: int) -> Optional[str]:
     return None
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; CPU to CUDA through pinned memory, non_blocking (no host-device sync)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def to_device_batch(images: torch.Tensor, rows: torch.Tensor, label_table: torch.Tensor,
                     channels_last: bool) -> Batch:
-    """Move a CPU batch to the label table's device and look the labels up there."""
+    """Move a batch to the label table's device (if it is not there yet) and look the labels up there."""
     device = label_table.device
-    if device.type == "cuda":
-        images, rows = images.pin_memory(), rows.pin_memory()
-    images = images.to(device, non_blocking=True)
-    rows = rows.to(device, non_blocking=True)
+    images, rows = to_device(images, device), to_device(rows, device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return Batch(images=images, labels=label_table[rows], rows=rows)

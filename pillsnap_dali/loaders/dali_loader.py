@@ -20,7 +20,7 @@ import torch
 from pipelines import (ENCODED, ROWS, BatchColour, EvalSpec, OutputSpec, PipelineOptions, TrainSpec,
                        classify_pipeline)
 
-from .common import Batch, EpochPlan, LoaderBase, LoaderSpec, SkipLog, read_encoded, to_device_batch
+from .common import Batch, EpochPlan, LoaderBase, LoaderSpec, SkipLog, read_encoded, to_device, to_device_batch
 
 _logger = logging.getLogger(__name__)
 
@@ -311,19 +311,7 @@ def dali_to_batch(images, rows: torch.Tensor, label_table: torch.Tensor, ld,
     else:
         feed_ndarray(dense, out)
     if colour is not None:
-        if not on_gpu and device.type == "cuda":
-            out = out.pin_memory().to(device, non_blocking=True)
-        out = colour(out)  # normalized, ld.dtype, channels_last for NHWC
-        rows = _rows_to(rows, device)
-        return Batch(images=out, labels=label_table[rows], rows=rows)
-    if ld.layout == "NHWC":
+        out = colour(to_device(out, device))  # uint8 travels; normalized, ld.dtype, channels_last for NHWC
+    elif ld.layout == "NHWC":
         out = out.permute(0, 3, 1, 2)  # logical NCHW, channels_last memory
-    if on_gpu:
-        rows = _rows_to(rows, device)
-        return Batch(images=out, labels=label_table[rows], rows=rows)
     return to_device_batch(out, rows, label_table, ld.layout == "NHWC")
-
-
-def _rows_to(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Row ids to the training device, asynchronously (pinned) on CUDA."""
-    return rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows
