@@ -144,6 +144,23 @@ def _decoded_shape(data: np.ndarray) -> tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
+def _read_ahead(chunks, read, threads: int, depth: int = 2):
+    """``[read(x) for x in chunk]`` for each chunk in order; with ``threads`` > 0 the next ``depth`` chunks
+    are being read by a thread pool while the caller works on the current one (0: read in place)."""
+    if threads <= 0:
+        for chunk in chunks:
+            yield [read(x) for x in chunk]
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="pillsnap-detect-read") as pool:
+        ahead: deque = deque()
+        for chunk in chunks:
+            ahead.append([pool.submit(read, x) for x in chunk])
+            if len(ahead) >= depth:
+                yield [f.result() for f in ahead.popleft()]
+        while ahead:
+            yield [f.result() for f in ahead.popleft()]
+
+
 class DaliDetectLoader:
     """Batches for Ultralytics' DetectionTrainer/DetectionValidator from the DALI detection graph.
 
@@ -273,28 +290,13 @@ class DaliDetectLoader:
             return self._collect(self._submit(items))
 
     def _item_batches(self, order: np.ndarray):
-        """Batches of read items in ``order``. With ``options.readers`` threads the next two batches' files
-        are read (bytes + header) while the trainer steps, not in the step's gap."""
+        """Batches of read items in ``order``; with ``options.readers`` threads the next batches' files are
+        read (bytes + header) while the trainer steps, not in the gap between steps."""
         chunks = (order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size))
-        if self.options.readers <= 0:
-            for chunk in chunks:
-                items = [it for it in (self._read(int(i)) for i in chunk) if it]
-                if items:
-                    yield items
-            return
-        with ThreadPoolExecutor(self.options.readers, thread_name_prefix="pillsnap-detect-read") as pool:
-            ahead: deque = deque()
-            for chunk in chunks:
-                ahead.append([pool.submit(self._read, int(i)) for i in chunk])
-                if len(ahead) < 2:
-                    continue
-                items = [it for it in (f.result() for f in ahead.popleft()) if it]
-                if items:
-                    yield items
-            while ahead:
-                items = [it for it in (f.result() for f in ahead.popleft()) if it]
-                if items:
-                    yield items
+        for read in _read_ahead(chunks, lambda i: self._read(int(i)), self.options.readers):
+            items = [it for it in read if it]
+            if items:
+                yield items
 
     def __iter__(self):
         good = np.array([i for i in range(len(self.dataset)) if i not in self._bad], dtype=np.int64)
