@@ -3,8 +3,8 @@
 from .classify import (ENCODED, ROWS, EvalSpec, OutputSpec, TrainSpec, classify_pipeline, decode_graph,
                        eval_graph, eval_resize_shorter, train_graph)
 from .colour import BatchColour
-from .common import IMAGENET_MEAN, IMAGENET_STD, PipelineOptions, shard_order
+from .common import IMAGENET_MEAN, IMAGENET_STD, PipelineOptions
 
 __all__ = ["BatchColour", "ENCODED", "ROWS", "EvalSpec", "OutputSpec", "TrainSpec", "classify_pipeline", "decode_graph",
            "eval_graph", "eval_resize_shorter", "train_graph", "IMAGENET_MEAN", "IMAGENET_STD",
-           "PipelineOptions", "shard_order"]
+           "PipelineOptions"]

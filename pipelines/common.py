@@ -1,13 +1,14 @@
 """Pieces shared by every DALI graph: devices, dtypes, pipeline options and the shard order.
 
 Imports ``nvidia.dali`` and numpy only (never ``pillsnap_dali``), so a graph can be built and tested alone.
+(The shard order the readers feed lives with the loaders, ``pillsnap_dali.loaders.common.shard_order``: the
+``pil`` backend must work where DALI is not installed.)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline
 
@@ -68,21 +69,3 @@ def dali_layout(layout: str) -> str:
         return _LAYOUTS[layout]
     except KeyError:
         raise ValueError(f"layout must be one of {list(_LAYOUTS)}, got {layout!r}") from None
-
-
-def shard_order(num_rows: int, *, shard_id: int = 0, num_shards: int = 1, shuffle: bool = True,
-                seed: int = 0, epoch: int = 0) -> np.ndarray:
-    """Row ids one shard reads in one epoch (int64).
-
-    Shuffled: the permutation ``np.random.default_rng([seed, epoch])`` of all rows (the same on every
-    shard), of which shard ``r`` takes every ``num_shards``-th element starting at ``r``. Not shuffled:
-    ``arange(num_rows)[r::num_shards]``. The shards are disjoint and together cover all rows; their
-    lengths differ by at most one.
-    """
-    if num_shards < 1 or not 0 <= shard_id < num_shards:
-        raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
-    if seed < 0 or epoch < 0:
-        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    rows = (np.random.default_rng([seed, epoch]).permutation(num_rows) if shuffle
-            else np.arange(num_rows))
-    return rows[shard_id::num_shards].astype(np.int64)

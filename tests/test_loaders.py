@@ -13,6 +13,7 @@ from PIL import Image
 
 from pillsnap_dali.config import load_config
 from pillsnap_dali.loaders import Batch, SkipLog, build_loader, open_rgb, pil_eval_transform, resolve_backend
+from pillsnap_dali.loaders.common import shard_order
 from pillsnap_dali.manifest_io import Manifest
 
 from _paths import REAL_IMAGES  # noqa: E402
@@ -256,3 +257,37 @@ def test_weighted_sampler_balances_classes(split, backend):
     share_small = seen.count(0) / len(seen)
     assert 0.3 < share_small < 0.7  # unweighted it would be 0.1
     assert _epoch_rows(loader, 2) == _epoch_rows(loader, 2) != _epoch_rows(loader, 3)
+
+
+def test_shard_order_is_seeded_disjoint_and_covering():
+    a0 = shard_order(11, shard_id=0, num_shards=2, seed=5, epoch=0)
+    a1 = shard_order(11, shard_id=1, num_shards=2, seed=5, epoch=0)
+    assert sorted(np.concatenate([a0, a1]).tolist()) == list(range(11)) and len(a0) == 6 and len(a1) == 5
+    assert np.array_equal(a0, shard_order(11, shard_id=0, num_shards=2, seed=5, epoch=0))
+    assert not np.array_equal(a0, shard_order(11, shard_id=0, num_shards=2, seed=5, epoch=1))
+    assert shard_order(5, shuffle=False, shard_id=1, num_shards=2).tolist() == [1, 3]
+    with pytest.raises(ValueError):
+        shard_order(5, shard_id=2, num_shards=2)
+
+
+def test_pil_backend_works_where_dali_is_not_installed(tmp_path, split):
+    """``pil`` is the fallback without DALI: importing the loaders and running an epoch must not need it."""
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.modules['nvidia.dali'] = None\n"  # any 'import nvidia.dali...' now fails
+        "import torch\n"
+        "from pillsnap_dali.config import load_config\n"
+        "from pillsnap_dali.loaders import build_loader, resolve_backend\n"
+        "from pillsnap_dali.manifest_io import Manifest\n"
+        "paths = sys.argv[1:]\n"
+        "m = Manifest(None, paths, ['K-000001'] * len(paths), ['single'] * len(paths), ['t'] * len(paths),\n"
+        "             ['c'] * len(paths), [[] for _ in paths], [''] * len(paths))\n"
+        "cfg = load_config('demo', sets=['preprocess.img_size=32', 'train.batch_size=8', 'loader.workers=0'])\n"
+        "backend = resolve_backend('auto', torch.device('cpu'))\n"
+        "rows = [r for b in build_loader(m, [0] * len(paths), cfg, train=True, device=torch.device('cpu'),\n"
+        "                                backend=backend) for r in b.rows.tolist()]\n"
+        "print(backend, len(rows))\n")
+    out = subprocess.run([sys.executable, "-c", code, *map(str, split)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["pil", str(len(split))]

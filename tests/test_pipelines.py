@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipelines import (IMAGENET_MEAN, IMAGENET_STD, EvalSpec, OutputSpec, PipelineOptions, TrainSpec,
-                       classify_pipeline, shard_order)
+                       classify_pipeline)
 
 
 def _png(arr: np.ndarray) -> np.ndarray:
@@ -107,17 +107,6 @@ def test_pipeline_options_reject_bad_values():
         PipelineOptions(batch_size=2, device="tpu")
     with pytest.raises(ValueError, match="resize_mode"):
         EvalSpec(img_size=32, resize_mode="letterbox")
-
-
-def test_shard_order_is_seeded_disjoint_and_covering():
-    a0 = shard_order(11, shard_id=0, num_shards=2, seed=5, epoch=0)
-    a1 = shard_order(11, shard_id=1, num_shards=2, seed=5, epoch=0)
-    assert sorted(np.concatenate([a0, a1]).tolist()) == list(range(11)) and len(a0) == 6 and len(a1) == 5
-    assert np.array_equal(a0, shard_order(11, shard_id=0, num_shards=2, seed=5, epoch=0))
-    assert not np.array_equal(a0, shard_order(11, shard_id=0, num_shards=2, seed=5, epoch=1))
-    assert shard_order(5, shuffle=False, shard_id=1, num_shards=2).tolist() == [1, 3]
-    with pytest.raises(ValueError):
-        shard_order(5, shard_id=2, num_shards=2)
 
 
 def test_gpu_graphs_are_well_formed_without_a_gpu():

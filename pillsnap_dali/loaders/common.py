@@ -13,8 +13,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.common import shard_order
-
 from ..config import AugmentConfig, Config, LoaderConfig, PreprocessConfig
 
 _logger = logging.getLogger(__name__)
@@ -116,6 +114,24 @@ class LoaderSpec:
                    max_pixels=cfg.data.max_pixels, seed=seed, rank=rank, world_size=world_size)
 
 
+def shard_order(num_rows: int, *, shard_id: int = 0, num_shards: int = 1, shuffle: bool = True,
+                seed: int = 0, epoch: int = 0) -> np.ndarray:
+    """Row ids one shard reads in one epoch (int64).
+
+    Shuffled: the permutation ``np.random.default_rng([seed, epoch])`` of all rows (the same on every
+    shard), of which shard ``r`` takes every ``num_shards``-th element starting at ``r``. Not shuffled:
+    ``arange(num_rows)[r::num_shards]``. The shards are disjoint and together cover all rows; their
+    lengths differ by at most one.
+    """
+    if num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    rows = (np.random.default_rng([seed, epoch]).permutation(num_rows) if shuffle
+            else np.arange(num_rows))
+    return rows[shard_id::num_shards].astype(np.int64)
+
+
 def steps_for(num_rows: int, batch_size: int, drop_last: bool) -> int:
     return num_rows // batch_size if drop_last else -(-num_rows // batch_size)
 
@@ -123,7 +139,7 @@ def steps_for(num_rows: int, batch_size: int, drop_last: bool) -> int:
 class EpochPlan:
     """The rows one rank reads in one epoch and the epoch's accounting.
 
-    ``order``: this rank's shard (``pipelines.shard_order``: seeded permutation per epoch when training,
+    ``order``: this rank's shard (``shard_order``: seeded permutation per epoch when training,
     manifest order otherwise) minus files already in the skip log. Invariant after a full epoch:
     ``yielded + skipped + excluded + dropped == rows``.
     """
