@@ -137,8 +137,13 @@ def _decoded_shape(data: np.ndarray) -> tuple[int, int]:
     rotates it (DALI applies the orientation, and Ultralytics keeps labels in that upright frame)."""
     with Image.open(io.BytesIO(data.data)) as im:
         w, h = im.size
+        raw = im.info.get("exif")  # read with the header; im.getexif() would decode a whole PNG to look further
+    orientation = 1
+    if raw:
         try:
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+            exif = Image.Exif()
+            exif.load(raw)
+            orientation = exif.get(_EXIF_ORIENTATION, 1)
         except Exception:  # a broken EXIF block: the decoder ignores it too
             orientation = 1
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
@@ -194,10 +199,10 @@ class DaliDetectLoader:
         return True
 
     def reset(self) -> None:
-        self._pipe = None
+        self._pipe = self._probe_pipe = None
 
     def close(self) -> None:
-        self._pipe = None
+        self._pipe = self._probe_pipe = None
 
     def _build(self, batch_size: int | None = None):
         from pipelines.detect import detect_pipeline
@@ -266,19 +271,25 @@ class DaliDetectLoader:
         pipe.schedule_run()
         return items, pipe
 
-    def _collect(self, pending):
-        """The scheduled batch's outputs. When the graph fails, the batch's files are probed one by one;
-        those DALI cannot take are skipped (all of them, if it failed on the batch but on no file alone)
-        and the rest runs again. Returns (items, pipeline, outputs), outputs None when no item was left."""
-        from .loaders.dali_loader import dali_reason
+    def _collect(self, pending, blind: int = 0):
+        """The scheduled batch's outputs. When the pipeline dies, the batch's files are probed one by one
+        and those DALI cannot take are skipped; if no file fails alone, the batch is run once more, then
+        given up with its reason (as the classification loader does). Other errors propagate.
+        Returns (items, pipeline, outputs), outputs None when no item was left."""
+        from .loaders.dali_loader import MAX_BLIND_FAILURES, dali_reason, is_dead_pipeline
         items, pipe = pending
         try:
             return items, pipe, pipe.outputs()
         except RuntimeError as e:
+            if not is_dead_pipeline(e):
+                raise
             if self._pipe is pipe:
                 self._pipe = None  # a failed DALI pipeline is no longer valid
             bad = self._probe(items)
             if not bad:
+                blind += 1
+                if blind < MAX_BLIND_FAILURES:
+                    return self._collect(self._submit(items), blind)
                 why = f"pipeline failed on its batch, not on the file alone ({dali_reason(e)})"
                 bad = {it.index: why for it in items}
             for it in items:
@@ -306,15 +317,19 @@ class DaliDetectLoader:
         batches = self._item_batches(good)
         first = next(batches, None)
         pending = self._submit(first) if first else None
-        while pending is not None:
-            items, pipe, outs = self._collect(pending)
-            batch = self._collate(items, outs) if outs is not None else None  # copies out of DALI's buffers
-            if outs is not None:
-                pipe.release_outputs()
-            following = next(batches, None)  # read and scheduled before this batch is handed over
-            pending = self._submit(following) if following else None
-            if batch is not None:
-                yield batch
+        try:
+            while pending is not None:
+                items, pipe, outs = self._collect(pending)
+                batch = self._collate(items, outs) if outs is not None else None  # copies out of DALI's buffers
+                if outs is not None:
+                    pipe.release_outputs()
+                following = next(batches, None)  # read and scheduled before this batch is handed over
+                pending = self._submit(following) if following else None
+                if batch is not None:
+                    yield batch
+        finally:
+            if pending is not None:  # the consumer stopped early: a batch is still scheduled on the pipeline,
+                self._pipe = None    # whose outputs must never reach the next epoch
 
     def _images_to_torch(self, images) -> torch.Tensor:
         if self.options.device == "gpu":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from pillsnap_dali.manifest_io import Manifest, read_manifest, write_manifest
@@ -261,6 +262,34 @@ def test_exif_rotated_image_is_letterboxed_upright(tmp_path):
     img = batch["img"][0].numpy()  # CHW uint8: rows 16..47 hold the picture, the rest is padding
     assert (img[:, :14] == 114).all() and (img[:, 50:] == 114).all()
     assert img[0, 20:44].mean() > 150 and img[1, 20:44].mean() < 80
+
+
+def test_an_epoch_left_early_leaves_nothing_for_the_next(converted):
+    """The next batch is scheduled before the current one is handed over: a consumer that stops early must
+    not get that stale batch (other images' pixels and boxes) at the start of the next epoch."""
+    yolo, _ = converted
+    reference = [(b["im_file"], b["img"].clone(), len(b["bboxes"])) for b in _loader(yolo, "train", batch_size=2)]
+    loader = _loader(yolo, "train", batch_size=2)
+    next(iter(loader))  # stop after one batch
+    again = [(b["im_file"], b["img"], len(b["bboxes"])) for b in loader]
+    assert [f for f, _, _ in again] == [f for f, _, _ in reference]
+    assert all(torch.equal(a, r) and na == nr for (_, a, na), (_, r, nr) in zip(again, reference))
+
+
+def test_png_header_and_exif_are_read_without_decoding_the_pixels(tmp_path, monkeypatch):
+    from PIL import PngImagePlugin
+
+    from pillsnap_dali.detect import _decoded_shape
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 80), (10, 20, 30)).save(tmp_path / "rot.png", exif=exif.tobytes())
+    Image.new("RGB", (40, 80), (10, 20, 30)).save(tmp_path / "plain.png")
+
+    def no_decode(self):
+        raise AssertionError("pixels decoded")
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decode)
+    assert _decoded_shape(np.fromfile(tmp_path / "rot.png", dtype=np.uint8)) == (40, 80)
+    assert _decoded_shape(np.fromfile(tmp_path / "plain.png", dtype=np.uint8)) == (80, 40)
 
 
 # ------------------------------------------------------------------------------------------ training

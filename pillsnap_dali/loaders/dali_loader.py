@@ -26,7 +26,7 @@ _logger = logging.getLogger(__name__)
 
 _DEAD_PIPELINE = ("Current pipeline object is no longer valid", "Critical error in pipeline")
 # failures in a row without a culprit found by probing before the oldest in-flight batch is given up
-_MAX_BLIND_FAILURES = 2
+MAX_BLIND_FAILURES = 2
 
 
 def graph_spec(spec: LoaderSpec):
@@ -266,7 +266,7 @@ class _Epoch:
             self.blind_failures = 0
         else:
             self.blind_failures += 1
-            if self.blind_failures >= _MAX_BLIND_FAILURES and batches:
+            if self.blind_failures >= MAX_BLIND_FAILURES and batches:
                 why = f"pipeline failed on its batch, not on the file alone ({dali_reason(err)})"
                 bad = {r: why for r in batches[0]}
         for row, why in bad.items():
