@@ -116,9 +116,11 @@ def _meta(class_map, code: str) -> dict:
     return {k: d[k] for k in SHOWN_META if d.get(k) not in (None, "")}
 
 
-def _detect(detector, image, opts: PredictOptions, imgsz: int) -> list[tuple[list[float], float]]:
-    """[(xyxy in original pixels, confidence)], best first."""
-    res = detector.predict(image, imgsz=imgsz, conf=opts.conf, iou=opts.iou, max_det=opts.max_det, verbose=False)[0]
+def _detect(detector, image, opts: PredictOptions, imgsz: int, device) -> list[tuple[list[float], float]]:
+    """[(xyxy in original pixels, confidence)], best first, on the classifier's device (Ultralytics would
+    otherwise pick CUDA whenever it exists, whatever --device says)."""
+    res = detector.predict(image, imgsz=imgsz, conf=opts.conf, iou=opts.iou, max_det=opts.max_det, verbose=False,
+                           device=str(device))[0]
     boxes = res.boxes
     xyxy, conf = boxes.xyxy.cpu().numpy(), boxes.conf.cpu().numpy()
     order = np.argsort(-conf)
@@ -138,7 +140,7 @@ def predict_one(path: str, classify: Classify, detector, opts: PredictOptions, d
     if opts.mode == "single":
         pills = [{"topk": classify([image])[0]}]
     else:
-        found = _detect(detector, image, opts, det_imgsz)
+        found = _detect(detector, image, opts, det_imgsz, classify.device)
         boxes = [padded_box(b, image.width, image.height, opts.crop_padding) for b, _ in found]
         tops = classify([image.crop(b) for b in boxes])
         pills = [{"box": [round(v, 1) for v in b], "det_conf": round(c, 4), "topk": t}
@@ -229,19 +231,21 @@ def two_stage_accuracy(manifest, classifier, detector, cfg) -> dict:
     Padded crops are scored against the converter's clean boxes (IoU >= 0.5 to count as found).
     """
     predict = make_predictor(classifier, detector, options_from(cfg, "combo", 1))
-    pills = found = right = images = 0
+    pills = found = right = images = unreadable = 0
     for i in range(len(manifest)):
         path = manifest.orig_paths[i] or manifest.paths[i]
         if Path(path).name.endswith("_index.png") or not manifest.boxes[i]:
             continue
         result = predict(path)
-        if "error" in result:
+        if "error" in result:  # left out of the scores, counted and logged
+            unreadable += 1
+            _logger.warning("two-stage accuracy: %s left out: %s", path, result["error"])
             continue
         w, h = manifest.sizes[i] if manifest.sizes and manifest.sizes[i][0] else _size_of(path)
         truth = _ground_truth(manifest.boxes[i], w, h, cfg)
         f, r = _score_image(result, truth)
         images, pills, found, right = images + 1, pills + len(truth), found + f, right + r
-    return {"images": images, "pills": pills, "detected": found, "top1_right": right,
+    return {"images": images, "unreadable": unreadable, "pills": pills, "detected": found, "top1_right": right,
             "two_stage_top1": round(right / pills, 4) if pills else None,
             "detection_recall": round(found / pills, 4) if pills else None,
             "top1_of_detected": round(right / found, 4) if found else None}

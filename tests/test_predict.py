@@ -115,6 +115,7 @@ def test_two_stage_accuracy_scores_every_labelled_pill(stage):
     m = read_manifest(stage["manifests"] / "detect_val.csv")
     score = predict.two_stage_accuracy(m, clf, det, stage["cfg"])
     assert score["images"] == len(_combo_images(stage)) and score["pills"] >= 3 * score["images"]
+    assert score["unreadable"] == 0
     assert 0 <= score["top1_right"] <= score["detected"] <= score["pills"]
 
 
