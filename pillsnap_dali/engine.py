@@ -288,17 +288,18 @@ class Trainer:
         n_steps, interval = len(loader), max(1, self.cfg.train.log_interval)
         bar = Progress(n_steps, f"epoch {epoch}", self.spec.is_main)
         ctx = self._join_ctx()
+        steps = 0
         with ctx:
             t0 = time.perf_counter()
             for i, batch in enumerate(loader):
                 t1 = time.perf_counter()
+                data_t += t1 - t0
                 loss, logits = self._step(batch)
                 loss_sum += loss.detach().double() * batch.labels.numel()
                 correct += (logits.detach().argmax(1) == batch.labels).sum()
                 seen += batch.labels.numel()
-                t2 = time.perf_counter()
-                data_t, compute_t = data_t + (t1 - t0), compute_t + (t2 - t1)
                 self.global_step += 1
+                steps = i + 1
                 if (i + 1) % interval == 0 and self.spec.is_main:
                     # the only host-device sync of the training loop: one per log interval
                     n = max(int(seen.item()), 1)
@@ -308,9 +309,10 @@ class Trainer:
                     if self.gpu is not None and self.gpu.available:
                         self.gpu.sample()
                 stop_now = stop.reason or (self.spec.max_steps and self.global_step >= self.spec.max_steps)
+                t0 = time.perf_counter()
+                compute_t += t0 - t1  # the step and its logging: a log interval's sync waits for the GPU here
                 if stop_now:
                     break
-                t0 = time.perf_counter()
         bar.close()
         stats = self._reduce([loss_sum, correct.double(), seen.double()])
         n = max(stats[2], 1.0)
@@ -318,7 +320,7 @@ class Trainer:
         out = {"train_loss": stats[0] / n, "train_acc": stats[1] / n, "train_images": int(stats[2]),
                "data_time": data_t, "compute_time": compute_t, "data_share": data_t / max(wall, 1e-9),
                "images_per_s": stats[2] / max(wall, 1e-9) if self.spec.world_size == 1 else
-               stats[2] / max(self._reduce_max(wall), 1e-9), "steps": i + 1 if n_steps else 0,
+               stats[2] / max(self._reduce_max(wall), 1e-9), "steps": steps,
                "lr": self.optimizer.param_groups[0]["lr"]}
         out["skipped_train"] = int(loader.epoch_stats().get("skipped", 0))
         if self.gpu is not None:

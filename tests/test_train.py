@@ -222,3 +222,31 @@ def test_manifest_without_stage_never_gets_the_demo_model(tmp_path, manifests):
     cfg = train.resolve_config(train.parse_args(["--manifest", str(other / "train.csv")]))
     assert cfg.model.name == "tf_efficientnetv2_s" and cfg.preprocess.img_size == 384
     assert train.stage_of_manifest(str(manifests / "manifest_train.csv")) == "demo"  # from its report.json
+
+
+def test_an_epoch_whose_every_file_is_broken_is_logged_not_a_crash(manifests, tmp_path):
+    """Training rows that all fail (e.g. an unmounted disk): the epoch yields nothing, every row is in
+    skipped.csv and the run ends normally (it used to die on the step count)."""
+    src = list(csv.DictReader(open(manifests / "manifest_train.csv")))[:20]
+    legacy = tmp_path / "m"
+    legacy.mkdir()
+    with open(legacy / "manifest_train.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_path", "mapping_code", "image_type", "source"])
+        for i, r in enumerate(src):
+            bad = legacy / f"bad{i}.png"
+            bad.write_bytes(b"not an image")
+            w.writerow([str(bad), r["mapping_code"], r["image_type"], r["source"]])
+    codes = {r["mapping_code"] for r in src}
+    with open(legacy / "manifest_val.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_path", "mapping_code", "image_type", "source"])
+        w.writerows([r["image_path"], r["mapping_code"], r["image_type"], r["source"]]
+                    for r in csv.DictReader(open(manifests / "manifest_val.csv")) if r["mapping_code"] in codes)
+    assert train.main(["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY,
+                       "--epochs", "1", "--name", "bad"]) == 0
+    (h,) = _history(tmp_path / "bad")
+    assert h["steps"] == 0 and h["train_images"] == 0
+    with open(tmp_path / "bad" / "skipped.csv", newline="") as fh:
+        logged = {r["path"] for r in csv.DictReader(fh)}
+    assert {str(legacy / f"bad{i}.png") for i in range(20)} <= logged  # (the fixture's own defects come too)
