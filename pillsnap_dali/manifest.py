@@ -104,7 +104,8 @@ def plan_quotas(sizes: dict, n_units: dict, m: ManifestConfig, seed: int) -> tup
     per, extra = divmod(m.images, n)
     full = [c for c in eligible if sizes[c] >= per]
     rng = random.Random(f"{seed}:classes")
-    chosen = rng.sample(full, n) if len(full) >= n else full + [c for c in by_size if c not in set(full)][:n - len(full)]
+    full_set = set(full)
+    chosen = rng.sample(full, n) if len(full) >= n else full + [c for c in by_size if c not in full_set][:n - len(full)]
     return {c: per + (1 if i < extra else 0) for i, c in enumerate(sorted(chosen))}, notes
 
 
@@ -157,7 +158,8 @@ def _classification(build: _Build, m: ManifestConfig) -> tuple[dict, list, dict]
     build.notes.extend(notes)
     train, val, dropped = _split_units(_pick(build, units, quotas), m.val_fraction)
     codes = sorted({r.code for r in train} | {r.code for r in val})
-    test = build.verified([r for r in use if r.part == "val" and r.code in set(codes)])
+    code_set = set(codes)
+    test = build.verified([r for r in use if r.part == "val" and r.code in code_set])
     val_only = sorted({r.code for r in use if r.part == "val"} - set(units))
     if val_only:
         build.notes.append(f"{len(val_only)} K-codes occur only in the Validation part (not in the class map): "
@@ -349,11 +351,12 @@ def import_legacy(paths: list, cfg: Config, out_dir: str | Path, *, verify: str 
                                        out_dir / CACHE_NAME))
     manifests = [read_manifest(p) for p in paths]
     codes = sorted(set(manifests[0].codes))
+    code_set = set(codes)
     qrows, counts = [], {}
     for split, m in zip(SPLITS, manifests):
-        unknown = [i for i, c in enumerate(m.codes) if c not in set(codes)]
-        qrows += [(m.paths[i], f"class not in training manifest: {m.codes[i]}") for i in unknown]
-        kept, missing = split_missing(m.subset(i for i in range(len(m)) if i not in set(unknown)))
+        known = [c in code_set for c in m.codes]
+        qrows += [(m.paths[i], f"class not in training manifest: {m.codes[i]}") for i, k in enumerate(known) if not k]
+        kept, missing = split_missing(m.subset(i for i, k in enumerate(known) if k))
         bad = verifier.bad(kept.paths)
         qrows += missing + sorted(bad.items())
         kept = kept.subset(i for i, p in enumerate(kept.paths) if p not in bad)

@@ -179,10 +179,21 @@ class _Scan:
                 else:
                     self._other(e.path)
             elif ext in IMAGE_EXTS or ext in UNSUPPORTED_EXTS:
-                self.images[(src.part, src.kind, src.n, folder, stem)] = (src, folder, e)
+                self._add_image((src.part, src.kind, src.n, folder, stem), (src, folder, e))
                 self.counts["images"] += 1
             else:
                 self._other(e.path)
+
+    def _add_image(self, key: tuple, item: tuple) -> None:
+        """One image per (folder, name without extension): labels pair by name. A second file of the same
+        name (x.png beside x.jpg) is quarantined; the path sorting first is kept, whatever the walk order."""
+        prev = self.images.get(key)
+        if prev is None:
+            self.images[key] = item
+            return
+        keep, drop = sorted((prev, item), key=lambda t: t[2].path)
+        self.images[key] = keep
+        self.quarantine(drop[2].path, f"same name as {keep[2].name}, another extension")
 
     def _other(self, path: str) -> None:
         self.counts["other_files"] += 1
@@ -214,7 +225,11 @@ class _Scan:
         if ext in UNSUPPORTED_EXTS:
             self.quarantine(path, f"unsupported format: {ext[1:].upper()}")
             return None
-        st = entry.stat()
+        try:
+            st = entry.stat()
+        except OSError as e:  # a dangling symlink, a file removed during the walk
+            self.quarantine(path, f"unreadable: {e.strerror or e}")
+            return None
         if st.st_size == 0:
             self.quarantine(path, "empty file", "empty_file")
             return None

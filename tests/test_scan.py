@@ -145,3 +145,23 @@ def test_symlink_loop_is_walked_once(tmp_path):
     (root / "again").symlink_to(root)
     res = scan_tree(root)
     assert len(res.records) == 2
+
+
+def test_dangling_link_and_same_name_images_are_quarantined_not_lost(tmp_path):
+    """Every image file ends in exactly one place: a dangling symlink does not crash the scan, and of two
+    images with one name (x.png, x.jpg) one is kept and the other quarantined, whatever the walk order."""
+    root = _tree(tmp_path, classes=1, n_images=2, combos=0)
+    img_dir, _ = source_dirs(root, "raw", "train", "single", 1)
+    folder = img_dir / "K-000001"
+    pngs = sorted(folder.glob("*.png"))
+    (folder / "gone.png").symlink_to(folder / "nowhere.png")
+    twin = pngs[0].with_suffix(".jpg")
+    twin.write_bytes(pngs[0].read_bytes())
+    res = scan_tree(root)
+    quarantined = dict(res.quarantine)
+    # the path sorting first (x.jpg) is kept, x.png is quarantined
+    assert sorted(r.image_path for r in res.records) == sorted([str(twin), str(pngs[1])])
+    assert "same name" in quarantined[str(pngs[0])]
+    assert "unreadable" in quarantined[str(folder / "gone.png")]
+    images = [p for p, _ in res.quarantine if not p.endswith(".json")]
+    assert len(res.records) + len(images) == res.counts["images"]
