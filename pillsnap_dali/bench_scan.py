@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bench_loaders import machine_info
-from .classmap import atomic_write_text
+from .atomic import atomic_write_text
 from .scan import scan_tree
 
 _logger = logging.getLogger(__name__)

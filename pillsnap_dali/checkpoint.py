@@ -14,7 +14,6 @@ can read it::
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_open
 from .classmap import ClassMap
 from .config import PreprocessConfig
 
@@ -35,14 +35,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with atomic_open(path, "wb") as fh:
         torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

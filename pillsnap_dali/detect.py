@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .classmap import atomic_write_text
+from .atomic import atomic_write_text
 
 _logger = logging.getLogger(__name__)
 

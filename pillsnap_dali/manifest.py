@@ -27,7 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .classmap import ClassMap, atomic_write_text
+from .atomic import atomic_write_text
+from .classmap import ClassMap
 from .config import Config, ConfigError, ManifestConfig, load_config
 from .manifest_io import Manifest, ManifestError, read_manifest, split_missing, write_manifest
 from .scan import ScanResult, count_files, scan_tree

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_open
 from .classmap import ClassMap
 
 _logger = logging.getLogger(__name__)
@@ -108,11 +109,8 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def write_manifest(m: Manifest, path: str | Path) -> None:
-    """Write our format atomically (temp file + rename); rows are renumbered 0..N-1."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    """Write our format atomically (temp file, fsync, rename); rows are renumbered 0..N-1."""
+    with atomic_open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(COLUMNS)
         for i in range(len(m)):
@@ -120,7 +118,6 @@ def write_manifest(m: Manifest, path: str | Path) -> None:
             w.writerow([i, m.paths[i], m.codes[i], m.image_types[i], m.sources[i], m.combo_ids[i],
                         size[0] or "", size[1] or "",
                         json.dumps(m.boxes[i], ensure_ascii=False) if m.boxes[i] else "", m.orig_paths[i]])
-    os.replace(tmp, path)
 
 
 def class_map_for(manifest_path: str | Path, manifest: Manifest | None = None) -> ClassMap:

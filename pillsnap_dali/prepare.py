@@ -42,7 +42,8 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from .classmap import ClassMap, ClassMapMismatch, atomic_write_text
+from .atomic import atomic_write_text
+from .classmap import ClassMap, ClassMapMismatch
 from .config import ConfigError, load_config
 from .imageio import open_rgb
 from .manifest_io import Manifest, ManifestError, read_manifest, write_manifest

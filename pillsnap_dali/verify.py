@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .classmap import atomic_write_text
+from .atomic import atomic_write_text
 
 _logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .classmap import atomic_write_text
+from .atomic import atomic_write_text
 from .manifest_io import Manifest, read_manifest
 from .scan import iou_xyxy as iou  # boxes here are [x1, y1, x2, y2]
 
