@@ -203,8 +203,10 @@ def _convert_row(m: Manifest, i: int, split: str, out: Path, rules: BoxRules, us
             return 0
     name = _link_name(path, used)
     os.symlink(os.path.abspath(path), out / "images" / split / name)
-    atomic_write_text(out / "labels" / split / (Path(name).stem + ".txt"),
-                      "\n".join(yolo_lines(boxes, width, height)) + "\n")
+    # a plain write: the split was emptied first and data.yaml, written last, is what marks it complete
+    # (an fsync per label file cost more than the conversion itself)
+    (out / "labels" / split / (Path(name).stem + ".txt")).write_text("\n".join(yolo_lines(boxes, width, height)) + "\n",
+                                                                    encoding="utf-8")
     return len(boxes)
 
 
@@ -263,6 +265,7 @@ def convert_manifests(manifests: dict[str, list[Manifest]], out_dir: str | Path,
         raise ValueError(f"a detection dataset needs train and val splits, got {sorted(manifests)}")
     out = Path(out_dir)
     report = ConvertReport(out_dir=str(out.resolve()))
+    (out / "data.yaml").unlink(missing_ok=True)  # written last: an interrupted conversion leaves none
     for split, parts in manifests.items():
         _convert_split(parts, split, out, rules, report)
     atomic_write_text(out / "convert_report.json", json.dumps(report.to_dict(), ensure_ascii=False, indent=1))
