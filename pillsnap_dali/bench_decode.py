@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from .bench_loaders import bench_decode, machine_info, write_bench_images
+from .config import available_cores
 
 _logger = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=384)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="DALI threads = PIL workers")
+    p.add_argument("--threads", type=int, default=available_cores(), help="DALI threads = PIL workers "
+                                                                          "(default: the cores this process may use)")
     p.add_argument("--model", help="model for the model-only ceiling (default: tf_efficientnetv2_s on a GPU, "
                                    "resnet18 on CPU)")
     p.add_argument("--no-model", action="store_true", help="skip the model-only ceiling")

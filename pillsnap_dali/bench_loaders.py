@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .config import Config, load_config
+from .config import Config, available_cores, load_config
 from .manifest_io import Manifest, read_manifest
 
 _logger = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def bench_decode(source: str | Path | Manifest, *, size: int = 384, batch: int =
                 seconds = run(rep + 1)
             runs[name].append(len(paths) / seconds)
             cpu[name].append((_cpu_seconds() - c0) / len(paths) * 1000.0)
-            usage[name].append({**sampler.result(), "cpu_util": (_cpu_seconds() - c0) / seconds / (os.cpu_count() or 1)})
+            usage[name].append({**sampler.result(), "cpu_util": (_cpu_seconds() - c0) / seconds / available_cores()})
     results = {name: {"images_per_s": statistics.median(r), "runs": r, "min": min(r), "max": max(r),
                       "cpu_ms_per_image": statistics.median(cpu[name]), **_merge_usage(usage[name])}
                for name, r in runs.items()}

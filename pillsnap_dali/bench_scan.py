@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -27,7 +25,6 @@ from .scan import scan_tree
 
 _logger = logging.getLogger(__name__)
 
-LAYOUTS = ("raw", "raw_underscore", "english")
 
 
 def source_dirs(root: Path, layout: str, part: str, kind: str, n: int) -> tuple[Path, Path]:
@@ -165,7 +162,7 @@ def run_scan_bench(n_images: int, out_json: str | Path | None, *, tree: str | Pa
     n = res.counts["images"]
     result = {"images": n, "labels": res.counts["labels"], "records": len(res.records), "wall_s": round(wall, 3),
               "cpu_s": round(cpu, 3), "images_per_s": round(n / wall, 1), "images_per_cpu_s": round(n / cpu, 1),
-              "cpu": machine_info()["cpu"], "cores": os.cpu_count(), "python": platform.python_version(),
+              **machine_info(),
               "tree": str(root), "page_cache": "warm (tree just written or scanned before)"}
     if out_json:
         atomic_write_text(out_json, json.dumps(result, indent=1))

@@ -37,9 +37,6 @@ class ClassMap:
     def __len__(self) -> int:
         return len(self.codes)
 
-    def id_of(self, code: str) -> int:
-        return self.index[code]
-
     def to_dict(self) -> dict:
         return {"version": 1, "num_classes": len(self.codes), "codes": list(self.codes),
                 "meta": {c: self.meta.get(c, {}) for c in self.codes}}

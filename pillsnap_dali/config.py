@@ -337,11 +337,7 @@ def parse_set(pairs: list[str] | None) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
+        set_nested(out, key, value)
     return out
 
 

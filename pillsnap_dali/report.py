@@ -1,6 +1,7 @@
 """The run report: ``report.md`` with the epoch table and timing, and PNG plots."""
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -74,10 +75,14 @@ def write_report(run_dir: Path, summary: dict, header: dict) -> Path:
                       "|---|---|---|---|---|"]
             lines += [f"| {p['true']} | {p['true_name']} | {p['pred']} | {p['pred_name']} | {p['count']} |"
                       for p in pairs]
-    skipped = run_dir / "skipped.csv"
-    if skipped.exists():
-        n = max(0, sum(1 for _ in open(skipped, encoding="utf-8")) - 1)
-        lines += ["", f"Skipped files (not decodable, logged in `skipped.csv`): {n}"]
+    logs = sorted(run_dir.glob("skipped*.csv"))  # skipped.csv (rank 0) and skipped.rank<r>.csv
+    if logs:
+        paths = set()
+        for log in logs:
+            with open(log, newline="", encoding="utf-8") as fh:
+                paths.update(rec["path"] for rec in csv.DictReader(fh))
+        names = ", ".join(f"`{p.name}`" for p in logs)
+        lines += ["", f"Skipped files (not decodable, logged in {names}): {len(paths)}"]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

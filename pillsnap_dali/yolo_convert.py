@@ -40,7 +40,6 @@ _logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 DROP_REASONS = ("bad_length", "not_numeric", "non_positive_size", "outside_image")
 KEEP_REASONS = ("clipped", "merged")
-NAMES = {0: "pill"}
 
 
 @dataclass

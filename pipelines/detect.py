@@ -25,7 +25,6 @@ from nvidia.dali import pipeline_def
 from .common import decoder_device
 
 PAD_VALUE = 114
-INPUT_NAMES = ("encoded", "boxes", "geometry")
 # ltrb -> center xywh, as the 4x4 matrix coord_transform applies to each box row
 _LTRB_TO_CXYWH = [0.5, 0.0, 0.5, 0.0,
                   0.0, 0.5, 0.0, 0.5,
@@ -93,7 +92,7 @@ NO_AUGMENT = {"fliplr": 0.0, "flipud": 0.0, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v":
 def detect_pipeline(*, device: str = "gpu", imgsz: int = 640, augment: dict | None = None):
     """The detector's input graph; ``augment`` None (or NO_AUGMENT) is the validation graph.
 
-    ``augment`` keys: fliplr, flipup probabilities; hsv_h (fraction of the hue circle), hsv_s, hsv_v
+    ``augment`` keys: fliplr, flipud probabilities; hsv_h (fraction of the hue circle), hsv_s, hsv_v
     (relative gains), the Ultralytics hyperparameter names and meanings.
     """
     if device not in ("gpu", "cpu"):

@@ -9,6 +9,7 @@ on where it was: every row is yielded exactly once or logged as skipped.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -157,8 +158,7 @@ class RowProbe:
 
     def __init__(self, spec, opts: PipelineOptions):
         self.spec = spec
-        self.opts = PipelineOptions(batch_size=1, device=opts.device, device_id=opts.device_id, num_threads=1,
-                                    prefetch=1, seed=opts.seed)
+        self.opts = dataclasses.replace(opts, batch_size=1, num_threads=1, prefetch=1)
         self._pipe = None
 
     def problem(self, path: str, max_pixels: int) -> Optional[str]:
