@@ -6,17 +6,41 @@ import logging
 _logger = logging.getLogger(__name__)
 
 
+def _cuda_uuid(index: int) -> str | None:
+    """The NVML UUID ("GPU-...") of CUDA device ``index``, or None where torch does not expose it."""
+    try:
+        import torch
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+    except Exception:
+        return None
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
 class GpuMonitor:
+    """NVML counters of CUDA device ``index``. NVML numbers GPUs its own way (all of them, in PCI order),
+    not as CUDA does under CUDA_VISIBLE_DEVICES, so the device is found by its UUID; by index only where
+    the UUID is not available."""
+
     def __init__(self, index: int = 0):
         self.handle = None
         self.samples: list[tuple[float, float]] = []
         try:
             import pynvml
             pynvml.nvmlInit()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             self._nvml = pynvml
         except Exception as e:  # no driver, no GPU: monitoring is optional
             _logger.debug("NVML not available: %s", e)
+            return
+        uuid = _cuda_uuid(index)
+        try:
+            self.handle = pynvml.nvmlDeviceGetHandleByUUID(uuid) if uuid else None
+        except Exception as e:
+            _logger.debug("NVML has no device %s (%s): using index %d", uuid, e, index)
+        if self.handle is None:
+            try:
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            except Exception as e:
+                _logger.debug("NVML device %d not available: %s", index, e)
 
     @property
     def available(self) -> bool:

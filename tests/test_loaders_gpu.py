@@ -134,3 +134,13 @@ def test_colour_step_and_dali_batches_make_no_host_device_sync(photos):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert y.is_cuda and len(rest) == 2 and all(b.images.is_cuda for b in rest)
+
+
+def test_gpu_monitor_watches_the_cuda_device_it_is_given():
+    """NVML found by UUID, so its memory total is that of torch's device (NVML's own order can differ)."""
+    from pillsnap_dali.gpumon import GpuMonitor
+    dev = torch.cuda.current_device()
+    mon = GpuMonitor(dev)
+    assert mon.available
+    total = mon.sample()["gpu_mem_total_gb"] * 2**30
+    assert abs(total - torch.cuda.get_device_properties(dev).total_memory) / total < 0.05
