@@ -182,6 +182,7 @@ class LoaderBase:
         self.paths, self.label_table, self.spec, self.skip_log = paths, labels, spec, skip_log
         self.epoch = 0
         self._last_stats: dict = {}
+        self._steps: tuple = (None, 0)  # ((epoch, files in the skip log), steps): len() without a new plan
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -190,7 +191,10 @@ class LoaderBase:
         return EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths)
 
     def __len__(self) -> int:
-        return self.plan().steps(self.spec)
+        key = (self.epoch, len(self.skip_log))  # the plan depends on nothing else that changes
+        if self._steps[0] != key:
+            self._steps = (key, self.plan().steps(self.spec))
+        return self._steps[1]
 
     def epoch_stats(self) -> dict:
         return dict(self._last_stats)

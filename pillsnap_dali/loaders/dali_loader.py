@@ -305,7 +305,9 @@ def dali_to_batch(images, rows: torch.Tensor, label_table: torch.Tensor, ld,
     dtype = torch.uint8 if colour is not None else getattr(torch, ld.dtype)
     on_gpu = isinstance(dense, TensorGPU)
     device = label_table.device
-    out = torch.empty(tuple(dense.shape()), dtype=dtype, device=device if on_gpu else "cpu")
+    # DALI CPU output bound for a GPU lands in pinned memory straight away (to_device then copies once)
+    out = torch.empty(tuple(dense.shape()), dtype=dtype, device=device if on_gpu else "cpu",
+                      pin_memory=not on_gpu and device.type == "cuda")
     if on_gpu:
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device))
     else:
