@@ -39,6 +39,16 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         torch.save(state, fh)
 
 
+def unwrap_state_dict(obj):
+    """The weights inside a plain checkpoint: ``model_state_dict`` / ``state_dict`` / ``model`` (nested as
+    other projects save them), or the object itself."""
+    sd = obj
+    for key in ("model_state_dict", "state_dict", "model"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load with ``weights_only=True`` (no arbitrary unpickling); a file that needs more is refused."""
     try:
@@ -123,10 +133,7 @@ def load_classifier(path: str | Path, *, class_map_json: str | Path | None = Non
         pre = PreprocessConfig(**ck["preprocess"])
         name, sd, source = ck["model_name"], ck.get("ema") or ck["model"], "pillsnap_dali"
     else:
-        sd = ck
-        for key in ("model_state_dict", "state_dict", "model"):
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
+        sd = unwrap_state_dict(ck)
         if not class_map_json:
             raise CheckpointError(f"{path} is a plain state dict: pass its class map as JSON (--class-map)")
         cm = ClassMap.load(class_map_json)

@@ -96,8 +96,7 @@ def _load_pretrained(model: nn.Module, path: str) -> None:
         from safetensors.torch import load_file
         sd = load_file(path)
     else:
-        sd = ckpt.load_checkpoint(path)
-        sd = sd.get("model", sd.get("state_dict", sd)) if isinstance(sd, dict) else sd
+        sd = ckpt.unwrap_state_dict(ckpt.load_checkpoint(path))
     sd = ckpt.strip_prefixes(sd)
     own = model.state_dict()
     keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
