@@ -50,6 +50,10 @@ class Manifest:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def source_path(self, i: int) -> str:
+        """Row ``i``'s original image: its boxes' pixels refer to it, not to a resized JPEG-cache copy."""
+        return self.orig_paths[i] or self.paths[i]
+
     def subset(self, idx) -> "Manifest":
         idx = list(idx)
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731

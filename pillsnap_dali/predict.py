@@ -197,7 +197,7 @@ def _ground_truth(raw_boxes: list, width: int, height: int, cfg) -> list[tuple[l
     """[(xyxy, accepted K-codes)]: the converter's clean boxes, each with the codes labelled on it."""
     from .yolo_convert import BoxRules, clean_boxes, iou
 
-    rules = BoxRules(cfg.detect.clip_tolerance, cfg.detect.merge_iou)
+    rules = BoxRules.from_config(cfg)
     boxes, _ = clean_boxes(raw_boxes, width, height, rules)
     out = []
     for box in boxes:
@@ -233,7 +233,7 @@ def two_stage_accuracy(manifest, classifier, detector, cfg) -> dict:
     predict = make_predictor(classifier, detector, options_from(cfg, "combo", 1))
     pills = found = right = images = unreadable = 0
     for i in range(len(manifest)):
-        path = manifest.orig_paths[i] or manifest.paths[i]
+        path = manifest.source_path(i)
         if Path(path).name.endswith("_index.png") or not manifest.boxes[i]:
             continue
         result = predict(path)

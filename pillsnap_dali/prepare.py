@@ -446,7 +446,7 @@ def _build_manifest(m: Manifest, outcomes: dict[str, _Outcome], manifest_out: Pa
         boxes.append(_scale_boxes(m.boxes[i], sx, sy))
     out = m.subset(keep)
     out.path, out.fmt, out.sizes, out.boxes = str(manifest_out), "pillsnap", sizes, boxes
-    out.orig_paths = [m.orig_paths[i] or m.paths[i] for i in keep]
+    out.orig_paths = [m.source_path(i) for i in keep]
     out.paths = [outcomes[m.paths[i]].dst for i in keep]
     return out, skipped
 

@@ -48,6 +48,11 @@ class BoxRules:
     merge_iou: float = 0.9        # boxes with IoU >= this are one pill labelled twice
     drop_incomplete: bool = False  # leave out combination images with fewer boxes than drugs in their name
 
+    @classmethod
+    def from_config(cls, cfg) -> "BoxRules":
+        d = cfg.detect
+        return cls(clip_tolerance=d.clip_tolerance, merge_iou=d.merge_iou, drop_incomplete=d.drop_incomplete)
+
 
 @dataclass
 class BoxEvent:
@@ -148,11 +153,6 @@ def yolo_lines(boxes: list[list[float]], width: int, height: int) -> list[str]:
     return lines
 
 
-def _source_path(m: Manifest, i: int) -> str:
-    """The original image: box pixels refer to it, not to a resized JPEG cache copy."""
-    return m.orig_paths[i] or m.paths[i]
-
-
 def _image_size(path: str, known: tuple[int, int]) -> tuple[int, int]:
     """(width, height) from the manifest, else from the image header (no decode). OSError if missing/empty."""
     if os.path.getsize(path) == 0:
@@ -181,7 +181,7 @@ def _link_name(path: str, used: set[str]) -> str:
 def _convert_row(m: Manifest, i: int, split: str, out: Path, rules: BoxRules, used: set[str],
                  report: ConvertReport) -> int:
     """Write one image's symlink and label file; returns the boxes written (0: the image was skipped)."""
-    path = _source_path(m, i)
+    path = m.source_path(i)
     if Path(path).name.endswith("_index.png"):
         report.skipped_images.append((path, "index_image"))
         return 0
@@ -308,8 +308,7 @@ def convert_stage(cfg) -> Path:
     from .manifest import ensure_manifests  # the manifest module pulls in the scanner: import on use
 
     manifest_dir = Path(ensure_manifests(cfg))
-    rules = BoxRules(clip_tolerance=cfg.detect.clip_tolerance, merge_iou=cfg.detect.merge_iou,
-                     drop_incomplete=cfg.detect.drop_incomplete)
+    rules = BoxRules.from_config(cfg)
     out = manifest_dir / "yolo"
     convert_manifests(detection_manifests(manifest_dir, cfg.detect.include_singles), out, rules)
     return out / "data.yaml"
