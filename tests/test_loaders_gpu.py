@@ -58,6 +58,20 @@ def test_gpu_batch_contract(photos, dtype, layout):
         assert b.images.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pil_backend_on_cuda_yields_cuda_batches_pinned_off_the_loop(photos, workers):
+    cuda = torch.device("cuda")
+    loader = build_loader(_manifest(photos), [0, 1, 2, 3], _cfg("loader.dtype=float16", f"loader.workers={workers}"),
+                          train=True, device=cuda, backend="pil")
+    dl = loader._data_loader([[0, 1, 2, 3]])
+    assert dl.pin_memory  # the DataLoader's thread pins; to_device then copies without pinning again
+    raw = next(iter(dl))
+    assert raw.images.is_pinned() and raw.rows.is_pinned() and raw.images.dtype == torch.float16
+    b = next(iter(loader))
+    assert b.images.is_cuda and b.labels.is_cuda and b.rows.is_cuda and b.images.dtype == torch.float16
+    assert sorted(b.rows.tolist()) == [0, 1, 2, 3] and b.labels.tolist() == b.rows.tolist()
+
+
 def test_gpu_eval_matches_dali_cpu(photos):
     """Bound: mean absolute difference of the normalized eval tensors <= 0.03 (the GPU JPEG decoder and
     resampling differ slightly from the CPU ones)."""

@@ -237,7 +237,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``; CPU to CUDA through pinned memory, non_blocking (no host-device sync)."""
     if t.device == device:
         return t
-    if t.device.type == "cpu" and device.type == "cuda":
+    if t.device.type == "cpu" and device.type == "cuda" and not t.is_pinned():
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
 

@@ -7,6 +7,7 @@ samples and the main process writes the skipped rows to the skip log.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -122,11 +123,19 @@ class _Collated:
     rows: torch.Tensor
     skipped: list
 
+    def pin_memory(self) -> "_Collated":
+        """Called by the DataLoader's pin-memory thread (``pin_memory=True``), off the training loop."""
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        self.rows = self.rows.pin_memory()
+        return self
 
-def _collate(samples) -> _Collated:
+
+def _collate(samples, dtype: torch.dtype = torch.float32) -> _Collated:
+    """In the worker: the good samples stacked in the output dtype, the bad ones as (row, reason)."""
     good = [(x, r) for x, r, why in samples if why is None]
     skipped = [(r, why) for x, r, why in samples if why is not None]
-    images = torch.stack([x for x, _ in good]) if good else None
+    images = torch.stack([x for x, _ in good]).to(dtype) if good else None
     return _Collated(images, torch.tensor([r for _, r in good], dtype=torch.int64), skipped)
 
 
@@ -147,15 +156,19 @@ class PilLoader(LoaderBase):
         return batches
 
     def _data_loader(self, batches: list[list[int]]) -> DataLoader:
+        """Workers decode, transform, stack and cast; for a CUDA device the DataLoader's own thread pins
+        each batch, so the training loop only starts its non-blocking copy."""
         workers = self.spec.loader.workers
+        cuda = self.label_table.device.type == "cuda"
         return DataLoader(_RowDataset(self.paths, self.spec, self.epoch), batch_sampler=batches,
-                          num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init,
-                          prefetch_factor=self.spec.loader.prefetch if workers else None)
+                          num_workers=workers,
+                          collate_fn=functools.partial(_collate, dtype=getattr(torch, self.spec.loader.dtype)),
+                          worker_init_fn=_worker_init, prefetch_factor=self.spec.loader.prefetch if workers else None,
+                          pin_memory=cuda)
 
     def __iter__(self):
         plan = self.plan()
         self._last_stats = plan.stats
-        dtype = getattr(torch, self.spec.loader.dtype)
         for item in self._data_loader(self._batches(plan)):
             for row, reason in item.skipped:
                 self.skip_log.add(row, self.paths[row], reason, BACKEND, self.epoch)
@@ -163,5 +176,5 @@ class PilLoader(LoaderBase):
             if item.images is None:
                 continue
             plan.stats["yielded"] += len(item.rows)
-            yield to_device_batch(item.images.to(dtype), item.rows, self.label_table,
+            yield to_device_batch(item.images, item.rows, self.label_table,
                                   self.spec.loader.layout == "NHWC")
