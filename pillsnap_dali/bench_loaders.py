@@ -25,12 +25,12 @@ import numpy as np
 from PIL import Image
 
 from .config import Config, available_cores, load_config
+from .imageio import IMAGE_SUFFIXES
 from .manifest_io import Manifest, read_manifest
 
 _logger = logging.getLogger(__name__)
 
 BENCH_BACKENDS = ("pil", "dali-cpu", "dali-cpu:colour-graph", "pil-decode", "dali-decode")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def photo_like(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
@@ -76,7 +76,7 @@ def _paths_of(source: str | Path | Manifest) -> list[str]:
         return list(source.paths)
     source = Path(source)
     if source.is_dir():
-        paths = sorted(str(p) for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        paths = sorted(str(p) for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     else:
         paths = list(read_manifest(source).paths)
     if not paths:

@@ -17,6 +17,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .imageio import DEFAULT_MAX_PIXELS
+
 AUTO = "auto"
 AutoInt = Union[int, str]  # an integer, or "auto": resolved when the config is loaded (``resolve_auto``)
 # caps of "auto" on big machines: DALI threads past 32 add no decode throughput per GPU; each PIL worker is a
@@ -52,7 +54,7 @@ class DataConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     artifacts: str = "artifacts"
     verify: str = "none"
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 @dataclass

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import io
 import json
 import logging
 import math
@@ -33,13 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .atomic import atomic_write_text
+from .imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 
 _logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 AUG_KEYS = ("fliplr", "flipud", "hsv_h", "hsv_s", "hsv_v")  # Ultralytics hyperparameters the DALI graph honours
 METRIC_KEYS = {"precision": "metrics/precision(B)", "recall": "metrics/recall(B)",
                "mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)"}
@@ -111,7 +109,7 @@ class DaliOptions:
     threads: int = 2               # DALI CPU threads
     device_id: int | None = None   # CUDA device for "gpu"
     seed: int = 0
-    max_pixels: int = 40_000_000   # files claiming more pixels are skipped from the header (data.max_pixels)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # files claiming more are skipped from the header (data.max_pixels)
     readers: int = 4               # threads reading the next batches' files during the step (loader.readers)
 
 
@@ -127,26 +125,6 @@ class _Item:
 
 def _xywh_to_ltrb(b: np.ndarray) -> np.ndarray:
     return np.concatenate([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], axis=1).astype(np.float32)
-
-
-_EXIF_ORIENTATION = 0x0112
-
-
-def _decoded_shape(data: np.ndarray) -> tuple[int, int]:
-    """(h, w) of the image as DALI decodes it: the header's size, transposed when EXIF orientation 5-8
-    rotates it (DALI applies the orientation, and Ultralytics keeps labels in that upright frame)."""
-    with Image.open(io.BytesIO(data.data)) as im:
-        w, h = im.size
-        raw = im.info.get("exif")  # read with the header; im.getexif() would decode a whole PNG to look further
-    orientation = 1
-    if raw:
-        try:
-            exif = Image.Exif()
-            exif.load(raw)
-            orientation = exif.get(_EXIF_ORIENTATION, 1)
-        except Exception:  # a broken EXIF block: the decoder ignores it too
-            orientation = 1
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
 def _read_ahead(chunks, read, threads: int, depth: int = 2):
@@ -183,7 +161,6 @@ class DaliDetectLoader:
         self.num_workers, self.drop_last = options.threads, False
         self.skipped: list[tuple[str, str]] = []
         self._bad: set[int] = set()
-        self._shapes: dict[int, tuple[int, int]] = {}
         self._epoch = 0
         self._pipe = None
         self._probe_pipe = None
@@ -225,19 +202,14 @@ class DaliDetectLoader:
     def _read(self, i: int) -> _Item | None:
         from pipelines.detect import letterbox_geometry
 
-        from .loaders.common import read_encoded
-        path = self.dataset.im_files[i]
-        data, reason = read_encoded(path, self.options.max_pixels)
+        from .loaders.common import read_encoded_upright
+        # one header parse: the pixel limit and the upright (h, w) as DALI decodes it (EXIF orientation
+        # applied, the frame Ultralytics keeps labels in); a header PIL cannot read is "unreadable header: ..."
+        data, reason, shape = read_encoded_upright(self.dataset.im_files[i], self.options.max_pixels)
         if reason is not None:
             self._skip(i, reason)
             return None
-        if i not in self._shapes:
-            try:
-                self._shapes[i] = _decoded_shape(data)
-            except Exception as e:  # any header PIL cannot read: this file's skip, with its reason
-                self._skip(i, f"unreadable header: {type(e).__name__}: {e}")
-                return None
-        h, w = self._shapes[i]
+        h, w = shape
         return _Item(i, data, (h, w), letterbox_geometry(h, w, self.imgsz),
                      _xywh_to_ltrb(self.dataset.labels[i]["bboxes"]))
 
@@ -404,7 +376,7 @@ class DetectRun:
     threads: int = 2    # DALI CPU threads
     seed: int = 0
     device: str = "auto"
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     readers: int = 4
 
 

@@ -45,7 +45,7 @@ from PIL import Image
 from .atomic import atomic_write_text
 from .classmap import ClassMap, ClassMapMismatch
 from .config import ConfigError, load_config
-from .imageio import open_rgb
+from .imageio import DEFAULT_MAX_PIXELS, open_rgb
 from .manifest_io import Manifest, ManifestError, read_manifest, write_manifest
 
 _logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class PrepareOptions:
     workers: int = 2                       # <= 1: in this process
     margin_gb: float = 20.0                # free space that must remain after the cache
     sample: int = 32                       # rows transcoded for the estimate, outputs re-read at the end
-    max_pixels: int = 40_000_000           # decompression-bomb guard (config data.max_pixels)
+    max_pixels: int = DEFAULT_MAX_PIXELS   # decompression-bomb guard (config data.max_pixels)
     dry_run: bool = False                  # estimate and check the space, write nothing
     limit: Optional[int] = None            # transcode at most this many new rows (a partial run)
     seed: int = 0

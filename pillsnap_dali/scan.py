@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .classmap import META_KEYS
+from .imageio import IMAGE_SUFFIXES
 
 _logger = logging.getLogger(__name__)
 
 SOURCE_RE = re.compile(r"^(?P<part>[TV])(?P<role>[SL])_(?P<n>\d+)_(?P<kind>단일|조합|single|combo|combination)$")
 KCODE_RE = re.compile(r"^K-\d{6}$")
 COMBO_RE = re.compile(r"^K-\d{6}(?:-\d{6})+$")
-IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+IMAGE_EXTS = frozenset(IMAGE_SUFFIXES)
 UNSUPPORTED_EXTS = frozenset({".gif", ".tif", ".tiff", ".jp2", ".j2k", ".pnm", ".ppm", ".pgm", ".ico", ".heic",
                               ".avif", ".dds", ".tga", ".psd", ".svg"})
 DEFECTS = ("combo_missing_pill_json", "bbox_outside", "double_label", "unparsable_json", "bbox_bad_len",

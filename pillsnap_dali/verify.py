@@ -7,7 +7,8 @@
   in a JSON file keyed by path + size + mtime_ns, so a rerun only decodes what changed.
 
 A failure is a short stable reason string ("empty file", "not an image", "unsupported format: GIF",
-"too many pixels: N", "truncated png", "decode failed: ..."); success is ``None``.
+"too many pixels: WxH = N > max_pixels M", "invalid size WxH", "truncated png", "decode failed: ..."; the size
+reasons are ``imageio.pixel_problem``'s, shared with the loaders); success is ``None``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .imageio import DEFAULT_MAX_PIXELS, bomb_problem, pixel_problem
 
 _logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ CACHE_NAME = "verify_cache.json"
 @dataclass
 class VerifySettings:
     mode: str = "none"            # none | header | full
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 2              # processes for the full decode; <= 1 decodes in this process
     cache_path: Path | None = None
 
@@ -83,19 +85,10 @@ def _check_size(path: str, max_pixels: int) -> str | None:
             with Image.open(path) as img:
                 w, h = img.size
     except Image.DecompressionBombError as e:
-        return f"too many pixels: {_pixels_from(str(e))}"
+        return bomb_problem(e, max_pixels)
     except Exception as e:  # noqa: BLE001 - any header parse error makes the file unusable
         return f"bad header: {type(e).__name__}: {str(e)[:60]}"
-    if w <= 0 or h <= 0:
-        return "zero dimension"
-    if w * h > max_pixels:
-        return f"too many pixels: {w * h}"
-    return None
-
-
-def _pixels_from(msg: str) -> str:
-    digits = [t for t in msg.replace("(", " ").split() if t.isdigit()]
-    return digits[0] if digits else "?"
+    return pixel_problem(w, h, max_pixels)
 
 
 def check_full(path: str, max_pixels: int) -> str | None:

@@ -44,9 +44,32 @@ def files(tmp_path):
 def test_header_reasons(files):
     got = {k: check_header(str(p), 40_000_000) for k, p in files.items()}
     assert got == {"good": None, "empty": "empty file", "text": "not an image", "gif": "unsupported format: GIF",
-                   "bomb": "too many pixels: 400000000", "trunc": "truncated png", "corrupt": None, "jpeg": None}
+                   "bomb": "too many pixels: 400000000 > max_pixels 40000000", "trunc": "truncated png",
+                   "corrupt": None, "jpeg": None}
     assert check_header(str(files["good"].with_name("nope.png")), 100) == "missing file"
-    assert check_header(str(files["good"]), 255) == "too many pixels: 256"
+    assert check_header(str(files["good"]), 255) == "too many pixels: 16x16 = 256 > max_pixels 255"
+
+
+def test_one_size_reason_for_verify_loaders_and_open_rgb(tmp_path):
+    """verify.check_header, the loaders' read_encoded (and detect's read_encoded_upright) and imageio.open_rgb
+    share imageio.pixel_problem / bomb_problem: the same reason text for the same file."""
+    from pillsnap_dali.imageio import open_rgb, pixel_problem
+    from pillsnap_dali.loaders.common import read_encoded, read_encoded_upright
+
+    over, bomb = tmp_path / "over.png", tmp_path / "bomb.png"
+    Image.new("RGB", (16, 10), "red").save(over)
+    bomb.write_bytes(_png_with_size(20000, 20000))
+    for path, max_pixels, want in ((over, 100, "too many pixels: 16x10 = 160 > max_pixels 100"),
+                                   (bomb, 40_000_000, "too many pixels: 400000000 > max_pixels 40000000")):
+        assert check_header(str(path), max_pixels) == want
+        assert read_encoded(str(path), max_pixels) == (None, want)
+        assert read_encoded_upright(str(path), max_pixels) == (None, want, None)
+        with pytest.raises(ValueError) as err:
+            open_rgb(str(path), max_pixels)
+        assert str(err.value) == want
+    assert read_encoded_upright(str(over), 160)[1:] == (None, (10, 16))  # at the limit: accepted
+    assert pixel_problem(0, 5, 100) == "invalid size 0x5" and pixel_problem(-1, 5, 100) == "invalid size -1x5"
+    assert pixel_problem(10, 10, 100) is None
 
 
 def test_full_decodes_and_caches(files, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 
@@ -18,6 +18,9 @@ from ..config import Config
 from ..manifest_io import Manifest
 from .common import Batch, EpochPlan, LoaderSpec, SkipLog, read_encoded, steps_for
 from .pil_loader import PilLoader, PilTrainTransform, open_rgb, pil_eval_transform
+
+if TYPE_CHECKING:
+    from .dali_loader import DaliLoader
 
 _logger = logging.getLogger(__name__)
 

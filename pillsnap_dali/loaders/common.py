@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..config import AugmentConfig, Config, LoaderConfig, PreprocessConfig
+from ..imageio import bomb_problem, pixel_problem
 
 _logger = logging.getLogger(__name__)
 
@@ -209,28 +210,74 @@ def read_encoded(path: str, max_pixels: int) -> tuple[Optional[np.ndarray], Opti
     The size check reads the header only (PIL, lazily), so a file claiming an absurd size never reaches a
     decoder. A header PIL does not understand is passed on: the decoder decides.
     """
+    buf, reason = _read_bytes(path)
+    if reason is not None:
+        return None, reason
+    return (None, reason) if (reason := header_problem(buf, max_pixels)) else (buf, None)
+
+
+def read_encoded_upright(path: str, max_pixels: int
+                         ) -> tuple[Optional[np.ndarray], Optional[str], Optional[tuple[int, int]]]:
+    """``read_encoded`` plus the upright ``(h, w)`` of the image as DALI decodes it (EXIF orientation 5-8
+    swaps the sides), from the same one header parse: ``(buf, None, (h, w))`` or ``(None, reason, None)``.
+
+    No pixel is decoded (the EXIF block is the one PIL reads with the header). Unlike ``read_encoded``, a
+    header PIL cannot parse is a reason, ``"unreadable header: ..."``: the caller needs the size.
+    """
+    buf, reason = _read_bytes(path)
+    if reason is not None:
+        return None, reason, None
+    try:
+        w, h, exif = _header(buf)
+    except Image.DecompressionBombError as e:
+        return None, bomb_problem(e, max_pixels), None
+    except Exception as e:  # any header PIL cannot read: the file's reason
+        return None, f"unreadable header: {type(e).__name__}: {e}", None
+    if reason := pixel_problem(w, h, max_pixels):
+        return None, reason, None
+    return buf, None, ((w, h) if exif_orientation(exif) in (5, 6, 7, 8) else (h, w))
+
+
+def _read_bytes(path: str) -> tuple[Optional[np.ndarray], Optional[str]]:
     try:
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         return None, f"unreadable: {e.strerror or e}"
-    if buf.size == 0:
-        return None, "empty file"
-    return (None, reason) if (reason := header_problem(buf, max_pixels)) else (buf, None)
+    return (None, "empty file") if buf.size == 0 else (buf, None)
+
+
+def _header(buf: np.ndarray) -> tuple[int, int, Optional[bytes]]:
+    """(width, height, raw EXIF block or None) from the header; raises what ``Image.open`` raises."""
+    with Image.open(io.BytesIO(buf.data)) as im:
+        # the EXIF block PIL read with the header; im.getexif() would decode a whole PNG to look further
+        return im.size[0], im.size[1], im.info.get("exif")
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(raw: Optional[bytes]) -> int:
+    """The EXIF orientation tag (1-8) of a raw EXIF block; 1 when there is none or the block is broken."""
+    if not raw:
+        return 1
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block: the decoder ignores it too
+        return 1
 
 
 def header_problem(buf: np.ndarray, max_pixels: int) -> Optional[str]:
+    """``imageio.pixel_problem``'s reason for the header's size (``bomb_problem``'s past PIL's own limit); None
+    when it is fine or when PIL cannot parse the header (the decoder decides)."""
     try:
-        with Image.open(io.BytesIO(buf.data)) as im:
-            w, h = im.size
+        w, h, _ = _header(buf)
     except Image.DecompressionBombError as e:
-        return f"decompression bomb: {e}"
+        return bomb_problem(e, max_pixels)
     except Exception:  # any header PIL cannot read (or a third-party Image.open patch failing): the decoder decides
         return None
-    if w * h > max_pixels:
-        return f"{w}x{h} pixels exceed data.max_pixels={max_pixels}"
-    if w < 1 or h < 1:
-        return f"invalid size {w}x{h}"
-    return None
+    return pixel_problem(w, h, max_pixels)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
