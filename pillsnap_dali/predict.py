@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
+
 _logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MODES = ("single", "combo")
 SHOWN_META = ("dl_name", "drug_shape", "color_class1", "color_class2", "print_front", "print_back")
 MATCH_IOU = 0.5
@@ -45,7 +46,7 @@ class PredictOptions:
     conf: float = 0.25
     iou: float = 0.7
     det_imgsz: int = 640        # used only when the detector weights do not say their training size
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     max_det: int = 300          # detector's cap on boxes per image (Ultralytics' default)
 
     def __post_init__(self):
@@ -74,10 +75,12 @@ def load_detector(weights: str | Path):
 
 
 def _detector_imgsz(detector, default: int) -> int:
-    """The letterbox size the detector was trained at (stored in its weights), else ``default``."""
+    """The letterbox size the detector was trained at (stored in its weights), else ``default``; a multiple
+    of the detector's stride (32), as Ultralytics' trainer rounds it."""
     args = getattr(getattr(detector, "model", None), "args", None) or {}
     size = args.get("imgsz") if isinstance(args, dict) else getattr(args, "imgsz", None)
-    return int(size) if isinstance(size, (int, float)) else default
+    size = int(size) if isinstance(size, (int, float)) else int(default)
+    return -(-size // 32) * 32
 
 
 def padded_box(box, width: int, height: int, padding: float) -> tuple[int, int, int, int]:
@@ -116,13 +119,51 @@ def _meta(class_map, code: str) -> dict:
     return {k: d[k] for k in SHOWN_META if d.get(k) not in (None, "")}
 
 
+def letterbox(image, imgsz: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """The detector's training letterbox, for inference: a 1x3xSxS float tensor in 0..1 and its geometry
+    ``(new_h, new_w, top, left)``.
+
+    The same geometry as the DALI detection graph (``pipelines.detect.letterbox_geometry``), the same padding
+    value and an antialiased bilinear resize like the graph's (torch's; tests/test_predict.py bounds the
+    difference). Ultralytics' own letterbox (cv2 bilinear, no antialiasing) differs from what the detector saw
+    in training by 0.4-0.8 grey levels on average at the users' 976x1280 -> 640 / 320 sizes.
+    """
+    import torch.nn.functional as F
+
+    from pipelines.detect import PAD_VALUE, letterbox_geometry
+
+    geometry = letterbox_geometry(image.height, image.width, imgsz)
+    new_h, new_w, top, left = geometry
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).float()
+    if (new_w, new_h) != image.size:  # float, like DALI (torch's uint8 path rounds like PIL: 0.26 levels off)
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        x = x.round_().clamp_(0, 255)  # the graph's output is uint8
+    out = torch.full((1, 3, imgsz, imgsz), float(PAD_VALUE))
+    out[:, :, top:top + new_h, left:left + new_w] = x
+    return out.div_(255.0), geometry
+
+
+def unletterbox(xyxy: np.ndarray, geometry: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:
+    """Boxes (N x 4 xyxy) from the letterboxed frame back to the original image's pixels, clipped to it."""
+    new_h, new_w, top, left = geometry
+    out = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4).copy()
+    out[:, [0, 2]] = (out[:, [0, 2]] - left) * (width / new_w)
+    out[:, [1, 3]] = (out[:, [1, 3]] - top) * (height / new_h)
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, width)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, height)
+    return out
+
+
 def _detect(detector, image, opts: PredictOptions, imgsz: int, device) -> list[tuple[list[float], float]]:
     """[(xyxy in original pixels, confidence)], best first, on the classifier's device (Ultralytics would
-    otherwise pick CUDA whenever it exists, whatever --device says)."""
-    res = detector.predict(image, imgsz=imgsz, conf=opts.conf, iou=opts.iou, max_det=opts.max_det, verbose=False,
+    otherwise pick CUDA whenever it exists, whatever --device says). The image is letterboxed here exactly as
+    in training (``letterbox``) and handed to Ultralytics as a tensor, which it takes as it is."""
+    x, geometry = letterbox(image, imgsz)
+    res = detector.predict(x.to(device), conf=opts.conf, iou=opts.iou, max_det=opts.max_det, verbose=False,
                            device=str(device))[0]
     boxes = res.boxes
-    xyxy, conf = boxes.xyxy.cpu().numpy(), boxes.conf.cpu().numpy()
+    xyxy = unletterbox(boxes.xyxy.cpu().numpy(), geometry, image.width, image.height)
+    conf = boxes.conf.cpu().numpy()
     order = np.argsort(-conf)
     return [(xyxy[i].tolist(), float(conf[i])) for i in order]
 

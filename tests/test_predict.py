@@ -138,3 +138,60 @@ def test_bench_predict_times_each_image_with_four_crops(stage):
     bench = predict.bench_predict(_combo_images(stage)[:2], clf, det, opts, warmup=1)
     assert bench["images"] == 2 and bench["pills_per_image"] == 4.0
     assert bench["p95_ms"] >= bench["p50_ms"] > 0 and bench["device"].startswith("cpu")
+
+
+@pytest.mark.parametrize("size,imgsz", [((976, 1280), 320), ((976, 1280), 640), ((244, 320), 320),
+                                        ((244, 320), 640)])
+def test_prediction_letterbox_is_the_training_letterbox(size, imgsz):
+    """The detector sees at inference what the DALI detection graph gave it in training (users' lesson:
+    training and inference once resized differently)."""
+    import numpy as np
+    from PIL import Image
+
+    from pillsnap_dali.bench_loaders import photo_like
+    from pipelines.detect import detect_pipeline, letterbox_geometry
+
+    arr = photo_like(*size, np.random.default_rng(3))
+    h, w = arr.shape[:2]
+    pipe = detect_pipeline(batch_size=1, num_threads=1, device_id=None, device="cpu", imgsz=imgsz,
+                           prefetch_queue_depth=1)
+    pipe.build()
+    encoded = np.frombuffer(_png_bytes(arr), dtype=np.uint8)
+    pipe.feed_input("encoded", [encoded])
+    pipe.feed_input("boxes", [np.zeros((0, 4), np.float32)])
+    pipe.feed_input("geometry", [np.asarray(letterbox_geometry(h, w, imgsz), np.int32)])
+    graph = np.array(pipe.run()[0].as_tensor())[0].astype(np.float32)  # CHW uint8 values
+    x, geometry = predict.letterbox(Image.fromarray(arr), imgsz)
+    assert geometry == letterbox_geometry(h, w, imgsz) and x.shape == (1, 3, imgsz, imgsz)
+    ours = x[0].numpy() * 255.0
+    diff = np.abs(ours - graph)
+    assert diff.mean() < 0.02 and diff.max() <= 1.0, (diff.mean(), diff.max())  # cv2 letterbox: 0.4-0.8 mean
+
+
+def _png_bytes(arr) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("w,h,imgsz", [(976, 1280, 640), (1280, 976, 320), (244, 320, 640)])
+def test_unletterbox_maps_detections_back_like_ultralytics(w, h, imgsz):
+    import numpy as np
+    from ultralytics.utils.ops import scale_boxes
+
+    from pipelines.detect import letterbox_geometry
+
+    geometry = letterbox_geometry(h, w, imgsz)
+    new_h, new_w, top, left = geometry
+    rng = np.random.default_rng(0)
+    xy = rng.uniform([0, 0], [w, h], size=(20, 2))
+    truth = np.concatenate([xy, xy + rng.uniform(5, 200, size=(20, 2))], axis=1)
+    truth[:, 2], truth[:, 3] = truth[:, 2].clip(0, w), truth[:, 3].clip(0, h)
+    boxed = truth * [new_w / w, new_h / h, new_w / w, new_h / h] + [left, top, left, top]
+    back = predict.unletterbox(boxed, geometry, w, h)
+    assert np.abs(back - truth).max() < 1e-6
+    theirs = scale_boxes((imgsz, imgsz), torch.tensor(boxed, dtype=torch.float32), (h, w)).numpy()
+    assert np.abs(back - theirs).max() < 1.5  # Ultralytics uses one gain for both axes (rounding differs)
