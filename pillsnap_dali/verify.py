@@ -33,6 +33,8 @@ _MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP
           (b"P1", "PNM"), (b"P2", "PNM"), (b"P3", "PNM"), (b"P4", "PNM"), (b"P5", "PNM"), (b"P6", "PNM"))
 _TAIL = 4096   # a truncated PNG has no IEND chunk in its last bytes (a valid one may have trailing junk)
 CACHE_NAME = "verify_cache.json"
+# bumped when the reason texts change, so a cache never serves another version's wording (2: imageio's)
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -130,9 +132,9 @@ class Verifier:
         try:
             with open(p, encoding="utf-8") as fh:
                 data = json.load(fh)
-            if data.get("max_pixels") == self.s.max_pixels:
+            if data.get("max_pixels") == self.s.max_pixels and data.get("version") == CACHE_VERSION:
                 return dict(data.get("results", {}))
-            _logger.info("verify cache %s was made with another pixel limit: not used", p)
+            _logger.info("verify cache %s was made with another pixel limit or version: not used", p)
         except (OSError, ValueError, AttributeError) as e:
             _logger.warning("verify cache %s unreadable (%s): starting a new one", p, e)
         return {}
@@ -168,7 +170,8 @@ class Verifier:
     def save(self) -> None:
         if self.s.mode == "full" and self.s.cache_path:
             atomic_write_text(self.s.cache_path, json.dumps(
-                {"max_pixels": self.s.max_pixels, "results": self.cache}, ensure_ascii=False))
+                {"version": CACHE_VERSION, "max_pixels": self.s.max_pixels, "results": self.cache},
+                ensure_ascii=False))
 
 
 def _cache_key(path: str) -> str | None:

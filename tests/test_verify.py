@@ -1,4 +1,5 @@
 """Image verification: header reasons without decoding, full decode with a cache, real odd files."""
+import json
 import os
 import shutil
 import struct
@@ -87,6 +88,12 @@ def test_full_decodes_and_caches(files, tmp_path):
     os.utime(files["corrupt"], ns=(1, 1))
     third = Verifier(VerifySettings("full", 40_000_000, workers=1, cache_path=cache))
     assert str(files["corrupt"]) not in third.bad(paths) and third.decoded == 1
+    third.save()
+    data = json.loads(cache.read_text(encoding="utf-8"))
+    cache.write_text(json.dumps({**data, "version": 1}), encoding="utf-8")  # older reason texts: not served
+    fourth = Verifier(VerifySettings("full", 40_000_000, workers=1, cache_path=cache))
+    fourth.bad(paths)
+    assert fourth.decoded == len(paths)
 
 
 def test_none_mode_checks_nothing(files):
