@@ -38,6 +38,40 @@ def bomb_problem(err: BaseException, max_pixels: int) -> str:
     return f"too many pixels: {counts[0]} > PIL's decompression-bomb limit {counts[1]}"
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
+def header_info(source) -> tuple[int, int, Optional[bytes]]:
+    """(width, height, raw EXIF block or None) of a path or file object, from the header alone; raises what
+    ``Image.open`` raises. The EXIF block is the one PIL reads with the header (``im.getexif()`` would
+    decode a whole PNG to look further)."""
+    from PIL import Image
+
+    with Image.open(source) as im:
+        return im.size[0], im.size[1], im.info.get("exif")
+
+
+def exif_orientation(raw: Optional[bytes]) -> int:
+    """The EXIF orientation tag (1-8) of a raw EXIF block; 1 when there is none or the block is broken."""
+    if not raw:
+        return 1
+    from PIL import Image
+
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        return int(exif.get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block: the decoders ignore it too
+        return 1
+
+
+def upright_size(source) -> tuple[int, int]:
+    """(width, height) of the image as the decoders deliver it (EXIF orientation 5-8 swaps the sides), from
+    the header alone: the frame the labels and boxes refer to."""
+    w, h, exif = header_info(source)
+    return (h, w) if exif_orientation(exif) in (5, 6, 7, 8) else (w, h)
+
+
 def open_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image as 8-bit RGB, safely. Raises (ValueError, OSError...) on anything unusable.
 

@@ -271,6 +271,8 @@ def two_stage_accuracy(manifest, classifier, detector, cfg) -> dict:
 
     Padded crops are scored against the converter's clean boxes (IoU >= 0.5 to count as found).
     """
+    from .yolo_convert import image_size
+
     predict = make_predictor(classifier, detector, options_from(cfg, "combo", 1))
     pills = found = right = images = unreadable = 0
     for i in range(len(manifest)):
@@ -282,7 +284,7 @@ def two_stage_accuracy(manifest, classifier, detector, cfg) -> dict:
             unreadable += 1
             _logger.warning("two-stage accuracy: %s left out: %s", path, result["error"])
             continue
-        w, h = manifest.sizes[i] if manifest.sizes and manifest.sizes[i][0] else _size_of(path)
+        w, h = image_size(path, manifest.sizes[i] if manifest.sizes else (0, 0))
         truth = _ground_truth(manifest.boxes[i], w, h, cfg)
         f, r = _score_image(result, truth)
         images, pills, found, right = images + 1, pills + len(truth), found + f, right + r
@@ -290,13 +292,6 @@ def two_stage_accuracy(manifest, classifier, detector, cfg) -> dict:
             "two_stage_top1": round(right / pills, 4) if pills else None,
             "detection_recall": round(found / pills, 4) if pills else None,
             "top1_of_detected": round(right / found, 4) if found else None}
-
-
-def _size_of(path: str) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -29,9 +29,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from .atomic import atomic_write_text
+from .imageio import upright_size
 from .manifest_io import Manifest, read_manifest
 from .scan import iou_xyxy as iou  # boxes here are [x1, y1, x2, y2]
 
@@ -153,14 +152,14 @@ def yolo_lines(boxes: list[list[float]], width: int, height: int) -> list[str]:
     return lines
 
 
-def _image_size(path: str, known: tuple[int, int]) -> tuple[int, int]:
-    """(width, height) from the manifest, else from the image header (no decode). OSError if missing/empty."""
+def image_size(path: str, known: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    """(width, height) from the manifest, else from the image header, upright (EXIF orientation applied, as
+    the decoders deliver the pixels; no decode). OSError if missing/empty."""
     if os.path.getsize(path) == 0:
         raise OSError("empty file")
     if known and known[0] > 0 and known[1] > 0:
         return known
-    with Image.open(path) as im:
-        return im.size
+    return upright_size(path)
 
 
 def _codes_in_name(combo_id: str) -> int:
@@ -186,7 +185,7 @@ def _convert_row(m: Manifest, i: int, split: str, out: Path, rules: BoxRules, us
         report.skipped_images.append((path, "index_image"))
         return 0
     try:
-        width, height = _image_size(path, m.sizes[i] if m.sizes else (0, 0))
+        width, height = image_size(path, m.sizes[i] if m.sizes else (0, 0))
     except OSError as e:
         report.skipped_images.append((path, f"unreadable image: {e}"))
         return 0

@@ -293,6 +293,21 @@ def test_png_header_and_exif_are_read_without_decoding_the_pixels(tmp_path, monk
     assert read_encoded_upright(str(tmp_path / "plain.png"), 10**6)[1:] == (None, (80, 40))
 
 
+def test_label_frame_of_an_exif_rotated_image_without_a_manifest_size_is_upright(tmp_path):
+    """Boxes are normalized by the size the decoders deliver (EXIF applied), as the letterbox uses it."""
+    from pillsnap_dali.yolo_convert import image_size
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (80, 40), (10, 20, 30)).save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    Image.new("RGB", (80, 40), (10, 20, 30)).save(tmp_path / "plain.jpg")
+    assert image_size(str(tmp_path / "rot.jpg")) == (40, 80)
+    assert image_size(str(tmp_path / "plain.jpg")) == (80, 40)
+    assert image_size(str(tmp_path / "rot.jpg"), (976, 1280)) == (976, 1280)  # the manifest's size wins
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(OSError):
+        image_size(str(tmp_path / "empty.png"))
+
+
 # ------------------------------------------------------------------------------------------ training
 def test_dali_fed_ultralytics_training_completes_offline(converted, tmp_path, monkeypatch):
     from pillsnap_dali.detect import DetectRun, train_detector

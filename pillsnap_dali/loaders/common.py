@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..config import AugmentConfig, Config, LoaderConfig, PreprocessConfig
-from ..imageio import bomb_problem, pixel_problem
+from ..imageio import bomb_problem, exif_orientation, header_info, pixel_problem
 
 _logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def read_encoded_upright(path: str, max_pixels: int
     if reason is not None:
         return None, reason, None
     try:
-        w, h, exif = _header(buf)
+        w, h, exif = header_info(io.BytesIO(buf.data))
     except Image.DecompressionBombError as e:
         return None, bomb_problem(e, max_pixels), None
     except Exception as e:  # any header PIL cannot read: the file's reason
@@ -246,33 +246,11 @@ def _read_bytes(path: str) -> tuple[Optional[np.ndarray], Optional[str]]:
     return (None, "empty file") if buf.size == 0 else (buf, None)
 
 
-def _header(buf: np.ndarray) -> tuple[int, int, Optional[bytes]]:
-    """(width, height, raw EXIF block or None) from the header; raises what ``Image.open`` raises."""
-    with Image.open(io.BytesIO(buf.data)) as im:
-        # the EXIF block PIL read with the header; im.getexif() would decode a whole PNG to look further
-        return im.size[0], im.size[1], im.info.get("exif")
-
-
-_EXIF_ORIENTATION = 0x0112
-
-
-def exif_orientation(raw: Optional[bytes]) -> int:
-    """The EXIF orientation tag (1-8) of a raw EXIF block; 1 when there is none or the block is broken."""
-    if not raw:
-        return 1
-    try:
-        exif = Image.Exif()
-        exif.load(raw)
-        return exif.get(_EXIF_ORIENTATION, 1)
-    except Exception:  # a broken EXIF block: the decoder ignores it too
-        return 1
-
-
 def header_problem(buf: np.ndarray, max_pixels: int) -> Optional[str]:
     """``imageio.pixel_problem``'s reason for the header's size (``bomb_problem``'s past PIL's own limit); None
     when it is fine or when PIL cannot parse the header (the decoder decides)."""
     try:
-        w, h, _ = _header(buf)
+        w, h, _ = header_info(io.BytesIO(buf.data))
     except Image.DecompressionBombError as e:
         return bomb_problem(e, max_pixels)
     except Exception:  # any header PIL cannot read (or a third-party Image.open patch failing): the decoder decides
