@@ -13,12 +13,12 @@ Fully offline: ``YOLO_OFFLINE`` is set before Ultralytics is imported (lazily, h
 is off so its check never downloads a reference model.
 
 Run dir ``<train.out>/detect_<stage>/``: ``weights/{best,last}.pt``, ``metrics.json`` (P, R, mAP50,
-mAP50-95), ``skipped.csv`` (images the loader could not decode), Ultralytics' ``results.csv``/``args.yaml``.
+mAP50-95), ``skipped.csv`` (row, path, reason, backend, epoch: the images the DALI loaders could not use, written
+as they are found, not retried by a rerun in the same dir), Ultralytics' ``results.csv``/``args.yaml``.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import logging
@@ -35,6 +35,7 @@ import torch
 
 from .atomic import atomic_write_text
 from .imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
+from .loaders.common import SkipLog
 
 _logger = logging.getLogger(__name__)
 
@@ -149,18 +150,26 @@ class DaliDetectLoader:
 
     Looks like its DataLoader where the trainer looks (``dataset``, ``batch_size``, ``num_workers``,
     ``sampler``, ``drop_last``, ``len()``, ``reset()``, ``close()``). A file that cannot be read or decoded
-    is logged, listed in ``skipped`` and left out of later epochs: never a black image with a label.
+    is logged, listed in ``skipped`` and left out of later epochs: never a black image with a label. With a
+    ``skip_log`` (the run's ``skipped.csv``, shared by the training and validation loaders) each skip is
+    written the moment it is found, and files already in it are left out from the start (a rerun in the
+    same run dir does not retry them).
     """
 
     def __init__(self, samples: DetectSamples, *, batch_size: int, imgsz: int, augment: dict | None,
-                 shuffle: bool, options: DaliOptions):
+                 shuffle: bool, options: DaliOptions, skip_log=None):
         if len(samples) == 0:
             raise ValueError("the detection split has no images")
         self.dataset, self.batch_size, self.imgsz = samples, int(batch_size), int(imgsz)
         self.augment, self.shuffle, self.options = augment, shuffle, options
         self.num_workers, self.drop_last = options.threads, False
+        self.backend = "dali" if options.device == "gpu" else "dali-cpu"
+        self.skip_log = skip_log
         self.skipped: list[tuple[str, str]] = []
-        self._bad: set[int] = set()
+        self._bad: set[int] = ({i for i, p in enumerate(samples.im_files) if p in skip_log}
+                               if skip_log is not None else set())
+        if self._bad:
+            _logger.info("%d image(s) skipped in an earlier run are left out", len(self._bad))
         self._epoch = 0
         self._pipe = None
         self._probe_pipe = None
@@ -197,7 +206,10 @@ class DaliDetectLoader:
         path = self.dataset.im_files[i]
         self._bad.add(i)
         self.skipped.append((path, reason))
-        _logger.warning("skipped %s: %s", path, reason)
+        if self.skip_log is not None:  # written now, logged by the skip log
+            self.skip_log.add(i, path, reason, self.backend, max(self._epoch - 1, 0))
+        else:
+            _logger.warning("skipped %s: %s", path, reason)
 
     def _read(self, i: int) -> _Item | None:
         from pipelines.detect import letterbox_geometry
@@ -341,8 +353,10 @@ def dali_trainer_class():
     class DaliDetectionTrainer(DetectionTrainer):
         """Only ``get_dataloader`` changes; the training loop, loss and validator are Ultralytics' own."""
 
-        def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None, dali: DaliOptions | None = None):
+        def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None, dali: DaliOptions | None = None,
+                     skip_log=None):
             self.dali = dali or DaliOptions()
+            self.skip_log = skip_log
             self.dali_loaders: list[DaliDetectLoader] = []
             super().__init__(cfg, overrides, _callbacks)
 
@@ -352,7 +366,8 @@ def dali_trainer_class():
                                           "for multi-GPU detection training")
             augment = {k: float(getattr(self.args, k)) for k in AUG_KEYS} if mode == "train" else None
             loader = DaliDetectLoader(read_yolo_split(dataset_path), batch_size=batch_size, imgsz=self.args.imgsz,
-                                      augment=augment, shuffle=mode == "train", options=self.dali)
+                                      augment=augment, shuffle=mode == "train", options=self.dali,
+                                      skip_log=self.skip_log)
             self.dali_loaders.append(loader)
             return loader
 
@@ -417,10 +432,7 @@ def _write_outputs(run: DetectRun, trainer, backend: str) -> dict:
                "batch_size": run.batch_size, "weights": str(Path(trainer.best).resolve()),
                "data": str(run.data_yaml), "skipped_images": len(skipped)}
     atomic_write_text(run.out / "metrics.json", json.dumps(summary, indent=1))
-    with open(run.out / "skipped.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image_path", "reason"])
-        w.writerows(skipped)
+    SkipLog(run.out / "skipped.csv").ensure_file()  # the DALI loaders wrote each skip as it was found
     return summary
 
 
@@ -435,7 +447,7 @@ def train_detector(run: DetectRun) -> dict:
         options = DaliOptions(device="gpu" if backend == "dali" else "cpu", threads=run.threads,
                               device_id=dev_id if backend == "dali" else None, seed=run.seed,
                               max_pixels=run.max_pixels, readers=run.readers)
-        trainer = functools.partial(dali_trainer_class(), dali=options)
+        trainer = functools.partial(dali_trainer_class(), dali=options, skip_log=SkipLog(run.out / "skipped.csv"))
     _logger.info("training %s on %s (%s backend, %d px, %d epochs) -> %s", run.model, run.data_yaml, backend,
                  run.imgsz, run.epochs, run.out)
     model.train(trainer=trainer, **args)

@@ -2,6 +2,7 @@
 DALI-fed Ultralytics training that completes offline. Real files, real DALI (CPU), real Ultralytics."""
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from pillsnap_dali.loaders import SkipLog
 from pillsnap_dali.manifest_io import Manifest, read_manifest, write_manifest
 from pillsnap_dali.yolo_convert import BoxRules, clean_boxes, convert_manifests, detection_manifests
 
@@ -172,11 +174,12 @@ def test_convert_stage_on_the_synthetic_tree_handles_every_injected_box_defect(s
 
 
 # ------------------------------------------------------------------------------------------ DALI loader
-def _loader(yolo: Path, split: str, augment=None, imgsz=64, batch_size=4):
+def _loader(yolo: Path, split: str, augment=None, imgsz=64, batch_size=4, skip_log=None):
     from pillsnap_dali.detect import DaliDetectLoader, DaliOptions, read_yolo_split
 
     return DaliDetectLoader(read_yolo_split(yolo / "images" / split), batch_size=batch_size, imgsz=imgsz,
-                            augment=augment, shuffle=augment is not None, options=DaliOptions(device="cpu"))
+                            augment=augment, shuffle=augment is not None, options=DaliOptions(device="cpu"),
+                            skip_log=skip_log)
 
 
 def test_dali_batches_have_the_ultralytics_format(converted):
@@ -216,10 +219,17 @@ def test_corrupt_image_is_skipped_and_logged(converted, tmp_path):
         shutil.copy(p.resolve(), split / "images" / "val" / p.name)
     bad = split / "images" / "val" / "v0.png"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated: the header reads, the pixels do not
-    loader = _loader(split, "val")
+    log_path = tmp_path / "run" / "skipped.csv"
+    loader = _loader(split, "val", skip_log=SkipLog(log_path))
     batches = list(loader)
     assert [b["im_file"] for b in batches] == [(str(split / "images" / "val" / "v1.png"),)]
     assert loader.skipped and loader.skipped[0][0] == str(bad) and len(loader) == 1
+    rows = list(csv.DictReader(log_path.open(encoding="utf-8")))  # written as found, the classification format
+    assert [(r["path"], r["backend"], r["epoch"]) for r in rows] == [(str(bad), "dali-cpu", "0")]
+    assert rows[0]["reason"].startswith("DALI: ")
+    rerun = _loader(split, "val", skip_log=SkipLog(log_path))  # a rerun in the same run dir: left out at once
+    assert len(rerun) == 1 and [b["im_file"] for b in rerun] == [(str(split / "images" / "val" / "v1.png"),)]
+    assert rerun.skipped == [] and len(SkipLog(log_path)) == 1
 
 
 def test_every_real_world_file_is_yielded_once_or_skipped(tmp_path):
@@ -322,7 +332,7 @@ def test_dali_fed_ultralytics_training_completes_offline(converted, tmp_path, mo
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"precision", "recall", "mAP50", "mAP50-95"} and metrics == summary
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("precision", "recall", "mAP50", "mAP50-95"))
-    assert metrics["backend"] == "dali-cpu" and (out / "skipped.csv").read_text().startswith("image_path,reason")
+    assert metrics["backend"] == "dali-cpu" and (out / "skipped.csv").read_text().startswith("row,path,reason,backend,epoch")
     assert not list(tmp_path.glob("*.pt")) and not list(Path.cwd().glob("yolo*.pt"))  # nothing fetched
 
 

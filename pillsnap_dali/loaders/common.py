@@ -80,6 +80,15 @@ class SkipLog:
         _logger.warning("skipped row %d (%s): %s [%s, epoch %d]", row, path, reason, backend, epoch)
         return True
 
+    def ensure_file(self) -> None:
+        """Write the header if the log has no file yet (a run that skipped nothing still has its skipped.csv)."""
+        if self.path is not None:
+            with self._lock:
+                if not self.path.exists() or self.path.stat().st_size == 0:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(self.path, "w", newline="", encoding="utf-8") as fh:
+                        csv.DictWriter(fh, fieldnames=SKIP_COLUMNS).writeheader()
+
     def _append(self, rec: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
