@@ -36,7 +36,7 @@ from .verify import CACHE_NAME, Verifier, VerifySettings
 
 _logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: detection-val combinations are never in classifier train
 SPLITS = ("train", "val", "test")
 OUTPUTS = tuple(f"manifest_{s}.csv" for s in SPLITS) + tuple(f"detect_{s}.csv" for s in SPLITS) + (
     "class_map.json", "quarantine.csv")
@@ -136,8 +136,12 @@ def _pick(build: _Build, units: dict, quotas: dict) -> dict:
                     chosen[c].append(u)
 
 
-def _split_units(chosen: dict, val_fraction: float) -> tuple[list, list, dict]:
-    """Stratified by class, by unit: (train records, val records, {dropped class: reason})."""
+def _split_units(chosen: dict, val_fraction: float, held_out: frozenset = frozenset()) -> tuple[list, list, dict]:
+    """Stratified by class, by unit: (train records, val records, {dropped class: reason}).
+
+    Units whose key is in ``held_out`` (the combinations of the detection val split) go to val whatever the
+    draw, so the two-stage score on ``detect_val.csv`` never sees a combination the classifier trained on.
+    """
     train, val, dropped = [], [], {}
     for c in sorted(chosen):
         us = chosen[c]  # already in the class's seeded random order
@@ -145,19 +149,25 @@ def _split_units(chosen: dict, val_fraction: float) -> tuple[list, list, dict]:
             dropped[c] = f"only {len(us)} usable unit(s) after verification: cannot be in train and val"
             continue
         n_val = min(len(us) - 1, max(1, round(val_fraction * len(us))))
-        val.extend(r for u in us[:n_val] for r in u.records)
-        train.extend(r for u in us[n_val:] for r in u.records)
+        forced = [u for u in us if u.key in held_out]
+        rest = [u for u in us if u.key not in held_out]
+        more = max(0, n_val - len(forced))
+        if not rest[more:]:
+            dropped[c] = "every usable unit is a combination held out for detection validation"
+            continue
+        val.extend(r for u in forced + rest[:more] for r in u.records)
+        train.extend(r for u in rest[more:] for r in u.records)
     return train, val, dropped
 
 
-def _classification(build: _Build, m: ManifestConfig) -> tuple[dict, list, dict]:
-    """({split: records}, class codes, dropped classes) for the stage."""
+def _classification(build: _Build, m: ManifestConfig, held_out: frozenset = frozenset()) -> tuple[dict, list, dict]:
+    """({split: records}, class codes, dropped classes) for the stage; ``held_out``: see ``_split_units``."""
     use = [r for r in build.scan.records if m.include_combinations or r.image_type == "single"]
     units = _units([r for r in use if r.part == "train"])
     sizes = {c: sum(len(u) for u in us) for c, us in units.items()}
     quotas, notes = plan_quotas(sizes, {c: len(us) for c, us in units.items()}, m, build.seed)
     build.notes.extend(notes)
-    train, val, dropped = _split_units(_pick(build, units, quotas), m.val_fraction)
+    train, val, dropped = _split_units(_pick(build, units, quotas), m.val_fraction, held_out)
     codes = sorted({r.code for r in train} | {r.code for r in val})
     code_set = set(codes)
     test = build.verified([r for r in use if r.part == "val" and r.code in code_set])
@@ -294,8 +304,9 @@ def build_manifests(cfg: Config, data_root: str | Path, out_dir: str | Path, *, 
                             "(TS_n_단일/<K-code>/*.png with TL_n_단일/<K-code>_json/*.json)")
     settings = VerifySettings(verify, cfg.data.max_pixels, cfg.loader.workers, out_dir / CACHE_NAME)
     build = _Build(scan, Verifier(settings), seed)
-    splits, codes, dropped = _classification(build, cfg.manifest)
-    detect = _detection(build, cfg.detect.val_fraction)
+    detect = _detection(build, cfg.detect.val_fraction)  # first: its val combinations stay out of classifier train
+    held_out = frozenset(f"combo:{r.combo_id}" for r in detect["val"])
+    splits, codes, dropped = _classification(build, cfg.manifest, held_out)
     build.verifier.save()
     report = _report(build, cfg, inputs, splits, detect, codes, dropped)
     _write_all(out_dir, scan, build, splits, detect, codes, report)

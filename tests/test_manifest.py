@@ -59,6 +59,18 @@ def test_demo_build_takes_everything_and_splits_by_combination(tree, tmp_path):
     det = {s: read_manifest(out / f"detect_{s}.csv") for s in ("train", "val", "test")}
     assert len(det["train"]) + len(det["val"]) == 12 and len(det["val"]) == 3
     assert all(len(b) == 3 for b in det["train"].boxes) and not combos(det["train"]) & combos(det["val"])
+    # the two-stage score (detect_val) never sees a combination the classifier trained on
+    assert combos(det["val"]) and not combos(det["val"]) & combos(train)
+    assert not set(det["val"].paths) & set(train.paths)
+
+
+def test_detection_val_combinations_stay_out_of_classifier_train_for_every_seed(tree, tmp_path):
+    for seed in range(6):
+        out = tmp_path / f"s{seed}"
+        build_manifests(load_config(stage="demo", sets=[f"manifest.seed={seed}"]), tree, out)
+        train = read_manifest(out / "manifest_train.csv")
+        det_val = read_manifest(out / "detect_val.csv")
+        assert det_val.paths and not set(det_val.combo_ids) & set(train.combo_ids), seed
 
 
 def test_same_inputs_same_bytes_and_reuse(tree, tmp_path):
