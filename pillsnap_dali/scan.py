@@ -277,8 +277,11 @@ class _Scan:
         if any(info.get(k) == 0 for k in SIZE_META):
             self.res.defects["zero_dimension"] += 1  # a pill of 0 mm (thick / leng_long / leng_short)
         self.dl_idx[_dl_idx_kind(info.get("dl_idx"), code)] += 1
-        if code not in self.res.meta and info.get("drug_N") == code:
-            self.res.meta[code] = {k: info.get(k) for k in META_KEYS}
+        if info.get("drug_N") == code:  # the most complete label of the code describes it (first on ties)
+            meta = {k: info.get(k) for k in META_KEYS}
+            old = self.res.meta.get(code)
+            if old is None or _filled(meta) > _filled(old):
+                self.res.meta[code] = meta
 
     def _check_bbox(self, bbox, width: int, height: int) -> None:
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
@@ -405,6 +408,11 @@ def _has_double_label(bboxes: list) -> bool:
     good = [b for b in bboxes if isinstance(b, list) and len(b) == 4 and all(_is_num(v) for v in b)
             and b[2] > 0 and b[3] > 0]
     return any(iou(good[i], good[j]) >= DOUBLE_LABEL_IOU for i in range(len(good)) for j in range(i + 1, len(good)))
+
+
+def _filled(meta: dict) -> int:
+    """How many of the required metadata fields a label fills (its null_metadata defect leaves some empty)."""
+    return sum(meta.get(k) not in (None, "") for k in REQUIRED_META)
 
 
 def count_near_identical(meta: dict) -> int:

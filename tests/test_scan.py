@@ -103,6 +103,18 @@ def test_class_fallbacks_and_dl_idx_convention(tmp_path):
     assert res.defects["null_metadata"] == 2
 
 
+def test_a_label_with_empty_metadata_does_not_describe_its_class(tmp_path):
+    root = _tree(tmp_path, classes=2, n_images=6, combos=0)
+    img_dir, _ = source_dirs(root, "raw", "train", "single", 1)
+    first = sorted(p.stem for p in (img_dir / "K-000002").glob("*.png"))[0]  # scanned first
+    _label(root, "train", "single", "K-000002", first, code="K-000002", dl_name=None, drug_shape="",
+           color_class1=None)
+    res = scan_tree(root)
+    assert res.defects["null_metadata"] == 1
+    meta = res.meta["K-000002"]
+    assert meta["dl_name"] and meta["drug_shape"] and meta["color_class1"]  # from a complete label
+
+
 def test_k_convention_and_nfd_folder_names(tmp_path):
     root = _tree(tmp_path, classes=1, n_images=2, combos=0)
     img_dir, lbl_dir = source_dirs(root, "raw", "train", "single", 1)
