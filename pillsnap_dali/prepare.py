@@ -15,8 +15,12 @@ The users' disk is 97 % full, so the cache is built to be small and safe:
 - the cache file of a source is ``<cache>/<sha1[:2]>/<sha1>.jpg`` with the sha1 of the absolute source path,
   so different trees never collide; its JPEG comment records the source's size, so a resumed row needs
   neither the source decoded nor a side file to scale its boxes;
-- unreadable sources are logged, listed in ``<cache>/prepare_skipped.csv`` (path, reason) and left out of the
-  new manifest: ``rows_in == cached + skipped + remaining``;
+- unreadable sources are logged, listed in ``<cache>/<manifest stem>_skipped.csv`` (path, reason; one file per
+  source manifest, so preparing train then val into one cache keeps both lists) and left out of the new
+  manifest: ``rows_in == cached + skipped + remaining``;
+- the class map is settled before anything is transcoded: the source's ``class_map.json`` (or, for a legacy
+  manifest without one, its sorted K-codes) must match the cache's; a legacy manifest whose codes are all in
+  the cache's map (a val split without some class) takes the cache's map;
 - a final check decodes a sample of the outputs; a bad output is an error (and is removed, so a rerun redoes it).
 """
 from __future__ import annotations
@@ -53,7 +57,12 @@ _logger = logging.getLogger(__name__)
 GB = 1e9
 SLACK = 1.10                    # the size estimate is the sample mean x rows, plus 10 %
 CHUNK = 32                      # sources per worker task
-SKIPPED_CSV = "prepare_skipped.csv"
+SKIPPED_SUFFIX = "_skipped.csv"   # <cache>/<source manifest stem>_skipped.csv
+
+
+def skipped_csv(cache_dir: str | Path, manifest_path: str | Path) -> Path:
+    """Where ``prepare`` lists the unreadable sources of one source manifest."""
+    return Path(cache_dir) / f"{Path(manifest_path).stem}{SKIPPED_SUFFIX}"
 STAMP_JSON = "prepare_options.json"
 LOCK_FILE = ".prepare.lock"
 _COMMENT_TAG = "pillsnap_dali.prepare"
@@ -109,7 +118,7 @@ class PrepareReport:
     cached: int = 0                 # rows in the new manifest
     transcoded: int = 0             # of which transcoded by this run
     reused: int = 0                 # of which found complete in the cache (resume)
-    skipped: int = 0                # unreadable sources, listed in prepare_skipped.csv
+    skipped: int = 0                # unreadable sources, listed in <manifest stem>_skipped.csv
     remaining: int = 0              # rows not reached (limit, or stopped on free space)
     source_bytes: int = 0           # of the cached rows' sources
     cache_bytes: int = 0            # of the cached rows' JPEGs
@@ -451,19 +460,31 @@ def _build_manifest(m: Manifest, outcomes: dict[str, _Outcome], manifest_out: Pa
     return out, skipped
 
 
-def _write_class_map(manifest_path: Path, m: Manifest, cache_dir: Path) -> None:
-    """Put the source's class map beside the cached manifest, so class ids cannot shift when rows are skipped.
+def _class_map_to_write(manifest_path: Path, m: Manifest, cache_dir: Path) -> Optional[ClassMap]:
+    """The class map to put beside the cached manifest, None when the cache's own stands; raises
+    ClassMapMismatch before anything is transcoded.
 
-    Without a ``class_map.json`` beside the source, its ids are the sorted unique K-codes of the SOURCE manifest
-    (the legacy rule); that map is written, since the cached manifest may lack a class whose rows all failed.
+    Class ids must not shift when rows are skipped, so the map comes from the SOURCE: its ``class_map.json``,
+    else (a legacy manifest) its sorted unique K-codes. A cache that has a map already keeps it: a source
+    map must equal it; a legacy manifest's codes must all be in it (a val split lacking some class is fine).
     """
     src_map = manifest_path.parent / "class_map.json"
-    cm = ClassMap.load(src_map) if src_map.exists() else ClassMap(codes=sorted(set(m.codes)))
     dst = cache_dir / "class_map.json"
-    if dst.exists():
-        ClassMap.load(dst).check_same(cm, what=f"cache dir {cache_dir}", against=f"source {manifest_path}")
-        return
-    cm.save(dst)
+    have = ClassMap.load(dst) if dst.exists() else None
+    if src_map.exists():
+        cm = ClassMap.load(src_map)
+        if have is None:
+            return cm
+        have.check_same(cm, what=f"cache dir {cache_dir}", against=f"source {manifest_path}")
+        return None
+    if have is None:
+        return ClassMap(codes=sorted(set(m.codes)))
+    unknown = sorted(set(m.codes) - set(have.codes))
+    if unknown:
+        raise ClassMapMismatch(f"{manifest_path} has {len(unknown)} K-code(s) not in the class map of cache dir "
+                               f"{cache_dir} ({', '.join(unknown[:10])}); prepare the training manifest first, "
+                               "or use another --cache-dir")
+    return None
 
 
 def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
@@ -528,6 +549,7 @@ def prepare_cache(manifest_path: str | Path, cache_dir: str | Path, opts: Prepar
     enc = _Encode(opts.quality, opts.max_side, opts.subsampling, opts.max_pixels)
     report = PrepareReport(rows_in=len(m), dry_run=opts.dry_run)
     _check_stamp(cache_dir, enc, write=False)
+    class_map = _class_map_to_write(manifest_path, m, cache_dir)  # a mismatch stops us before any work
     pairs = _pending_pairs(m, cache_dir)
     run_pairs, todo = _select(pairs, opts.limit)
     est = _Estimate(0, 0, 0, 0.0)
@@ -544,7 +566,7 @@ def prepare_cache(manifest_path: str | Path, cache_dir: str | Path, opts: Prepar
             report.tmp_removed = _remove_tmp(cache_dir)
             _check_stamp(cache_dir, enc, write=True)
             outcomes = _transcode_all(run_pairs, enc, opts, cache_dir, report)
-            _finish(m, outcomes, manifest_path, manifest_out, report)
+            _finish(m, outcomes, manifest_path, manifest_out, report, class_map)
             verify_sample(outcomes.values(), opts.sample, opts.seed)
         if opts.limit is not None and report.remaining and not report.stopped:
             report.stopped = f"limit of {opts.limit} new rows reached; rerun to resume"
@@ -553,15 +575,16 @@ def prepare_cache(manifest_path: str | Path, cache_dir: str | Path, opts: Prepar
 
 
 def _finish(m: Manifest, outcomes: dict[str, _Outcome], manifest_path: Path, manifest_out: Path,
-            report: PrepareReport) -> None:
+            report: PrepareReport, class_map: Optional[ClassMap]) -> None:
     """Write the manifest of done rows, the skipped list and the class map; fill the report's counts."""
     cache_dir = manifest_out.parent
     out, skipped = _build_manifest(m, outcomes, manifest_out)
     write_manifest(out, manifest_out)
     report.manifest_out = str(manifest_out)
-    report.skipped_csv = str(cache_dir / SKIPPED_CSV)
-    _write_skipped(cache_dir / SKIPPED_CSV, skipped)
-    _write_class_map(manifest_path, m, cache_dir)
+    report.skipped_csv = str(skipped_csv(cache_dir, manifest_path))
+    _write_skipped(Path(report.skipped_csv), skipped)
+    if class_map is not None and not (cache_dir / "class_map.json").exists():
+        class_map.save(cache_dir / "class_map.json")
     report.cached, report.skipped = len(out), len(skipped)
     report.remaining = report.rows_in - report.cached - report.skipped
     done = [outcomes[p] for p in dict.fromkeys(m.paths) if p in outcomes and outcomes[p].ok]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pillsnap_dali import prepare as P
-from pillsnap_dali.classmap import ClassMap
+from pillsnap_dali.classmap import ClassMap, ClassMapMismatch
 from pillsnap_dali.config import load_config
 from pillsnap_dali.manifest_io import Manifest, class_map_for, read_manifest, write_manifest
 
@@ -75,15 +75,15 @@ def _opts(**kw) -> P.PrepareOptions:
     return P.PrepareOptions(**base)
 
 
-def _skipped(cache: Path) -> dict[str, str]:
-    with open(cache / P.SKIPPED_CSV, newline="", encoding="utf-8") as fh:
+def _skipped(cache: Path, manifest: Path) -> dict[str, str]:
+    with open(P.skipped_csv(cache, manifest), newline="", encoding="utf-8") as fh:
         return {r["path"]: r["reason"] for r in csv.DictReader(fh)}
 
 
 def test_round_trip_with_broken_files(tree):
     report = P.prepare_cache(tree["manifest"], tree["cache"], _opts(workers=2))
     assert report.rows_in == tree["n"] == report.cached + report.skipped and report.remaining == 0
-    skipped = _skipped(tree["cache"])
+    skipped = _skipped(tree["cache"], tree["manifest"])
     assert len(skipped) == report.skipped
     assert "truncated" in skipped[tree["truncated"]] and "empty" in skipped[tree["empty"]]
     out = read_manifest(report.manifest_out)
@@ -229,6 +229,37 @@ def test_legacy_manifest_keeps_the_source_class_ids(tmp_path):
     report = P.prepare_cache(manifest, tmp_path / "cache", _opts())
     assert (report.cached, report.skipped) == (1, 1)
     assert class_map_for(report.manifest_out).codes == ["K-000200", "K-000300"]
+
+
+def test_legacy_train_then_val_share_one_cache_and_keep_both_skip_lists(tmp_path):
+    """The README's workflow: prepare train.csv, then val.csv, into one --cache-dir (legacy manifests, no
+    class_map.json). The val split lacks a class; its skips do not overwrite train's."""
+    rng = np.random.default_rng(5)
+    files = {}
+    for name in ("a", "b", "c", "d"):
+        files[name] = tmp_path / f"{name}.png"
+        _photo(rng, 64, 80).save(files[name])
+    for name in ("bad_train", "bad_val"):
+        files[name] = tmp_path / f"{name}.png"
+        files[name].write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    head = "image_path,mapping_code,image_type,source\n"
+    train, val, stray = tmp_path / "train.csv", tmp_path / "val.csv", tmp_path / "stray.csv"
+    train.write_text(head + f"{files['a']},K-000300,single,x\n{files['b']},K-000200,single,x\n"
+                     f"{files['bad_train']},K-000200,single,x\n", encoding="utf-8")
+    val.write_text(head + f"{files['c']},K-000300,single,x\n{files['bad_val']},K-000300,single,x\n",
+                   encoding="utf-8")
+    stray.write_text(head + f"{files['d']},K-000999,single,x\n", encoding="utf-8")
+    cache = tmp_path / "cache"
+    t = P.prepare_cache(train, cache, _opts())
+    v = P.prepare_cache(val, cache, _opts())
+    assert (t.cached, t.skipped, v.cached, v.skipped) == (2, 1, 1, 1)
+    assert list(_skipped(cache, train)) == [str(files["bad_train"])]
+    assert list(_skipped(cache, val)) == [str(files["bad_val"])]
+    assert class_map_for(v.manifest_out).codes == ["K-000200", "K-000300"]  # train's ids, not val's alone
+    before = sorted(p for p in cache.rglob("*.jpg"))
+    with pytest.raises(ClassMapMismatch, match="K-000999"):
+        P.prepare_cache(stray, cache, _opts())
+    assert sorted(p for p in cache.rglob("*.jpg")) == before  # refused before any transcoding
 
 
 def test_busy_cache_dir_is_refused(tree):
