@@ -261,8 +261,9 @@ class _Scan:
         except (KeyError, IndexError, TypeError, AttributeError):
             self.res.defects["unparsable_json"] += 1
             raise _LabelError("bad label structure") from None
-        code = _pill_code(info, stem)
+        code = _pill_code(info, stem, path)
         if code is None:
+            self.res.defects["null_metadata"] += 1  # neither drug_N nor dl_mapping_code, nothing to fall back on
             raise _LabelError("no class")
         self._check_meta(info, code)
         width, height = _dims(info)
@@ -356,14 +357,19 @@ def _dims(info: dict) -> tuple[int, int]:
     return 0, 0
 
 
-def _pill_code(info: dict, stem: str) -> str | None:
-    """The class of one pill: drug_N, else dl_mapping_code, else the code of a single's file name."""
+def _pill_code(info: dict, stem: str, path: str = "") -> str | None:
+    """The class of one pill: drug_N, else dl_mapping_code, else the code of a single's file name, else the
+    label's folder (``K-000322_json/`` of a single, the pill's own ``.../K-000322/`` of a combination)."""
     for key in ("drug_N", "dl_mapping_code"):
         v = info.get(key)
         if isinstance(v, str) and KCODE_RE.match(v):
             return v
     head = stem.split("_", 1)[0]
-    return head if KCODE_RE.match(head) else None
+    if KCODE_RE.match(head):
+        return head
+    folder = os.path.basename(os.path.dirname(path))
+    folder = folder[:-5] if folder.endswith("_json") else folder
+    return folder if KCODE_RE.match(folder) else None
 
 
 def _folder_codes(name: str) -> list[str]:

@@ -115,6 +115,19 @@ def test_a_label_with_empty_metadata_does_not_describe_its_class(tmp_path):
     assert meta["dl_name"] and meta["drug_shape"] and meta["color_class1"]  # from a complete label
 
 
+def test_combination_pill_label_without_codes_takes_its_pill_folder(tmp_path):
+    root = _tree(tmp_path, classes=4, n_images=4, combos=1)
+    combo = next(r for r in scan_tree(root).records if r.image_type == "combination")
+    label = Path(combo.label_paths[1])  # .../K-a-b-c_json/K-b/<stem>.json
+    doc = json.loads(label.read_text(encoding="utf-8"))
+    doc["images"][0].update(drug_N=None, dl_mapping_code=None)
+    label.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    res = scan_tree(root)
+    again = next(r for r in res.records if r.image_path == combo.image_path)  # not quarantined "no class"
+    assert [b["code"] for b in again.boxes] == [b["code"] for b in combo.boxes] and label.parent.name in again.codes
+    assert res.defects["null_metadata"] == 1
+
+
 def test_k_convention_and_nfd_folder_names(tmp_path):
     root = _tree(tmp_path, classes=1, n_images=2, combos=0)
     img_dir, lbl_dir = source_dirs(root, "raw", "train", "single", 1)
