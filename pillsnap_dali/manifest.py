@@ -242,7 +242,7 @@ def _report(build: _Build, cfg: Config, inputs: dict, splits: dict, detect: dict
         "got": {"images": got, "classes": len(codes), "smaller_than_stage": got < asked or len(codes) < asked_cls},
         "splits": {s: len(v) for s, v in splits.items()},
         "detect": {s: len(v) for s, v in detect.items()} | {"incomplete_labels": sum(
-            1 for v in detect.values() for r in v if len(r.boxes) < len(r.codes))},
+            1 for v in detect.values() for r in v if set(r.codes) - {b.get("code") for b in r.boxes})},
         "per_class": per_class, "classes_dropped": dropped,
         "defects": defects, "dl_idx_convention": scan.dl_idx_convention, "scan": scan.counts,
         "quarantine": {"rows": len(qrows), "images": q_images, "by_reason": _reason_counts(qrows)},

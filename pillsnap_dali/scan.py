@@ -299,7 +299,7 @@ class _Scan:
         boxes = [{"bbox": bbox, "code": code} for code, _, _, bbox in pills]
         if src.kind == "combination":
             codes = _folder_codes(folder) or _folder_codes(stem.split("_", 1)[0]) or sorted({c for c, *_ in pills})
-            if len(pills) < len(codes):
+            if set(codes) - {c for c, *_ in pills}:  # by code: a double label must not hide a missing pill
                 self.res.defects["combo_missing_pill_json"] += 1
             if _has_double_label([b["bbox"] for b in boxes]):
                 self.res.defects["double_label"] += 1

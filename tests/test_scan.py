@@ -128,6 +128,23 @@ def test_combination_pill_label_without_codes_takes_its_pill_folder(tmp_path):
     assert res.defects["null_metadata"] == 1
 
 
+def test_a_double_label_does_not_hide_a_missing_pill(tmp_path):
+    root = _tree(tmp_path, classes=4, n_images=4, combos=1)
+    combo = next(r for r in scan_tree(root).records if r.image_type == "combination")
+    gone, kept = Path(combo.label_paths[2]), Path(combo.label_paths[0])
+    gone.unlink()  # one pill has no JSON ...
+    doc = json.loads(kept.read_text(encoding="utf-8"))  # ... and another pill is labelled twice
+    doc["images"][0].update(drug_N="K-099999", dl_mapping_code="K-099999")
+    doc["annotations"][0]["bbox"] = [v + 1 for v in doc["annotations"][0]["bbox"]]
+    extra = kept.parent.parent / "K-099999" / kept.name
+    extra.parent.mkdir()
+    extra.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    res = scan_tree(root)
+    again = next(r for r in res.records if r.image_path == combo.image_path)
+    assert len(again.boxes) == len(again.codes) == 3  # as many labels as codes, yet one pill is missing
+    assert res.defects["combo_missing_pill_json"] == 1 and res.defects["double_label"] == 1
+
+
 def test_k_convention_and_nfd_folder_names(tmp_path):
     root = _tree(tmp_path, classes=1, n_images=2, combos=0)
     img_dir, lbl_dir = source_dirs(root, "raw", "train", "single", 1)
