@@ -140,14 +140,18 @@ def find_sources(root: str | Path) -> list[_Source]:
 
 
 def _files(top: str):
-    """Yield (top-level folder name, DirEntry) for every file below ``top``; top-level files get folder ""."""
+    """Yield (top-level folder name, DirEntry) for every file below ``top``; top-level files get folder "".
+
+    A source folder inside the source (``TS_1_단일/TS_1_단일/K-.../``, what unzipping into a folder of the
+    zip's name gives) is looked through: its sub-folders are the top-level folders."""
     stack, seen = [(top, "")], set()
     while stack:
         d, folder = stack.pop()
         for e in _listdir(d):
             if e.is_dir():
                 if _new_dir(e, seen):
-                    stack.append((e.path, folder or e.name))
+                    nested = not folder and _as_source(e.path, e.name) is not None
+                    stack.append((e.path, folder or ("" if nested else e.name)))
             else:
                 yield folder, e
 

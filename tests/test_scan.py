@@ -145,6 +145,22 @@ def test_a_double_label_does_not_hide_a_missing_pill(tmp_path):
     assert res.defects["combo_missing_pill_json"] == 1 and res.defects["double_label"] == 1
 
 
+def test_a_source_unzipped_into_a_folder_of_its_own_name_pairs(tmp_path):
+    root = _tree(tmp_path, classes=3, n_images=6, combos=1)
+    before = scan_tree(root)
+    for kind in ("single", "combination"):
+        for d in source_dirs(root, "raw", "train", kind, 1):  # TS_1_x/TS_1_x/..., TL_1_x/TL_1_x/...
+            inner = d / d.name
+            inner.mkdir()
+            for child in list(d.iterdir()):
+                if child != inner:
+                    child.rename(inner / child.name)
+    after = scan_tree(root)
+    assert len(after.records) == len(before.records) > 0
+    assert not any(r.startswith(("orphan", "no label")) for _, r in after.quarantine)
+    assert sorted(r.code for r in after.records) == sorted(r.code for r in before.records)
+
+
 def test_k_convention_and_nfd_folder_names(tmp_path):
     root = _tree(tmp_path, classes=1, n_images=2, combos=0)
     img_dir, lbl_dir = source_dirs(root, "raw", "train", "single", 1)
