@@ -350,6 +350,32 @@ def ensure_manifests(cfg: Config) -> Path:
     return out
 
 
+def split_leaks(manifests: dict) -> dict:
+    """Rows one split shares with the training split: the same image file, or a shot of the same combination
+    (the old pipeline split by image, so near-duplicate shots of a combination reached validation). Counted
+    and logged, never moved: an imported split stays the user's; building from the tree splits by
+    combination."""
+    train = manifests.get("train")
+    out = {}
+    if train is None:
+        return out
+    paths = set(train.paths)
+    combos = {c for c, t in zip(train.combo_ids, train.image_types) if t == "combination" and c}
+    for split, m in manifests.items():
+        if split == "train":
+            continue
+        same_image = [p for p in m.paths if p in paths]
+        same_combo = [p for p, c, t in zip(m.paths, m.combo_ids, m.image_types)
+                      if t == "combination" and c in combos and p not in paths]
+        out[split] = {"same_image": len(same_image), "same_combination": len(same_combo)}
+        if same_image or same_combo:
+            _logger.warning("legacy %s split shares %d image(s) and %d shot(s) of training combinations with the "
+                            "training split (e.g. %s): its scores are optimistic; building manifests from the tree "
+                            "splits by combination", split, len(same_image), len(same_combo),
+                            (same_image or same_combo)[0])
+    return out
+
+
 def import_legacy(paths: list, cfg: Config, out_dir: str | Path, *, verify: str | None = None) -> dict:
     """The existing project's manifests (train[, val[, test]]) -> ours, in ``out_dir``.
 
@@ -377,8 +403,9 @@ def import_legacy(paths: list, cfg: Config, out_dir: str | Path, *, verify: str 
     verifier.save()
     ClassMap(codes).save(out_dir / "class_map.json")
     write_quarantine(qrows, out_dir / "quarantine.csv")
+    leaks = split_leaks(dict(zip(SPLITS, manifests)))
     report = {"inputs": {"legacy": [str(Path(p).resolve()) for p in paths], "verify": verifier.s.mode},
-              "splits": counts, "classes": len(codes),
+              "splits": counts, "classes": len(codes), "leaks": leaks,
               "quarantine": {"rows": len(qrows), "by_reason": _reason_counts(qrows)},
               "accounting": {"rows_in": sum(len(m) for m in manifests), "rows_out": sum(counts.values()),
                              "quarantined": len(qrows)}}
@@ -418,6 +445,10 @@ def main(argv=None) -> int:
         if args.legacy:
             report = import_legacy(args.legacy, cfg, out, verify=args.verify)
             print(f"{out}: {report['splits']} rows kept, {report['quarantine']['rows']} quarantined")
+            for split, leak in report["leaks"].items():
+                if leak["same_image"] or leak["same_combination"]:
+                    print(f"warning: {split} shares {leak['same_image']} image(s) and {leak['same_combination']} "
+                          f"shot(s) of training combinations with train: its scores are optimistic")
             return 0
         if args.data_root:
             cfg.data.root = args.data_root

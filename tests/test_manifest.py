@@ -141,6 +141,27 @@ def test_legacy_import_quarantines_missing_and_unknown_classes(tree, tmp_path):
     assert q[singles[5]] == "class not in training manifest: K-000009"
 
 
+def test_legacy_import_reports_images_and_combinations_shared_with_train(tree, tmp_path, caplog):
+    combos = sorted(str(p) for p in Path(tree).rglob("*.png") if "조합" in str(p) and "_index" not in p.name)
+    by_folder: dict = {}
+    for p in combos:
+        by_folder.setdefault(Path(p).parent.name, []).append(p)
+    (folder, shots), = list(by_folder.items())[:1]
+    code = folder.split("-")[0] + "-" + folder.split("-")[1]
+    single = sorted(str(p) for p in Path(tree).rglob(f"{code}_*.png"))[0]
+    head = [["image_path", "mapping_code", "image_type", "source"]]
+    train = [[p, code, "combination", "TS_1"] for p in shots[:-1]] + [[single, code, "single", "TS_1"]]
+    val = [[shots[-1], code, "combination", "TS_1"], [single, code, "single", "TS_1"]]  # split by image
+    for name, rows in (("train.csv", train), ("val.csv", val)):
+        with open(tmp_path / name, "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows(head + rows)
+    with caplog.at_level("WARNING"):
+        report = import_legacy([tmp_path / "train.csv", tmp_path / "val.csv"], load_config(), tmp_path / "out")
+    assert report["leaks"] == {"val": {"same_image": 1, "same_combination": 1}}
+    assert "optimistic" in caplog.text
+    assert report["splits"] == {"train": len(shots), "val": 2}  # counted and said, never moved
+
+
 def test_cli(tree, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["--data-root", str(tree), "--stage", "demo", "--out", str(out), "--seed", "3"]) == 0
