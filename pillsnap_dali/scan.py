@@ -205,7 +205,7 @@ class _Scan:
         _logger.debug("ignored (neither image nor label): %s", path)
 
     def quarantine(self, path: str, reason: str, defect: str | None = None) -> None:
-        self.res.quarantine.append((path, reason))
+        self.res.quarantine.append((printable_path(path), reason))
         if defect:
             self.res.defects[defect] += 1
 
@@ -222,6 +222,10 @@ class _Scan:
 
     def _record(self, src: _Source, folder: str, entry, labels: list) -> ImageRecord | None:
         path, stem = entry.path, os.path.splitext(entry.name)[0]
+        if printable_path(path) != path:  # no manifest (UTF-8 CSV) can name it, no label can be trusted to pair
+            self.quarantine(path, "path is not valid UTF-8 (a zip extracted with another code page, e.g. CP949): "
+                                  "rename it (convmv -f cp949 -t utf8)")
+            return None
         if stem.endswith("_index"):
             self.quarantine(path, "index image")  # the layout picture of a combination folder
             self.counts["index_images"] += 1
@@ -359,6 +363,16 @@ def _dims(info: dict) -> tuple[int, int]:
     if _is_num(w) and _is_num(h) and w > 0 and h > 0:
         return int(w), int(h)
     return 0, 0
+
+
+def printable_path(path: str) -> str:
+    """``path`` itself when it is valid UTF-8; else its bytes with the undecodable ones as ``\\xNN`` (a file
+    name from a CP949 zip on a UTF-8 system), so it can still be written to a CSV and read by a person."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _pill_code(info: dict, stem: str, path: str = "") -> str | None:

@@ -162,6 +162,23 @@ def test_legacy_import_reports_images_and_combinations_shared_with_train(tree, t
     assert report["splits"] == {"train": len(shots), "val": 2}  # counted and said, never moved
 
 
+def test_a_non_utf8_file_name_is_quarantined_not_a_crash(tree, tmp_path):
+    import os
+    import shutil
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root, symlinks=True)
+    png = sorted(Path(root).rglob("K-000001_*.png"))[0]
+    label = next(Path(root).rglob(f"{png.stem}.json"))
+    cp949 = "경구약제".encode("cp949")  # not UTF-8: Python names it with surrogate escapes
+    for f in (png, label):
+        os.rename(os.fsencode(f), os.fsencode(f.with_name("x")) + cp949 + os.fsencode(f.suffix))
+    out = tmp_path / "out"
+    report = build_manifests(load_config(stage="demo"), root, out)
+    _check_accounting(out, report)
+    bad = [r for p, r in _quarantined(out).items() if "\\x" in p]
+    assert bad and bad[0].startswith("path is not valid UTF-8")
+
+
 def test_cli(tree, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["--data-root", str(tree), "--stage", "demo", "--out", str(out), "--seed", "3"]) == 0
