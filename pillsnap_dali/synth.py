@@ -317,17 +317,38 @@ class Catalog:
     pairs: list                 # near-identical K-code pairs (defect)
 
 
+def _make_looks_unique(codes: list, triples: dict, looks: dict, meta: dict, rng: np.random.Generator) -> None:
+    """Redraw the size (and metadata) of a code whose description equals an earlier code's, so that only the
+    injected ``near_identical_pair`` defect has a twin (thousands of classes reuse shape/colour triples)."""
+    from .scan import LOOK_KEYS
+
+    taken = set()
+    for code in codes:
+        key = tuple(str(meta[code].get(k)) for k in LOOK_KEYS)
+        for _ in range(1000):
+            if key not in taken:
+                break
+            looks[code] = _draw_look(rng, triples[code])
+            meta[code] = _drug_meta(rng, looks[code])
+            key = tuple(str(meta[code].get(k)) for k in LOOK_KEYS)
+        else:
+            raise RuntimeError(f"no unique look left for {code}")  # not reachable with the candidate triples
+        taken.add(key)
+
+
 def _make_catalog(spec: SynthSpec, rng: np.random.Generator) -> Catalog:
     numbers = sorted(int(n) for n in rng.choice(np.arange(1, 30001), size=spec.classes, replace=False))
     codes = [f"K-{n:06d}" for n in numbers]
     candidates = _look_candidates()
     order = rng.permutation(len(codes))   # which K-code gets which look
-    looks, meta = {}, {}
+    looks, meta, triples = {}, {}, {}
     for rank, ci in enumerate(order):
         triple = candidates[rank % len(candidates)]   # beyond len(candidates): same triple, other sizes
+        triples[codes[ci]] = triple
         looks[codes[ci]] = _draw_look(rng, triple)
     for code in codes:
         meta[code] = _drug_meta(rng, looks[code])
+    _make_looks_unique(codes, triples, looks, meta, rng)
     pairs = []
     if spec.defects:
         a, b = (codes[int(i)] for i in rng.choice(len(codes), size=2, replace=False))

@@ -297,3 +297,13 @@ def test_ensure_demo_data_generates_once(tmp_path):
                                             "data.synth.size=96x128", "data.synth.seed=1"])
     assert ensure_demo_data(other, workers=1) != root
     assert [p.name for p in (tmp_path / "synth").iterdir() if p.name.startswith(".")] == []
+
+
+def test_thousands_of_classes_keep_every_look_unique_but_the_injected_pair():
+    from pillsnap_dali.scan import count_near_identical
+    from pillsnap_dali.synth import SynthSpec, _make_catalog
+
+    for defects, want in ((False, 0), (True, 1)):  # Stage 4 size: the shape/colour triples repeat
+        cat = _make_catalog(SynthSpec(classes=4523, images_per_class=1, combos=0, defects=defects),
+                            np.random.default_rng(0))
+        assert count_near_identical(cat.meta) == want == len(cat.pairs)
