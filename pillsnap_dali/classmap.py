@@ -23,6 +23,17 @@ class ClassMapMismatch(ValueError):
     """Two class maps disagree on which K-code sits at which class id."""
 
 
+def _by_id(code_of: dict, ids: list) -> list[str]:
+    """Codes in id order; the ids must be exactly 0..N-1: a model's output i IS class id i, so a map counting
+    from 1, with a gap or a repeated id cannot be renumbered without shifting every prediction."""
+    n = len(ids)
+    if len(set(ids)) != n or sorted(ids) != list(range(n)):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"class map ids must be 0..{n - 1}, each once (model output i is class id i); got ids "
+                         f"{min(ids)}..{max(ids)} for {n} classes" + (f", repeated: {dup}" if dup else ""))
+    return [code_of[i] for i in range(n)]
+
+
 @dataclass
 class ClassMap:
     codes: list[str]
@@ -48,10 +59,10 @@ class ClassMap:
         if "codes" in d:
             return cls(codes=[str(c) for c in d["codes"]], meta=dict(d.get("meta") or {}))
         # the existing project's form: {"K-000001": 0, ...} or {"0": "K-000001", ...}
-        if all(isinstance(v, int) for v in d.values()):
-            return cls(codes=[k for k, _ in sorted(d.items(), key=lambda kv: kv[1])])
-        if all(str(k).isdigit() for k in d):
-            return cls(codes=[str(d[k]) for k in sorted(d, key=int)])
+        if d and all(isinstance(v, int) and not isinstance(v, bool) for v in d.values()):
+            return cls(codes=_by_id({v: str(k) for k, v in d.items()}, [v for v in d.values()]))
+        if d and all(str(k).isdigit() for k in d):
+            return cls(codes=_by_id({int(k): str(v) for k, v in d.items()}, [int(k) for k in d]))
         raise ValueError("unrecognised class map JSON: expected {'codes': [...]}, a list, or a code->id mapping")
 
     def save(self, path: str | Path) -> None:

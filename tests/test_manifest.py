@@ -206,3 +206,15 @@ def test_ensure_manifests_builds_into_the_stage_dir(tree, tmp_path):
     out = ensure_manifests(cfg)
     assert out == tmp_path / "art" / "stage1" and (out / "report.json").exists()
     assert len(ClassMap.load(out / "class_map.json")) == 3
+
+
+def test_legacy_class_map_json_forms_keep_their_ids_or_are_refused():
+    by_code = ClassMap.from_dict({"K-000009": 1, "K-000002": 0, "K-000005": 2})
+    by_id = ClassMap.from_dict({"2": "K-000005", "0": "K-000002", "1": "K-000009"})
+    assert by_code.codes == by_id.codes == ["K-000002", "K-000009", "K-000005"]
+    for bad in ({"K-000001": 1, "K-000002": 2},          # counted from 1: renumbering would shift every output
+                {"K-000001": 0, "K-000002": 2},          # a gap
+                {"K-000001": 0, "K-000002": 0},          # one id twice
+                {"1": "K-000001", "2": "K-000002"}):
+        with pytest.raises(ValueError, match="ids must be 0..1"):
+            ClassMap.from_dict(bad)
