@@ -304,6 +304,8 @@ def _build(cls, data: dict, prefix: str = ""):
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in (over or {}).items():
+        if v is None and isinstance(out.get(k), dict):
+            continue  # a section with every key commented out is YAML null: it overrides nothing
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v)
         else:
@@ -352,11 +354,15 @@ def set_nested(d: dict, key: str, value: Any) -> None:
 
 
 def load_config(stage: str | None = None, path: str | Path | None = None, overrides: dict | None = None,
-                sets: list[str] | None = None) -> Config:
-    """Resolve a configuration: base.yaml <- stage overlay <- file at ``path`` <- overrides <- ``--set``."""
+                sets: list[str] | None = None, default_stage: str | None = None) -> Config:
+    """Resolve a configuration: base.yaml <- stage overlay <- file at ``path`` <- overrides <- ``--set``.
+
+    The stage (which overlay) is the first given of: ``stage``, ``--set stage=N``, the file's ``stage:``,
+    ``default_stage`` (e.g. guessed from a manifest's folder), base.yaml's."""
     data = _read_yaml(CONFIG_DIR / "base.yaml")
     user = _read_yaml(Path(path)) if path else {}
-    stage = stage or user.get("stage") or data.get("stage") or "demo"
+    set_data = parse_set(sets)
+    stage = stage or set_data.get("stage") or user.get("stage") or default_stage or data.get("stage") or "demo"
     stage = str(stage)
     if stage not in STAGES + (CUSTOM,):
         raise ConfigError(f"stage must be one of {list(STAGES)}, got {stage!r}")
@@ -365,7 +371,7 @@ def load_config(stage: str | None = None, path: str | Path | None = None, overri
         data = _merge(data, _read_yaml(overlay))
     data = _merge(data, user)
     data = _merge(data, overrides or {})
-    data = _merge(data, parse_set(sets))
+    data = _merge(data, set_data)
     data["stage"] = stage
     cfg = resolve_auto(_build(Config, data))
     validate(cfg)

@@ -69,8 +69,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.threads is not None:
         set_nested(overrides, "loader.threads", args.threads)
         set_nested(overrides, "loader.workers", args.threads)
-    return load_config(stage=args.stage or stage_of_manifest(args.manifest), path=args.config,
-                       overrides=overrides, sets=args.set)
+    return load_config(stage=args.stage, path=args.config, overrides=overrides, sets=args.set,
+                       default_stage=stage_of_manifest(args.manifest))
 
 
 def stage_of_manifest(manifest: str | None) -> str | None:

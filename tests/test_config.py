@@ -72,3 +72,22 @@ def test_loader_threads_and_workers_auto_follow_the_cores_and_the_local_ranks(mo
         load_config("3", sets=["loader.threads=fast"])
     with pytest.raises(ConfigError, match="loader.threads"):
         load_config("3", sets=["loader.threads=0"])
+
+
+def test_a_config_file_section_with_every_key_commented_out_changes_nothing(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("model:\n  # name: resnet50\ntrain:\n  # epochs: 3\n", encoding="utf-8")
+    demo, mine = load_config("demo"), load_config("demo", path=f)
+    assert (mine.model.name, mine.train.epochs, mine.train.batch_size) == \
+        (demo.model.name, demo.train.epochs, demo.train.batch_size) == ("resnet18", 24, 32)
+    assert load_config("3", path=f).train.target_accuracy == load_config("3").train.target_accuracy == 0.85
+
+
+def test_the_stage_from_set_or_the_file_picks_the_overlay(tmp_path):
+    assert load_config(sets=["stage=3"]).stage == "3" and load_config(sets=["stage=3"]).model.name == \
+        "tf_efficientnetv2_s"
+    f = tmp_path / "s.yaml"
+    f.write_text("stage: 3\n", encoding="utf-8")
+    assert load_config(path=f, default_stage="demo").stage == "3"          # the file beats a guess
+    assert load_config(default_stage="demo").stage == "demo"
+    assert load_config("1", path=f, sets=["stage=3"]).stage == "1"          # --stage beats everything
