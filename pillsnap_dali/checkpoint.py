@@ -10,6 +10,8 @@ can read it::
     rng: {"torch": ByteTensor, "numpy": {...}, "python": [...]}
     config: the resolved config dict   class_map: ClassMap.to_dict()   preprocess: preprocess section
     best_top1, history: list of per-epoch metric dicts
+    deploy: "model" | "ema": the weights best_top1 was measured on (the better of the two each epoch);
+            ``load_classifier`` loads those
 """
 from __future__ import annotations
 
@@ -131,7 +133,9 @@ def load_classifier(path: str | Path, *, class_map_json: str | Path | None = Non
         if class_map_json:
             cm.check_same(ClassMap.load(class_map_json), what="checkpoint", against="given class map")
         pre = PreprocessConfig(**ck["preprocess"])
-        name, sd, source = ck["model_name"], ck.get("ema") or ck["model"], "pillsnap_dali"
+        # the weights best.pt was selected by ("deploy"); checkpoints from before that key: EMA when present
+        use_ema = ck.get("ema") and ck.get("deploy", "ema") == "ema"
+        name, sd, source = ck["model_name"], ck["ema"] if use_ema else ck["model"], "pillsnap_dali"
     else:
         sd = unwrap_state_dict(ck)
         if not class_map_json:

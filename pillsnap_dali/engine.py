@@ -213,6 +213,8 @@ class Trainer:
                                              label_smoothing=cfg.train.label_smoothing)
         self.eval_criterion = nn.CrossEntropyLoss(reduction="sum")
         self.ema = None
+        self.deploy = "model"  # which weights a checkpoint's user should take: "model" or "ema"
+        self.bad_epochs = 0
         if cfg.train.ema:
             from timm.utils import ModelEmaV3
             self.ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay)
@@ -238,6 +240,7 @@ class Trainer:
                 "step": self.global_step, "rng": ckpt.rng_state(), "config": cfg.to_dict(),
                 "class_map": self.spec.data.class_map.to_dict(), "preprocess": cfg.to_dict()["preprocess"],
                 "best_top1": self.best_top1, "history": self.history, "backend": self.backend,
+                "deploy": self.deploy,
                 "skipped": [dict(e) for e in self.skip_log.entries]}
 
     def save(self, epoch: int, complete: bool, best: bool) -> None:
@@ -253,7 +256,9 @@ class Trainer:
             ckpt.save_checkpoint(d / "best.pt", state)
 
     def restore(self, path: Path) -> None:
-        st = ckpt.load_checkpoint(path, map_location=self.device)
+        # on the CPU: the RNG states must be CPU tensors (torch.set_rng_state refuses CUDA ones); the
+        # weights, optimizer and scaler states are copied to their device by load_state_dict
+        st = ckpt.load_checkpoint(path, map_location="cpu")
         if st.get("format") != ckpt.FORMAT:
             raise ckpt.CheckpointError(f"{path} is not a pillsnap_dali training checkpoint; use --pretrained for "
                                        "plain weights")
@@ -272,6 +277,9 @@ class Trainer:
         # an epoch interrupted by a signal is run again from its start with the weights as they were
         self.start_epoch = st["epoch"] + 1 if st["epoch_complete"] else st["epoch"]
         self.history = [h for h in self.history if h["epoch"] < self.start_epoch]
+        self.bad_epochs = 0  # patience goes on counting from the epochs already run
+        for h in self.history:
+            self.bad_epochs = 0 if h.get("best") else self.bad_epochs + 1
         _logger.info("resumed from %s: next epoch %d, step %d, best top-1 %.4f", path, self.start_epoch,
                      self.global_step, self.best_top1)
 
@@ -391,7 +399,7 @@ class Trainer:
         cfg, spec = self.cfg, self.spec
         stop = StopFlag(spec.stop_signals)
         reason, t_start = "epochs done", time.perf_counter()
-        bad_epochs = 0
+        bad_epochs = self.bad_epochs
         try:
             for epoch in range(self.start_epoch, cfg.train.epochs):
                 t0 = time.perf_counter()
@@ -401,9 +409,10 @@ class Trainer:
                     reason = f"interrupted by {stop.reason} (last.pt saved; --resume reruns epoch {epoch})"
                     break
                 row = self._evaluate_epoch(epoch, tr, time.perf_counter() - t0)
-                improved = row["val_top1"] > self.best_top1
+                score = row["selected_top1"]  # of the weights a checkpoint of this epoch deploys
+                improved = score > self.best_top1
                 if improved:
-                    self.best_top1, bad_epochs = row["val_top1"], 0
+                    self.best_top1, bad_epochs = score, 0
                 else:
                     bad_epochs += 1
                 row["best"] = improved
@@ -413,7 +422,7 @@ class Trainer:
                 if spec.dry_run:
                     reason = "dry run"
                     break
-                if cfg.train.target_accuracy is not None and row["val_top1"] >= cfg.train.target_accuracy:
+                if cfg.train.target_accuracy is not None and score >= cfg.train.target_accuracy:
                     reason = f"target accuracy {cfg.train.target_accuracy:.2%} reached at epoch {epoch}"
                     break
                 if cfg.train.patience and bad_epochs >= cfg.train.patience:
@@ -438,6 +447,10 @@ class Trainer:
         if self.ema is not None:
             ema_res = self.evaluate(self.ema.module, epoch, max_steps=2 if self.spec.dry_run else None)
             row.update({"ema_val_top1": ema_res["top1"], "ema_val_top5": ema_res["top5"]})
+        # the weights this epoch's checkpoint deploys (load_classifier follows "deploy"): the better of the two
+        ema_better = self.ema is not None and row["ema_val_top1"] > row["val_top1"]
+        self.deploy = "ema" if ema_better else "model"
+        row["selected"], row["selected_top1"] = self.deploy, row["ema_val_top1"] if ema_better else row["val_top1"]
         row["epoch_time"] = train_time + (time.perf_counter() - t0)
         self._write_eval_details(epoch, res)
         return row
@@ -457,7 +470,9 @@ class Trainer:
         _logger.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f top-1 %.4f top-5 %.4f F1 %.4f | "
                      "%.1f img/s, data %.0f%%%s", row["epoch"], row["train_loss"], row["train_acc"], row["val_loss"],
                      row["val_top1"], row["val_top5"], row["val_macro_f1"], row["images_per_s"],
-                     100 * row["data_share"], " *best*" if row["best"] else "")
+                     100 * row["data_share"], (f" | EMA top-1 {row['ema_val_top1']:.4f}"
+                                                 + (" (deployed)" if row["selected"] == "ema" else "")
+                                                 if "ema_val_top1" in row else "") + (" *best*" if row["best"] else ""))
         if self.spec.run_dir and not self.spec.dry_run:
             with open(self.spec.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
