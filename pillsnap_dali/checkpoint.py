@@ -6,7 +6,8 @@ can read it::
     format: "pillsnap_dali/1"      model_name, num_classes
     model: state_dict               ema: state_dict | None
     optimizer, scheduler, scaler: state_dicts | None
-    epoch (last completed, 0-based), step, epoch_complete (False after an interrupt mid-epoch)
+    epoch (last completed, 0-based), step, epoch_complete (False after an interrupt mid-epoch),
+    epoch_position (interrupted: the rows of the epoch's shard already trained on; resume starts there)
     rng: {"torch": ByteTensor, "numpy": {...}, "python": [...]}
     config: the resolved config dict   class_map: ClassMap.to_dict()   preprocess: preprocess section
     best_top1, history: list of per-epoch metric dicts

@@ -214,7 +214,7 @@ class Trainer:
         self.eval_criterion = nn.CrossEntropyLoss(reduction="sum")
         self.ema = None
         self.deploy = "model"  # which weights a checkpoint's user should take: "model" or "ema"
-        self.bad_epochs = 0
+        self.bad_epochs = self.resume_position = 0
         if cfg.train.ema:
             from timm.utils import ModelEmaV3
             self.ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay)
@@ -241,6 +241,8 @@ class Trainer:
                 "class_map": self.spec.data.class_map.to_dict(), "preprocess": cfg.to_dict()["preprocess"],
                 "best_top1": self.best_top1, "history": self.history, "backend": self.backend,
                 "deploy": self.deploy,
+                # an interrupted epoch: the rows of this rank's shard already trained on (resume starts there)
+                "epoch_position": 0 if complete else int(self.train_loader.position),
                 "skipped": [dict(e) for e in self.skip_log.entries]}
 
     def save(self, epoch: int, complete: bool, best: bool) -> None:
@@ -274,20 +276,23 @@ class Trainer:
             if e["path"] not in self.skip_log:
                 self.skip_log.add(int(e["row"]), e["path"], e["reason"], e["backend"], int(e["epoch"]))
         self.global_step, self.best_top1, self.history = st["step"], st["best_top1"], list(st["history"])
-        # an epoch interrupted by a signal is run again from its start with the weights as they were
+        # an epoch interrupted by a signal goes on from the row where it stopped (its first part is not trained
+        # twice; checkpoints without the position rerun the epoch from its start)
         self.start_epoch = st["epoch"] + 1 if st["epoch_complete"] else st["epoch"]
+        self.resume_position = 0 if st["epoch_complete"] else int(st.get("epoch_position", 0))
         self.history = [h for h in self.history if h["epoch"] < self.start_epoch]
         self.bad_epochs = 0  # patience goes on counting from the epochs already run
         for h in self.history:
             self.bad_epochs = 0 if h.get("best") else self.bad_epochs + 1
-        _logger.info("resumed from %s: next epoch %d, step %d, best top-1 %.4f", path, self.start_epoch,
-                     self.global_step, self.best_top1)
+        _logger.info("resumed from %s: next epoch %d (from row %d of its shard), step %d, best top-1 %.4f", path,
+                     self.start_epoch, self.resume_position, self.global_step, self.best_top1)
 
     # ---- one epoch ---------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int, stop: StopFlag) -> dict:
         model, loader, dev = self.ddp, self.train_loader, self.device
         model.train()
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch, start=self.resume_position if epoch == self.start_epoch else 0)
+        self.resume_position = 0
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         correct = torch.zeros((), device=dev, dtype=torch.int64)
         seen = torch.zeros((), device=dev, dtype=torch.int64)
@@ -406,7 +411,8 @@ class Trainer:
                 tr = self.train_one_epoch(epoch, stop)
                 if stop.reason:
                     self.save(epoch, complete=False, best=False)
-                    reason = f"interrupted by {stop.reason} (last.pt saved; --resume reruns epoch {epoch})"
+                    reason = (f"interrupted by {stop.reason} (last.pt saved; --resume goes on with epoch {epoch} "
+                              f"at row {self.train_loader.position})")
                     break
                 row = self._evaluate_epoch(epoch, tr, time.perf_counter() - t0)
                 score = row["selected_top1"]  # of the weights a checkpoint of this epoch deploys

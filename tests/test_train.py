@@ -269,3 +269,34 @@ def test_resume_keeps_counting_patience_and_ema_checkpoints_deploy_what_was_meas
     want = ck["ema"] if ck["deploy"] == "ema" else ck["model"]
     got = loaded.model.state_dict()
     assert all(torch.equal(got[k].cpu(), want[k].cpu()) for k in want if k in got)
+
+
+@pytest.mark.parametrize("backend", ["pil", "dali-cpu"])
+def test_sigterm_mid_epoch_then_resume_trains_each_row_once(manifests, tmp_path, backend):
+    """Stopped in the middle of epoch 0 and resumed: the same steps as a run never stopped (the epoch goes on
+    at the row where it stopped). With ``pil`` (augmentation seeded per row) the weights are the same too."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # batch 4: enough steps per epoch for the signal to land in epoch 0 on a fast machine
+    common = [*_args(manifests, tmp_path, "--epochs", "2", "--backend", backend), "--batch-size", "4",
+              "--set", "loader.workers=0", "--set", "loader.drop_last=true"]
+    assert train.main([*common, "--name", "whole"]) == 0
+    proc = subprocess.Popen(_cmd(*common, "--name", "cut", "--set", "train.log_interval=1"), stderr=subprocess.PIPE,
+                            text=True, env=env)
+    for line in proc.stderr:
+        if "epoch 0 step 3/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    cut = load_checkpoint(tmp_path / "cut/checkpoints/last.pt")
+    assert cut["epoch"] == 0 and not cut["epoch_complete"] and 0 < cut["epoch_position"] and "SIGTERM" in err
+    assert train.main([*common, "--name", "cut", "--resume"]) == 0
+    whole = load_checkpoint(tmp_path / "whole/checkpoints/last.pt")
+    resumed = load_checkpoint(tmp_path / "cut/checkpoints/last.pt")
+    assert resumed["step"] == whole["step"] and resumed["epoch"] == 1 and resumed["epoch_complete"]
+    a, b = _history(tmp_path / "whole")[-1], _history(tmp_path / "cut")[-1]
+    assert a["train_images"] == b["train_images"]  # epoch 1: every row once in both
+    if backend == "pil":
+        diff = max(float((whole["model"][k].float() - resumed["model"][k].float()).abs().max())
+                   for k in whole["model"] if whole["model"][k].is_floating_point())
+        assert diff < 1e-4 and abs(a["val_loss"] - b["val_loss"]) < 1e-4, diff

@@ -150,23 +150,32 @@ class EpochPlan:
     """The rows one rank reads in one epoch and the epoch's accounting.
 
     ``order``: this rank's shard (``shard_order``: seeded permutation per epoch when training,
-    manifest order otherwise) minus files already in the skip log. Invariant after a full epoch:
-    ``yielded + skipped + excluded + dropped == rows``.
+    manifest order otherwise) from position ``start`` on (a resumed epoch), minus files already in the skip
+    log. Invariant after a full epoch: ``yielded + skipped + excluded + dropped == rows`` (the rows from
+    ``start`` on).
     """
 
-    def __init__(self, paths: Sequence[str], spec: LoaderSpec, epoch: int, skip_paths: set):
+    def __init__(self, paths: Sequence[str], spec: LoaderSpec, epoch: int, skip_paths: set, start: int = 0):
         shard = shard_order(len(paths), shard_id=spec.rank, num_shards=spec.world_size, shuffle=spec.train,
                             seed=spec.seed, epoch=epoch)
         if spec.train and spec.sample_weights is not None:
             shard = weighted_order(paths, spec, epoch, len(shard), skip_paths)
+        self.start = min(max(int(start), 0), len(shard))
+        shard = shard[self.start:]
         keep = np.fromiter((paths[r] not in skip_paths for r in shard), dtype=bool, count=len(shard))
         self.epoch = epoch
         self.order = shard[keep]
+        self.shard_pos = np.flatnonzero(keep) + self.start  # each order entry's position in the whole shard
         self.stats = {"rows": int(len(shard)), "excluded": int((~keep).sum()), "yielded": 0, "skipped": 0,
                       "dropped": 0}
 
     def steps(self, spec: LoaderSpec) -> int:
         return steps_for(len(self.order), spec.batch_size, spec.drop_last)
+
+    def position(self, consumed: int) -> int:
+        """The shard position after the first ``consumed`` entries of ``order`` (yielded or skipped): where a
+        resumed epoch starts so that no row is trained twice or left out."""
+        return int(self.shard_pos[consumed - 1]) + 1 if consumed > 0 else self.start
 
 
 def weighted_order(paths: Sequence[str], spec: LoaderSpec, epoch: int, n: int, skip_paths: set) -> np.ndarray:
@@ -191,17 +200,21 @@ class LoaderBase:
     def __init__(self, paths: Sequence[str], labels: torch.Tensor, spec: LoaderSpec, skip_log: SkipLog):
         self.paths, self.label_table, self.spec, self.skip_log = paths, labels, spec, skip_log
         self.epoch = 0
+        self.start = 0
+        self.position = 0  # rows of this epoch's shard consumed so far (see EpochPlan.position)
         self._last_stats: dict = {}
-        self._steps: tuple = (None, 0)  # ((epoch, files in the skip log), steps): len() without a new plan
+        self._steps: tuple = (None, 0)  # ((epoch, start, files in the skip log), steps): len() without a new plan
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iteration is epoch ``epoch``, from position ``start`` of its shard (``position`` of an
+        interrupted iteration of the same epoch: a resumed epoch goes on where it stopped)."""
+        self.epoch, self.start = int(epoch), int(start)
 
     def plan(self) -> EpochPlan:
-        return EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths)
+        return EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths, self.start)
 
     def __len__(self) -> int:
-        key = (self.epoch, len(self.skip_log))  # the plan depends on nothing else that changes
+        key = (self.epoch, self.start, len(self.skip_log))  # the plan depends on nothing else that changes
         if self._steps[0] != key:
             self._steps = (key, self.plan().steps(self.spec))
         return self._steps[1]

@@ -202,6 +202,7 @@ class DaliLoader(LoaderBase):
     def __iter__(self):
         plan = self.plan()
         self._last_stats = plan.stats
+        self.position = plan.start
         epoch = _Epoch(self, plan)
         try:
             yield from epoch.run()
@@ -222,7 +223,7 @@ class _Epoch:
         self.loader, self.plan = loader, plan
         self.reader = RowReader(plan.order, loader.paths, loader.spec, lambda r, why: loader.skip(plan, r, why),
                                 readers=loader.spec.loader.readers)
-        self.restarts = self.blind_failures = 0
+        self.restarts = self.blind_failures = self.consumed = 0
         self.probe: Optional[RowProbe] = None
         self.probed_good: set[int] = set()
         self.pipe = None
@@ -254,7 +255,17 @@ class _Epoch:
         row_ids = torch.from_numpy(np.array(rows.as_tensor(), dtype=np.int64).reshape(-1))
         self.reader.complete(row_ids.numpy())
         self.plan.stats["yielded"] += len(row_ids)
+        self._advance(int(row_ids[-1]))
         return dali_to_batch(images, row_ids, self.loader.label_table, self.loader.spec.loader, self.colour)
+
+    def _advance(self, last_row: int) -> None:
+        """Move the consumed count past ``last_row``: rows come out in plan order (recovery requeues in order),
+        so every entry before it was yielded or skipped."""
+        order = self.plan.order
+        while self.consumed < len(order) and order[self.consumed] != last_row:
+            self.consumed += 1
+        self.consumed = min(self.consumed + 1, len(order))
+        self.loader.position = self.plan.position(self.consumed)
 
     def _recover(self, err: RuntimeError) -> None:
         batches = self.reader.take_in_flight()

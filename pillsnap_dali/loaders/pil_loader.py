@@ -169,10 +169,13 @@ class PilLoader(LoaderBase):
     def __iter__(self):
         plan = self.plan()
         self._last_stats = plan.stats
+        self.position, consumed = plan.start, 0
         for item in self._data_loader(self._batches(plan)):
             for row, reason in item.skipped:
                 self.skip_log.add(row, self.paths[row], reason, BACKEND, self.epoch)
             plan.stats["skipped"] += len(item.skipped)
+            consumed += len(item.rows) + len(item.skipped)  # batches are consecutive slices of plan.order
+            self.position = plan.position(consumed)
             if item.images is None:
                 continue
             plan.stats["yielded"] += len(item.rows)
