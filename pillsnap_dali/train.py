@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .classmap import ClassMapMismatch
+from .classmap import ClassMap, ClassMapMismatch
 from .config import Config, ConfigError, dump_config, load_config
 from .manifest_io import ManifestError, class_map_for, read_manifest, split_missing
 
@@ -174,6 +174,40 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
         logging.getLogger().addHandler(fh)
 
 
+# settings a resumed run must share with its checkpoint (the weights, the classes, what one step and one
+# epoch are); the others are the checkpoint's from then on (the optimizer and schedule states are restored)
+RESUME_MUST_MATCH = ("model.name", "preprocess.img_size", "preprocess.resize_mode", "preprocess.crop_pct",
+                     "preprocess.mean", "preprocess.std", "train.batch_size")
+RESUME_TAKEN_FROM_CHECKPOINT = ("train.lr", "train.weight_decay", "train.optimizer", "train.momentum",
+                                "train.warmup_epochs", "train.ema_decay")
+
+
+def _get(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d
+
+
+def check_resume(path: Path, cfg: Config, class_map) -> None:
+    """Refuse a resume whose class map, model, preprocessing or batch size differs from the checkpoint's,
+    naming what differs; warn about settings the checkpoint's optimizer and schedule override."""
+    from . import checkpoint as ckpt
+    st = ckpt.load_checkpoint(path, map_location="cpu")
+    if not isinstance(st, dict) or st.get("format") != ckpt.FORMAT:
+        raise ckpt.CheckpointError(f"{path} is not a pillsnap_dali training checkpoint; use --pretrained for "
+                                   "plain weights")
+    ClassMap.from_dict(st["class_map"]).check_same(class_map)
+    old, new = st.get("config") or {}, cfg.to_dict()
+    diff = [f"{k} {_get(old, k)!r} -> {_get(new, k)!r}" for k in RESUME_MUST_MATCH if _get(old, k) != _get(new, k)]
+    if diff:
+        raise ConfigError(f"--resume {path}: the checkpoint was trained with other settings ({'; '.join(diff)}); "
+                          "resume with the same ones, or start a new run (--pretrained to start from its weights)")
+    for k in RESUME_TAKEN_FROM_CHECKPOINT:
+        if _get(old, k) != _get(new, k):
+            _logger.warning("--resume: %s %r is ignored, the checkpoint's optimizer and schedule go on with %r",
+                            k, _get(new, k), _get(old, k))
+
+
 def run(args: argparse.Namespace) -> dict:
     from .engine import RunSpec, Trainer
     from .report import write_report
@@ -185,6 +219,12 @@ def run(args: argparse.Namespace) -> dict:
     setup_logging(run_dir, rank)
     quarantine: list = []
     data = load_data(cfg, args, quarantine)
+    resume_path = None
+    if resume:
+        resume_path = Path(args.resume) if args.resume != "__last__" else (run_dir or Path(".")) / "checkpoints/last.pt"
+        if not resume_path.exists():
+            raise ConfigError(f"--resume: {resume_path} does not exist")
+        check_resume(resume_path, cfg, data.class_map)  # before anything of the run dir is rewritten
     if run_dir and rank == 0:
         dump_config(cfg, run_dir / "config.yaml")
         data.class_map.save(run_dir / "class_map.json")
@@ -192,11 +232,6 @@ def run(args: argparse.Namespace) -> dict:
             import csv
             with open(run_dir / "quarantine.csv", "w", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerows([("path", "reason"), *quarantine])
-    resume_path = None
-    if resume:
-        resume_path = Path(args.resume) if args.resume != "__last__" else (run_dir or Path(".")) / "checkpoints/last.pt"
-        if not resume_path.exists():
-            raise ConfigError(f"--resume: {resume_path} does not exist")
     spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,
                    dry_run=args.dry_run, resume=resume_path, max_steps=2 if args.dry_run else None)
     trainer = Trainer(spec)

@@ -102,6 +102,15 @@ def test_class_map_mismatch_and_num_classes_are_refused(manifests, tmp_path, cap
                      "--epochs", "1", "--name", "a", "--resume", str(tmp_path / "a/checkpoints/last.pt")])
     err = capsys.readouterr().err
     assert rc == 2 and dropped in err and "only in the checkpoint" in err
+    # refused before the run dir was touched: its class map and config are the original run's
+    assert json.loads((tmp_path / "a/class_map.json").read_text())["codes"] == \
+        json.loads((manifests / "class_map.json").read_text())["codes"]
+    assert "stage: custom" not in (tmp_path / "a/config.yaml").read_text()
+    # other weights / preprocessing / batch size: refused, naming the setting
+    for flag, value, key in (("--img-size", "48", "preprocess.img_size"), ("--model", "resnet18", "model.name"),
+                             ("--batch-size", "8", "train.batch_size")):
+        rc = train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "a", "--resume", flag, value))
+        assert rc == 2 and key in capsys.readouterr().err
 
 
 def test_real_stage_without_data_is_a_clear_error(tmp_path, capsys):
