@@ -107,6 +107,7 @@ class LoaderConfig:
 class ModelConfig:
     name: str = "tf_efficientnetv2_s"
     pretrained: Optional[str] = None
+    pretrained_class_map: Optional[str] = None
     drop_rate: float = 0.2
 
 

@@ -77,35 +77,79 @@ def sampler_weights(labels: list[int], cfg: Config) -> list[float] | None:
     return (1.0 / counts[torch.tensor(labels)].double()).tolist()
 
 
-def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+def build_model(cfg: Config, num_classes: int, device: torch.device, class_map: ClassMap | None = None) -> nn.Module:
     import timm
 
     model = timm.create_model(cfg.model.name, num_classes=num_classes, pretrained=False,
                               drop_rate=cfg.model.drop_rate)
     if cfg.model.pretrained:
-        _load_pretrained(model, cfg.model.pretrained)
+        _load_pretrained(model, cfg.model.pretrained, class_map, cfg.model.pretrained_class_map)
     model.to(device)
     if device.type == "cuda" and cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
 
 
-def _load_pretrained(model: nn.Module, path: str) -> None:
-    """Local weights only; the classifier head is kept fresh when its shape differs (new class set)."""
+def _head_names(model: nn.Module) -> list[str]:
+    """State-dict keys of the classifier head (timm's ``default_cfg["classifier"]``)."""
+    head = (getattr(model, "default_cfg", None) or {}).get("classifier")
+    heads = head if isinstance(head, (list, tuple)) else [head] if head else []
+    return [k for k in model.state_dict() if any(k.startswith(h + ".") for h in heads)]
+
+
+def _load_pretrained(model: nn.Module, path: str, class_map: ClassMap | None = None,
+                     pretrained_class_map: str | None = None) -> None:
+    """Local weights only. The backbone is loaded by name and shape; the classifier head by K-code: each
+    class of ``class_map`` that the weights' own class map (a pillsnap checkpoint's, or
+    ``pretrained_class_map`` for a plain state dict) knows gets its head row, the others start fresh. A
+    plain state dict without a class map leaves its head out: its rows' K-codes are unknown."""
+    src_map = None
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
         sd = load_file(path)
     else:
-        sd = ckpt.unwrap_state_dict(ckpt.load_checkpoint(path))
+        raw = ckpt.load_checkpoint(path)
+        if isinstance(raw, dict) and raw.get("format") == ckpt.FORMAT and raw.get("class_map"):
+            src_map = ClassMap.from_dict(raw["class_map"])
+        sd = ckpt.unwrap_state_dict(raw)
+    if pretrained_class_map:
+        src_map = ClassMap.load(pretrained_class_map)
     sd = ckpt.strip_prefixes(sd)
     own = model.state_dict()
-    keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    heads = set(_head_names(model))
+    keep = {k: v for k, v in sd.items() if k in own and k not in heads and own[k].shape == v.shape}
+    rows = _head_rows(sd, own, heads, src_map, class_map, path)
+    keep.update(rows)
     dropped = sorted(set(sd) - set(keep))
     model.load_state_dict(keep, strict=False)
-    _logger.info("loaded %d tensors from %s (%d skipped: shape or name mismatch, e.g. %s)", len(keep), path,
-                 len(dropped), dropped[:3])
+    _logger.info("loaded %d tensors from %s (%d left out: head without a class map, shape or name mismatch, "
+                 "e.g. %s)", len(keep), path, len(dropped), dropped[:3])
     if not keep:
         raise ckpt.CheckpointError(f"{path}: no tensor matches model {type(model).__name__}")
+
+
+def _head_rows(sd: dict, own: dict, heads: set, src_map: ClassMap | None, class_map: ClassMap | None,
+               path: str) -> dict:
+    """Head tensors with each shared K-code's row copied from ``sd`` (by code, never by position)."""
+    if not heads or src_map is None or class_map is None:
+        if heads and any(k in sd for k in heads):
+            _logger.warning("%s: classifier head left out (no class map for its rows: pass "
+                            "model.pretrained_class_map); it starts fresh", path)
+        return {}
+    shared = [c for c in class_map.codes if c in src_map.index]
+    out = {}
+    for k in heads:
+        if k not in sd or sd[k].shape[0] != len(src_map) or sd[k].shape[1:] != own[k].shape[1:]:
+            continue
+        t = own[k].clone()
+        if shared:
+            dst = torch.tensor([class_map.index[c] for c in shared])
+            src = torch.tensor([src_map.index[c] for c in shared])
+            t[dst] = sd[k][src].to(t.dtype)
+        out[k] = t
+    _logger.info("classifier head: %d of %d classes carried over by K-code from %s (%d new)", len(shared),
+                 len(class_map), path, len(class_map) - len(shared))
+    return out
 
 
 def lr_lambda_factory(total_steps: int, warmup_steps: int):
@@ -191,7 +235,7 @@ class Trainer:
         cfg, data = spec.cfg, spec.data
         torch.manual_seed(cfg.train.seed)
         self.num_classes = len(data.class_map)
-        self.model = build_model(cfg, self.num_classes, self.device)
+        self.model = build_model(cfg, self.num_classes, self.device, spec.data.class_map)
         self.ddp = self._wrap_ddp(self.model)
         # every rank logs the files it skipped (rank 0: skipped.csv, rank r: skipped.rank<r>.csv): nothing is lost
         skip_name = "skipped.csv" if spec.is_main else f"skipped.rank{spec.rank}.csv"

@@ -309,3 +309,34 @@ def test_sigterm_mid_epoch_then_resume_trains_each_row_once(manifests, tmp_path,
         diff = max(float((whole["model"][k].float() - resumed["model"][k].float()).abs().max())
                    for k in whole["model"] if whole["model"][k].is_floating_point())
         assert diff < 1e-4 and abs(a["val_loss"] - b["val_loss"]) < 1e-4, diff
+
+
+def test_pretrained_head_rows_follow_the_k_codes_never_the_positions(tmp_path):
+    import timm
+
+    from pillsnap_dali.checkpoint import FORMAT, save_checkpoint
+    from pillsnap_dali.classmap import ClassMap
+    from pillsnap_dali.engine import _load_pretrained
+
+    torch.manual_seed(0)
+    src = timm.create_model("resnet18", num_classes=3)
+    src_map = ClassMap(["K-000001", "K-000002", "K-000003"])
+    ours = tmp_path / "ours.pt"
+    save_checkpoint(ours, {"format": FORMAT, "model_name": "resnet18", "num_classes": 3, "model": src.state_dict(),
+                           "class_map": src_map.to_dict()})
+    plain = tmp_path / "plain.pt"
+    torch.save(src.state_dict(), plain)
+    src_map.save(tmp_path / "map.json")
+    new_map = ClassMap(["K-000003", "K-000009", "K-000001"])  # reordered, one code gone, one new
+    w, b = src.fc.weight.detach(), src.fc.bias.detach()
+    for path, map_json in ((ours, None), (plain, tmp_path / "map.json")):
+        dst = timm.create_model("resnet18", num_classes=3)
+        fresh = dst.fc.weight.detach().clone()
+        _load_pretrained(dst, str(path), new_map, str(map_json) if map_json else None)
+        assert torch.equal(dst.fc.weight[0], w[2]) and torch.equal(dst.fc.weight[2], w[0])  # by K-code
+        assert torch.equal(dst.fc.bias[0], b[2]) and torch.equal(dst.fc.weight[1], fresh[1])  # the new code: fresh
+        assert torch.equal(dst.conv1.weight, src.conv1.weight)
+    dst = timm.create_model("resnet18", num_classes=3)
+    fresh = dst.fc.weight.detach().clone()
+    _load_pretrained(dst, str(plain), new_map)  # a plain state dict, no class map: the head is left out
+    assert torch.equal(dst.fc.weight, fresh) and torch.equal(dst.conv1.weight, src.conv1.weight)
