@@ -281,11 +281,10 @@ def _build(cls, data: dict, prefix: str = ""):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
-    valid = all_keys(Config)
     for k in data:
         if k not in names:
             full = f"{prefix}{k}"
-            raise ConfigError(f"unknown config key '{full}'{_suggest(full, valid)}")
+            raise ConfigError(f"unknown config key '{full}'{_suggest(full, all_keys(Config))}")
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
@@ -327,6 +326,16 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _is_text_key(key: str) -> bool:
+    """True for a str / Optional[str] key of the schema (names, paths, choices)."""
+    cls = Config
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cls = get_type_hints(cls)[part]
+    t = get_type_hints(cls).get(parts[-1])
+    return t is str or (get_origin(t) is Union and set(get_args(t)) == {str, type(None)})
+
+
 def parse_set(pairs: list[str] | None) -> dict:
     """Turn ``["train.lr=0.01", "loader.backend=pil"]`` into a nested dict (values parsed as YAML scalars)."""
     out: dict = {}
@@ -338,10 +347,13 @@ def parse_set(pairs: list[str] | None) -> dict:
         key = key.strip()
         if key not in valid:
             raise ConfigError(f"unknown config key '{key}'{_suggest(key, valid)}")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        if _is_text_key(key) and raw.strip().lower() not in ("null", "none", "~", ""):
+            value = raw  # a name or a path stays as typed (YAML would read --set train.name=010 as 8)
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
         set_nested(out, key, value)
     return out
 

@@ -91,3 +91,9 @@ def test_the_stage_from_set_or_the_file_picks_the_overlay(tmp_path):
     assert load_config(path=f, default_stage="demo").stage == "3"          # the file beats a guess
     assert load_config(default_stage="demo").stage == "demo"
     assert load_config("1", path=f, sets=["stage=3"]).stage == "1"          # --stage beats everything
+
+
+def test_set_keeps_names_and_paths_as_typed():
+    cfg = load_config("demo", sets=["train.name=010", "data.root=/data/2024", "train.lr=1e-3", "data.root=null"])
+    assert cfg.train.name == "010" and cfg.data.root is None and cfg.train.lr == 0.001
+    assert load_config("demo", sets=["train.out=0x1F"]).train.out == "0x1F"
