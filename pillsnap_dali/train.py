@@ -121,6 +121,25 @@ def _val_path(train_path: Path) -> Path:
     raise ManifestError(f"cannot guess the validation manifest beside {train_path}: pass --val-manifest")
 
 
+def _manifests_once(cfg: Config) -> Path:
+    """The stage's manifest dir, built (or the synthetic tree generated) by one process: under torchrun rank 0
+    builds while the other ranks wait, then they reuse what it wrote (two builders in one dir would race on
+    report.json and the verify cache)."""
+    from .manifest import ensure_manifests
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ensure_manifests(cfg)
+    if dist.get_rank() == 0:
+        try:
+            d = ensure_manifests(cfg)
+        finally:
+            dist.barrier()
+        return d
+    dist.barrier()
+    return ensure_manifests(cfg)  # reuses rank 0's (same inputs)
+
+
 def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
     """Manifests -> TrainData. Class identity is the K-code; unknown val classes are reported, not remapped."""
     from .engine import TrainData
@@ -128,8 +147,7 @@ def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
         train_path = Path(args.manifest)
         val_path = Path(args.val_manifest) if args.val_manifest else _val_path(train_path)
     else:
-        from .manifest import ensure_manifests
-        d = ensure_manifests(cfg)
+        d = _manifests_once(cfg)
         train_path, val_path = d / "manifest_train.csv", d / "manifest_val.csv"
     train, val = read_manifest(train_path), read_manifest(val_path)
     class_map = class_map_for(train_path, train)

@@ -186,12 +186,16 @@ def test_sigterm_saves_last_and_resume_continues(manifests, tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-def test_torchrun_two_cpu_ranks(manifests, tmp_path):
-    args = _args(manifests, tmp_path, "--epochs", "1", "--name", "ddp", "--device", "cpu")
+def test_torchrun_two_cpu_ranks(synth_tree, tmp_path):
+    """Two ranks, manifests built by the run itself (rank 0 builds, rank 1 waits and reuses them)."""
+    manifests = tmp_path / "artifacts" / "demo"
+    args = ["--stage", "demo", "--set", f"data.root={synth_tree.root}", "--set", f"data.artifacts={tmp_path / 'artifacts'}",
+            "--out", str(tmp_path), *TINY, "--epochs", "1", "--name", "ddp", "--device", "cpu"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            "-m", "pillsnap_dali.train", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (manifests / "report.json").exists()
     hist = _history(tmp_path / "ddp")
     n_train = sum(1 for _ in open(manifests / "manifest_train.csv")) - 1
     skipped = set()
