@@ -13,8 +13,9 @@ The users' disk is 97 % full, so the cache is built to be small and safe:
 - each JPEG is written to a temp file and renamed, so the cache only ever holds complete files; a rerun
   resumes (a row whose cache file exists is not redone) and removes the temp files an interrupted run left;
 - the cache file of a source is ``<cache>/<sha1[:2]>/<sha1>.jpg`` with the sha1 of the absolute source path,
-  so different trees never collide; its JPEG comment records the source's size, so a resumed row needs
-  neither the source decoded nor a side file to scale its boxes;
+  so different trees never collide; its JPEG comment records the source's size (so a resumed row needs
+  neither the source decoded nor a side file to scale its boxes) and its file size and mtime (a source
+  replaced since is transcoded again);
 - unreadable sources are logged, listed in ``<cache>/<manifest stem>_skipped.csv`` (path, reason; one file per
   source manifest, so preparing train then val into one cache keeps both lists) and left out of the new
   manifest: ``rows_in == cached + skipped + remaining``;
@@ -192,41 +193,60 @@ def fit_size(w: int, h: int, max_side: Optional[int]) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def _encode(im: Image.Image, enc: _Encode, fh) -> tuple[int, int]:
+def _source_stamp(src: str) -> str:
+    """``bytes=N mtime=NS`` of the source file: a cache file records it, so a replaced source is redone."""
+    st = os.stat(src)
+    return f"bytes={st.st_size} mtime={st.st_mtime_ns}"
+
+
+def _encode(im: Image.Image, enc: _Encode, fh, stamp: str = "") -> tuple[int, int]:
     """Resize (LANCZOS after a box reduce) and write a baseline JPEG to ``fh``; returns the output size."""
     src_wh = im.size
     out_wh = fit_size(*src_wh, enc.max_side)
     if out_wh != src_wh:
         im = im.resize(out_wh, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    comment = f"{_COMMENT_TAG} src={src_wh[0]}x{src_wh[1]}".encode()
+    comment = f"{_COMMENT_TAG} src={src_wh[0]}x{src_wh[1]}{' ' + stamp if stamp else ''}".encode()
     im.save(fh, "JPEG", quality=enc.quality, subsampling=_SUBSAMPLING[enc.subsampling], progressive=False,
             optimize=False, comment=comment)
     return out_wh
 
 
-def _src_size_from_comment(im: Image.Image) -> Optional[tuple[int, int]]:
+def _comment_fields(im: Image.Image) -> Optional[dict]:
+    """``{"src": "WxH", "bytes": ..., "mtime": ...}`` from one of our cache files' JPEG comment, else None."""
     raw = im.info.get("comment", b"")
     text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
     if not text.startswith(_COMMENT_TAG + " src="):
         return None
-    w, _, h = text.split("src=", 1)[1].partition("x")
+    return dict(f.split("=", 1) for f in text[len(_COMMENT_TAG):].split() if "=" in f)
+
+
+def _src_size_from_comment(im: Image.Image) -> Optional[tuple[int, int]]:
+    fields = _comment_fields(im)
+    if fields is None:
+        return None
+    w, _, h = fields["src"].partition("x")
     return int(w), int(h)
 
 
 def _reuse(src: str, dst: str) -> Optional[_Outcome]:
-    """The outcome of an existing cache file from its header alone; None if it is not one of ours."""
+    """The outcome of an existing cache file from its header alone; None if it is not one of ours or its
+    source changed since (size or mtime differ from what the file recorded)."""
     try:
         with Image.open(dst) as im:
-            src_wh, out_wh, fmt = _src_size_from_comment(im), im.size, im.format
+            src_wh, out_wh, fmt, fields = _src_size_from_comment(im), im.size, im.format, _comment_fields(im)
     except (OSError, ValueError, SyntaxError) as e:
-        src_wh, fmt = None, f"unreadable ({e})"
+        src_wh, fmt, fields = None, f"unreadable ({e})", None
     if fmt != "JPEG" or src_wh is None:
         _logger.warning("cache file %s of %s is not one of ours (%s): redoing it", dst, src, fmt)
         return None
     try:
         src_bytes = os.path.getsize(src)
+        stamp = _source_stamp(src)
     except OSError as e:  # the cache is a function of the source: no source, no row
         return _Outcome(src, dst, False, reason=f"source unreadable: {e.strerror}")
+    if "bytes" in fields and f"bytes={fields['bytes']} mtime={fields.get('mtime')}" != stamp:
+        _logger.info("source %s changed since %s was made: redoing it", src, dst)
+        return None
     return _Outcome(src, dst, True, src_wh=src_wh, out_wh=out_wh, src_bytes=src_bytes,
                     out_bytes=os.path.getsize(dst), reused=True)
 
@@ -242,10 +262,11 @@ def _transcode(src: str, dst: str, enc: _Encode) -> _Outcome:
         src_bytes = os.path.getsize(src)
         if src_bytes == 0:
             raise ValueError("empty file")
+        stamp = _source_stamp(src)
         im = open_rgb(src, enc.max_pixels)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         with open(tmp, "wb") as fh:
-            out_wh = _encode(im, enc, fh)
+            out_wh = _encode(im, enc, fh, stamp)
         os.replace(tmp, dst)
     except Exception as e:  # noqa: BLE001 -- per-file isolation: any decoder failure is a logged skip
         with contextlib.suppress(OSError):

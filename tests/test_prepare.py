@@ -262,6 +262,19 @@ def test_legacy_train_then_val_share_one_cache_and_keep_both_skip_lists(tmp_path
     assert sorted(p for p in cache.rglob("*.jpg")) == before  # refused before any transcoding
 
 
+def test_a_source_replaced_after_caching_is_transcoded_again(tree):
+    first = P.prepare_cache(tree["manifest"], tree["cache"], _opts())
+    out = read_manifest(first.manifest_out)
+    src = out.orig_paths[0]
+    _photo(np.random.default_rng(9), 100, 60).save(src)  # the same path, another picture (a fixed file)
+    os.utime(src, ns=(1, 1))
+    second = P.prepare_cache(tree["manifest"], tree["cache"], _opts())
+    assert (second.transcoded, second.reused) == (1, first.cached - 1)
+    again = read_manifest(second.manifest_out)
+    with Image.open(again.paths[again.orig_paths.index(src)]) as im:
+        assert im.size == (100, 60)
+
+
 def test_busy_cache_dir_is_refused(tree):
     tree["cache"].mkdir()
     (tree["cache"] / P.LOCK_FILE).write_text(str(os.getppid()))     # a live process holds it
