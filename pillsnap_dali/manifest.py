@@ -31,7 +31,7 @@ from .atomic import atomic_write_text
 from .classmap import ClassMap
 from .config import Config, ConfigError, ManifestConfig, load_config
 from .manifest_io import Manifest, ManifestError, read_manifest, split_missing, write_manifest
-from .scan import ScanResult, count_files, scan_tree
+from .scan import ScanResult, scan_tree, tree_fingerprint
 from .verify import CACHE_NAME, Verifier, VerifySettings
 
 _logger = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ def _report(build: _Build, cfg: Config, inputs: dict, splits: dict, detect: dict
 def _inputs(cfg: Config, data_root: Path, seed: int, verify: str) -> dict:
     m = cfg.manifest
     return {"format_version": FORMAT_VERSION, "data_root": str(data_root), "stage": cfg.stage, "seed": seed,
-            "file_count": count_files(data_root), "verify": verify, "max_pixels": cfg.data.max_pixels,
+            "files": tree_fingerprint(data_root), "verify": verify, "max_pixels": cfg.data.max_pixels,
             "sampling": {"images": m.images, "classes": m.classes, "sampling": m.sampling, "tiers": m.tiers,
                          "val_fraction": m.val_fraction, "include_combinations": m.include_combinations,
                          "min_images_per_class": m.min_images_per_class},

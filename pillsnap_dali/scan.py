@@ -15,6 +15,7 @@ Speed: one ``os.scandir`` walk, one ``stat`` per image (empty files, verificatio
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -157,8 +158,25 @@ def _files(top: str):
 
 
 def count_files(root: str | Path) -> int:
-    """Files in all source folders under ``root``: the cheap fingerprint used to reuse old manifests."""
+    """Files in all source folders under ``root``."""
     return sum(1 for src in find_sources(root) for _ in _files(src.path))
+
+
+def tree_fingerprint(root: str | Path) -> dict:
+    """What the manifests of ``root`` depend on, cheaply (names, sizes and mtimes; no file is read): the number
+    of files in its source folders and an order-free digest of (path, size, mtime). A label fixed in place or
+    an image replaced by another of the same name changes the digest, so old manifests are not reused."""
+    n, acc = 0, 0
+    for src in find_sources(root):
+        for _, e in _files(src.path):
+            try:
+                st = e.stat()
+                key = f"{e.path}|{st.st_size}|{st.st_mtime_ns}"
+            except OSError:
+                key = f"{e.path}|?"
+            n += 1
+            acc = (acc + int.from_bytes(hashlib.blake2b(os.fsencode(key), digest_size=8).digest(), "big")) % 2 ** 64
+    return {"files": n, "digest": f"{acc:016x}"}
 
 
 class _Scan:

@@ -90,6 +90,20 @@ def test_same_inputs_same_bytes_and_reuse(tree, tmp_path):
     assert rc["inputs"]["seed"] == 8 and (a / "manifest_train.csv").stat().st_mtime_ns != stamp
 
 
+def test_a_label_fixed_in_place_makes_the_manifests_stale(tree, tmp_path):
+    import shutil
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root, symlinks=True)
+    cfg, out = load_config(stage="demo"), tmp_path / "m"
+    first = build_manifests(cfg, root, out)
+    assert build_manifests(cfg, root, out) == first                          # same files: reused
+    label = sorted(Path(root).rglob("*.json"))[0]
+    label.write_text(label.read_text(encoding="utf-8") + " ", encoding="utf-8")  # same count, other content
+    again = build_manifests(cfg, root, out)
+    assert again["inputs"]["files"]["files"] == first["inputs"]["files"]["files"]
+    assert again["inputs"]["files"]["digest"] != first["inputs"]["files"]["digest"]
+
+
 def test_plan_quotas_tiered_and_smaller_tree():
     sizes = {f"K-{i:06d}": 100 - i for i in range(1, 8)}
     units = dict.fromkeys(sizes, 5)
