@@ -107,8 +107,12 @@ def read_manifest(path: str | Path) -> Manifest:
             except json.JSONDecodeError:
                 raise ManifestError(f"{path}: line {i + 2} has unparsable boxes {raw_boxes[:60]!r}") from None
             m.orig_paths.append((r.get("orig_path") or "").strip())
-            w, h = r.get("width") or "", r.get("height") or ""
-            m.sizes.append((int(w), int(h)) if w and h else (0, 0))
+            w, h = (r.get("width") or "").strip(), (r.get("height") or "").strip()
+            try:  # "976.0" after a round trip through pandas is still 976
+                m.sizes.append((int(float(w)), int(float(h))) if w and h else (0, 0))
+            except ValueError:
+                raise ManifestError(f"{path}: line {i + 2} has a width/height that is not a number: "
+                                    f"{w!r} x {h!r}") from None
     return m
 
 

@@ -209,12 +209,13 @@ class _Scan:
 
     def _add_image(self, key: tuple, item: tuple) -> None:
         """One image per (folder, name without extension): labels pair by name. A second file of the same
-        name (x.png beside x.jpg) is quarantined; the path sorting first is kept, whatever the walk order."""
+        name (x.png beside x.jpg) is quarantined; the PNG (the release's format) is kept, else the path sorting
+        first, whatever the walk order."""
         prev = self.images.get(key)
         if prev is None:
             self.images[key] = item
             return
-        keep, drop = sorted((prev, item), key=lambda t: t[2].path)
+        keep, drop = sorted((prev, item), key=lambda t: (not t[2].name.lower().endswith(".png"), t[2].path))
         self.images[key] = keep
         self.quarantine(drop[2].path, f"same name as {keep[2].name}, another extension")
 

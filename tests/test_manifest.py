@@ -232,3 +232,15 @@ def test_legacy_class_map_json_forms_keep_their_ids_or_are_refused():
                 {"1": "K-000001", "2": "K-000002"}):
         with pytest.raises(ValueError, match="ids must be 0..1"):
             ClassMap.from_dict(bad)
+
+
+def test_sizes_written_as_floats_by_pandas_still_read_and_garbage_is_a_clear_error(tmp_path):
+    from pillsnap_dali.manifest_io import ManifestError
+    f = tmp_path / "m.csv"
+    f.write_text("image_path,mapping_code,image_type,source,width,height\n/x.png,K-000001,single,s,976.0,1280.0\n",
+                 encoding="utf-8")
+    assert read_manifest(f).sizes == [(976, 1280)]
+    f.write_text("image_path,mapping_code,image_type,source,width,height\n/x.png,K-000001,single,s,wide,1280\n",
+                 encoding="utf-8")
+    with pytest.raises(ManifestError, match="line 2 has a width/height"):
+        read_manifest(f)

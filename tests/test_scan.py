@@ -217,9 +217,9 @@ def test_dangling_link_and_same_name_images_are_quarantined_not_lost(tmp_path):
     twin.write_bytes(pngs[0].read_bytes())
     res = scan_tree(root)
     quarantined = dict(res.quarantine)
-    # the path sorting first (x.jpg) is kept, x.png is quarantined
-    assert sorted(r.image_path for r in res.records) == sorted([str(twin), str(pngs[1])])
-    assert "same name" in quarantined[str(pngs[0])]
+    # the PNG (the release's format) is kept, the x.jpg copy beside it is quarantined
+    assert sorted(r.image_path for r in res.records) == sorted([str(pngs[0]), str(pngs[1])])
+    assert "same name" in quarantined[str(twin)]
     assert "unreadable" in quarantined[str(folder / "gone.png")]
     images = [p for p, _ in res.quarantine if not p.endswith(".json")]
     assert len(res.records) + len(images) == res.counts["images"]
