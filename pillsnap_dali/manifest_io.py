@@ -35,7 +35,9 @@ class ManifestError(ValueError):
 
 @dataclass
 class Manifest:
-    """Column-wise rows of one split. ``len(m)`` rows; row ids are ``range(len(m))``."""
+    """Column-wise rows of one split. ``len(m)`` rows, indexed ``0..len(m)-1``; ``file_rows`` keeps each one's
+    row number in the manifest file (its ``row`` column, else its line order) through ``subset``, so a row
+    dropped before training does not renumber what skipped.csv reports."""
     path: str | None
     paths: list[str]
     codes: list[str]
@@ -46,9 +48,14 @@ class Manifest:
     orig_paths: list[str]
     sizes: list[tuple[int, int]] = field(default_factory=list)
     fmt: str = "pillsnap"
+    file_rows: list[int] = field(default_factory=list)  # empty: 0..len-1
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def file_row(self, i: int) -> int:
+        """Row ``i``'s number in the manifest file it was read from."""
+        return self.file_rows[i] if self.file_rows else i
 
     def source_path(self, i: int) -> str:
         """Row ``i``'s original image: its boxes' pixels refer to it, not to a resized JPEG-cache copy."""
@@ -59,7 +66,7 @@ class Manifest:
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         return Manifest(self.path, pick(self.paths), pick(self.codes), pick(self.image_types),
                         pick(self.sources), pick(self.combo_ids), pick(self.boxes), pick(self.orig_paths),
-                        pick(self.sizes) if self.sizes else [], self.fmt)
+                        pick(self.sizes) if self.sizes else [], self.fmt, [self.file_row(i) for i in idx])
 
     def labels(self, class_map: ClassMap) -> list[int]:
         """Class id of every row; a K-code missing from the class map is an error naming it."""
@@ -107,6 +114,8 @@ def read_manifest(path: str | Path) -> Manifest:
             except json.JSONDecodeError:
                 raise ManifestError(f"{path}: line {i + 2} has unparsable boxes {raw_boxes[:60]!r}") from None
             m.orig_paths.append((r.get("orig_path") or "").strip())
+            row = (r.get("row") or "").strip()
+            m.file_rows.append(int(row) if row.lstrip("-").isdigit() else i)
             w, h = (r.get("width") or "").strip(), (r.get("height") or "").strip()
             try:  # "976.0" after a round trip through pandas is still 976
                 m.sizes.append((int(float(w)), int(float(h))) if w and h else (0, 0))

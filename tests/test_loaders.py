@@ -318,3 +318,19 @@ def test_an_epoch_stopped_early_goes_on_from_its_position(split, tmp_path, backe
     tail = [r for b in again for r in b.rows.tolist()]
     assert head + tail == every and len(set(every)) == len(every) == len(paths) - 1
     assert len(again) == -(-len(tail) // 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_log_names_the_manifest_files_row_after_rows_were_dropped(split, tmp_path, backend):
+    from pillsnap_dali.manifest_io import read_manifest, split_missing, write_manifest
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    paths = [tmp_path / "gone.png", *list(split)[:5], bad]  # row 0 missing on disk, row 6 corrupt
+    write_manifest(_manifest(paths), tmp_path / "m.csv")
+    kept, missing = split_missing(read_manifest(tmp_path / "m.csv"))
+    assert [p for p, _ in missing] == [str(tmp_path / "gone.png")] and len(kept) == 6
+    log = SkipLog(None)
+    loader = build_loader(kept, [0] * len(kept), _cfg(), train=False, device=CPU, backend=backend, skip_log=log)
+    assert sum(len(b.rows) for b in loader) == 5
+    assert [(e["row"], e["path"]) for e in log.entries] == [(6, str(bad))]  # the file's row 6, not index 5

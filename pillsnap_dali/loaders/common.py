@@ -25,7 +25,8 @@ SKIP_COLUMNS = ["row", "path", "reason", "backend", "epoch"]
 class Batch:
     """One step's input. ``images``: normalized float16/32, logical shape NCHW (channels_last strides when
     ``loader.layout`` is NHWC), on the training device; ``labels``: int64 class ids; ``rows``: int64
-    manifest row ids. All three are on the training device."""
+    row indices of the manifest given to the loader (``Manifest.file_row`` maps them to the file's rows, which
+    is what skipped.csv reports). All three are on the training device."""
     images: torch.Tensor
     labels: torch.Tensor
     rows: torch.Tensor
@@ -197,13 +198,20 @@ class LoaderBase:
     """What every backend shares: the rows, the label table on the training device, the epoch and its plan."""
     backend = ""
 
-    def __init__(self, paths: Sequence[str], labels: torch.Tensor, spec: LoaderSpec, skip_log: SkipLog):
+    def __init__(self, paths: Sequence[str], labels: torch.Tensor, spec: LoaderSpec, skip_log: SkipLog,
+                 file_rows: Optional[Sequence[int]] = None):
         self.paths, self.label_table, self.spec, self.skip_log = paths, labels, spec, skip_log
+        self.file_rows = list(file_rows) if file_rows is not None else None
         self.epoch = 0
         self.start = 0
         self.position = 0  # rows of this epoch's shard consumed so far (see EpochPlan.position)
         self._last_stats: dict = {}
         self._steps: tuple = (None, 0)  # ((epoch, start, files in the skip log), steps): len() without a new plan
+
+    def log_skip(self, row: int, reason: str) -> None:
+        """Write row ``row`` to the skip log under its number in the manifest file."""
+        file_row = self.file_rows[row] if self.file_rows is not None else row
+        self.skip_log.add(file_row, self.paths[row], reason, self.backend, self.epoch)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The next iteration is epoch ``epoch``, from position ``start`` of its shard (``position`` of an

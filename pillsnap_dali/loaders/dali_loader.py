@@ -184,8 +184,8 @@ class DaliLoader(LoaderBase):
     the epoch one batch shorter than ``len()``."""
 
     def __init__(self, paths: Sequence[str], labels: torch.Tensor, spec: LoaderSpec, skip_log: SkipLog,
-                 backend: str):
-        super().__init__(paths, labels, spec, skip_log)
+                 backend: str, file_rows: Optional[Sequence[int]] = None):
+        super().__init__(paths, labels, spec, skip_log, file_rows)
         self.backend = backend
         self.graph = graph_spec(spec)
         device = labels.device
@@ -213,7 +213,7 @@ class DaliLoader(LoaderBase):
 
     def skip(self, plan: EpochPlan, row: int, reason: str) -> None:
         plan.stats["skipped"] += 1
-        self.skip_log.add(row, self.paths[row], reason, self.backend, self.epoch)
+        self.log_skip(row, reason)
 
 
 class _Epoch:

@@ -172,7 +172,7 @@ class PilLoader(LoaderBase):
         self.position, consumed = plan.start, 0
         for item in self._data_loader(self._batches(plan)):
             for row, reason in item.skipped:
-                self.skip_log.add(row, self.paths[row], reason, BACKEND, self.epoch)
+                self.log_skip(row, reason)
             plan.stats["skipped"] += len(item.skipped)
             consumed += len(item.rows) + len(item.skipped)  # batches are consecutive slices of plan.order
             self.position = plan.position(consumed)
