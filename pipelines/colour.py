@@ -8,8 +8,10 @@ normalized [0, 255] range, the dtype and the memory layout). On 2 CPU cores this
 384 px image where DALI's ``color_twist`` + ``crop_mirror_normalize`` cost ~4.6 ms, and the DALI output
 copied out of the pipeline is uint8, a quarter of the float32 bytes. On a GPU it is one small kernel.
 
-Semantics (torchvision's, as the ``pil`` backend applies them, in its order): hue shift by ``h`` of a turn
-(a rotation of the chroma plane in YIQ, the linear form DALI's ``hsv`` also uses); saturation ``s``:
+Semantics (torchvision's, as the ``pil`` backend applies them, in its order): hue shift by ``h`` of a turn,
+as a rotation of the chroma plane in YIQ: exactly DALI's ``color_twist`` hue (``colour="graph"``, tested),
+turning the way torchvision's ``adjust_hue`` does (red towards yellow for h > 0) but by less on saturated
+colours (torchvision shifts HSV hue: red at h = 0.1 becomes (255, 153, 0) there, (196, 64, 0) here); saturation ``s``:
 ``s * x + (1 - s) * gray(x)``; brightness ``b``: ``b * x``; contrast ``c``: ``c * x + (1 - c) * mean gray``
 of the image; clamped once at the end (torchvision clamps after each step) then normalized.
 
@@ -35,7 +37,7 @@ def hue_saturation_matrices(hue: np.ndarray, saturation: np.ndarray) -> np.ndarr
     """(n, 3, 3) RGB matrices: hue rotation by ``hue`` turns, then saturation factor ``saturation``."""
     hue, saturation = np.asarray(hue, np.float64), np.asarray(saturation, np.float64)
     n = len(hue)
-    theta = 2.0 * math.pi * hue
+    theta = -2.0 * math.pi * hue  # the direction of DALI's color_twist and torchvision's adjust_hue (red -> yellow)
     rot = np.zeros((n, 3, 3))
     rot[:, 0, 0] = 1.0
     rot[:, 1, 1], rot[:, 1, 2] = np.cos(theta), -np.sin(theta)

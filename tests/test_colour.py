@@ -141,3 +141,28 @@ def test_dali_cpu_training_batches_in_float16_channels_last_with_jitter(tmp_path
     b = batches[0].images
     assert b.dtype == torch.float16 and b.shape == (4, 3, 32, 32) and b.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(b).all() and float(b.float().std()) > 0.1
+
+
+def test_hue_turns_like_dali_color_twist_and_the_way_torchvision_does():
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    import torchvision.transforms.functional as F
+    from nvidia.dali.pipeline import Pipeline
+
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.integers(0, 256, size=(1, 3, 8, 8), dtype=np.uint8))
+    x[0, :, 0, 0] = torch.tensor([255, 0, 0], dtype=torch.uint8)  # pure red
+    for hue in (0.1, -0.05):
+        pipe = Pipeline(batch_size=1, num_threads=1, device_id=None)
+        with pipe:
+            img = fn.external_source(name="x", dtype=types.UINT8, layout="HWC")
+            pipe.set_outputs(fn.color_twist(img, hue=hue * 360.0))
+        pipe.build()
+        pipe.feed_input("x", [x[0].permute(1, 2, 0).contiguous().numpy()])
+        dali = torch.from_numpy(np.array(pipe.run()[0].as_tensor())[0]).permute(2, 0, 1).float()
+        ours = _pixels(_colour()(x, _factors(1, hue=hue)))[0]
+        assert (ours - dali).abs().max() <= 1.01, (ours - dali).abs().max()
+        tv = F.adjust_hue(x.float() / 255.0, hue)[0] * 255.0
+        # red turns towards yellow (green up) for hue > 0, towards magenta (blue up) for hue < 0, in both
+        towards = 1 if hue > 0 else 2
+        assert ours[towards, 0, 0] > 5 and tv[towards, 0, 0] > 5
