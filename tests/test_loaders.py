@@ -334,3 +334,39 @@ def test_skip_log_names_the_manifest_files_row_after_rows_were_dropped(split, tm
     loader = build_loader(kept, [0] * len(kept), _cfg(), train=False, device=CPU, backend=backend, skip_log=log)
     assert sum(len(b.rows) for b in loader) == 5
     assert [(e["row"], e["path"]) for e in log.entries] == [(6, str(bad))]  # the file's row 6, not index 5
+
+
+def test_two_transient_failures_far_apart_lose_no_good_file(split, monkeypatch):
+    """A read that returns garbage once (a storage hiccup) kills the pipeline; its batch is probed, found
+    good and retried. Two such failures in one epoch, with good batches between, must not give a batch up."""
+    import pillsnap_dali.loaders.dali_loader as dl
+
+    paths = list(split) * 2  # 40 rows
+    flaky = {str(paths[3]): 1, str(paths[30]): 1}
+    real = dl.read_encoded
+
+    def hiccup(path, max_pixels):
+        if flaky.get(str(path)):
+            flaky[str(path)] -= 1
+            return np.frombuffer(b"\x89PNG\r\n\x1a\n garbage", dtype=np.uint8).copy(), None
+        return real(path, max_pixels)
+    monkeypatch.setattr(dl, "read_encoded", hiccup)
+    log = SkipLog(None)
+    loader = build_loader(_manifest(paths), [0] * 40, _cfg("train.batch_size=4", "loader.readers=0"), train=False,
+                          device=CPU, backend="dali-cpu", skip_log=log)
+    rows = [r for b in loader for r in b.rows.tolist()]
+    assert sorted(rows) == list(range(40)) and len(log) == 0 and not any(flaky.values())
+
+
+def test_weighted_draws_of_one_row_advance_the_position_by_each_draw(split):
+    paths = list(split)[:12]
+    weights = [50.0] + [1.0] * 11
+    for backend in BACKENDS:
+        loader = build_loader(_manifest(paths), [0] * 12, _cfg("train.batch_size=4"), train=True, device=CPU,
+                              backend=backend, sample_weights=weights)
+        it = iter(loader)
+        first = next(it).rows.tolist()
+        it.close()
+        plan_head = loader.plan().order[:4].tolist()
+        assert sorted(first) == sorted(plan_head) and first.count(0) >= 2  # row 0 drawn several times
+        assert loader.position == 4, (backend, loader.position)

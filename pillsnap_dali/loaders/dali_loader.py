@@ -255,17 +255,21 @@ class _Epoch:
         row_ids = torch.from_numpy(np.array(rows.as_tensor(), dtype=np.int64).reshape(-1))
         self.reader.complete(row_ids.numpy())
         self.plan.stats["yielded"] += len(row_ids)
-        self._advance(int(row_ids[-1]))
+        self.blind_failures = 0  # "in a row": a batch that went through ends a run of unexplained failures
+        self._advance(row_ids.tolist())
         return dali_to_batch(images, row_ids, self.loader.label_table, self.loader.spec.loader, self.colour)
 
-    def _advance(self, last_row: int) -> None:
-        """Move the consumed count past ``last_row``: rows come out in plan order (recovery requeues in order),
-        so every entry before it was yielded or skipped."""
-        order = self.plan.order
-        while self.consumed < len(order) and order[self.consumed] != last_row:
-            self.consumed += 1
-        self.consumed = min(self.consumed + 1, len(order))
-        self.loader.position = self.plan.position(self.consumed)
+    def _advance(self, rows: list[int]) -> None:
+        """Move the consumed count past the yielded ``rows``: they come out in plan order (recovery requeues in
+        order), so every entry passed over was skipped. Row by row, so that a row drawn several times (the
+        weighted sampler) is matched to its own draws."""
+        order, c = self.plan.order, self.consumed
+        for row in rows:
+            while c < len(order) and order[c] != row:
+                c += 1
+            c = min(c + 1, len(order))
+        self.consumed = c
+        self.loader.position = self.plan.position(c)
 
     def _recover(self, err: RuntimeError) -> None:
         batches = self.reader.take_in_flight()
