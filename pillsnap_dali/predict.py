@@ -58,7 +58,7 @@ class PredictOptions:
 
 def options_from(cfg, mode: str, topk: int | None = None) -> PredictOptions:
     p = cfg.predict
-    return PredictOptions(mode=mode, topk=topk or p.topk, crop_padding=p.crop_padding, conf=p.conf, iou=p.iou,
+    return PredictOptions(mode=mode, topk=p.topk if topk is None else topk, crop_padding=p.crop_padding, conf=p.conf, iou=p.iou,
                           det_imgsz=cfg.detect.imgsz, max_pixels=cfg.data.max_pixels)
 
 
@@ -154,6 +154,13 @@ def unletterbox(xyxy: np.ndarray, geometry: tuple[int, int, int, int], width: in
     return out
 
 
+def on_image(xyxy: np.ndarray) -> np.ndarray:
+    """Which mapped-back boxes cover at least a pixel of the image (one lying in the letterbox padding is
+    clipped to nothing: there is no pill to crop)."""
+    xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
+    return ((xyxy[:, 2] - xyxy[:, 0]) >= 1.0) & ((xyxy[:, 3] - xyxy[:, 1]) >= 1.0)
+
+
 def _detect(detector, image, opts: PredictOptions, imgsz: int, device) -> list[tuple[list[float], float]]:
     """[(xyxy in original pixels, confidence)], best first, on the classifier's device (Ultralytics would
     otherwise pick CUDA whenever it exists, whatever --device says). The image is letterboxed here exactly as
@@ -164,7 +171,10 @@ def _detect(detector, image, opts: PredictOptions, imgsz: int, device) -> list[t
     boxes = res.boxes
     xyxy = unletterbox(boxes.xyxy.cpu().numpy(), geometry, image.width, image.height)
     conf = boxes.conf.cpu().numpy()
-    order = np.argsort(-conf)
+    real = on_image(xyxy)
+    if not real.all():
+        _logger.debug("%d detection(s) outside the image (in the letterbox padding) left out", int((~real).sum()))
+    order = [i for i in np.argsort(-conf) if real[i]]
     return [(xyxy[i].tolist(), float(conf[i])) for i in order]
 
 
@@ -178,16 +188,21 @@ def predict_one(path: str, classify: Classify, detector, opts: PredictOptions, d
     except Exception as e:  # any unusable file: reported per image, never a silent drop
         _logger.warning("cannot read %s: %s", path, e)
         return {"image": str(path), "mode": opts.mode, "error": f"unreadable image: {e}", "pills": []}
-    if opts.mode == "single":
-        pills = [{"topk": classify([image])[0]}]
-    else:
-        found = _detect(detector, image, opts, det_imgsz, classify.device)
-        boxes = [padded_box(b, image.width, image.height, opts.crop_padding) for b, _ in found]
-        tops = classify([image.crop(b) for b in boxes])
-        pills = [{"box": [round(v, 1) for v in b], "det_conf": round(c, 4), "topk": t}
-                 for (b, c), t in zip(found, tops)]
-        if not pills:
-            _logger.warning("%s: no pill detected (conf >= %.2f)", path, opts.conf)
+    try:
+        if opts.mode == "single":
+            pills = [{"topk": classify([image])[0]}]
+        else:
+            found = _detect(detector, image, opts, det_imgsz, classify.device)
+            boxes = [padded_box(b, image.width, image.height, opts.crop_padding) for b, _ in found]
+            tops = classify([image.crop(b) for b in boxes])
+            pills = [{"box": [round(v, 1) for v in b], "det_conf": round(c, 4), "topk": t}
+                     for (b, c), t in zip(found, tops)]
+            if not pills:
+                _logger.warning("%s: no pill detected (conf >= %.2f)", path, opts.conf)
+    except (RuntimeError, ValueError, ZeroDivisionError, OSError) as e:  # this image's failure, not the run's
+        _logger.warning("prediction failed on %s: %s: %s", path, type(e).__name__, e)
+        return {"image": str(path), "mode": opts.mode, "error": f"prediction failed: {type(e).__name__}: {e}",
+                "pills": []}
     return {"image": str(path), "mode": opts.mode, "pills": pills,
             "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
 

@@ -195,3 +195,17 @@ def test_unletterbox_maps_detections_back_like_ultralytics(w, h, imgsz):
     assert np.abs(back - truth).max() < 1e-6
     theirs = scale_boxes((imgsz, imgsz), torch.tensor(boxed, dtype=torch.float32), (h, w)).numpy()
     assert np.abs(back - theirs).max() < 1.5  # Ultralytics uses one gain for both axes (rounding differs)
+
+
+def test_a_detection_in_the_letterbox_padding_is_not_a_pill():
+    import numpy as np
+
+    from pipelines.detect import letterbox_geometry
+
+    geometry = letterbox_geometry(1280, 976, 640)  # 488 wide in the 640 frame: 76 px of padding each side
+    boxes = np.array([[600.0, 300.0, 630.0, 340.0],    # entirely in the right padding
+                      [100.0, 300.0, 200.0, 400.0]])   # on the image
+    back = predict.unletterbox(boxes, geometry, 976, 1280)
+    assert predict.on_image(back).tolist() == [False, True]
+    with pytest.raises(ValueError, match="topk"):
+        predict.options_from(load_config("demo"), "single", 0)
