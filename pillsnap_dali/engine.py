@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
+from .atomic import atomic_write_text
 from .classmap import ClassMap
 from .config import Config
 from .gpumon import GpuMonitor
@@ -324,12 +325,45 @@ class Trainer:
         # twice; checkpoints without the position rerun the epoch from its start)
         self.start_epoch = st["epoch"] + 1 if st["epoch_complete"] else st["epoch"]
         self.resume_position = 0 if st["epoch_complete"] else int(st.get("epoch_position", 0))
+        if not st["epoch_complete"] and self.spec.world_size > 1:
+            self.resume_position = self._rank_position(path, st, self.resume_position)
         self.history = [h for h in self.history if h["epoch"] < self.start_epoch]
         self.bad_epochs = 0  # patience goes on counting from the epochs already run
         for h in self.history:
             self.bad_epochs = 0 if h.get("best") else self.bad_epochs + 1
         _logger.info("resumed from %s: next epoch %d (from row %d of its shard), step %d, best top-1 %.4f", path,
                      self.start_epoch, self.resume_position, self.global_step, self.best_top1)
+
+    def _position_file(self, checkpoint_dir: Path) -> Path:
+        return checkpoint_dir / f"epoch_position.rank{self.spec.rank}.json"
+
+    def _save_rank_position(self, epoch: int) -> None:
+        """Under DDP each rank's shard is read at its own pace (a skipped file is replaced by the next row), so
+        every rank other than 0 (whose position is in the checkpoint) writes where it stopped, without a
+        collective (ranks may stop a step apart)."""
+        if self.spec.world_size <= 1 or self.spec.is_main or not self.spec.run_dir or self.spec.dry_run:
+            return
+        d = self.spec.run_dir / "checkpoints"
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self._position_file(d), json.dumps(
+            {"epoch": epoch, "step": self.global_step, "position": int(self.train_loader.position)}))
+
+    def _rank_position(self, path: Path, st: dict, fallback: int) -> int:
+        """This rank's position in the interrupted epoch: its own file beside the checkpoint when it belongs to
+        that checkpoint (same epoch and step), else the checkpoint's (rank 0's)."""
+        if self.spec.is_main:
+            return fallback
+        f = self._position_file(Path(path).parent)
+        try:
+            rec = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            _logger.warning("rank %d: no %s; resuming at rank 0's position", self.spec.rank, f.name)
+            return fallback
+        if (rec.get("epoch"), rec.get("step")) != (st["epoch"], st["step"]):
+            _logger.warning("rank %d: %s is from another interruption; resuming at rank 0's position",
+                            self.spec.rank, f.name)
+            return fallback
+        return int(rec["position"])
 
     # ---- one epoch ---------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int, stop: StopFlag) -> dict:
@@ -454,6 +488,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 tr = self.train_one_epoch(epoch, stop)
                 if stop.reason:
+                    self._save_rank_position(epoch)
                     self.save(epoch, complete=False, best=False)
                     reason = (f"interrupted by {stop.reason} (last.pt saved; --resume goes on with epoch {epoch} "
                               f"at row {self.train_loader.position})")

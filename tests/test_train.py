@@ -344,3 +344,25 @@ def test_pretrained_head_rows_follow_the_k_codes_never_the_positions(tmp_path):
     fresh = dst.fc.weight.detach().clone()
     _load_pretrained(dst, str(plain), new_map)  # a plain state dict, no class map: the head is left out
     assert torch.equal(dst.fc.weight, fresh) and torch.equal(dst.conv1.weight, src.conv1.weight)
+
+
+def test_each_ddp_rank_resumes_an_interrupted_epoch_at_its_own_position(tmp_path):
+    """Ranks read their shards at their own pace (a skipped file is replaced by the next row): rank 1 writes
+    where it stopped beside the checkpoint and resumes there; a file from another interruption is ignored."""
+    import types
+
+    from pillsnap_dali.engine import RunSpec, Trainer
+
+    def trainer(rank: int, step: int, position: int) -> Trainer:
+        t = Trainer.__new__(Trainer)  # only the rank bookkeeping is exercised: no model, no data
+        t.spec = RunSpec(cfg=None, data=None, device=torch.device("cpu"), run_dir=tmp_path, rank=rank, world_size=2)
+        t.global_step, t.train_loader = step, types.SimpleNamespace(position=position)
+        return t
+    trainer(1, 37, 21)._save_rank_position(epoch=2)
+    trainer(0, 37, 20)._save_rank_position(epoch=2)  # rank 0's position lives in the checkpoint itself
+    assert [f.name for f in (tmp_path / "checkpoints").iterdir()] == ["epoch_position.rank1.json"]
+    ck = tmp_path / "checkpoints" / "last.pt"
+    st = {"epoch": 2, "step": 37}
+    assert trainer(1, 0, 0)._rank_position(ck, st, fallback=20) == 21
+    assert trainer(0, 0, 0)._rank_position(ck, st, fallback=20) == 20
+    assert trainer(1, 0, 0)._rank_position(ck, {"epoch": 2, "step": 40}, fallback=20) == 20  # stale file
