@@ -41,14 +41,26 @@ def bomb_problem(err: BaseException, max_pixels: int) -> str:
 _EXIF_ORIENTATION = 0x0112
 
 
+def decoder_exif(im) -> Optional[bytes]:
+    """The EXIF block whose orientation the DALI decoder applies, for an open PIL image; None when it applies
+    none. Every path (the ``pil`` backend, prediction, the detection geometry) follows DALI's rule, so an
+    image is turned the same way whichever backend trained on it: a WebP EXIF chunk carrying the JPEG-style
+    ``Exif\0\0`` prefix is ignored by DALI, and so is an orientation given only in XMP (which PIL's
+    ``exif_transpose`` would apply). Measured on shared/testdata/real_images (tests/test_loaders.py)."""
+    raw = im.info.get("exif")
+    if not raw or (im.format == "WEBP" and raw.startswith(b"Exif\x00\x00")):
+        return None
+    return raw
+
+
 def header_info(source) -> tuple[int, int, Optional[bytes]]:
-    """(width, height, raw EXIF block or None) of a path or file object, from the header alone; raises what
-    ``Image.open`` raises. The EXIF block is the one PIL reads with the header (``im.getexif()`` would
-    decode a whole PNG to look further)."""
+    """(width, height, EXIF block the decoder honours or None) of a path or file object, from the header alone;
+    raises what ``Image.open`` raises. The EXIF block is the one PIL reads with the header (``im.getexif()``
+    would decode a whole PNG to look further)."""
     from PIL import Image
 
     with Image.open(source) as im:
-        return im.size[0], im.size[1], im.info.get("exif")
+        return im.size[0], im.size[1], decoder_exif(im)
 
 
 def exif_orientation(raw: Optional[bytes]) -> int:
@@ -76,11 +88,12 @@ def open_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image as 8-bit RGB, safely. Raises (ValueError, OSError...) on anything unusable.
 
     The pixel count is checked from the header before decoding (decompression-bomb guard). Truncated files
-    raise (never padded with black). EXIF orientation is applied. Grayscale, palette (with transparency),
+    raise (never padded with black). EXIF orientation is applied as the DALI decoder applies it
+    (``decoder_exif``). Grayscale, palette (with transparency),
     alpha (dropped, as the DALI decoder does), 16-bit (scaled to 8 bits), float and CMYK become RGB.
     """
     import numpy as np
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         im = Image.open(path)
@@ -90,7 +103,11 @@ def open_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         if reason := pixel_problem(im.width, im.height, max_pixels):
             raise ValueError(reason)
         im.load()
-        im = ImageOps.exif_transpose(im)
+        t = Image.Transpose  # EXIF orientation -> transpose, as ImageOps.exif_transpose maps them
+        method = {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE, 6: t.ROTATE_270,
+                  7: t.TRANSVERSE, 8: t.ROTATE_90}.get(exif_orientation(decoder_exif(im)))
+        if method is not None:
+            im = im.transpose(method)
     if im.mode in _SIXTEEN_BIT or im.mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         arr = arr / 257.0 if im.mode != "F" else arr

@@ -370,3 +370,28 @@ def test_weighted_draws_of_one_row_advance_the_position_by_each_draw(split):
         plan_head = loader.plan().order[:4].tolist()
         assert sorted(first) == sorted(plan_head) and first.count(0) >= 2  # row 0 drawn several times
         assert loader.position == 4, (backend, loader.position)
+
+
+@pytest.mark.skipif(not REAL_IMAGES.is_dir(), reason="shared real_images not present")
+def test_every_path_turns_exif_and_xmp_oriented_files_as_the_dali_decoder_does():
+    """JPEG/PNG/WebP EXIF orientation, a WebP EXIF chunk with the JPEG-style prefix (DALI ignores it) and an
+    XMP-only orientation (DALI ignores it): the pil path, prediction and the detection geometry agree."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali.pipeline import Pipeline
+
+    from pillsnap_dali.imageio import upright_size
+
+    files = sorted(p for p in REAL_IMAGES.iterdir() if "orientation" in p.name or p.name.startswith("exif"))
+    assert len(files) >= 20
+    pipe = Pipeline(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    with pipe:
+        pipe.set_outputs(fn.decoders.image(fn.external_source(name="x", dtype=types.UINT8), device="cpu",
+                                           output_type=types.RGB))
+    pipe.build()
+    for f in files:
+        pipe.feed_input("x", [np.fromfile(f, dtype=np.uint8)])
+        dali = np.array(pipe.run()[0].as_tensor())[0].astype(np.float32)
+        pil = np.asarray(open_rgb(str(f)), dtype=np.float32)
+        assert pil.shape == dali.shape and np.abs(pil - dali).mean() < 1.0, f.name
+        assert upright_size(str(f)) == (dali.shape[1], dali.shape[0]), f.name
