@@ -273,7 +273,7 @@ def _reusable(out_dir: Path, inputs: dict) -> dict | None:
         return None
     if old.get("inputs") != inputs or not all((out_dir / f).exists() for f in OUTPUTS):
         changed = sorted(k for k in inputs if (old.get("inputs") or {}).get(k) != inputs[k])
-        _logger.info("manifests in %s are stale (changed: %s): rebuilding", out_dir, ", ".join(changed) or "files")
+        _logger.warning("manifests in %s are stale (changed: %s): rebuilding", out_dir, ", ".join(changed) or "files")
         return None
     return old
 
@@ -340,14 +340,50 @@ def _data_root(cfg: Config) -> Path:
                         "config), or --manifest CSV; only --stage demo generates synthetic data")
 
 
-def ensure_manifests(cfg: Config) -> Path:
-    """Build (or reuse) the stage's manifests in ``<data.artifacts>/<stageN|demo>/``; returns that dir.
+_STRICTNESS = {"none": 0, "header": 1, "full": 2}
 
-    The data root is ``cfg.data.root``, or the synthetic demo tree when it is null."""
-    root = Path(cfg.data.root) if cfg.data.root else _data_root(cfg)
+
+def ensure_manifests(cfg: Config) -> Path:
+    """Build (or reuse) the stage's manifests in ``<data.artifacts>/<stageN|demo>/`` for training and detection;
+    returns that dir.
+
+    The data root is ``cfg.data.root``; when it is null, a real stage uses the manifests already built in that
+    dir (``--stage 3 --resume`` needs no ``--data-root``) and the demo stage its synthetic tree. The split is
+    the manifest step's: an existing build of the same tree keeps its seed and its verification when that was
+    stricter (``python -m pillsnap_dali.manifest --verify header --seed S`` then ``train`` does not re-split or
+    un-verify); the tree or the sampling settings changing rebuilds it (with that seed and verification)."""
     out = Path(cfg.data.artifacts) / stage_dir_name(cfg.stage)
-    build_manifests(cfg, root, out)
+    old = _recorded_inputs(out)
+    if cfg.data.root:
+        root = Path(cfg.data.root)
+    elif old is not None and cfg.stage != "demo":
+        _logger.info("no data.root: using the stage %s manifests in %s (built from %s)", cfg.stage, out,
+                     old.get("data_root"))
+        return out
+    else:
+        root = _data_root(cfg)
+    seed, verify = None, cfg.data.verify
+    if old is not None and old.get("data_root") == str(root.resolve()) and old.get("stage") == cfg.stage:
+        if old.get("seed") != cfg.manifest.seed:
+            _logger.info("keeping the split of the existing build (manifest seed %s, not %s): rebuild with "
+                         "python -m pillsnap_dali.manifest --seed N to change it", old.get("seed"), cfg.manifest.seed)
+            seed = old.get("seed")
+        if _STRICTNESS.get(old.get("verify"), 0) > _STRICTNESS.get(verify, 0):
+            _logger.info("keeping the existing build's verification (%s, stricter than data.verify=%s)",
+                         old.get("verify"), verify)
+            verify = old.get("verify")
+    build_manifests(cfg, root, out, verify=verify, seed=seed)
     return out
+
+
+def _recorded_inputs(out_dir: Path) -> dict | None:
+    """The inputs report.json recorded for a complete build in ``out_dir``, else None."""
+    try:
+        with open(out_dir / "report.json", encoding="utf-8") as fh:
+            inputs = json.load(fh).get("inputs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return inputs if isinstance(inputs, dict) and all((out_dir / f).exists() for f in OUTPUTS) else None
 
 
 def split_leaks(manifests: dict) -> dict:

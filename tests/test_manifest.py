@@ -222,6 +222,24 @@ def test_ensure_manifests_builds_into_the_stage_dir(tree, tmp_path):
     assert len(ClassMap.load(out / "class_map.json")) == 3
 
 
+def test_training_keeps_the_manifest_steps_split_and_verification(tree, tmp_path):
+    """manifest --verify header --seed 7, then train/detect (ensure_manifests with the config's defaults):
+    the verified split is kept, not rebuilt unverified with seed 42; later, no --data-root is needed."""
+    from pillsnap_dali.manifest import ensure_manifests
+    sets = [f"data.artifacts={tmp_path / 'art'}", "manifest.images=24", "manifest.classes=4"]
+    out = tmp_path / "art" / "stage1"
+    assert main(["--data-root", str(tree), "--stage", "1", "--out", str(out), "--verify", "header", "--seed", "7",
+                 *[a for s in sets for a in ("--set", s)]]) == 0
+    built = (out / "manifest_train.csv").read_bytes()
+    stamp = (out / "manifest_train.csv").stat().st_mtime_ns
+    assert ensure_manifests(load_config(stage="1", sets=[f"data.root={tree}", *sets])) == out
+    assert (out / "manifest_train.csv").stat().st_mtime_ns == stamp  # reused as built
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["inputs"]["seed"] == 7 and report["inputs"]["verify"] == "header"
+    assert ensure_manifests(load_config(stage="1", sets=sets)) == out  # no data.root: the stage's manifests
+    assert (out / "manifest_train.csv").read_bytes() == built
+
+
 def test_legacy_class_map_json_forms_keep_their_ids_or_are_refused():
     by_code = ClassMap.from_dict({"K-000009": 1, "K-000002": 0, "K-000005": 2})
     by_id = ClassMap.from_dict({"2": "K-000005", "0": "K-000002", "1": "K-000009"})
