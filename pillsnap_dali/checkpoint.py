@@ -149,7 +149,12 @@ def load_classifier(path: str | Path, *, class_map_json: str | Path | None = Non
     if n != len(cm):
         raise CheckpointError(f"{path}: the model has {n} outputs but the class map has {len(cm)} K-codes")
     model = timm.create_model(name, num_classes=n, pretrained=False)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # tensor shapes of another architecture
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path} does not fit timm model {name!r}" + (" (pass its --model-name)" if source ==
+                              "legacy" else "") + f": {first[1].strip() if len(first) > 1 else first[0]}") from None
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit timm model {name!r}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")

@@ -355,23 +355,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="timm model of a plain state dict (tf_efficientnetv2_s)")
     p.add_argument("--detector", default=None, help="YOLO weights (.pt), needed for --mode combo")
     p.add_argument("--mode", choices=MODES, required=True, help="single: whole image; combo: detect then classify")
-    p.add_argument("--topk", type=int, default=None)
+    p.add_argument("--topk", type=int, default=None, help="K-codes listed per pill (default predict.topk, 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--eval", default=None, metavar="DETECT_CSV",
                    help="score two-stage top-1 on a detect_*.csv manifest instead of predicting inputs")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--stage", default=None)
-    p.add_argument("--config", default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--stage", default=None, help="config stage overlay (predict.*, detect.imgsz, data.max_pixels)")
+    p.add_argument("--config", default=None, help="a YAML config file merged over base + stage")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. predict.conf=0.4; preprocess.* sets a plain state dict's "
+                        "preprocessing (default 384 px squash)")
     return p
 
 
-def _load_models(args):
+def _load_models(args, cfg):
     from .checkpoint import load_classifier
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # a plain state dict carries no preprocessing: the users' Stage 3 model's (384 px, squash) unless the
+    # command names one (--set preprocess.*, --config, --stage); our checkpoints always use their own
+    given = args.config or args.stage or any(s.strip().startswith("preprocess.") for s in args.set)
     classifier = load_classifier(args.classifier, class_map_json=args.class_map, model_name=args.model_name,
-                                 device=device)
+                                 preprocess=cfg.preprocess if given else None, device=device)
+    if given and classifier.source != "legacy":
+        _logger.warning("%s carries its own preprocessing (%d px, %s): the preprocessing of the command line is "
+                        "not used", args.classifier, classifier.preprocess.img_size, classifier.preprocess.resize_mode)
     detector = load_detector(args.detector) if args.detector else None
     return classifier, detector
 
@@ -379,7 +387,7 @@ def _load_models(args):
 def _run(args, cfg) -> int:
     if args.mode == "combo" and not args.detector:
         raise ValueError("--mode combo needs --detector WEIGHTS")
-    classifier, detector = _load_models(args)
+    classifier, detector = _load_models(args, cfg)
     if args.eval:
         from .manifest_io import read_manifest
 

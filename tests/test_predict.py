@@ -100,6 +100,21 @@ def test_legacy_state_dict_with_orig_mod_prefix_and_unreadable_image(stage, tmp_
     out = capsys.readouterr().out
     assert rc == 1  # one image could not be read: said so, not dropped
     assert "ERROR unreadable image" in out and "p50" in out and stage["class_map"].codes[0][:2] in out
+    # its preprocessing: 384 px squash (the users' Stage 3 model) unless the command line says otherwise
+    args = predict.build_parser().parse_args([image, "--classifier", str(tmp_path / "legacy.pt"), "--class-map",
+                                              str(cm_json), "--model-name", "resnet18", "--mode", "single",
+                                              "--device", "cpu", "--set", "preprocess.img_size=48",
+                                              "--set", "preprocess.resize_mode=crop"])
+    clf, _ = predict._load_models(args, load_config(sets=args.set))
+    assert (clf.preprocess.img_size, clf.preprocess.resize_mode) == (48, "crop")
+    args = predict.build_parser().parse_args([image, "--classifier", str(tmp_path / "legacy.pt"), "--class-map",
+                                              str(cm_json), "--model-name", "resnet18", "--mode", "single"])
+    clf, _ = predict._load_models(args, load_config())
+    assert (clf.preprocess.img_size, clf.preprocess.resize_mode) == (384, "squash")
+    rc = predict.main([image, "--classifier", str(tmp_path / "legacy.pt"), "--class-map", str(cm_json),
+                       "--mode", "single", "--device", "cpu"])  # no --model-name: tf_efficientnetv2_s
+    assert rc == 2 and "does not fit timm model 'tf_efficientnetv2_s' (pass its --model-name)" in \
+        capsys.readouterr().err
 
 
 def test_combo_without_detector_is_refused(stage, capsys):
