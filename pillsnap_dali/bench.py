@@ -105,14 +105,26 @@ def _delegate(module: str):
     return run
 
 
+HELP = {"decode": "DALI vs PIL images/s for the 384 px training loaders, with decode-only and model ceilings "
+                  "(scripts/bench_decode.sh)",
+        "step": "model-only training throughput on synthetic input (the ceiling a training run is held to)",
+        "scan": "scan rate of an AI Hub tree (images per CPU-second)",
+        "predict": "prediction latency per image, p50/p95 (single or combo)",
+        "readers": "the loader with and without read-ahead threads, optionally with a storage latency per file"}
 COMMANDS = {"step": _step, "decode": _delegate("bench_decode"), "scan": _delegate("bench_scan"),
             "predict": _predict, "readers": _readers}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    usage = (f"usage: python -m pillsnap_dali.bench {{{','.join(COMMANDS)}}} [options]\n\n" + "\n".join(
+        f"  {name:8s} {HELP[name]}" for name in COMMANDS) + "\n\n'python -m pillsnap_dali.bench COMMAND --help' "
+        "for a command's options; results and commands in docs/benchmarks.md")
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m pillsnap_dali.bench {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return COMMANDS[argv[0]](argv[1:])

@@ -241,6 +241,8 @@ class Trainer:
         # every rank logs the files it skipped (rank 0: skipped.csv, rank r: skipped.rank<r>.csv): nothing is lost
         skip_name = "skipped.csv" if spec.is_main else f"skipped.rank{spec.rank}.csv"
         self.skip_log = SkipLog(spec.run_dir / skip_name if spec.run_dir and not spec.dry_run else None)
+        if spec.is_main:
+            self.skip_log.ensure_file()  # a run that skipped nothing says so with an empty skipped.csv
         common = dict(cfg=cfg, device=self.device, backend=cfg.loader.backend, rank=spec.rank,
                       world_size=spec.world_size, skip_log=self.skip_log, seed=cfg.train.seed)
         self.train_loader = build_loader(data.train, data.train_labels, train=True,

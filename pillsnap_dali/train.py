@@ -170,9 +170,14 @@ def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
     return TrainData(class_map, train, val, train.labels(class_map), val.labels(class_map))
 
 
-def prepare_run_dir(cfg: Config, resume: bool, is_main: bool) -> Path:
+def run_dir_path(cfg: Config) -> Path:
+    """``<train.out>/<train.name or stage<N>>``."""
     default = f"stage{cfg.stage}" if cfg.stage.isdigit() else cfg.stage
-    run_dir = Path(cfg.train.out) / (cfg.train.name or default)
+    return Path(cfg.train.out) / (cfg.train.name or default)
+
+
+def prepare_run_dir(cfg: Config, resume: bool, is_main: bool) -> Path:
+    run_dir = run_dir_path(cfg)
     if is_main and not resume and (run_dir / "checkpoints").exists():
         old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(run_dir.stat().st_mtime))}")
         shutil.move(str(run_dir), old)
@@ -239,7 +244,8 @@ def run(args: argparse.Namespace) -> dict:
     data = load_data(cfg, args, quarantine)
     resume_path = None
     if resume:
-        resume_path = Path(args.resume) if args.resume != "__last__" else (run_dir or Path(".")) / "checkpoints/last.pt"
+        resume_path = (Path(args.resume) if args.resume != "__last__"
+                       else (run_dir or run_dir_path(cfg)) / "checkpoints" / "last.pt")  # dry runs make no dir
         if not resume_path.exists():
             raise ConfigError(f"--resume: {resume_path} does not exist")
         check_resume(resume_path, cfg, data.class_map)  # before anything of the run dir is rewritten

@@ -375,3 +375,23 @@ def test_each_ddp_rank_resumes_an_interrupted_epoch_at_its_own_position(tmp_path
     assert trainer(1, 0, 0)._rank_position(ck, st, fallback=20) == 21
     assert trainer(0, 0, 0)._rank_position(ck, st, fallback=20) == 20
     assert trainer(1, 0, 0)._rank_position(ck, {"epoch": 2, "step": 40}, fallback=20) == 20  # stale file
+
+
+def test_clean_run_has_an_empty_skipped_csv_and_a_dry_run_finds_the_run_to_resume(manifests, tmp_path):
+    assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--name", "a")) == 0
+    bad = {r["path"] for r in csv.DictReader(open(tmp_path / "a" / "skipped.csv"))}
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for split in ("train", "val"):
+        rows = [r for r in csv.DictReader(open(manifests / f"manifest_{split}.csv")) if r["image_path"] not in bad]
+        with open(clean / f"manifest_{split}.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    (clean / "class_map.json").write_text((manifests / "class_map.json").read_text())
+    rc = train.main(["--manifest", str(clean / "manifest_train.csv"), "--out", str(tmp_path), *TINY, "--epochs", "1",
+                     "--name", "c", "--backend", "pil"])
+    assert rc == 0 and (tmp_path / "c" / "skipped.csv").read_text().strip() == "row,path,reason,backend,epoch"
+    stamp = (tmp_path / "a" / "checkpoints" / "last.pt").stat().st_mtime_ns
+    assert train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "a", "--resume", "--dry-run")) == 0
+    assert (tmp_path / "a" / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp  # a dry run writes nothing
