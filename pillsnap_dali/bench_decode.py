@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--images", help="a folder of images")
     p.add_argument("--formats", default="png,jpeg,cache640",
                    help="generated inputs when no source is given: png, jpeg (q95), cache640 (the PNGs through "
-                        "`prepare --max-side 640`, the JPEG cache of issue 7)")
+                        "`prepare --max-side 640`, the JPEG cache)")
     p.add_argument("--n", type=int, default=24, help="generated images per format")
     p.add_argument("--limit", type=int, default=256, help="rows taken from --manifest")
     p.add_argument("--rows", type=int, default=192, help="images per timed epoch (the files repeated)")

@@ -455,8 +455,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pillsnap_dali.manifest",
                                  description="Build a stage's manifests from an AI Hub tree (or import the "
                                              "existing project's manifests).")
-    ap.add_argument("--data-root", help="AI Hub tree (raw or English layout); default: data.root, else the "
-                                        "synthetic demo tree")
+    ap.add_argument("--data-root", help="AI Hub tree (raw or English layout); default: data.root, else (--stage "
+                                        "demo only) the synthetic demo tree")
     ap.add_argument("--stage", default=None, choices=["demo", "1", "2", "3", "4"], help="stage (default demo)")
     ap.add_argument("--out", help="output dir (default <data.artifacts>/stage<N> or .../demo)")
     ap.add_argument("--seed", type=int, default=None, help="sampling/split seed (default manifest.seed)")

@@ -1,4 +1,4 @@
-"""PNG -> JPEG cache: ``python -m pillsnap_dali.prepare --manifest M --cache-dir DIR`` (issue 7).
+"""PNG -> JPEG cache: ``python -m pillsnap_dali.prepare --manifest M --cache-dir DIR``.
 
 DALI decodes JPEG on the GPU (nvJPEG) but PNG only on the CPU, so for the real PNG data the GPU path alone
 does not remove the decode bottleneck. This module transcodes every manifest row's image once to a baseline

@@ -26,11 +26,12 @@ _logger = logging.getLogger("pillsnap_dali.train")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.train", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["demo", "1", "2", "3", "4"], help="stage overlay (configs/stage<N>.yaml)")
     p.add_argument("--config", help="a YAML file merged over base + stage")
-    p.add_argument("--data-root", help="AI Hub tree to scan (default: the synthetic demo tree)")
+    p.add_argument("--data-root", help="AI Hub tree to scan (default: data.root; --stage demo without one "
+                   "generates its synthetic tree, a real stage uses its manifests already built in data.artifacts)")
     p.add_argument("--manifest", help="training manifest CSV (ours or the existing project's 4-column one)")
     p.add_argument("--val-manifest", help="validation manifest (default: manifest_val.csv beside --manifest)")
     p.add_argument("--num-classes", type=int, help="expected number of classes; checked against the class map")

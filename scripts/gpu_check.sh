@@ -3,6 +3,11 @@
 # backend (data_time share reported), the model-only ceiling. Results go to gpu_results/<timestamp>/.
 #   scripts/gpu_check.sh [--skip-install]
 set -uo pipefail
+case "${1:-}" in
+  ""|--skip-install) ;;
+  -h|--help) sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "unknown argument: $1 (scripts/gpu_check.sh [--skip-install])" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 out="gpu_results/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out"
