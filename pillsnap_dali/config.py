@@ -151,6 +151,7 @@ class DetectConfig:
     merge_iou: float = 0.9
     val_fraction: float = 0.2
     workers: int = 2
+    flipud: float = 0.5
 
 
 @dataclass

@@ -393,6 +393,7 @@ class DetectRun:
     device: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
     readers: int = 4
+    flipud: float = 0.5  # detect.flipud
 
 
 def resolve_device(device: str, backend: str) -> tuple[str, str]:
@@ -421,7 +422,7 @@ def _train_args(run: DetectRun, device: str) -> dict:
     amp = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else False
     return dict(data=str(run.data_yaml), epochs=run.epochs, imgsz=run.imgsz, batch=run.batch_size, device=device,
                 workers=run.workers, project=str(run.out.parent.resolve()), name=run.out.name, exist_ok=True,
-                plots=False, amp=amp, pretrained=run.model.endswith(".pt"), seed=run.seed, flipud=0.5,
+                plots=False, amp=amp, pretrained=run.model.endswith(".pt"), seed=run.seed, flipud=run.flipud,
                 verbose=False)
 
 
@@ -462,7 +463,8 @@ def run_from_config(cfg, data_yaml: Path) -> DetectRun:
     out = Path(cfg.train.out) / (f"detect_{cfg.stage}" if not cfg.train.name else f"detect_{cfg.train.name}")
     return DetectRun(data_yaml=data_yaml, model=d.model, epochs=d.epochs, imgsz=d.imgsz, batch_size=d.batch_size,
                      backend=d.backend, out=out, workers=d.workers, threads=cfg.loader.threads, seed=cfg.train.seed,
-                     device=cfg.train.device, max_pixels=cfg.data.max_pixels, readers=cfg.loader.readers)
+                     device=cfg.train.device, max_pixels=cfg.data.max_pixels, readers=cfg.loader.readers,
+                     flipud=d.flipud)
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -413,3 +413,12 @@ def test_ultralytics_import_leaves_pil_open_alone(tmp_path):
         PIL.Image.open(junk)
     buf, reason = read_encoded(str(junk), 10_000_000)
     assert reason is None and buf is not None  # header unreadable: the decoder decides, nothing crashes
+
+
+def test_detect_flipud_comes_from_the_config(tmp_path):
+    from pillsnap_dali.config import load_config
+    from pillsnap_dali.detect import _train_args, run_from_config
+
+    run = run_from_config(load_config("demo", sets=["detect.flipud=0.2"]), tmp_path / "data.yaml")
+    assert run.flipud == 0.2 and _train_args(run, "cpu")["flipud"] == 0.2
+    assert _train_args(run_from_config(load_config("demo"), tmp_path / "data.yaml"), "cpu")["flipud"] == 0.5
