@@ -157,13 +157,14 @@ class DaliDetectLoader:
     """
 
     def __init__(self, samples: DetectSamples, *, batch_size: int, imgsz: int, augment: dict | None,
-                 shuffle: bool, options: DaliOptions, skip_log=None):
+                 shuffle: bool, options: DaliOptions, skip_log=None, split: str = ""):
         if len(samples) == 0:
             raise ValueError("the detection split has no images")
         self.dataset, self.batch_size, self.imgsz = samples, int(batch_size), int(imgsz)
         self.augment, self.shuffle, self.options = augment, shuffle, options
         self.num_workers, self.drop_last = options.threads, False
-        self.backend = "dali" if options.device == "gpu" else "dali-cpu"
+        # rows in the skip log are indices into this split's image list: the split is named with the backend
+        self.backend = ("dali" if options.device == "gpu" else "dali-cpu") + (f"/{split}" if split else "")
         self.skip_log = skip_log
         self.skipped: list[tuple[str, str]] = []
         self._bad: set[int] = ({i for i, p in enumerate(samples.im_files) if p in skip_log}
@@ -367,7 +368,7 @@ def dali_trainer_class():
             augment = {k: float(getattr(self.args, k)) for k in AUG_KEYS} if mode == "train" else None
             loader = DaliDetectLoader(read_yolo_split(dataset_path), batch_size=batch_size, imgsz=self.args.imgsz,
                                       augment=augment, shuffle=mode == "train", options=self.dali,
-                                      skip_log=self.skip_log)
+                                      skip_log=self.skip_log, split=mode)
             self.dali_loaders.append(loader)
             return loader
 

@@ -179,7 +179,7 @@ def _loader(yolo: Path, split: str, augment=None, imgsz=64, batch_size=4, skip_l
 
     return DaliDetectLoader(read_yolo_split(yolo / "images" / split), batch_size=batch_size, imgsz=imgsz,
                             augment=augment, shuffle=augment is not None, options=DaliOptions(device="cpu"),
-                            skip_log=skip_log)
+                            skip_log=skip_log, split=split)
 
 
 def test_dali_batches_have_the_ultralytics_format(converted):
@@ -225,7 +225,7 @@ def test_corrupt_image_is_skipped_and_logged(converted, tmp_path):
     assert [b["im_file"] for b in batches] == [(str(split / "images" / "val" / "v1.png"),)]
     assert loader.skipped and loader.skipped[0][0] == str(bad) and len(loader) == 1
     rows = list(csv.DictReader(log_path.open(encoding="utf-8")))  # written as found, the classification format
-    assert [(r["path"], r["backend"], r["epoch"]) for r in rows] == [(str(bad), "dali-cpu", "0")]
+    assert [(r["path"], r["backend"], r["epoch"]) for r in rows] == [(str(bad), "dali-cpu/val", "0")]
     assert rows[0]["reason"].startswith("DALI: ")
     rerun = _loader(split, "val", skip_log=SkipLog(log_path))  # a rerun in the same run dir: left out at once
     assert len(rerun) == 1 and [b["im_file"] for b in rerun] == [(str(split / "images" / "val" / "v1.png"),)]
