@@ -112,6 +112,8 @@ def _load_pretrained(model: nn.Module, path: str, class_map: ClassMap | None = N
         raw = ckpt.load_checkpoint(path)
         if isinstance(raw, dict) and raw.get("format") == ckpt.FORMAT and raw.get("class_map"):
             src_map = ClassMap.from_dict(raw["class_map"])
+            if raw.get("ema") and raw.get("deploy") == "ema":  # the weights its best top-1 was measured on
+                raw = {"model": raw["ema"]}
         sd = ckpt.unwrap_state_dict(raw)
     if pretrained_class_map:
         src_map = ClassMap.load(pretrained_class_map)
@@ -141,7 +143,9 @@ def _head_rows(sd: dict, own: dict, heads: set, src_map: ClassMap | None, class_
     out = {}
     for k in heads:
         if k not in sd or sd[k].shape[0] != len(src_map) or sd[k].shape[1:] != own[k].shape[1:]:
-            continue
+            _logger.warning("%s: head tensor %s has %s rows for a class map of %d codes: head left out, it starts "
+                            "fresh", path, k, tuple(sd[k].shape) if k in sd else "no", len(src_map))
+            return {}
         t = own[k].clone()
         if shared:
             dst = torch.tensor([class_map.index[c] for c in shared])
@@ -262,6 +266,7 @@ class Trainer:
         self.ema = None
         self.deploy = "model"  # which weights a checkpoint's user should take: "model" or "ema"
         self.bad_epochs = self.resume_position = 0
+        self.interruptions = 0  # counted alike on every rank: pairs rank r's position file with the checkpoint
         if cfg.train.ema:
             from timm.utils import ModelEmaV3
             self.ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay)
@@ -290,6 +295,7 @@ class Trainer:
                 "deploy": self.deploy,
                 # an interrupted epoch: the rows of this rank's shard already trained on (resume starts there)
                 "epoch_position": 0 if complete else int(self.train_loader.position),
+                "world_size": self.spec.world_size, "interruptions": self.interruptions,
                 "skipped": [dict(e) for e in self.skip_log.entries]}
 
     def save(self, epoch: int, complete: bool, best: bool) -> None:
@@ -327,7 +333,12 @@ class Trainer:
         # twice; checkpoints without the position rerun the epoch from its start)
         self.start_epoch = st["epoch"] + 1 if st["epoch_complete"] else st["epoch"]
         self.resume_position = 0 if st["epoch_complete"] else int(st.get("epoch_position", 0))
-        if not st["epoch_complete"] and self.spec.world_size > 1:
+        self.deploy, self.interruptions = st.get("deploy", "model"), int(st.get("interruptions", 0))
+        if self.resume_position and st.get("world_size", 1) != self.spec.world_size:
+            _logger.warning("resumed on %d rank(s), interrupted on %s: the shards differ, so epoch %d starts over",
+                            self.spec.world_size, st.get("world_size", 1), st["epoch"])
+            self.resume_position = 0
+        elif self.resume_position and self.spec.world_size > 1:
             self.resume_position = self._rank_position(path, st, self.resume_position)
         self.history = [h for h in self.history if h["epoch"] < self.start_epoch]
         self.bad_epochs = 0  # patience goes on counting from the epochs already run
@@ -348,11 +359,13 @@ class Trainer:
         d = self.spec.run_dir / "checkpoints"
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self._position_file(d), json.dumps(
-            {"epoch": epoch, "step": self.global_step, "position": int(self.train_loader.position)}))
+            {"epoch": epoch, "interruption": self.interruptions, "step": self.global_step,
+             "position": int(self.train_loader.position)}))
 
     def _rank_position(self, path: Path, st: dict, fallback: int) -> int:
         """This rank's position in the interrupted epoch: its own file beside the checkpoint when it belongs to
-        that checkpoint (same epoch and step), else the checkpoint's (rank 0's)."""
+        that checkpoint (same epoch and interruption count: ranks may have run different numbers of steps),
+        else the checkpoint's (rank 0's)."""
         if self.spec.is_main:
             return fallback
         f = self._position_file(Path(path).parent)
@@ -361,7 +374,7 @@ class Trainer:
         except (OSError, ValueError):
             _logger.warning("rank %d: no %s; resuming at rank 0's position", self.spec.rank, f.name)
             return fallback
-        if (rec.get("epoch"), rec.get("step")) != (st["epoch"], st["step"]):
+        if (rec.get("epoch"), rec.get("interruption")) != (st["epoch"], st.get("interruptions")):
             _logger.warning("rank %d: %s is from another interruption; resuming at rank 0's position",
                             self.spec.rank, f.name)
             return fallback
@@ -490,6 +503,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 tr = self.train_one_epoch(epoch, stop)
                 if stop.reason:
+                    self.interruptions += 1
                     self._save_rank_position(epoch)
                     self.save(epoch, complete=False, best=False)
                     reason = (f"interrupted by {stop.reason} (last.pt saved; --resume goes on with epoch {epoch} "

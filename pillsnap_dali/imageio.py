@@ -53,14 +53,43 @@ def decoder_exif(im) -> Optional[bytes]:
     return raw
 
 
-def header_info(source) -> tuple[int, int, Optional[bytes]]:
+def header_info(source, orientation: bool = True) -> tuple[int, int, Optional[bytes]]:
     """(width, height, EXIF block the decoder honours or None) of a path or file object, from the header alone;
     raises what ``Image.open`` raises. The EXIF block is the one PIL reads with the header (``im.getexif()``
     would decode a whole PNG to look further)."""
     from PIL import Image
 
     with Image.open(source) as im:
-        return im.size[0], im.size[1], decoder_exif(im)
+        w, h, exif, fmt = im.size[0], im.size[1], decoder_exif(im), im.format
+    if exif is None and fmt == "PNG" and orientation:  # an eXIf chunk after the image data (PIL sees it only
+        # after decoding): found by walking the chunk headers; ``orientation=False`` skips it (size checks)
+        exif = _png_late_exif(source)
+    return w, h, exif
+
+
+def _png_late_exif(source) -> Optional[bytes]:
+    """The eXIf chunk of a PNG found by walking its chunk headers (no pixel is decoded), or None."""
+    import struct
+
+    fh = open(source, "rb") if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else source
+    try:
+        fh.seek(8)  # the PNG signature
+        for _ in range(1_000_000):
+            head = fh.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                return fh.read(length) or None
+            if kind == b"IEND":
+                return None
+            fh.seek(length + 4, 1)  # data and CRC
+        return None
+    except (OSError, struct.error):
+        return None
+    finally:
+        if fh is not source:
+            fh.close()
 
 
 def exif_orientation(raw: Optional[bytes]) -> int:

@@ -356,10 +356,14 @@ def ensure_manifests(cfg: Config) -> Path:
     old = _recorded_inputs(out)
     if cfg.data.root:
         root = Path(cfg.data.root)
-    elif old is not None and cfg.stage != "demo":
+    elif old is not None and cfg.stage != "demo" and old.get("format_version") == FORMAT_VERSION:
         _logger.info("no data.root: using the stage %s manifests in %s (built from %s)", cfg.stage, out,
                      old.get("data_root"))
         return out
+    elif old is not None and cfg.stage != "demo" and Path(str(old.get("data_root"))).is_dir():
+        root = Path(old["data_root"])  # an older format's build: rebuilt from the tree it was made of
+        _logger.warning("the manifests in %s are of an older format (%s): rebuilding them from %s", out,
+                        old.get("format_version"), root)
     else:
         root = _data_root(cfg)
     seed, verify = None, cfg.data.verify

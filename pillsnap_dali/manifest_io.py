@@ -119,7 +119,7 @@ def read_manifest(path: str | Path) -> Manifest:
             w, h = (r.get("width") or "").strip(), (r.get("height") or "").strip()
             try:  # "976.0" after a round trip through pandas is still 976
                 m.sizes.append((int(float(w)), int(float(h))) if w and h else (0, 0))
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise ManifestError(f"{path}: line {i + 2} has a width/height that is not a number: "
                                     f"{w!r} x {h!r}") from None
     return m

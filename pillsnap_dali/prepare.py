@@ -652,7 +652,7 @@ def main(argv=None) -> int:
         if hasattr(args, "max_side"):  # absent unless given: None is a valid value ("keep the size")
             opts.max_side = args.max_side
         report = prepare_cache(args.manifest, args.cache_dir, opts)
-    except (PrepareError, ConfigError, ManifestError, ClassMapMismatch, FileNotFoundError) as e:
+    except (PrepareError, ConfigError, ManifestError, ClassMapMismatch, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.summary())

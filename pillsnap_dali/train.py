@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
 import shutil
@@ -103,7 +104,8 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     if world > 1:
         import torch.distributed as dist
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # a long timeout: the other ranks wait at a barrier while rank 0 builds (and verifies) the manifests
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
         if cuda:
             torch.cuda.set_device(local)
         return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
@@ -201,9 +203,11 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
 # settings a resumed run must share with its checkpoint (the weights, the classes, what one step and one
 # epoch are); the others are the checkpoint's from then on (the optimizer and schedule states are restored)
 RESUME_MUST_MATCH = ("model.name", "preprocess.img_size", "preprocess.resize_mode", "preprocess.crop_pct",
-                     "preprocess.mean", "preprocess.std", "train.batch_size")
-RESUME_TAKEN_FROM_CHECKPOINT = ("train.lr", "train.weight_decay", "train.optimizer", "train.momentum",
-                                "train.warmup_epochs", "train.ema_decay")
+                     "preprocess.mean", "preprocess.std", "train.batch_size", "train.optimizer")
+# restored with the optimizer state: the command line's values do not apply
+RESUME_TAKEN_FROM_CHECKPOINT = ("train.lr", "train.weight_decay", "train.momentum")
+# rebuilt from the config: the new values apply from the resumed step on
+RESUME_APPLIED = ("train.warmup_epochs", "train.epochs", "train.ema_decay")
 
 
 def _get(d: dict, key: str):
@@ -228,8 +232,12 @@ def check_resume(path: Path, cfg: Config, class_map) -> None:
                           "resume with the same ones, or start a new run (--pretrained to start from its weights)")
     for k in RESUME_TAKEN_FROM_CHECKPOINT:
         if _get(old, k) != _get(new, k):
-            _logger.warning("--resume: %s %r is ignored, the checkpoint's optimizer and schedule go on with %r",
+            _logger.warning("--resume: %s %r is ignored, the checkpoint's optimizer goes on with %r",
                             k, _get(new, k), _get(old, k))
+    for k in RESUME_APPLIED:
+        if _get(old, k) != _get(new, k) and (k != "train.ema_decay" or cfg.train.ema):
+            _logger.info("--resume: %s is now %r (was %r): the schedule / EMA follow it from here", k,
+                         _get(new, k), _get(old, k))
 
 
 def run(args: argparse.Namespace) -> dict:

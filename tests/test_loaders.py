@@ -296,28 +296,33 @@ def test_pil_backend_works_where_dali_is_not_installed(tmp_path, split):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_epoch_stopped_early_goes_on_from_its_position(split, tmp_path, backend):
     """The rows of a stopped epoch and of its continuation from ``position`` are the epoch's rows, each once
-    (a broken file among the first batches included: skipped, not counted twice, not retried)."""
+    (a broken file among the first batches included: skipped, not counted twice, not retried). With the
+    weighted sampler too: the resumed epoch draws what the interrupted one drew."""
     paths = list(split)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
     paths.insert(3, bad)
     m, cfg = _manifest(paths), _cfg()
-    whole = build_loader(m, [0] * len(paths), cfg, train=True, device=CPU, backend=backend)
-    whole.set_epoch(2)
-    every = [r for b in whole for r in b.rows.tolist()]
-    log = SkipLog(tmp_path / "skipped.csv")
-    first = build_loader(m, [0] * len(paths), cfg, train=True, device=CPU, backend=backend, skip_log=log)
-    first.set_epoch(2)
-    it, head = iter(first), []
-    for _ in range(2):
-        head += next(it).rows.tolist()
-    it.close()
-    again = build_loader(m, [0] * len(paths), cfg, train=True, device=CPU, backend=backend,
-                         skip_log=SkipLog(tmp_path / "skipped.csv"))  # a restarted process reads the log back
-    again.set_epoch(2, start=first.position)
-    tail = [r for b in again for r in b.rows.tolist()]
-    assert head + tail == every and len(set(every)) == len(every) == len(paths) - 1
-    assert len(again) == -(-len(tail) // 8)
+    for weights in (None, [3.0 if i in (3, 5) else 1.0 for i in range(len(paths))]):
+        log_path = tmp_path / f"skipped_{weights is None}.csv"
+        make = lambda log: build_loader(m, [0] * len(paths), cfg, train=True, device=CPU,  # noqa: E731
+                                        backend=backend, skip_log=log, sample_weights=weights)
+        whole = make(SkipLog(None))
+        whole.set_epoch(2)
+        every = [r for b in whole for r in b.rows.tolist()]
+        first = make(SkipLog(log_path))
+        first.set_epoch(2)
+        it, head = iter(first), []
+        for _ in range(2):
+            head += next(it).rows.tolist()
+        it.close()
+        assert weights is None or first.skip_log.paths  # the broken file was drawn before the stop
+        again = make(SkipLog(log_path))  # a restarted process reads the log back
+        again.set_epoch(2, start=first.position)
+        tail = [r for b in again for r in b.rows.tolist()]
+        assert head + tail == every, weights is None
+        if weights is None:
+            assert len(set(every)) == len(every) == len(paths) - 1 and len(again) == -(-len(tail) // 8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -395,3 +400,44 @@ def test_every_path_turns_exif_and_xmp_oriented_files_as_the_dali_decoder_does()
         pil = np.asarray(open_rgb(str(f)), dtype=np.float32)
         assert pil.shape == dali.shape and np.abs(pil - dali).mean() < 1.0, f.name
         assert upright_size(str(f)) == (dali.shape[1], dali.shape[0]), f.name
+
+
+def test_png_exif_after_the_image_data_is_found_from_the_header(tmp_path):
+    import io
+    import struct
+
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali.pipeline import Pipeline
+    from PIL import Image
+
+    from pillsnap_dali.imageio import upright_size
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 40), (1, 2, 3)).save(buf, "PNG", exif=exif.tobytes())
+    data, chunks, pos = buf.getvalue(), [], 8
+    while pos < len(data):
+        n = struct.unpack(">I", data[pos:pos + 4])[0]
+        chunks.append(data[pos:pos + 12 + n])
+        pos += 12 + n
+    late = [c for c in chunks if c[4:8] != b"eXIf"]
+    path = tmp_path / "late.png"  # eXIf moved after IDAT, just before IEND
+    path.write_bytes(data[:8] + b"".join(late[:-1]) + b"".join(c for c in chunks if c[4:8] == b"eXIf") + late[-1])
+    pipe = Pipeline(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    with pipe:
+        pipe.set_outputs(fn.decoders.image(fn.external_source(name="x", dtype=types.UINT8), device="cpu",
+                                           output_type=types.RGB))
+    pipe.build()
+    pipe.feed_input("x", [np.fromfile(path, dtype=np.uint8)])
+    h, w = np.array(pipe.run()[0].as_tensor())[0].shape[:2]
+    assert (h, w) == (20, 40) and upright_size(str(path)) == (w, h) == open_rgb(str(path)).size
+
+
+def test_a_skip_log_of_another_format_is_carried_over_not_a_crash(tmp_path):
+    f = tmp_path / "skipped.csv"
+    f.write_text("image_path,reason\n/x/a.png,DALI: bad\n", encoding="utf-8")  # an older detection run's
+    log = SkipLog(f)
+    assert "/x/a.png" in log and (tmp_path / "skipped.old.csv").exists()
+    assert f.read_text(encoding="utf-8").splitlines()[0] == "row,path,reason,backend,epoch"
+    assert "/x/a.png" in SkipLog(f)  # read back in the new format

@@ -262,3 +262,15 @@ def test_sizes_written_as_floats_by_pandas_still_read_and_garbage_is_a_clear_err
                  encoding="utf-8")
     with pytest.raises(ManifestError, match="line 2 has a width/height"):
         read_manifest(f)
+
+
+def test_an_older_format_build_is_rebuilt_from_its_tree_without_data_root(tree, tmp_path):
+    from pillsnap_dali.manifest import FORMAT_VERSION, ensure_manifests
+    sets = [f"data.artifacts={tmp_path / 'art'}", "manifest.images=24", "manifest.classes=4"]
+    out = ensure_manifests(load_config(stage="1", sets=[f"data.root={tree}", *sets]))
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    report["inputs"]["format_version"] = FORMAT_VERSION - 1  # a build of the leaky split
+    (out / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    ensure_manifests(load_config(stage="1", sets=sets))  # no data.root: rebuilt from the recorded tree
+    again = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert again["inputs"]["format_version"] == FORMAT_VERSION and again["inputs"]["data_root"] == str(tree.resolve())

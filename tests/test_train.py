@@ -108,7 +108,8 @@ def test_class_map_mismatch_and_num_classes_are_refused(manifests, tmp_path, cap
     assert "stage: custom" not in (tmp_path / "a/config.yaml").read_text()
     # other weights / preprocessing / batch size: refused, naming the setting
     for flag, value, key in (("--img-size", "48", "preprocess.img_size"), ("--model", "resnet18", "model.name"),
-                             ("--batch-size", "8", "train.batch_size")):
+                             ("--batch-size", "8", "train.batch_size"), ("--set", "train.optimizer=sgd",
+                                                                         "train.optimizer")):
         rc = train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "a", "--resume", flag, value))
         assert rc == 2 and key in capsys.readouterr().err
 
@@ -367,14 +368,17 @@ def test_each_ddp_rank_resumes_an_interrupted_epoch_at_its_own_position(tmp_path
         t.spec = RunSpec(cfg=None, data=None, device=torch.device("cpu"), run_dir=tmp_path, rank=rank, world_size=2)
         t.global_step, t.train_loader = step, types.SimpleNamespace(position=position)
         return t
-    trainer(1, 37, 21)._save_rank_position(epoch=2)
-    trainer(0, 37, 20)._save_rank_position(epoch=2)  # rank 0's position lives in the checkpoint itself
+    r1, r0 = trainer(1, 33, 21), trainer(0, 37, 20)  # uneven shards: the ranks ran different step counts
+    for t in (r1, r0):
+        t.interruptions = 3  # restored from the same checkpoint, then counted up once each
+    r1._save_rank_position(epoch=2)
+    r0._save_rank_position(epoch=2)  # rank 0's position lives in the checkpoint itself
     assert [f.name for f in (tmp_path / "checkpoints").iterdir()] == ["epoch_position.rank1.json"]
     ck = tmp_path / "checkpoints" / "last.pt"
-    st = {"epoch": 2, "step": 37}
+    st = {"epoch": 2, "step": 37, "interruptions": 3}
     assert trainer(1, 0, 0)._rank_position(ck, st, fallback=20) == 21
     assert trainer(0, 0, 0)._rank_position(ck, st, fallback=20) == 20
-    assert trainer(1, 0, 0)._rank_position(ck, {"epoch": 2, "step": 40}, fallback=20) == 20  # stale file
+    assert trainer(1, 0, 0)._rank_position(ck, {**st, "interruptions": 4}, fallback=20) == 20  # a stale file
 
 
 def test_clean_run_has_an_empty_skipped_csv_and_a_dry_run_finds_the_run_to_resume(manifests, tmp_path):

@@ -52,8 +52,21 @@ class SkipLog:
 
     def _read_back(self) -> None:
         with open(self.path, newline="", encoding="utf-8") as fh:
-            for rec in csv.DictReader(fh):
-                self._remember(rec)
+            reader = csv.DictReader(fh)
+            if "path" not in (reader.fieldnames or []):
+                old = list(reader)
+            else:
+                for rec in reader:
+                    self._remember(rec)
+                old = None
+        if old is not None:  # another format (an older detection run: image_path,reason): carried over
+            aside = self.path.with_name(self.path.stem + ".old.csv")
+            self.path.replace(aside)
+            _logger.warning("%s had another format: moved to %s, its files carried over", self.path, aside)
+            for rec in old:
+                path = rec.get("image_path") or next(iter(rec.values()), "")
+                if path:
+                    self.add(-1, path, rec.get("reason") or "skipped by an earlier run", "earlier run", 0)
         _logger.info("skip log %s: %d file(s) skipped earlier are excluded", self.path, len(self.paths))
 
     def _remember(self, rec: dict) -> None:
@@ -64,6 +77,12 @@ class SkipLog:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def paths_before(self, epoch: int) -> set:
+        """Paths skipped in an epoch before ``epoch`` (entries without a number count as earlier)."""
+        with self._lock:
+            return {e["path"] for e in self.entries
+                    if not str(e.get("epoch", "")).lstrip("-").isdigit() or int(e["epoch"]) < epoch}
 
     def __contains__(self, path: str) -> bool:
         return path in self.paths
@@ -156,11 +175,15 @@ class EpochPlan:
     ``start`` on).
     """
 
-    def __init__(self, paths: Sequence[str], spec: LoaderSpec, epoch: int, skip_paths: set, start: int = 0):
+    def __init__(self, paths: Sequence[str], spec: LoaderSpec, epoch: int, skip_paths: set, start: int = 0,
+                 skipped_before: Optional[set] = None):
         shard = shard_order(len(paths), shard_id=spec.rank, num_shards=spec.world_size, shuffle=spec.train,
                             seed=spec.seed, epoch=epoch)
         if spec.train and spec.sample_weights is not None:
-            shard = weighted_order(paths, spec, epoch, len(shard), skip_paths)
+            # the draw leaves out files skipped in EARLIER epochs only, so a resumed epoch draws what the
+            # interrupted one drew (files it skipped are then excluded by ``keep``, as they were skipped)
+            shard = weighted_order(paths, spec, epoch, len(shard), skip_paths if skipped_before is None
+                                   else skipped_before)
         self.start = min(max(int(start), 0), len(shard))
         shard = shard[self.start:]
         keep = np.fromiter((paths[r] not in skip_paths for r in shard), dtype=bool, count=len(shard))
@@ -219,7 +242,8 @@ class LoaderBase:
         self.epoch, self.start = int(epoch), int(start)
 
     def plan(self) -> EpochPlan:
-        return EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths, self.start)
+        return EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths, self.start,
+                         self.skip_log.paths_before(self.epoch))
 
     def __len__(self) -> int:
         key = (self.epoch, self.start, len(self.skip_log))  # the plan depends on nothing else that changes
@@ -280,7 +304,7 @@ def header_problem(buf: np.ndarray, max_pixels: int) -> Optional[str]:
     """``imageio.pixel_problem``'s reason for the header's size (``bomb_problem``'s past PIL's own limit); None
     when it is fine or when PIL cannot parse the header (the decoder decides)."""
     try:
-        w, h, _ = header_info(io.BytesIO(buf.data))
+        w, h, _ = header_info(io.BytesIO(buf.data), orientation=False)
     except Image.DecompressionBombError as e:
         return bomb_problem(e, max_pixels)
     except Exception:  # any header PIL cannot read (or a third-party Image.open patch failing): the decoder decides
