@@ -18,12 +18,20 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")   # what both DALI's
 _SIXTEEN_BIT = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
+# no photo of a pill is this elongated; past it, the evaluation graph's "shorter side to S / crop_pct" resize
+# of a sliver (e.g. 20000x2 -> 4.4 M x 439) would allocate gigabytes from a file of a few kilobytes
+MAX_ASPECT = 64
+
+
 def pixel_problem(width: int, height: int, max_pixels: int) -> Optional[str]:
-    """Reason a header size is unusable (zero or negative side, more than ``max_pixels``); None when fine."""
+    """Reason a header size is unusable (zero or negative side, more than ``max_pixels``, an aspect ratio
+    beyond ``MAX_ASPECT``:1); None when fine."""
     if width < 1 or height < 1:
         return f"invalid size {width}x{height}"
     if width * height > max_pixels:
         return f"too many pixels: {width}x{height} = {width * height} > max_pixels {max_pixels}"
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return f"extreme aspect ratio: {width}x{height} (more than {MAX_ASPECT}:1)"
     return None
 
 

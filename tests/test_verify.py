@@ -57,11 +57,13 @@ def test_one_size_reason_for_verify_loaders_and_open_rgb(tmp_path):
     from pillsnap_dali.imageio import open_rgb, pixel_problem
     from pillsnap_dali.loaders.common import read_encoded, read_encoded_upright
 
-    over, bomb = tmp_path / "over.png", tmp_path / "bomb.png"
+    over, bomb, sliver = tmp_path / "over.png", tmp_path / "bomb.png", tmp_path / "sliver.png"
     Image.new("RGB", (16, 10), "red").save(over)
     bomb.write_bytes(_png_with_size(20000, 20000))
+    Image.new("RGB", (20000, 2), "red").save(sliver)  # 40 k pixels; eval crop mode would resize it to 1.9 G
     for path, max_pixels, want in ((over, 100, "too many pixels: 16x10 = 160 > max_pixels 100"),
-                                   (bomb, 40_000_000, "too many pixels: 400000000 > max_pixels 40000000")):
+                                   (bomb, 40_000_000, "too many pixels: 400000000 > max_pixels 40000000"),
+                                   (sliver, 40_000_000, "extreme aspect ratio: 20000x2 (more than 64:1)")):
         assert check_header(str(path), max_pixels) == want
         assert read_encoded(str(path), max_pixels) == (None, want)
         assert read_encoded_upright(str(path), max_pixels) == (None, want, None)
