@@ -384,7 +384,8 @@ class Trainer:
     def train_one_epoch(self, epoch: int, stop: StopFlag) -> dict:
         model, loader, dev = self.ddp, self.train_loader, self.device
         model.train()
-        loader.set_epoch(epoch, start=self.resume_position if epoch == self.start_epoch else 0)
+        start = self.resume_position if epoch == self.start_epoch else 0
+        loader.set_epoch(epoch, start=start)
         self.resume_position = 0
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         correct = torch.zeros((), device=dev, dtype=torch.int64)
@@ -422,12 +423,16 @@ class Trainer:
         stats = self._reduce([loss_sum, correct.double(), seen.double()])
         n = max(stats[2], 1.0)
         wall = data_t + compute_t
-        out = {"train_loss": stats[0] / n, "train_acc": stats[1] / n, "train_images": int(stats[2]),
+        nan = float("nan")  # no training image (an epoch resumed after its last step): no train loss, not 0
+        out = {"train_loss": stats[0] / n if stats[2] else nan, "train_acc": stats[1] / n if stats[2] else nan,
+               "train_images": int(stats[2]),
                "data_time": data_t, "compute_time": compute_t, "data_share": data_t / max(wall, 1e-9),
                "images_per_s": stats[2] / max(wall, 1e-9) if self.spec.world_size == 1 else
                stats[2] / max(self._reduce_max(wall), 1e-9), "steps": steps,
                "lr": self.optimizer.param_groups[0]["lr"]}
         out["skipped_train"] = int(loader.epoch_stats().get("skipped", 0))
+        if start:
+            out["resumed_from_row"] = start  # the train figures cover the rest of the epoch only
         if self.gpu is not None:
             out.update(self.gpu.summary())
         return out

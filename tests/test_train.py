@@ -319,6 +319,9 @@ def test_sigterm_mid_epoch_then_resume_trains_each_row_once(manifests, tmp_path,
     assert resumed["step"] == whole["step"] and resumed["epoch"] == 1 and resumed["epoch_complete"]
     a, b = _history(tmp_path / "whole")[-1], _history(tmp_path / "cut")[-1]
     assert a["train_images"] == b["train_images"]  # epoch 1: every row once in both
+    part = _history(tmp_path / "cut")[0]  # epoch 0, resumed: its train figures are the rest of the epoch's
+    assert part["epoch"] == 0 and part["resumed_from_row"] == cut["epoch_position"]
+    assert part["train_images"] < _history(tmp_path / "whole")[0]["train_images"]
     if backend == "pil":
         diff = max(float((whole["model"][k].float() - resumed["model"][k].float()).abs().max())
                    for k in whole["model"] if whole["model"][k].is_floating_point())
