@@ -247,7 +247,11 @@ def run(args: argparse.Namespace) -> dict:
     rank, world, device = init_distributed(cfg)
     setup_logging(None, rank)
     resume = args.resume is not None
-    run_dir = None if args.dry_run else prepare_run_dir(cfg, resume, rank == 0)
+    # resuming another run's checkpoint into this run dir starts a new run there: an earlier run in it is moved
+    # aside as for any new run (its metrics.jsonl must not mix with this one's)
+    continuing = resume and (args.resume == "__last__"
+                             or Path(args.resume).resolve().is_relative_to(run_dir_path(cfg).resolve()))
+    run_dir = None if args.dry_run else prepare_run_dir(cfg, continuing, rank == 0)
     setup_logging(run_dir, rank)
     quarantine: list = []
     data = load_data(cfg, args, quarantine)

@@ -402,3 +402,13 @@ def test_clean_run_has_an_empty_skipped_csv_and_a_dry_run_finds_the_run_to_resum
     stamp = (tmp_path / "a" / "checkpoints" / "last.pt").stat().st_mtime_ns
     assert train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "a", "--resume", "--dry-run")) == 0
     assert (tmp_path / "a" / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp  # a dry run writes nothing
+
+
+def test_resuming_another_runs_checkpoint_moves_the_runs_own_dir_aside(manifests, tmp_path):
+    assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--name", "a")) == 0
+    assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--name", "b")) == 0
+    rc = train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "b", "--resume",
+                          str(tmp_path / "a" / "checkpoints" / "last.pt")))
+    assert rc == 0
+    assert [h["epoch"] for h in _history(tmp_path / "b")] == [1]  # only this run's epochs, not b's epoch 0 too
+    assert len(list(tmp_path.glob("b.*"))) == 1  # the earlier b, moved aside, whole
