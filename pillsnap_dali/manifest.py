@@ -356,14 +356,18 @@ def ensure_manifests(cfg: Config) -> Path:
     old = _recorded_inputs(out)
     if cfg.data.root:
         root = Path(cfg.data.root)
-    elif old is not None and cfg.stage != "demo" and old.get("format_version") == FORMAT_VERSION:
-        _logger.info("no data.root: using the stage %s manifests in %s (built from %s)", cfg.stage, out,
-                     old.get("data_root"))
-        return out
-    elif old is not None and cfg.stage != "demo" and Path(str(old.get("data_root"))).is_dir():
-        root = Path(old["data_root"])  # an older format's build: rebuilt from the tree it was made of
-        _logger.warning("the manifests in %s are of an older format (%s): rebuilding them from %s", out,
-                        old.get("format_version"), root)
+    elif old is not None and cfg.stage != "demo":
+        recorded = Path(str(old.get("data_root")))
+        if recorded.is_dir():  # checked against the tree they were built from: reused, or rebuilt if it changed
+            root = recorded
+            _logger.info("no data.root: the stage %s manifests in %s were built from %s", cfg.stage, out, root)
+        elif old.get("format_version") == FORMAT_VERSION:
+            _logger.warning("no data.root, and %s (the tree the manifests in %s were built from) is gone: using "
+                            "them as they are", recorded, out)
+            return out
+        else:
+            raise ManifestError(f"the manifests in {out} are of an older format and the tree they were built from "
+                                f"({recorded}) is gone: pass --data-root")
     else:
         root = _data_root(cfg)
     seed, verify = None, cfg.data.verify

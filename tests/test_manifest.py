@@ -274,3 +274,26 @@ def test_an_older_format_build_is_rebuilt_from_its_tree_without_data_root(tree, 
     ensure_manifests(load_config(stage="1", sets=sets))  # no data.root: rebuilt from the recorded tree
     again = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert again["inputs"]["format_version"] == FORMAT_VERSION and again["inputs"]["data_root"] == str(tree.resolve())
+
+
+def test_without_data_root_a_stage_checks_its_manifests_against_their_tree_or_uses_them_as_they_are(tree, tmp_path):
+    import shutil
+
+    from pillsnap_dali.manifest import ManifestError, ensure_manifests
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root, symlinks=True)
+    sets = [f"data.artifacts={tmp_path / 'art'}", "manifest.images=24", "manifest.classes=4"]
+    out = ensure_manifests(load_config(stage="1", sets=[f"data.root={root}", *sets]))
+    label = sorted(root.rglob("*.json"))[0]
+    label.write_text(label.read_text(encoding="utf-8") + " ", encoding="utf-8")  # the tree changed
+    digest = json.loads((out / "report.json").read_text(encoding="utf-8"))["inputs"]["files"]["digest"]
+    ensure_manifests(load_config(stage="1", sets=sets))  # no data.root: checked against the recorded tree
+    again = json.loads((out / "report.json").read_text(encoding="utf-8"))["inputs"]["files"]["digest"]
+    assert again != digest
+    shutil.rmtree(root)  # the tree is gone: the manifests are used as they are
+    assert ensure_manifests(load_config(stage="1", sets=sets)) == out
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    report["inputs"]["format_version"] = 0
+    (out / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    with pytest.raises(ManifestError, match="older format"):
+        ensure_manifests(load_config(stage="1", sets=sets))
