@@ -62,6 +62,18 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} cannot be loaded safely (weights_only=True): {e}") from None
 
 
+def load_training_state(path: str | Path, class_map) -> dict:
+    """A training checkpoint to resume from, on the CPU (RNG states must be CPU tensors; the weights and
+    optimizer states are copied to their device by ``load_state_dict``); refused when it is not one of ours
+    or its class map differs from ``class_map`` by K-code."""
+    st = load_checkpoint(path, map_location="cpu")
+    if not isinstance(st, dict) or st.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a pillsnap_dali training checkpoint; use --pretrained for plain "
+                              "weights")
+    ClassMap.from_dict(st["class_map"]).check_same(class_map)
+    return st
+
+
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(),

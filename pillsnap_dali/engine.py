@@ -47,6 +47,7 @@ class RunSpec:
     world_size: int = 1
     dry_run: bool = False
     resume: Path | None = None
+    resume_state: dict | None = None  # the resume checkpoint, when the CLI loaded it already (checked once)
     max_steps: int | None = None    # dry run: stop after this many training steps
     stop_signals: list = field(default_factory=lambda: [signal.SIGINT, signal.SIGTERM])
 
@@ -273,7 +274,8 @@ class Trainer:
         self.gpu = GpuMonitor(self.device.index or 0) if self.device.type == "cuda" else None
         self.start_epoch, self.global_step, self.best_top1, self.history = 0, 0, -1.0, []
         if spec.resume:
-            self.restore(spec.resume)
+            self.restore(spec.resume, spec.resume_state)
+            spec.resume_state = None  # its tensors are copied into the model and optimizer: not kept for the run
 
     def _wrap_ddp(self, model):
         if self.spec.world_size <= 1:
@@ -310,14 +312,10 @@ class Trainer:
         if best:
             ckpt.save_checkpoint(d / "best.pt", state)
 
-    def restore(self, path: Path) -> None:
-        # on the CPU: the RNG states must be CPU tensors (torch.set_rng_state refuses CUDA ones); the
-        # weights, optimizer and scaler states are copied to their device by load_state_dict
-        st = ckpt.load_checkpoint(path, map_location="cpu")
-        if st.get("format") != ckpt.FORMAT:
-            raise ckpt.CheckpointError(f"{path} is not a pillsnap_dali training checkpoint; use --pretrained for "
-                                       "plain weights")
-        ClassMap.from_dict(st["class_map"]).check_same(self.spec.data.class_map)
+    def restore(self, path: Path, st: dict | None = None) -> None:
+        """Resume from ``path``; ``st``: its state already loaded by ``checkpoint.load_training_state``."""
+        if st is None:
+            st = ckpt.load_training_state(path, self.spec.data.class_map)
         self.model.load_state_dict(st["model"])
         if self.ema is not None and st.get("ema"):
             self.ema.module.load_state_dict(st["ema"])

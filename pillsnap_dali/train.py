@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .classmap import ClassMap, ClassMapMismatch
+from .classmap import ClassMapMismatch
 from .config import Config, ConfigError, dump_config, load_config
 from .manifest_io import ManifestError, class_map_for, read_manifest, split_missing
 
@@ -216,15 +216,12 @@ def _get(d: dict, key: str):
     return d
 
 
-def check_resume(path: Path, cfg: Config, class_map) -> None:
-    """Refuse a resume whose class map, model, preprocessing or batch size differs from the checkpoint's,
-    naming what differs; warn about settings the checkpoint's optimizer and schedule override."""
+def check_resume(path: Path, cfg: Config, class_map) -> dict:
+    """The checkpoint to resume from (loaded once, handed to the trainer). Refused when its class map, model,
+    preprocessing, batch size or optimizer differs, naming what differs; settings the checkpoint's optimizer
+    overrides are warned about."""
     from . import checkpoint as ckpt
-    st = ckpt.load_checkpoint(path, map_location="cpu")
-    if not isinstance(st, dict) or st.get("format") != ckpt.FORMAT:
-        raise ckpt.CheckpointError(f"{path} is not a pillsnap_dali training checkpoint; use --pretrained for "
-                                   "plain weights")
-    ClassMap.from_dict(st["class_map"]).check_same(class_map)
+    st = ckpt.load_training_state(path, class_map)
     old, new = st.get("config") or {}, cfg.to_dict()
     diff = [f"{k} {_get(old, k)!r} -> {_get(new, k)!r}" for k in RESUME_MUST_MATCH if _get(old, k) != _get(new, k)]
     if diff:
@@ -238,6 +235,7 @@ def check_resume(path: Path, cfg: Config, class_map) -> None:
         if _get(old, k) != _get(new, k) and (k != "train.ema_decay" or cfg.train.ema):
             _logger.info("--resume: %s is now %r (was %r): the schedule / EMA follow it from here", k,
                          _get(new, k), _get(old, k))
+    return st
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -255,13 +253,13 @@ def run(args: argparse.Namespace) -> dict:
     setup_logging(run_dir, rank)
     quarantine: list = []
     data = load_data(cfg, args, quarantine)
-    resume_path = None
+    resume_path = resume_state = None
     if resume:
         resume_path = (Path(args.resume) if args.resume != "__last__"
                        else (run_dir or run_dir_path(cfg)) / "checkpoints" / "last.pt")  # dry runs make no dir
         if not resume_path.exists():
             raise ConfigError(f"--resume: {resume_path} does not exist")
-        check_resume(resume_path, cfg, data.class_map)  # before anything of the run dir is rewritten
+        resume_state = check_resume(resume_path, cfg, data.class_map)  # before the run dir is rewritten
     if run_dir and rank == 0:
         dump_config(cfg, run_dir / "config.yaml")
         data.class_map.save(run_dir / "class_map.json")
@@ -270,8 +268,10 @@ def run(args: argparse.Namespace) -> dict:
             with open(run_dir / "quarantine.csv", "w", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerows([("path", "reason"), *quarantine])
     spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,
-                   dry_run=args.dry_run, resume=resume_path, max_steps=2 if args.dry_run else None)
+                   dry_run=args.dry_run, resume=resume_path, resume_state=resume_state,
+                   max_steps=2 if args.dry_run else None)
     trainer = Trainer(spec)
+    del resume_state  # restored: the loaded checkpoint is not kept through the training
     _logger.info("model %s, %d classes, %d px (%s), backend %s, device %s, %d rank(s)", cfg.model.name,
                  len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, device, world)
     summary = trainer.fit()
