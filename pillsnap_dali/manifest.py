@@ -265,11 +265,19 @@ def _inputs(cfg: Config, data_root: Path, seed: int, verify: str) -> dict:
             "detect_val_fraction": cfg.detect.val_fraction}
 
 
-def _reusable(out_dir: Path, inputs: dict) -> dict | None:
+def _built_report(out_dir: Path) -> dict | None:
+    """report.json of a build in ``out_dir`` (None when there is none or it cannot be read)."""
     try:
         with open(out_dir / "report.json", encoding="utf-8") as fh:
             old = json.load(fh)
     except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def _reusable(out_dir: Path, inputs: dict) -> dict | None:
+    old = _built_report(out_dir)
+    if old is None:
         return None
     if old.get("inputs") != inputs or not all((out_dir / f).exists() for f in OUTPUTS):
         changed = sorted(k for k in inputs if (old.get("inputs") or {}).get(k) != inputs[k])
@@ -386,11 +394,7 @@ def ensure_manifests(cfg: Config) -> Path:
 
 def _recorded_inputs(out_dir: Path) -> dict | None:
     """The inputs report.json recorded for a complete build in ``out_dir``, else None."""
-    try:
-        with open(out_dir / "report.json", encoding="utf-8") as fh:
-            inputs = json.load(fh).get("inputs")
-    except (OSError, ValueError, AttributeError):
-        return None
+    inputs = (_built_report(out_dir) or {}).get("inputs")
     return inputs if isinstance(inputs, dict) and all((out_dir / f).exists() for f in OUTPUTS) else None
 
 
