@@ -157,11 +157,6 @@ def _files(top: str):
                 yield folder, e
 
 
-def count_files(root: str | Path) -> int:
-    """Files in all source folders under ``root``."""
-    return sum(1 for src in find_sources(root) for _ in _files(src.path))
-
-
 def tree_fingerprint(root: str | Path) -> dict:
     """What the manifests of ``root`` depend on, cheaply (names, sizes and mtimes; no file is read): the number
     of files in its source folders and an order-free digest of (path, size, mtime). A label fixed in place or

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pillsnap_dali.bench_scan import TreeSpec, label_json, make_tree, source_dirs
-from pillsnap_dali.scan import count_files, scan_tree
+from pillsnap_dali.scan import scan_tree, tree_fingerprint
 
 
 def _tree(tmp_path, layout="raw", **kw) -> Path:
@@ -51,7 +51,7 @@ def test_layouts_pair_images_and_merge_combination_boxes(tmp_path, layout):
     assert set(res.meta) == {f"K-{i:06d}" for i in range(1, 5)}
     assert res.meta["K-000001"]["dl_name"] == "테스트정 1mg"
     assert not any(v for k, v in res.defects.items() if k != "near_identical_pair")
-    assert count_files(root) == res.counts["images"] + res.counts["labels"]
+    assert tree_fingerprint(root)["files"] == res.counts["images"] + res.counts["labels"]
 
 
 def test_defects_are_counted_and_nothing_crashes(tmp_path):
