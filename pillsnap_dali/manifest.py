@@ -31,8 +31,8 @@ from .atomic import atomic_write_text
 from .classmap import ClassMap
 from .config import Config, ConfigError, ManifestConfig, load_config
 from .manifest_io import Manifest, ManifestError, read_manifest, split_missing, write_manifest
-from .scan import ScanResult, scan_tree, tree_fingerprint
-from .verify import CACHE_NAME, Verifier, VerifySettings
+from .scan import ScanResult, missing_codes, scan_tree, tree_fingerprint
+from .verify import CACHE_NAME, MODES as VERIFY_MODES, Verifier, VerifySettings
 
 _logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def _report(build: _Build, cfg: Config, inputs: dict, splits: dict, detect: dict
         "got": {"images": got, "classes": len(codes), "smaller_than_stage": got < asked or len(codes) < asked_cls},
         "splits": {s: len(v) for s, v in splits.items()},
         "detect": {s: len(v) for s, v in detect.items()} | {"incomplete_labels": sum(
-            1 for v in detect.values() for r in v if set(r.codes) - {b.get("code") for b in r.boxes})},
+            1 for v in detect.values() for r in v if missing_codes(r.codes, r.boxes))},
         "per_class": per_class, "classes_dropped": dropped,
         "defects": defects, "dl_idx_convention": scan.dl_idx_convention, "scan": scan.counts,
         "quarantine": {"rows": len(qrows), "images": q_images, "by_reason": _reason_counts(qrows)},
@@ -348,7 +348,9 @@ def _data_root(cfg: Config) -> Path:
                         "config), or --manifest CSV; only --stage demo generates synthetic data")
 
 
-_STRICTNESS = {"none": 0, "header": 1, "full": 2}
+def _strictness(mode) -> int:
+    """Verify modes in the order of ``verify.MODES`` (none < header < full)."""
+    return VERIFY_MODES.index(mode) if mode in VERIFY_MODES else 0
 
 
 def ensure_manifests(cfg: Config) -> Path:
@@ -384,7 +386,7 @@ def ensure_manifests(cfg: Config) -> Path:
             _logger.info("keeping the split of the existing build (manifest seed %s, not %s): rebuild with "
                          "python -m pillsnap_dali.manifest --seed N to change it", old.get("seed"), cfg.manifest.seed)
             seed = old.get("seed")
-        if _STRICTNESS.get(old.get("verify"), 0) > _STRICTNESS.get(verify, 0):
+        if _strictness(old.get("verify")) > _strictness(verify):
             _logger.info("keeping the existing build's verification (%s, stricter than data.verify=%s)",
                          old.get("verify"), verify)
             verify = old.get("verify")

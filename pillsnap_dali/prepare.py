@@ -49,9 +49,9 @@ from PIL import Image
 
 from .atomic import atomic_write_text
 from .classmap import ClassMap, ClassMapMismatch
-from .config import ConfigError, load_config
+from .config import load_config
 from .imageio import DEFAULT_MAX_PIXELS, open_rgb
-from .manifest_io import Manifest, ManifestError, read_manifest, write_manifest
+from .manifest_io import Manifest, read_manifest, write_manifest
 
 _logger = logging.getLogger(__name__)
 
@@ -193,9 +193,8 @@ def fit_size(w: int, h: int, max_side: Optional[int]) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def _source_stamp(src: str) -> str:
+def _source_stamp(st: os.stat_result) -> str:
     """``bytes=N mtime=NS`` of the source file: a cache file records it, so a replaced source is redone."""
-    st = os.stat(src)
     return f"bytes={st.st_size} mtime={st.st_mtime_ns}"
 
 
@@ -240,14 +239,13 @@ def _reuse(src: str, dst: str) -> Optional[_Outcome]:
         _logger.warning("cache file %s of %s is not one of ours (%s): redoing it", dst, src, fmt)
         return None
     try:
-        src_bytes = os.path.getsize(src)
-        stamp = _source_stamp(src)
+        st = os.stat(src)
     except OSError as e:  # the cache is a function of the source: no source, no row
         return _Outcome(src, dst, False, reason=f"source unreadable: {e.strerror}")
-    if "bytes" in fields and f"bytes={fields['bytes']} mtime={fields.get('mtime')}" != stamp:
+    if "bytes" in fields and f"bytes={fields['bytes']} mtime={fields.get('mtime')}" != _source_stamp(st):
         _logger.info("source %s changed since %s was made: redoing it", src, dst)
         return None
-    return _Outcome(src, dst, True, src_wh=src_wh, out_wh=out_wh, src_bytes=src_bytes,
+    return _Outcome(src, dst, True, src_wh=src_wh, out_wh=out_wh, src_bytes=st.st_size,
                     out_bytes=os.path.getsize(dst), reused=True)
 
 
@@ -259,14 +257,14 @@ def _transcode(src: str, dst: str, enc: _Encode) -> _Outcome:
             return done
     tmp = f"{dst}.{os.getpid()}.tmp"
     try:
-        src_bytes = os.path.getsize(src)
+        st = os.stat(src)
+        src_bytes = st.st_size
         if src_bytes == 0:
             raise ValueError("empty file")
-        stamp = _source_stamp(src)
         im = open_rgb(src, enc.max_pixels)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         with open(tmp, "wb") as fh:
-            out_wh = _encode(im, enc, fh, stamp)
+            out_wh = _encode(im, enc, fh, _source_stamp(st))
         os.replace(tmp, dst)
     except Exception as e:  # noqa: BLE001 -- per-file isolation: any decoder failure is a logged skip
         with contextlib.suppress(OSError):
@@ -652,7 +650,7 @@ def main(argv=None) -> int:
         if hasattr(args, "max_side"):  # absent unless given: None is a valid value ("keep the size")
             opts.max_side = args.max_side
         report = prepare_cache(args.manifest, args.cache_dir, opts)
-    except (PrepareError, ConfigError, ManifestError, ClassMapMismatch, FileNotFoundError, ValueError) as e:
+    except (PrepareError, ValueError, FileNotFoundError) as e:  # config, manifest and class-map errors included
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.summary())

@@ -321,7 +321,7 @@ class _Scan:
         boxes = [{"bbox": bbox, "code": code} for code, _, _, bbox in pills]
         if src.kind == "combination":
             codes = _folder_codes(folder) or _folder_codes(stem.split("_", 1)[0]) or sorted({c for c, *_ in pills})
-            if set(codes) - {c for c, *_ in pills}:  # by code: a double label must not hide a missing pill
+            if missing_codes(codes, boxes):
                 self.res.defects["combo_missing_pill_json"] += 1
             if _has_double_label([b["bbox"] for b in boxes]):
                 self.res.defects["double_label"] += 1
@@ -377,6 +377,12 @@ def _dims(info: dict) -> tuple[int, int]:
     if _is_num(w) and _is_num(h) and w > 0 and h > 0:
         return int(w), int(h)
     return 0, 0
+
+
+def missing_codes(codes, boxes) -> set:
+    """K-codes of a combination's folder name that no pill label carries (by code: a double label on one
+    pill must not hide another pill's missing JSON)."""
+    return set(codes) - {b.get("code") for b in boxes}
 
 
 def printable_path(path: str) -> str:
