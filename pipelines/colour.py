@@ -143,8 +143,6 @@ class BatchColour:
         for ch in range(3):  # = clamp of x' to [0, 255]; scalar bounds per channel (tensor bounds: 3x slower)
             y[:, ch].clamp_(self._lo[ch], self._hi[ch])
         y = y.view(b, 3, h, w)
-        if y.dtype != self.dtype:
-            y = y.to(self.dtype)
-        if self.layout == "NHWC":
-            y = y.contiguous(memory_format=torch.channels_last)
-        return y
+        # dtype and memory layout in one copy (float16 channels_last used to copy the batch twice)
+        fmt = torch.channels_last if self.layout == "NHWC" else torch.contiguous_format
+        return y.to(dtype=self.dtype, memory_format=fmt)
