@@ -78,7 +78,7 @@ def build_loader(manifest: Manifest, labels: Sequence[int], cfg: Config, *, trai
         spec = dataclasses.replace(spec, sample_weights=np.asarray(sample_weights, dtype=np.float64))
     table = torch.as_tensor(list(labels), dtype=torch.int64).to(device)
     skip_log = skip_log if skip_log is not None else SkipLog(None)
-    file_rows = [manifest.file_row(i) for i in range(len(manifest))]  # skipped.csv names the file's rows
+    file_rows = manifest.file_rows or None  # skipped.csv names the file's rows
     if name == "pil":
         return PilLoader(manifest.paths, table, spec, skip_log, file_rows)
     from .dali_loader import DaliLoader

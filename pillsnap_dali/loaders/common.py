@@ -224,12 +224,12 @@ class LoaderBase:
     def __init__(self, paths: Sequence[str], labels: torch.Tensor, spec: LoaderSpec, skip_log: SkipLog,
                  file_rows: Optional[Sequence[int]] = None):
         self.paths, self.label_table, self.spec, self.skip_log = paths, labels, spec, skip_log
-        self.file_rows = list(file_rows) if file_rows is not None else None
+        self.file_rows = file_rows  # None: the rows are the file's
         self.epoch = 0
         self.start = 0
         self.position = 0  # rows of this epoch's shard consumed so far (see EpochPlan.position)
         self._last_stats: dict = {}
-        self._steps: tuple = (None, 0)  # ((epoch, start, files in the skip log), steps): len() without a new plan
+        self._plan: tuple = (None, None)  # ((epoch, start, files in the skip log), EpochPlan) until iterated
 
     def log_skip(self, row: int, reason: str) -> None:
         """Write row ``row`` to the skip log under its number in the manifest file."""
@@ -242,14 +242,22 @@ class LoaderBase:
         self.epoch, self.start = int(epoch), int(start)
 
     def plan(self) -> EpochPlan:
-        return EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths, self.start,
-                         self.skip_log.paths_before(self.epoch))
+        """The next iteration's plan, built once for ``len()`` and the iteration (it depends on nothing else
+        than the key below)."""
+        key = (self.epoch, self.start, len(self.skip_log))
+        if self._plan[0] != key:
+            before = self.skip_log.paths_before(self.epoch) if self.spec.sample_weights is not None else None
+            self._plan = (key, EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths, self.start, before))
+        return self._plan[1]
+
+    def take_plan(self) -> EpochPlan:
+        """The plan for an iteration, which fills its stats: the next ``plan()`` is a fresh one."""
+        plan = self.plan()
+        self._plan = (None, None)
+        return plan
 
     def __len__(self) -> int:
-        key = (self.epoch, self.start, len(self.skip_log))  # the plan depends on nothing else that changes
-        if self._steps[0] != key:
-            self._steps = (key, self.plan().steps(self.spec))
-        return self._steps[1]
+        return self.plan().steps(self.spec)
 
     def epoch_stats(self) -> dict:
         return dict(self._last_stats)

@@ -200,7 +200,7 @@ class DaliLoader(LoaderBase):
                                device_id=self.device_id, num_threads=ld.threads, prefetch=ld.prefetch, seed=seed)
 
     def __iter__(self):
-        plan = self.plan()
+        plan = self.take_plan()
         self._last_stats = plan.stats
         self.position = plan.start
         epoch = _Epoch(self, plan)

@@ -167,7 +167,7 @@ class PilLoader(LoaderBase):
                           pin_memory=cuda)
 
     def __iter__(self):
-        plan = self.plan()
+        plan = self.take_plan()
         self._last_stats = plan.stats
         self.position, consumed = plan.start, 0
         for item in self._data_loader(self._batches(plan)):
