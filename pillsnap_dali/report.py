@@ -75,7 +75,8 @@ def write_report(run_dir: Path, summary: dict, header: dict) -> Path:
                       "|---|---|---|---|---|"]
             lines += [f"| {p['true']} | {p['true_name']} | {p['pred']} | {p['pred_name']} | {p['count']} |"
                       for p in pairs]
-    logs = sorted(run_dir.glob("skipped*.csv"))  # skipped.csv (rank 0) and skipped.rank<r>.csv
+    # skipped.csv (rank 0) and skipped.rank<r>.csv; not skipped.old.csv (another format, moved aside by SkipLog)
+    logs = [p for p in [run_dir / "skipped.csv", *sorted(run_dir.glob("skipped.rank*.csv"))] if p.exists()]
     if logs:
         paths = set()
         for log in logs:
