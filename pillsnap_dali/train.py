@@ -126,21 +126,24 @@ def _val_path(train_path: Path) -> Path:
 
 def _manifests_once(cfg: Config) -> Path:
     """The stage's manifest dir, built (or the synthetic tree generated) by one process: under torchrun rank 0
-    builds while the other ranks wait, then they reuse what it wrote (two builders in one dir would race on
-    report.json and the verify cache)."""
+    builds while the other ranks wait for the dir it sends them (two builders in one dir would race on
+    report.json and the verify cache, and a second reuse check would walk the whole tree again)."""
     from .manifest import ensure_manifests
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return ensure_manifests(cfg)
+    box = [None]
     if dist.get_rank() == 0:
         try:
-            d = ensure_manifests(cfg)
+            box[0] = str(ensure_manifests(cfg))
         finally:
-            dist.barrier()
-        return d
-    dist.barrier()
-    return ensure_manifests(cfg)  # reuses rank 0's (same inputs)
+            dist.broadcast_object_list(box, src=0)  # None tells the others that rank 0 failed
+        return Path(box[0])
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise ManifestError("rank 0 could not build the manifests (its error is in its log)")
+    return Path(box[0])
 
 
 def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
