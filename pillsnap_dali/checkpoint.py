@@ -52,6 +52,14 @@ def unwrap_state_dict(obj):
     return sd
 
 
+def deployed_weights(ck: dict, without_key: str = "ema") -> dict:
+    """The state dict a training checkpoint stands for: its EMA weights when ``deploy`` says so (the better
+    of model and EMA when it was saved), else the model's. A checkpoint from before ``deploy`` existed takes
+    ``without_key``'s ("ema": the EMA when there is one)."""
+    use_ema = ck.get("ema") and ck.get("deploy", without_key) == "ema"
+    return ck["ema"] if use_ema else ck["model"]
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load with ``weights_only=True`` (no arbitrary unpickling); a file that needs more is refused."""
     try:
@@ -146,9 +154,7 @@ def load_classifier(path: str | Path, *, class_map_json: str | Path | None = Non
         if class_map_json:
             cm.check_same(ClassMap.load(class_map_json), what="checkpoint", against="given class map")
         pre = PreprocessConfig(**ck["preprocess"])
-        # the weights best.pt was selected by ("deploy"); checkpoints from before that key: EMA when present
-        use_ema = ck.get("ema") and ck.get("deploy", "ema") == "ema"
-        name, sd, source = ck["model_name"], ck["ema"] if use_ema else ck["model"], "pillsnap_dali"
+        name, sd, source = ck["model_name"], deployed_weights(ck), "pillsnap_dali"
     else:
         sd = unwrap_state_dict(ck)
         if not class_map_json:

@@ -113,8 +113,7 @@ def _load_pretrained(model: nn.Module, path: str, class_map: ClassMap | None = N
         raw = ckpt.load_checkpoint(path)
         if isinstance(raw, dict) and raw.get("format") == ckpt.FORMAT and raw.get("class_map"):
             src_map = ClassMap.from_dict(raw["class_map"])
-            if raw.get("ema") and raw.get("deploy") == "ema":  # the weights its best top-1 was measured on
-                raw = {"model": raw["ema"]}
+            raw = ckpt.deployed_weights(raw, without_key="model")  # the weights its best top-1 was measured on
         sd = ckpt.unwrap_state_dict(raw)
     if pretrained_class_map:
         src_map = ClassMap.load(pretrained_class_map)
