@@ -6,6 +6,7 @@ mismatch names the codes that differ.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,8 @@ def _by_id(code_of: dict, ids: list) -> list[str]:
     """Codes in id order; the ids must be exactly 0..N-1: a model's output i IS class id i, so a map counting
     from 1, with a gap or a repeated id cannot be renumbered without shifting every prediction."""
     n = len(ids)
-    if len(set(ids)) != n or sorted(ids) != list(range(n)):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+    if sorted(ids) != list(range(n)):
+        dup = sorted(i for i, k in Counter(ids).items() if k > 1)[:5]
         raise ValueError(f"class map ids must be 0..{n - 1}, each once (model output i is class id i); got ids "
                          f"{min(ids)}..{max(ids)} for {n} classes" + (f", repeated: {dup}" if dup else ""))
     return [code_of[i] for i in range(n)]

@@ -92,11 +92,11 @@ def build_model(cfg: Config, num_classes: int, device: torch.device, class_map: 
     return model
 
 
-def _head_names(model: nn.Module) -> list[str]:
-    """State-dict keys of the classifier head (timm's ``default_cfg["classifier"]``)."""
+def _head_names(model: nn.Module, own: dict) -> list[str]:
+    """Keys of ``own`` (the model's state dict) in the classifier head (timm's ``default_cfg["classifier"]``)."""
     head = (getattr(model, "default_cfg", None) or {}).get("classifier")
     heads = head if isinstance(head, (list, tuple)) else [head] if head else []
-    return [k for k in model.state_dict() if any(k.startswith(h + ".") for h in heads)]
+    return [k for k in own if any(k.startswith(h + ".") for h in heads)]
 
 
 def _load_pretrained(model: nn.Module, path: str, class_map: ClassMap | None = None,
@@ -119,7 +119,7 @@ def _load_pretrained(model: nn.Module, path: str, class_map: ClassMap | None = N
         src_map = ClassMap.load(pretrained_class_map)
     sd = ckpt.strip_prefixes(sd)
     own = model.state_dict()
-    heads = set(_head_names(model))
+    heads = set(_head_names(model, own))
     keep = {k: v for k, v in sd.items() if k in own and k not in heads and own[k].shape == v.shape}
     rows = _head_rows(sd, own, heads, src_map, class_map, path)
     keep.update(rows)
@@ -381,9 +381,8 @@ class Trainer:
     def train_one_epoch(self, epoch: int, stop: StopFlag) -> dict:
         model, loader, dev = self.ddp, self.train_loader, self.device
         model.train()
-        start = self.resume_position if epoch == self.start_epoch else 0
+        start, self.resume_position = self.resume_position, 0  # only the first epoch after a resume is partial
         loader.set_epoch(epoch, start=start)
-        self.resume_position = 0
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         correct = torch.zeros((), device=dev, dtype=torch.int64)
         seen = torch.zeros((), device=dev, dtype=torch.int64)
