@@ -434,7 +434,8 @@ def _write_outputs(run: DetectRun, trainer, backend: str) -> dict:
                "batch_size": run.batch_size, "weights": str(Path(trainer.best).resolve()),
                "data": str(run.data_yaml), "skipped_images": len(skipped)}
     atomic_write_text(run.out / "metrics.json", json.dumps(summary, indent=1))
-    SkipLog(run.out / "skipped.csv").ensure_file()  # the DALI loaders wrote each skip as it was found
+    # the DALI loaders wrote each skip as it was found (their log, not read again); the ultralytics backend has none
+    (getattr(trainer, "skip_log", None) or SkipLog(run.out / "skipped.csv")).ensure_file()
     return summary
 
 
