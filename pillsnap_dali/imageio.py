@@ -114,11 +114,15 @@ def exif_orientation(raw: Optional[bytes]) -> int:
         return 1
 
 
+def upright(width: int, height: int, exif: Optional[bytes]) -> tuple[int, int]:
+    """(width, height) as the decoders deliver the image: EXIF orientation 5-8 swaps the sides."""
+    return (height, width) if exif_orientation(exif) in (5, 6, 7, 8) else (width, height)
+
+
 def upright_size(source) -> tuple[int, int]:
-    """(width, height) of the image as the decoders deliver it (EXIF orientation 5-8 swaps the sides), from
-    the header alone: the frame the labels and boxes refer to."""
-    w, h, exif = header_info(source)
-    return (h, w) if exif_orientation(exif) in (5, 6, 7, 8) else (w, h)
+    """(width, height) of the image as the decoders deliver it, from the header alone: the frame the labels
+    and boxes refer to."""
+    return upright(*header_info(source))
 
 
 def open_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

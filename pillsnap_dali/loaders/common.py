@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..config import AugmentConfig, Config, LoaderConfig, PreprocessConfig
-from ..imageio import bomb_problem, exif_orientation, header_info, pixel_problem
+from ..imageio import bomb_problem, header_info, pixel_problem, upright
 
 _logger = logging.getLogger(__name__)
 
@@ -289,15 +289,8 @@ def read_encoded_upright(path: str, max_pixels: int
     buf, reason = _read_bytes(path)
     if reason is not None:
         return None, reason, None
-    try:
-        w, h, exif = header_info(io.BytesIO(buf.data))
-    except Image.DecompressionBombError as e:
-        return None, bomb_problem(e, max_pixels), None
-    except Exception as e:  # any header PIL cannot read: the file's reason
-        return None, f"unreadable header: {type(e).__name__}: {e}", None
-    if reason := pixel_problem(w, h, max_pixels):
-        return None, reason, None
-    return buf, None, ((w, h) if exif_orientation(exif) in (5, 6, 7, 8) else (h, w))
+    reason, size = _check_header(buf, max_pixels, upright_size=True)
+    return (None, reason, None) if reason else (buf, None, size[::-1])
 
 
 def _read_bytes(path: str) -> tuple[Optional[np.ndarray], Optional[str]]:
@@ -311,13 +304,23 @@ def _read_bytes(path: str) -> tuple[Optional[np.ndarray], Optional[str]]:
 def header_problem(buf: np.ndarray, max_pixels: int) -> Optional[str]:
     """``imageio.pixel_problem``'s reason for the header's size (``bomb_problem``'s past PIL's own limit); None
     when it is fine or when PIL cannot parse the header (the decoder decides)."""
+    return _check_header(buf, max_pixels, upright_size=False)[0]
+
+
+def _check_header(buf: np.ndarray, max_pixels: int, *, upright_size: bool
+                  ) -> tuple[Optional[str], Optional[tuple[int, int]]]:
+    """(reason or None, (width, height)) from one header parse. ``upright_size``: the size as the decoder
+    delivers it (EXIF orientation read, even from a PNG's late eXIf chunk), and a header PIL cannot parse is a
+    reason; otherwise such a header passes (the decoder decides) and the orientation is not looked for."""
     try:
-        w, h, _ = header_info(io.BytesIO(buf.data), orientation=False)
+        w, h, exif = header_info(io.BytesIO(buf.data), orientation=upright_size)
     except Image.DecompressionBombError as e:
-        return bomb_problem(e, max_pixels)
-    except Exception:  # any header PIL cannot read (or a third-party Image.open patch failing): the decoder decides
-        return None
-    return pixel_problem(w, h, max_pixels)
+        return bomb_problem(e, max_pixels), None
+    except Exception as e:  # any header PIL cannot read (or a third-party Image.open patch failing)
+        return (f"unreadable header: {type(e).__name__}: {e}" if upright_size else None), None
+    if reason := pixel_problem(w, h, max_pixels):
+        return reason, None
+    return None, upright(w, h, exif) if upright_size else (w, h)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
