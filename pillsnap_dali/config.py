@@ -359,6 +359,11 @@ def parse_set(pairs: list[str] | None) -> dict:
     return out
 
 
+def stage_name(stage: str) -> str:
+    """The folder name of a stage, for its manifests and its default run dir: ``stage3``, ``demo``, ``custom``."""
+    return f"stage{stage}" if str(stage).isdigit() else str(stage)
+
+
 def set_nested(d: dict, key: str, value: Any) -> None:
     node = d
     parts = key.split(".")

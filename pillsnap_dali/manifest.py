@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .atomic import atomic_write_text
 from .classmap import ClassMap
-from .config import Config, ConfigError, ManifestConfig, load_config
+from .config import Config, ConfigError, ManifestConfig, load_config, stage_name
 from .manifest_io import Manifest, ManifestError, read_manifest, split_missing, write_manifest
 from .scan import ScanResult, missing_codes, scan_tree, tree_fingerprint
 from .verify import CACHE_NAME, MODES as VERIFY_MODES, Verifier, VerifySettings
@@ -72,7 +72,7 @@ class _Build:
 
 
 def stage_dir_name(stage: str) -> str:
-    return "demo" if str(stage) == "demo" else f"stage{stage}"
+    return stage_name(stage)
 
 
 def _units(records: list) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .classmap import ClassMapMismatch
-from .config import Config, ConfigError, dump_config, load_config
+from .config import Config, ConfigError, dump_config, load_config, stage_name
 from .manifest_io import ManifestError, class_map_for, read_manifest, split_missing
 
 _logger = logging.getLogger("pillsnap_dali.train")
@@ -178,8 +178,7 @@ def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
 
 def run_dir_path(cfg: Config) -> Path:
     """``<train.out>/<train.name or stage<N>>``."""
-    default = f"stage{cfg.stage}" if cfg.stage.isdigit() else cfg.stage
-    return Path(cfg.train.out) / (cfg.train.name or default)
+    return Path(cfg.train.out) / (cfg.train.name or stage_name(cfg.stage))
 
 
 def prepare_run_dir(cfg: Config, resume: bool, is_main: bool) -> Path:
