@@ -39,9 +39,13 @@ def _step(argv) -> int:
                   "max": f"{res['max']:.1f}"}, res, a.json)
 
 
-def _emit(row: dict, result: dict, json_path: str | None) -> int:
-    """Print one result as a one-row markdown table; write the whole result as JSON when asked."""
-    print("| " + " | ".join(row) + " |\n" + "|---" * len(row) + "|\n| " + " | ".join(str(v) for v in row.values()) + " |")
+def _emit(rows: dict | list, result: dict, json_path: str | None) -> int:
+    """Print a result (one row, or rows with the same keys) as a markdown table; write the whole result as JSON
+    when asked."""
+    rows = [rows] if isinstance(rows, dict) else rows
+    print("| " + " | ".join(rows[0]) + " |\n" + "|---" * len(rows[0]) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row.values()) + " |")
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(result, fh, indent=1)
@@ -88,13 +92,9 @@ def _readers(argv) -> int:
     a = p.parse_args(argv)
     res = bench_readers(a.source, readers=[int(r) for r in a.readers.split(",")], latency_ms=a.latency_ms,
                         rows=a.rows, reps=a.reps)
-    print("| readers | latency ms/file | img/s median | callback ms/batch |\n|---|---|---|---|")
-    for r, v in res["results"].items():
-        print(f"| {r} | {a.latency_ms:g} | {v['images_per_s']:.1f} | {v['callback_ms_per_batch']:.1f} |")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
-    return 0
+    return _emit([{"readers": r, "latency ms/file": f"{a.latency_ms:g}", "img/s median": f"{v['images_per_s']:.1f}",
+                   "callback ms/batch": f"{v['callback_ms_per_batch']:.1f}"} for r, v in res["results"].items()],
+                 res, a.json)
 
 
 def _delegate(module: str):
