@@ -17,7 +17,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .imageio import DEFAULT_MAX_PIXELS
+from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS
 
 AUTO = "auto"
 AutoInt = Union[int, str]  # an integer, or "auto": resolved when the config is loaded (``resolve_auto``)

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_write_text
-from .imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
-from .loaders.common import SkipLog
+from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
+from pillsnap_dali.loaders.common import SkipLog
 
 _logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class DaliDetectLoader:
     def _read(self, i: int) -> _Item | None:
         from pipelines.detect import letterbox_geometry
 
-        from .loaders.common import read_encoded_upright
+        from pillsnap_dali.loaders.common import read_encoded_upright
         # one header parse: the pixel limit and the upright (h, w) as DALI decodes it (EXIF orientation
         # applied, the frame Ultralytics keeps labels in); a header PIL cannot read is "unreadable header: ..."
         data, reason, shape = read_encoded_upright(self.dataset.im_files[i], self.options.max_pixels)
@@ -229,7 +229,7 @@ class DaliDetectLoader:
     def _probe(self, items: list[_Item]) -> dict[int, str]:
         """index -> reason, for the items the graph cannot take alone (a batch-1 pipeline of the same graph:
         only DALI itself knows what DALI cannot decode)."""
-        from .loaders.dali_loader import dali_reason
+        from pillsnap_dali.loaders.dali_loader import dali_reason
         bad = {}
         for it in items:
             if self._probe_pipe is None:
@@ -261,7 +261,7 @@ class DaliDetectLoader:
         and those DALI cannot take are skipped; if no file fails alone, the batch is run once more, then
         given up with its reason (as the classification loader does). Other errors propagate.
         Returns (items, pipeline, outputs), outputs None when no item was left."""
-        from .loaders.dali_loader import MAX_BLIND_FAILURES, dali_reason, is_dead_pipeline
+        from pillsnap_dali.loaders.dali_loader import MAX_BLIND_FAILURES, dali_reason, is_dead_pipeline
         items, pipe = pending
         try:
             return items, pipe, pipe.outputs()
@@ -495,8 +495,8 @@ def _cli_sets(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from .config import ConfigError, load_config
-    from .yolo_convert import convert_stage
+    from pillsnap_dali.config import ConfigError, load_config
+    from pillsnap_dali.data.yolo import convert_stage
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

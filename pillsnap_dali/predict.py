@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
+from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 
 _logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def options_from(cfg, mode: str, topk: int | None = None) -> PredictOptions:
 
 def load_detector(weights: str | Path):
     """An Ultralytics YOLO from LOCAL weights (never downloaded), imported lazily and offline."""
-    from .detect import ultralytics_offline
+    from pillsnap_dali.detect import ultralytics_offline
 
     if not Path(weights).is_file():
         raise FileNotFoundError(f"detector weights not found: {weights}")
@@ -95,7 +95,7 @@ class Classify:
     """The classifier with its own preprocessing: PIL crops in, top-k K-codes with metadata out."""
 
     def __init__(self, loaded, topk: int):
-        from .loaders import pil_eval_transform
+        from pillsnap_dali.loaders import pil_eval_transform
 
         self.loaded, self.topk = loaded, min(topk, len(loaded.class_map))
         self.transform = pil_eval_transform(loaded.preprocess)
@@ -180,7 +180,7 @@ def _detect(detector, image, opts: PredictOptions, imgsz: int, device) -> list[t
 
 def predict_one(path: str, classify: Classify, detector, opts: PredictOptions, det_imgsz: int) -> dict:
     """One image -> {"image", "mode", "pills": [{"box"?, "det_conf"?, "topk"}], "latency_ms"} or "error"."""
-    from .loaders import open_rgb
+    from pillsnap_dali.loaders import open_rgb
 
     t0 = time.perf_counter()
     try:
@@ -251,7 +251,7 @@ def bench_predict(paths, classifier, detector, opts: PredictOptions, *, warmup: 
 
 def _ground_truth(raw_boxes: list, width: int, height: int, cfg) -> list[tuple[list[float], set]]:
     """[(xyxy, accepted K-codes)]: the converter's clean boxes, each with the codes labelled on it."""
-    from .yolo_convert import BoxRules, clean_boxes, iou
+    from pillsnap_dali.data.yolo import BoxRules, clean_boxes, iou
 
     rules = BoxRules.from_config(cfg)
     boxes, _ = clean_boxes(raw_boxes, width, height, rules)
@@ -265,7 +265,7 @@ def _ground_truth(raw_boxes: list, width: int, height: int, cfg) -> list[tuple[l
 
 def _score_image(result: dict, truth: list[tuple[list[float], set]]) -> tuple[int, int]:
     """(pills found by a detection, pills whose matched detection has the right top-1 code)."""
-    from .yolo_convert import iou
+    from pillsnap_dali.data.yolo import iou
 
     free = list(range(len(truth)))
     found = right = 0
@@ -286,7 +286,7 @@ def two_stage_accuracy(manifest, classifier, detector, cfg) -> dict:
 
     Padded crops are scored against the converter's clean boxes (IoU >= 0.5 to count as found).
     """
-    from .yolo_convert import image_size
+    from pillsnap_dali.data.yolo import image_size
 
     predict = make_predictor(classifier, detector, options_from(cfg, "combo", 1))
     pills = found = right = images = unreadable = 0
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_models(args, cfg):
-    from .checkpoint import load_classifier
+    from pillsnap_dali.training.checkpoint import load_classifier
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # a plain state dict carries no preprocessing: the users' Stage 3 model's (384 px, squash) unless the
@@ -389,7 +389,7 @@ def _run(args, cfg) -> int:
         raise ValueError("--mode combo needs --detector WEIGHTS")
     classifier, detector = _load_models(args, cfg)
     if args.eval:
-        from .manifest_io import read_manifest
+        from pillsnap_dali.data.manifest import read_manifest
 
         if args.mode != "combo":
             raise ValueError("--eval scores the two-stage (combo) path: use --mode combo")
@@ -409,9 +409,9 @@ def _run(args, cfg) -> int:
 
 
 def main(argv=None) -> int:
-    from .checkpoint import CheckpointError
-    from .classmap import ClassMapMismatch
-    from .config import ConfigError, load_config
+    from pillsnap_dali.training.checkpoint import CheckpointError
+    from pillsnap_dali.data.classmap import ClassMapMismatch
+    from pillsnap_dali.config import ConfigError, load_config
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

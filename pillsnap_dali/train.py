@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .classmap import ClassMapMismatch
-from .config import Config, ConfigError, dump_config, load_config, stage_name
-from .manifest_io import ManifestError, class_map_for, read_manifest, split_missing
+from pillsnap_dali.data.classmap import ClassMapMismatch
+from pillsnap_dali.config import Config, ConfigError, dump_config, load_config, stage_name
+from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest, split_missing
 
 _logger = logging.getLogger("pillsnap_dali.train")
 
@@ -62,7 +62,7 @@ _FLAG_KEYS = {"data_root": "data.root", "target_accuracy": "train.target_accurac
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    from .config import set_nested
+    from pillsnap_dali.config import set_nested
     overrides: dict = {}
     for attr, key in _FLAG_KEYS.items():
         v = getattr(args, attr)
@@ -128,7 +128,7 @@ def _manifests_once(cfg: Config) -> Path:
     """The stage's manifest dir, built (or the synthetic tree generated) by one process: under torchrun rank 0
     builds while the other ranks wait for the dir it sends them (two builders in one dir would race on
     report.json and the verify cache, and a second reuse check would walk the whole tree again)."""
-    from .manifest import ensure_manifests
+    from pillsnap_dali.data.build import ensure_manifests
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -148,7 +148,7 @@ def _manifests_once(cfg: Config) -> Path:
 
 def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
     """Manifests -> TrainData. Class identity is the K-code; unknown val classes are reported, not remapped."""
-    from .engine import TrainData
+    from pillsnap_dali.training.engine import TrainData
     if args.manifest:
         train_path = Path(args.manifest)
         val_path = Path(args.val_manifest) if args.val_manifest else _val_path(train_path)
@@ -222,7 +222,7 @@ def check_resume(path: Path, cfg: Config, class_map) -> dict:
     """The checkpoint to resume from (loaded once, handed to the trainer). Refused when its class map, model,
     preprocessing, batch size or optimizer differs, naming what differs; settings the checkpoint's optimizer
     overrides are warned about."""
-    from . import checkpoint as ckpt
+    from pillsnap_dali.training import checkpoint as ckpt
     st = ckpt.load_training_state(path, class_map)
     old, new = st.get("config") or {}, cfg.to_dict()
     diff = [f"{k} {_get(old, k)!r} -> {_get(new, k)!r}" for k in RESUME_MUST_MATCH if _get(old, k) != _get(new, k)]
@@ -241,8 +241,8 @@ def check_resume(path: Path, cfg: Config, class_map) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .engine import RunSpec, Trainer
-    from .report import write_report
+    from pillsnap_dali.training.engine import RunSpec, Trainer
+    from pillsnap_dali.training.report import write_report
     cfg = resolve_config(args)
     rank, world, device = init_distributed(cfg)
     setup_logging(None, rank)

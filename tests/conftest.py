@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from pillsnap_dali.synth import generate
+from pillsnap_dali.data.synth import generate
 
 SYNTH_TREE = dict(classes=6, images_per_class=8, combos=3, size=(122, 160), defects=True, seed=0, layout="raw")
 

@@ -24,7 +24,7 @@ def test_bench_decode_table_json_and_chart(tmp_path, capsys):
     assert all(a["images_per_s"] > 0 and a["peak_rss_mb"] > 0 for a in arms.values())
     assert 0 < arms["dali-cpu:colour-graph"]["of_ceiling"] and "of_ceiling" not in arms["dali-decode"]
     # the cache input: the generated PNGs through prepare at 640 px, benchmarked from its manifest
-    from pillsnap_dali.manifest_io import read_manifest
+    from pillsnap_dali.data.manifest import read_manifest
     cached = read_manifest(tmp_path / "img" / "cache640_4" / "png_976x1280_4.csv")
     assert len(cached.paths) == 4 and all(p.endswith(".jpg") for p in cached.paths)
     assert res["inputs"]["cache640"]["results"]["dali-cpu"]["images_per_s"] > 0
@@ -46,7 +46,7 @@ def test_bench_predict_combo_needs_a_detector(capsys):
 
 
 def test_bench_readers_compares_read_ahead_with_reading_in_place(tmp_path, capsys):
-    from pillsnap_dali.bench_loaders import write_bench_images
+    from pillsnap_dali.bench.loaders import write_bench_images
     write_bench_images(tmp_path / "img", 4, fmt="jpeg", size=(64, 80))
     out = tmp_path / "readers.json"
     assert bench.main(["readers", str(tmp_path / "img"), "--readers", "0,2", "--latency-ms", "5", "--rows", "16",

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pillsnap_dali.config import load_config
 from pillsnap_dali.loaders import build_loader
-from pillsnap_dali.manifest_io import Manifest
+from pillsnap_dali.data.manifest import Manifest
 from pipelines import IMAGENET_MEAN, IMAGENET_STD, BatchColour
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -13,8 +13,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from pillsnap_dali.loaders import SkipLog
-from pillsnap_dali.manifest_io import Manifest, read_manifest, write_manifest
-from pillsnap_dali.yolo_convert import BoxRules, clean_boxes, convert_manifests, detection_manifests
+from pillsnap_dali.data.manifest import Manifest, read_manifest, write_manifest
+from pillsnap_dali.data.yolo import BoxRules, clean_boxes, convert_manifests, detection_manifests
 
 W, H = 96, 128  # the real 976 x 1280 at a tenth
 QUAD = [[8, 10, 30, 36], [56, 12, 30, 34], [10, 74, 32, 36], [54, 76, 32, 34]]  # 2x2 pills, xywh pixels
@@ -152,7 +152,7 @@ def test_val_split_without_images_is_an_error(tmp_path, defect_tree):
 def test_convert_stage_on_the_synthetic_tree_handles_every_injected_box_defect(synth_tree, tmp_path):
     """The real on-disk layout end to end (scan -> manifests -> YOLO), singles included as one-box images."""
     from pillsnap_dali.config import load_config
-    from pillsnap_dali.yolo_convert import convert_stage
+    from pillsnap_dali.data.yolo import convert_stage
 
     cfg = load_config(stage="demo", sets=[f"data.root={synth_tree.root}", f"data.artifacts={tmp_path}",
                                           "detect.include_singles=true"])
@@ -305,7 +305,7 @@ def test_png_header_and_exif_are_read_without_decoding_the_pixels(tmp_path, monk
 
 def test_label_frame_of_an_exif_rotated_image_without_a_manifest_size_is_upright(tmp_path):
     """Boxes are normalized by the size the decoders deliver (EXIF applied), as the letterbox uses it."""
-    from pillsnap_dali.yolo_convert import image_size
+    from pillsnap_dali.data.yolo import image_size
     exif = Image.Exif()
     exif[0x0112] = 8
     Image.new("RGB", (80, 40), (10, 20, 30)).save(tmp_path / "rot.jpg", exif=exif.tobytes())

@@ -14,7 +14,7 @@ from PIL import Image
 from pillsnap_dali.config import load_config
 from pillsnap_dali.loaders import Batch, SkipLog, build_loader, open_rgb, pil_eval_transform, resolve_backend
 from pillsnap_dali.loaders.common import shard_order
-from pillsnap_dali.manifest_io import Manifest
+from pillsnap_dali.data.manifest import Manifest
 
 from _paths import REAL_IMAGES  # noqa: E402
 BACKENDS = ("dali-cpu", "pil")
@@ -182,7 +182,7 @@ def test_read_ahead_changes_nothing_but_timing(tmp_path, split):
 def test_eval_parity_dali_cpu_vs_pil(tmp_path):
     """Bound: on 976x1280 photo-like PNGs the normalized evaluation tensors of dali-cpu and pil differ by
     at most 0.02 in mean absolute value (about 1.2 grey levels of 255), for both resize modes."""
-    from pillsnap_dali.bench_loaders import photo_like
+    from pillsnap_dali.bench.loaders import photo_like
     paths = []
     for i in range(2):
         paths.append(tmp_path / f"photo_{i}.png")
@@ -279,7 +279,7 @@ def test_pil_backend_works_where_dali_is_not_installed(tmp_path, split):
         "import torch\n"
         "from pillsnap_dali.config import load_config\n"
         "from pillsnap_dali.loaders import build_loader, resolve_backend\n"
-        "from pillsnap_dali.manifest_io import Manifest\n"
+        "from pillsnap_dali.data.manifest import Manifest\n"
         "paths = sys.argv[1:]\n"
         "m = Manifest(None, paths, ['K-000001'] * len(paths), ['single'] * len(paths), ['t'] * len(paths),\n"
         "             ['c'] * len(paths), [[] for _ in paths], [''] * len(paths))\n"
@@ -327,7 +327,7 @@ def test_an_epoch_stopped_early_goes_on_from_its_position(split, tmp_path, backe
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_skip_log_names_the_manifest_files_row_after_rows_were_dropped(split, tmp_path, backend):
-    from pillsnap_dali.manifest_io import read_manifest, split_missing, write_manifest
+    from pillsnap_dali.data.manifest import read_manifest, split_missing, write_manifest
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")

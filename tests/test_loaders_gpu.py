@@ -13,7 +13,7 @@ from PIL import Image
 
 from pillsnap_dali.config import load_config
 from pillsnap_dali.loaders import SkipLog, build_loader, resolve_backend
-from pillsnap_dali.manifest_io import Manifest
+from pillsnap_dali.data.manifest import Manifest
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -27,7 +27,7 @@ def _manifest(paths) -> Manifest:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from pillsnap_dali.bench_loaders import photo_like
+    from pillsnap_dali.bench.loaders import photo_like
     folder = tmp_path_factory.mktemp("gpu_photos")
     paths = []
     for i in range(4):

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pillsnap_dali.bench_scan import TreeSpec, label_json, make_tree, source_dirs
-from pillsnap_dali.classmap import ClassMap
+from pillsnap_dali.bench.scan import TreeSpec, label_json, make_tree, source_dirs
+from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import ManifestConfig, load_config
-from pillsnap_dali.manifest import build_manifests, import_legacy, main, plan_quotas
-from pillsnap_dali.manifest_io import read_manifest
+from pillsnap_dali.data.build import build_manifests, import_legacy, main, plan_quotas
+from pillsnap_dali.data.manifest import read_manifest
 
 from _paths import REAL_IMAGES as REAL  # noqa: E402
 
@@ -214,7 +214,7 @@ def test_synthetic_tree_header_verify_report(synth_tree, tmp_path):
 
 
 def test_ensure_manifests_builds_into_the_stage_dir(tree, tmp_path):
-    from pillsnap_dali.manifest import ensure_manifests
+    from pillsnap_dali.data.build import ensure_manifests
     cfg = load_config(stage="1", sets=[f"data.root={tree}", f"data.artifacts={tmp_path / 'art'}",
                                        "manifest.images=12", "manifest.classes=3"])
     out = ensure_manifests(cfg)
@@ -225,7 +225,7 @@ def test_ensure_manifests_builds_into_the_stage_dir(tree, tmp_path):
 def test_training_keeps_the_manifest_steps_split_and_verification(tree, tmp_path):
     """manifest --verify header --seed 7, then train/detect (ensure_manifests with the config's defaults):
     the verified split is kept, not rebuilt unverified with seed 42; later, no --data-root is needed."""
-    from pillsnap_dali.manifest import ensure_manifests
+    from pillsnap_dali.data.build import ensure_manifests
     sets = [f"data.artifacts={tmp_path / 'art'}", "manifest.images=24", "manifest.classes=4"]
     out = tmp_path / "art" / "stage1"
     assert main(["--data-root", str(tree), "--stage", "1", "--out", str(out), "--verify", "header", "--seed", "7",
@@ -253,7 +253,7 @@ def test_legacy_class_map_json_forms_keep_their_ids_or_are_refused():
 
 
 def test_sizes_written_as_floats_by_pandas_still_read_and_garbage_is_a_clear_error(tmp_path):
-    from pillsnap_dali.manifest_io import ManifestError
+    from pillsnap_dali.data.manifest import ManifestError
     f = tmp_path / "m.csv"
     f.write_text("image_path,mapping_code,image_type,source,width,height\n/x.png,K-000001,single,s,976.0,1280.0\n",
                  encoding="utf-8")
@@ -265,7 +265,7 @@ def test_sizes_written_as_floats_by_pandas_still_read_and_garbage_is_a_clear_err
 
 
 def test_an_older_format_build_is_rebuilt_from_its_tree_without_data_root(tree, tmp_path):
-    from pillsnap_dali.manifest import FORMAT_VERSION, ensure_manifests
+    from pillsnap_dali.data.build import FORMAT_VERSION, ensure_manifests
     sets = [f"data.artifacts={tmp_path / 'art'}", "manifest.images=24", "manifest.classes=4"]
     out = ensure_manifests(load_config(stage="1", sets=[f"data.root={tree}", *sets]))
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -279,7 +279,7 @@ def test_an_older_format_build_is_rebuilt_from_its_tree_without_data_root(tree, 
 def test_without_data_root_a_stage_checks_its_manifests_against_their_tree_or_uses_them_as_they_are(tree, tmp_path):
     import shutil
 
-    from pillsnap_dali.manifest import ManifestError, ensure_manifests
+    from pillsnap_dali.data.build import ManifestError, ensure_manifests
     root = tmp_path / "tree"
     shutil.copytree(tree, root, symlinks=True)
     sets = [f"data.artifacts={tmp_path / 'art'}", "manifest.images=24", "manifest.classes=4"]

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pillsnap_dali import predict
-from pillsnap_dali.checkpoint import FORMAT, preprocess_dict, save_checkpoint
-from pillsnap_dali.classmap import ClassMap
+from pillsnap_dali.training.checkpoint import FORMAT, preprocess_dict, save_checkpoint
+from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import PreprocessConfig, load_config
-from pillsnap_dali.manifest_io import read_manifest
+from pillsnap_dali.data.manifest import read_manifest
 
 LOW_CONF = "predict.conf=0.001"  # a 1-epoch detector is unsure of everything: keep its boxes to check their form
 
@@ -23,7 +23,7 @@ def stage(synth_tree, tmp_path_factory):
     import timm
 
     from pillsnap_dali.detect import DetectRun, train_detector
-    from pillsnap_dali.yolo_convert import convert_stage
+    from pillsnap_dali.data.yolo import convert_stage
 
     tmp = tmp_path_factory.mktemp("predict")
     sets = [f"data.root={synth_tree.root}", f"data.artifacts={tmp / 'artifacts'}", LOW_CONF]
@@ -73,7 +73,7 @@ def test_cli_combo_json_gives_boxes_and_topk_with_metadata(stage, capsys):
 
 
 def test_single_mode_classifies_the_whole_image_with_the_checkpoint_preprocessing(stage):
-    from pillsnap_dali.checkpoint import load_classifier
+    from pillsnap_dali.training.checkpoint import load_classifier
     from pillsnap_dali.loaders import open_rgb, pil_eval_transform
 
     image = _combo_images(stage)[0]
@@ -123,7 +123,7 @@ def test_combo_without_detector_is_refused(stage, capsys):
 
 
 def test_two_stage_accuracy_scores_every_labelled_pill(stage):
-    from pillsnap_dali.checkpoint import load_classifier
+    from pillsnap_dali.training.checkpoint import load_classifier
 
     clf = load_classifier(stage["classifier"], device="cpu")
     det = predict.load_detector(stage["detector"])
@@ -145,7 +145,7 @@ def test_padded_box_and_matching():
 
 
 def test_bench_predict_times_each_image_with_four_crops(stage):
-    from pillsnap_dali.checkpoint import load_classifier
+    from pillsnap_dali.training.checkpoint import load_classifier
 
     clf = load_classifier(stage["classifier"], device="cpu")
     det = predict.load_detector(stage["detector"])
@@ -163,7 +163,7 @@ def test_prediction_letterbox_is_the_training_letterbox(size, imgsz):
     import numpy as np
     from PIL import Image
 
-    from pillsnap_dali.bench_loaders import photo_like
+    from pillsnap_dali.bench.loaders import photo_like
     from pipelines.detect import detect_pipeline, letterbox_geometry
 
     arr = photo_like(*size, np.random.default_rng(3))

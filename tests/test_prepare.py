@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pillsnap_dali import prepare as P
-from pillsnap_dali.classmap import ClassMap, ClassMapMismatch
+from pillsnap_dali.data import cache as P
+from pillsnap_dali.data.classmap import ClassMap, ClassMapMismatch
 from pillsnap_dali.config import load_config
-from pillsnap_dali.manifest_io import Manifest, class_map_for, read_manifest, write_manifest
+from pillsnap_dali.data.manifest import Manifest, class_map_for, read_manifest, write_manifest
 
 from _paths import REAL_IMAGES as REAL  # noqa: E402
 CODES = ["K-000114", "K-000250", "K-000573"]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pillsnap_dali.bench_scan import TreeSpec, label_json, make_tree, source_dirs
-from pillsnap_dali.scan import scan_tree, tree_fingerprint
+from pillsnap_dali.bench.scan import TreeSpec, label_json, make_tree, source_dirs
+from pillsnap_dali.data.scan import scan_tree, tree_fingerprint
 
 
 def _tree(tmp_path, layout="raw", **kw) -> Path:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pillsnap_dali.config import load_config
-from pillsnap_dali.synth import (COMPLETE_MARKER, DEFECT_KINDS, SynthError, SynthSummary, ensure_demo_data,
+from pillsnap_dali.data.synth import (COMPLETE_MARKER, DEFECT_KINDS, SynthError, SynthSummary, ensure_demo_data,
                                  generate, main)
 
 # aihub_format.md, written out here independently of the generator's own constant
@@ -300,8 +300,8 @@ def test_ensure_demo_data_generates_once(tmp_path):
 
 
 def test_thousands_of_classes_keep_every_look_unique_but_the_injected_pair():
-    from pillsnap_dali.scan import count_near_identical
-    from pillsnap_dali.synth import SynthSpec, _make_catalog
+    from pillsnap_dali.data.scan import count_near_identical
+    from pillsnap_dali.data.synth import SynthSpec, _make_catalog
 
     for defects, want in ((False, 0), (True, 1)):  # Stage 4 size: the shape/colour triples repeat
         cat = _make_catalog(SynthSpec(classes=4523, images_per_class=1, combos=0, defects=defects),

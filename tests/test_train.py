@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from pillsnap_dali import train
-from pillsnap_dali.checkpoint import load_checkpoint, load_classifier
+from pillsnap_dali.training.checkpoint import load_checkpoint, load_classifier
 from pillsnap_dali.config import load_config
-from pillsnap_dali.manifest import build_manifests
+from pillsnap_dali.data.build import build_manifests
 
 TINY = ["--model", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--lr", "0.003",
         "--set", "train.warmup_epochs=0", "--set", "loader.threads=1", "--set", "loader.workers=1",
@@ -331,9 +331,9 @@ def test_sigterm_mid_epoch_then_resume_trains_each_row_once(manifests, tmp_path,
 def test_pretrained_head_rows_follow_the_k_codes_never_the_positions(tmp_path):
     import timm
 
-    from pillsnap_dali.checkpoint import FORMAT, save_checkpoint
-    from pillsnap_dali.classmap import ClassMap
-    from pillsnap_dali.engine import _load_pretrained
+    from pillsnap_dali.training.checkpoint import FORMAT, save_checkpoint
+    from pillsnap_dali.data.classmap import ClassMap
+    from pillsnap_dali.training.engine import _load_pretrained
 
     torch.manual_seed(0)
     src = timm.create_model("resnet18", num_classes=3)
@@ -364,7 +364,7 @@ def test_each_ddp_rank_resumes_an_interrupted_epoch_at_its_own_position(tmp_path
     where it stopped beside the checkpoint and resumes there; a file from another interruption is ignored."""
     import types
 
-    from pillsnap_dali.engine import RunSpec, Trainer
+    from pillsnap_dali.training.engine import RunSpec, Trainer
 
     def trainer(rank: int, step: int, position: int) -> Trainer:
         t = Trainer.__new__(Trainer)  # only the rank bookkeeping is exercised: no model, no data
@@ -415,7 +415,7 @@ def test_resuming_another_runs_checkpoint_moves_the_runs_own_dir_aside(manifests
 
 
 def test_report_counts_the_skip_logs_of_every_rank_but_not_an_old_format_one(tmp_path):
-    from pillsnap_dali.report import write_report
+    from pillsnap_dali.training.report import write_report
 
     (tmp_path / "skipped.csv").write_text("row,path,reason,backend,epoch\n1,/a.png,bad,pil,0\n")
     (tmp_path / "skipped.rank1.csv").write_text("row,path,reason,backend,epoch\n2,/b.png,bad,pil,0\n")

@@ -8,8 +8,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from pillsnap_dali.bench_scan import tiny_png
-from pillsnap_dali.verify import Verifier, VerifySettings, check_full, check_header
+from pillsnap_dali.bench.scan import tiny_png
+from pillsnap_dali.data.verify import Verifier, VerifySettings, check_full, check_header
 
 from _paths import REAL_IMAGES as REAL  # noqa: E402
 

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 
-from ..config import Config
-from ..manifest_io import Manifest
-from .common import Batch, EpochPlan, LoaderSpec, SkipLog, read_encoded, steps_for
-from .pil_loader import PilLoader, PilTrainTransform, open_rgb, pil_eval_transform
+from pillsnap_dali.config import Config
+from pillsnap_dali.data.manifest import Manifest
+from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderSpec, SkipLog, read_encoded, steps_for
+from pillsnap_dali.loaders.pil_loader import PilLoader, PilTrainTransform, open_rgb, pil_eval_transform
 
 if TYPE_CHECKING:
-    from .dali_loader import DaliLoader
+    from pillsnap_dali.loaders.dali_loader import DaliLoader
 
 _logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def build_loader(manifest: Manifest, labels: Sequence[int], cfg: Config, *, trai
     file_rows = manifest.file_rows or None  # skipped.csv names the file's rows
     if name == "pil":
         return PilLoader(manifest.paths, table, spec, skip_log, file_rows)
-    from .dali_loader import DaliLoader
+    from pillsnap_dali.loaders.dali_loader import DaliLoader
     return DaliLoader(manifest.paths, table, spec, skip_log, name, file_rows)
 
 

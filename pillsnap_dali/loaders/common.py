@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import AugmentConfig, Config, LoaderConfig, PreprocessConfig
-from ..imageio import bomb_problem, header_info, pixel_problem, upright
+from pillsnap_dali.config import AugmentConfig, Config, LoaderConfig, PreprocessConfig
+from pillsnap_dali.imageio import bomb_problem, header_info, pixel_problem, upright
 
 _logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import torchvision.transforms.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import AugmentConfig, PreprocessConfig
-from ..imageio import open_rgb  # noqa: F401  (re-exported as loaders.open_rgb)
-from .common import EpochPlan, LoaderBase, LoaderSpec, to_device_batch
+from pillsnap_dali.config import AugmentConfig, PreprocessConfig
+from pillsnap_dali.imageio import open_rgb  # noqa: F401  (re-exported as loaders.open_rgb)
+from pillsnap_dali.loaders.common import EpochPlan, LoaderBase, LoaderSpec, to_device_batch
 
 _logger = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import checkpoint as ckpt
-from .atomic import atomic_write_text
-from .classmap import ClassMap
-from .config import Config
-from .gpumon import GpuMonitor
-from .manifest_io import Manifest
-from .metrics import EvalAccumulator, top_confusions, write_per_class
+from pillsnap_dali.training import checkpoint as ckpt
+from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.data.classmap import ClassMap
+from pillsnap_dali.config import Config
+from pillsnap_dali.gpumon import GpuMonitor
+from pillsnap_dali.data.manifest import Manifest
+from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
 
 _logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class Trainer:
     """Owns the model, optimizer and loaders of one run; ``fit()`` runs it to the end or a stop."""
 
     def __init__(self, spec: RunSpec):
-        from .loaders import SkipLog, build_loader
+        from pillsnap_dali.loaders import SkipLog, build_loader
 
         self.spec, self.cfg, self.device = spec, spec.cfg, spec.device
         cfg, data = spec.cfg, spec.data

@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_open
-from .classmap import ClassMap
+from pillsnap_dali.atomic import atomic_open
+from pillsnap_dali.data.classmap import ClassMap
 
 _logger = logging.getLogger(__name__)
 

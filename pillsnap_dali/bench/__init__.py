@@ -10,8 +10,8 @@ import torch
 
 
 def _step(argv) -> int:
-    from .bench_step import bench_step
-    from .config import load_config
+    from pillsnap_dali.bench.step import bench_step
+    from pillsnap_dali.config import load_config
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench step",
                                 description="model-only training throughput on synthetic input (the ceiling)")
     p.add_argument("--stage", default="3", help="config stage whose model / image size / batch size are used (3)")
@@ -53,8 +53,8 @@ def _emit(rows: dict | list, result: dict, json_path: str | None) -> int:
 
 
 def _predict(argv) -> int:
-    from .checkpoint import load_classifier
-    from .predict import PredictOptions, bench_predict, collect_images, load_detector
+    from pillsnap_dali.training.checkpoint import load_classifier
+    from pillsnap_dali.predict import PredictOptions, bench_predict, collect_images, load_detector
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench predict",
                                 description="latency per image, file to top-k (p50/p95), one image at a time")
     p.add_argument("inputs", nargs="+", help="images or folders")
@@ -79,7 +79,7 @@ def _predict(argv) -> int:
 
 
 def _readers(argv) -> int:
-    from .bench_loaders import bench_readers
+    from pillsnap_dali.bench.loaders import bench_readers
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench readers",
                                 description="dali-cpu loader with each loader.readers value: img/s and the "
                                             "training thread's time in the external source")
@@ -111,7 +111,7 @@ HELP = {"decode": "DALI vs PIL images/s for the 384 px training loaders, with de
         "scan": "scan rate of an AI Hub tree (images per CPU-second)",
         "predict": "prediction latency per image, p50/p95 (single or combo)",
         "readers": "the loader with and without read-ahead threads, optionally with a storage latency per file"}
-COMMANDS = {"step": _step, "decode": _delegate("bench_decode"), "scan": _delegate("bench_scan"),
+COMMANDS = {"step": _step, "decode": _delegate("bench.decode"), "scan": _delegate("bench.scan"),
             "predict": _predict, "readers": _readers}
 
 

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from .config import Config
-from .engine import amp_settings, build_model, build_optimizer
+from pillsnap_dali.config import Config
+from pillsnap_dali.training.engine import amp_settings, build_model, build_optimizer
 
 _logger = logging.getLogger(__name__)
 

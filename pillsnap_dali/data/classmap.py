@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from pillsnap_dali.atomic import atomic_write_text
 
 _logger = logging.getLogger(__name__)
 

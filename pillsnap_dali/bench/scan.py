@@ -3,7 +3,7 @@
 Builds (once) a tree of tiny PNGs in the raw AI Hub layout, each with a full-size (~2.5 KB, 50-key) label
 JSON, since parsing the JSON is the scanner's main cost; then times ``scan_tree`` in this process.
 
-    python -m pillsnap_dali.bench_scan --images 100000 --tree /dev/shm/scanbench --out scan_bench.json
+    python -m pillsnap_dali.bench scan --images 100000 --tree /dev/shm/scanbench --out scan_bench.json
 (also reachable as ``python -m pillsnap_dali.bench scan``)
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bench_loaders import machine_info
-from .atomic import atomic_write_text
-from .scan import scan_tree
+from pillsnap_dali.bench.loaders import machine_info
+from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.data.scan import scan_tree
 
 _logger = logging.getLogger(__name__)
 
@@ -181,8 +181,8 @@ def run(argv=None) -> str:
             f"({r['images_per_cpu_s']} per CPU-second) on {r['cpu']}")
 
 
-if __name__ == "__main__":  # python -m pillsnap_dali.bench_scan ... == python -m pillsnap_dali.bench scan ...
+if __name__ == "__main__":  # python -m pillsnap_dali.bench scan ... == python -m pillsnap_dali.bench scan ...
     import sys
 
-    from .bench import main
+    from pillsnap_dali.bench import main
     raise SystemExit(main(["scan", *sys.argv[1:]]))

@@ -29,10 +29,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write_text
-from .imageio import upright_size
-from .manifest_io import Manifest, read_manifest
-from .scan import iou_xyxy as iou  # boxes here are [x1, y1, x2, y2]
+from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.imageio import upright_size
+from pillsnap_dali.data.manifest import Manifest, read_manifest
+from pillsnap_dali.data.scan import iou_xyxy as iou  # boxes here are [x1, y1, x2, y2]
 
 _logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def detection_manifests(manifest_dir: str | Path, include_singles: bool = False)
 
 def convert_stage(cfg) -> Path:
     """Build (or reuse) the stage's manifests, convert them into ``<manifest dir>/yolo``; returns data.yaml."""
-    from .manifest import ensure_manifests  # the manifest module pulls in the scanner: import on use
+    from pillsnap_dali.data.build import ensure_manifests  # the manifest module pulls in the scanner: import on use
 
     manifest_dir = Path(ensure_manifests(cfg))
     rules = BoxRules.from_config(cfg)

@@ -20,8 +20,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_write_text
-from .imageio import DEFAULT_MAX_PIXELS, bomb_problem, pixel_problem
+from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, bomb_problem, pixel_problem
 
 _logger = logging.getLogger(__name__)
 

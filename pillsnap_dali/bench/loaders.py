@@ -24,9 +24,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .config import Config, available_cores, load_config
-from .imageio import IMAGE_SUFFIXES
-from .manifest_io import Manifest, read_manifest
+from pillsnap_dali.config import Config, available_cores, load_config
+from pillsnap_dali.imageio import IMAGE_SUFFIXES
+from pillsnap_dali.data.manifest import Manifest, read_manifest
 
 _logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def bench_manifest(paths: Sequence[str]) -> Manifest:
 
 
 def _decode_one(path: str) -> int:
-    from .loaders import open_rgb
+    from pillsnap_dali.loaders import open_rgb
     return open_rgb(path).width
 
 
@@ -146,7 +146,7 @@ def _make_runner(name: str, paths: Sequence[str], cfg: Config, threads: int):
     """A callable ``epoch -> seconds`` for one benchmark variant."""
     import torch
 
-    from .loaders import build_loader
+    from pillsnap_dali.loaders import build_loader
     if name == "pil-decode":
         return lambda epoch: _time_pil_decode(paths, threads)
     if name == "dali-decode":
@@ -238,7 +238,7 @@ class ResourceSampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._gpu = None
         if gpu:
-            from .gpumon import GpuMonitor
+            from pillsnap_dali.gpumon import GpuMonitor
             self._gpu = GpuMonitor(0)
 
     def _loop(self):
@@ -285,7 +285,7 @@ class _SlowStorage:
         self.latency_s = latency_s
 
     def __enter__(self):
-        from .loaders import dali_loader
+        from pillsnap_dali.loaders import dali_loader
         self._module, self._orig = dali_loader, dali_loader.read_encoded
         latency, orig = self.latency_s, self._orig
 
@@ -307,8 +307,8 @@ def bench_readers(source: str | Path | Manifest, *, readers: Sequence[int] = (0,
     file reads there). ``latency_ms`` adds a per-file storage wait (see ``_SlowStorage``)."""
     import torch
 
-    from .loaders import build_loader
-    from .loaders import dali_loader
+    from pillsnap_dali.loaders import build_loader
+    from pillsnap_dali.loaders import dali_loader
     files = _paths_of(source)
     paths = (files * (-(-rows // len(files))))[:max(rows, len(files))]
     base = _bench_config(size, batch, threads)

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_open
-from .classmap import ClassMap
-from .config import PreprocessConfig
+from pillsnap_dali.atomic import atomic_open
+from pillsnap_dali.data.classmap import ClassMap
+from pillsnap_dali.config import PreprocessConfig
 
 _logger = logging.getLogger(__name__)
 FORMAT = "pillsnap_dali/1"

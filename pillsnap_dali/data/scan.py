@@ -25,8 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .classmap import META_KEYS
-from .imageio import IMAGE_SUFFIXES
+from pillsnap_dali.data.classmap import META_KEYS
+from pillsnap_dali.imageio import IMAGE_SUFFIXES
 
 _logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .classmap import ClassMap
+from pillsnap_dali.data.classmap import ClassMap
 
 _logger = logging.getLogger(__name__)
 

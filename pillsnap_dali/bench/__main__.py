@@ -1,0 +1,3 @@
+from pillsnap_dali.bench import main
+
+raise SystemExit(main())

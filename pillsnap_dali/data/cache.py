@@ -1,0 +1,661 @@
+"""PNG -> JPEG cache: ``python -m pillsnap_dali.prepare --manifest M --cache-dir DIR``.
+
+DALI decodes JPEG on the GPU (nvJPEG) but PNG only on the CPU, so for the real PNG data the GPU path alone
+does not remove the decode bottleneck. This module transcodes every manifest row's image once to a baseline
+JPEG (optionally resized so its long side is ``max_side``, aspect kept) and writes a new manifest in our
+format that points at the cache; the loaders take it unchanged.
+
+The users' disk is 97 % full, so the cache is built to be small and safe:
+
+- every run (``--dry-run`` too) estimates the cache size from a seeded sample and refuses to start when the
+  free space left after it would fall under ``free_space_margin_gb``; the free space is re-checked while the
+  run goes and the run stops cleanly (writing the manifest of what is done) if it falls under the margin;
+- each JPEG is written to a temp file and renamed, so the cache only ever holds complete files; a rerun
+  resumes (a row whose cache file exists is not redone) and removes the temp files an interrupted run left;
+- the cache file of a source is ``<cache>/<sha1[:2]>/<sha1>.jpg`` with the sha1 of the absolute source path,
+  so different trees never collide; its JPEG comment records the source's size (so a resumed row needs
+  neither the source decoded nor a side file to scale its boxes) and its file size and mtime (a source
+  replaced since is transcoded again);
+- unreadable sources are logged, listed in ``<cache>/<manifest stem>_skipped.csv`` (path, reason; one file per
+  source manifest, so preparing train then val into one cache keeps both lists) and left out of the new
+  manifest: ``rows_in == cached + skipped + remaining``;
+- the class map is settled before anything is transcoded: the source's ``class_map.json`` (or, for a legacy
+  manifest without one, its sorted K-codes) must match the cache's; a legacy manifest whose codes are all in
+  the cache's map (a val split without some class) takes the cache's map;
+- a final check decodes a sample of the outputs; a bad output is an error (and is removed, so a rerun redoes it).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+from PIL import Image
+
+from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.data.classmap import ClassMap, ClassMapMismatch
+from pillsnap_dali.config import load_config
+from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, open_rgb
+from pillsnap_dali.data.manifest import Manifest, read_manifest, write_manifest
+
+_logger = logging.getLogger(__name__)
+
+GB = 1e9
+SLACK = 1.10                    # the size estimate is the sample mean x rows, plus 10 %
+CHUNK = 32                      # sources per worker task
+SKIPPED_SUFFIX = "_skipped.csv"   # <cache>/<source manifest stem>_skipped.csv
+
+
+def skipped_csv(cache_dir: str | Path, manifest_path: str | Path) -> Path:
+    """Where ``prepare`` lists the unreadable sources of one source manifest."""
+    return Path(cache_dir) / f"{Path(manifest_path).stem}{SKIPPED_SUFFIX}"
+STAMP_JSON = "prepare_options.json"
+LOCK_FILE = ".prepare.lock"
+_COMMENT_TAG = "pillsnap_dali.prepare"
+_SUBSAMPLING = {"444": 0, "420": 2}   # PIL's JPEG subsampling codes
+
+
+class PrepareError(RuntimeError):
+    """The cache cannot be built as asked (bad options, a busy or foreign cache dir, a failed final check)."""
+
+
+class InsufficientSpaceError(PrepareError):
+    """Free space after the estimated cache would fall under the configured margin."""
+
+
+@dataclass
+class PrepareOptions:
+    quality: int = 95
+    max_side: Optional[int] = 640          # None keeps the source size
+    subsampling: str = "444"               # "444" | "420"
+    workers: int = 2                       # <= 1: in this process
+    margin_gb: float = 20.0                # free space that must remain after the cache
+    sample: int = 32                       # rows transcoded for the estimate, outputs re-read at the end
+    max_pixels: int = DEFAULT_MAX_PIXELS   # decompression-bomb guard (config data.max_pixels)
+    dry_run: bool = False                  # estimate and check the space, write nothing
+    limit: Optional[int] = None            # transcode at most this many new rows (a partial run)
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "PrepareOptions":
+        """Options from a resolved Config (``prepare`` and ``data.max_pixels``); None overrides are ignored."""
+        p = cfg.prepare
+        opts = cls(quality=p.quality, max_side=p.max_side, subsampling=p.subsampling, workers=p.workers,
+                   margin_gb=p.free_space_margin_gb, sample=p.sample, max_pixels=cfg.data.max_pixels)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(opts, k, v)
+        return opts
+
+    def validate(self) -> None:
+        if not 1 <= self.quality <= 100:
+            raise PrepareError(f"quality must be in 1..100, got {self.quality}")
+        if self.max_side is not None and self.max_side < 16:
+            raise PrepareError(f"max_side must be >= 16 (or None to keep the size), got {self.max_side}")
+        if self.subsampling not in _SUBSAMPLING:
+            raise PrepareError(f"subsampling must be one of {sorted(_SUBSAMPLING)}, got {self.subsampling!r}")
+        if self.margin_gb < 0 or self.sample < 1 or (self.limit is not None and self.limit < 0):
+            raise PrepareError("margin_gb must be >= 0, sample >= 1 and limit >= 0")
+
+
+@dataclass
+class PrepareReport:
+    rows_in: int = 0
+    cached: int = 0                 # rows in the new manifest
+    transcoded: int = 0             # of which transcoded by this run
+    reused: int = 0                 # of which found complete in the cache (resume)
+    skipped: int = 0                # unreadable sources, listed in <manifest stem>_skipped.csv
+    remaining: int = 0              # rows not reached (limit, or stopped on free space)
+    source_bytes: int = 0           # of the cached rows' sources
+    cache_bytes: int = 0            # of the cached rows' JPEGs
+    estimate_bytes: int = 0         # the pre-run estimate for the rows still to do
+    free_bytes: int = 0             # free space when the run started
+    tmp_removed: int = 0            # temp files of an interrupted run, removed
+    seconds: float = 0.0
+    dry_run: bool = False
+    stopped: Optional[str] = None   # why the run stopped early, if it did
+    manifest_out: Optional[str] = None
+    skipped_csv: Optional[str] = None
+
+    @property
+    def ratio(self) -> float:
+        """Cache bytes / source bytes of the cached rows (0 when nothing is cached)."""
+        return self.cache_bytes / self.source_bytes if self.source_bytes else 0.0
+
+    def summary(self) -> str:
+        mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+        lines = [f"rows in       {self.rows_in}",
+                 f"cached        {self.cached} (transcoded {self.transcoded}, reused {self.reused})",
+                 f"skipped       {self.skipped}" + (f" -> {self.skipped_csv}" if self.skipped else ""),
+                 f"remaining     {self.remaining}" + (f" ({self.stopped})" if self.stopped else ""),
+                 f"source bytes  {mb(self.source_bytes)}", f"cache bytes   {mb(self.cache_bytes)}",
+                 f"ratio         {self.ratio:.3f}", f"estimate      {mb(self.estimate_bytes)} "
+                 f"(free {self.free_bytes / GB:,.1f} GB)", f"seconds       {self.seconds:.1f}"]
+        if self.manifest_out:
+            lines.append(f"manifest      {self.manifest_out}")
+        if self.dry_run:
+            lines.insert(0, "dry run: nothing written")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Encode:
+    """What a worker needs to transcode one source (picklable)."""
+    quality: int
+    max_side: Optional[int]
+    subsampling: str
+    max_pixels: int
+
+    def stamp(self) -> dict:
+        return {"quality": self.quality, "max_side": self.max_side, "subsampling": self.subsampling}
+
+
+@dataclass(slots=True)
+class _Outcome:
+    src: str
+    dst: str
+    ok: bool
+    reason: str = ""
+    src_wh: tuple = (0, 0)          # oriented source size
+    out_wh: tuple = (0, 0)
+    src_bytes: int = 0
+    out_bytes: int = 0
+    reused: bool = False
+
+
+def cache_path_for(src: str | Path, cache_dir: str | Path) -> Path:
+    """``<cache>/<sha1[:2]>/<sha1>.jpg`` with the sha1 of the absolute source path."""
+    digest = hashlib.sha1(os.path.abspath(str(src)).encode("utf-8")).hexdigest()
+    return Path(cache_dir) / digest[:2] / f"{digest}.jpg"
+
+
+# ---------------------------------------------------------------------------------------------- one image
+def fit_size(w: int, h: int, max_side: Optional[int]) -> tuple[int, int]:
+    """Size with the long side at most ``max_side``, aspect kept (never upscales)."""
+    if max_side is None or max(w, h) <= max_side:
+        return w, h
+    scale = max_side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _source_stamp(st: os.stat_result) -> str:
+    """``bytes=N mtime=NS`` of the source file: a cache file records it, so a replaced source is redone."""
+    return f"bytes={st.st_size} mtime={st.st_mtime_ns}"
+
+
+def _encode(im: Image.Image, enc: _Encode, fh, stamp: str = "") -> tuple[int, int]:
+    """Resize (LANCZOS after a box reduce) and write a baseline JPEG to ``fh``; returns the output size."""
+    src_wh = im.size
+    out_wh = fit_size(*src_wh, enc.max_side)
+    if out_wh != src_wh:
+        im = im.resize(out_wh, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    comment = f"{_COMMENT_TAG} src={src_wh[0]}x{src_wh[1]}{' ' + stamp if stamp else ''}".encode()
+    im.save(fh, "JPEG", quality=enc.quality, subsampling=_SUBSAMPLING[enc.subsampling], progressive=False,
+            optimize=False, comment=comment)
+    return out_wh
+
+
+def _comment_fields(im: Image.Image) -> Optional[dict]:
+    """``{"src": "WxH", "bytes": ..., "mtime": ...}`` from one of our cache files' JPEG comment, else None."""
+    raw = im.info.get("comment", b"")
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+    if not text.startswith(_COMMENT_TAG + " src="):
+        return None
+    return dict(f.split("=", 1) for f in text[len(_COMMENT_TAG):].split() if "=" in f)
+
+
+def _src_size_from_comment(im: Image.Image) -> Optional[tuple[int, int]]:
+    fields = _comment_fields(im)
+    if fields is None:
+        return None
+    w, _, h = fields["src"].partition("x")
+    return int(w), int(h)
+
+
+def _reuse(src: str, dst: str) -> Optional[_Outcome]:
+    """The outcome of an existing cache file from its header alone; None if it is not one of ours or its
+    source changed since (size or mtime differ from what the file recorded)."""
+    try:
+        with Image.open(dst) as im:
+            src_wh, out_wh, fmt, fields = _src_size_from_comment(im), im.size, im.format, _comment_fields(im)
+    except (OSError, ValueError, SyntaxError) as e:
+        src_wh, fmt, fields = None, f"unreadable ({e})", None
+    if fmt != "JPEG" or src_wh is None:
+        _logger.warning("cache file %s of %s is not one of ours (%s): redoing it", dst, src, fmt)
+        return None
+    try:
+        st = os.stat(src)
+    except OSError as e:  # the cache is a function of the source: no source, no row
+        return _Outcome(src, dst, False, reason=f"source unreadable: {e.strerror}")
+    if "bytes" in fields and f"bytes={fields['bytes']} mtime={fields.get('mtime')}" != _source_stamp(st):
+        _logger.info("source %s changed since %s was made: redoing it", src, dst)
+        return None
+    return _Outcome(src, dst, True, src_wh=src_wh, out_wh=out_wh, src_bytes=st.st_size,
+                    out_bytes=os.path.getsize(dst), reused=True)
+
+
+def _transcode(src: str, dst: str, enc: _Encode) -> _Outcome:
+    """One source to its cache file (temp + rename); a cache file already there is reused."""
+    if os.path.exists(dst):
+        done = _reuse(src, dst)
+        if done is not None:
+            return done
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    try:
+        st = os.stat(src)
+        src_bytes = st.st_size
+        if src_bytes == 0:
+            raise ValueError("empty file")
+        im = open_rgb(src, enc.max_pixels)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with open(tmp, "wb") as fh:
+            out_wh = _encode(im, enc, fh, _source_stamp(st))
+        os.replace(tmp, dst)
+    except Exception as e:  # noqa: BLE001 -- per-file isolation: any decoder failure is a logged skip
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        return _Outcome(src, dst, False, reason=f"{type(e).__name__}: {e}"[:300])
+    return _Outcome(src, dst, True, src_wh=im.size, out_wh=out_wh, src_bytes=src_bytes,
+                    out_bytes=os.path.getsize(dst))
+
+
+def _transcode_chunk(pairs: list[tuple[str, str]], enc: _Encode) -> list[_Outcome]:
+    return [_transcode(src, dst, enc) for src, dst in pairs]
+
+
+# ---------------------------------------------------------------------------------------------- safety
+@dataclass
+class _Estimate:
+    cache_bytes: int
+    sampled: int
+    decoded: int
+    mean_ratio: float
+
+
+def estimate_cache_bytes(sources: list[str], enc: _Encode, sample: int, seed: int = 0) -> _Estimate:
+    """Transcode a seeded sample in memory: mean JPEG bytes x len(sources) x SLACK.
+
+    If no sampled source decodes, the estimate falls back to the sources' own bytes (a safe upper bound for
+    a lossy re-encode of lossless PNGs).
+    """
+    picks = random.Random(seed).sample(sources, min(sample, len(sources)))
+    sizes, ratios = [], []
+    for src in picks:
+        try:
+            buf = io.BytesIO()
+            _encode(open_rgb(src, enc.max_pixels), enc, buf)
+        except Exception as e:  # noqa: BLE001 -- an unreadable sample is not an error here
+            _logger.debug("estimate: %s unreadable (%s)", src, e)
+            continue
+        sizes.append(buf.tell())
+        ratios.append(buf.tell() / max(1, os.path.getsize(src)))
+    if sizes:
+        est = int(float(np.mean(sizes)) * len(sources) * SLACK)
+        return _Estimate(est, len(picks), len(sizes), float(np.mean(ratios)))
+    total = sum(os.path.getsize(s) for s in sources if os.path.exists(s))
+    _logger.warning("estimate: none of %d sampled sources decoded; assuming the source size (%d bytes)",
+                    len(picks), total)
+    return _Estimate(int(total * SLACK), len(picks), 0, 1.0)
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_space(cache_dir: Path, estimate_bytes: int, margin_gb: float) -> int:
+    """Raise InsufficientSpaceError if free - estimate < margin; returns the free bytes."""
+    free = _free_bytes(cache_dir)
+    if free - estimate_bytes < margin_gb * GB:
+        raise InsufficientSpaceError(
+            f"refusing to build the cache in {cache_dir}: {free / GB:.2f} GB free, the cache needs about "
+            f"{estimate_bytes / GB:.2f} GB, which would leave {(free - estimate_bytes) / GB:.2f} GB, under the "
+            f"margin of {margin_gb:.2f} GB (prepare.free_space_margin_gb / --margin-gb); use a smaller "
+            f"--max-side or --quality, free some space, or lower the margin")
+    return free
+
+
+def _remove_tmp(cache_dir: Path) -> int:
+    """Remove the temp files an interrupted run left (JPEG temps and manifest temps)."""
+    stale = list(cache_dir.glob("[0-9a-f][0-9a-f]/*.tmp")) + list(cache_dir.glob(".*.tmp[0-9]*"))
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    if stale:
+        _logger.info("removed %d temp file(s) left by an interrupted run in %s", len(stale), cache_dir)
+    return len(stale)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take_lock(lock: Path) -> None:
+    """Create the lock file exclusively; a lock whose process is gone is stale and taken over (once)."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _pid_alive(pid):
+                raise PrepareError(f"another prepare run (pid {pid}) is using {lock.parent}; wait for it to end "
+                                   f"(or remove {lock} if that process is not a prepare run)") from None
+            _logger.info("removing the stale lock of pid %s in %s", pid, lock.parent)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return
+    raise PrepareError(f"could not take the lock {lock}")
+
+
+@contextlib.contextmanager
+def _locked(cache_dir: Path) -> Iterator[None]:
+    """One prepare run per cache dir (a second one would delete the first one's temp files)."""
+    lock = cache_dir / LOCK_FILE
+    _take_lock(lock)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def _check_stamp(cache_dir: Path, enc: _Encode, write: bool) -> None:
+    """A cache dir holds JPEGs of one encoding only: refuse to mix; record it on first use when ``write``."""
+    path = cache_dir / STAMP_JSON
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != enc.stamp():
+            raise PrepareError(f"{cache_dir} holds a cache made with {old}, not {enc.stamp()}: use another "
+                               f"--cache-dir (or the same options) so the two are never mixed")
+    elif write:
+        atomic_write_text(path, json.dumps(enc.stamp()))
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _run_pool(pairs: list[tuple[str, str]], enc: _Encode, workers: int) -> Iterator[list[_Outcome]]:
+    """Yield the outcomes chunk by chunk; in this process when workers <= 1, else a process pool."""
+    if workers <= 1:
+        for chunk in _chunks(pairs, CHUNK):
+            yield _transcode_chunk(chunk, enc)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch/DALI threads
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_transcode_chunk, c, enc) for c in _chunks(pairs, CHUNK)]
+        try:
+            for fut in cf.as_completed(futures):
+                yield fut.result()
+        except cf.BrokenExecutor as e:
+            raise PrepareError(f"a worker process died ({e}): a decoder crash or out of memory; the files done so "
+                               "far are kept; rerun with --workers 1 to see which source it is") from e
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _transcode_all(pairs: list[tuple[str, str]], enc: _Encode, opts: PrepareOptions, cache_dir: Path,
+                   report: PrepareReport) -> dict[str, _Outcome]:
+    """Run every (source, cache file) pair; stop early if free space falls under the margin."""
+    outcomes: dict[str, _Outcome] = {}
+    t0, last_log = time.monotonic(), time.monotonic()
+    for chunk in _run_pool(pairs, enc, opts.workers):
+        for o in chunk:
+            outcomes[o.src] = o
+        if _free_bytes(cache_dir) < opts.margin_gb * GB:
+            report.stopped = f"free space fell under the margin of {opts.margin_gb} GB"
+            _logger.error("stopping: %s; the rows done so far are kept", report.stopped)
+            break
+        if time.monotonic() - last_log > 30:
+            last_log = time.monotonic()
+            _logger.info("%d / %d sources (%.1f/s)", len(outcomes), len(pairs),
+                         len(outcomes) / (last_log - t0))
+    return outcomes
+
+
+def _scale_boxes(boxes: list, sx: float, sy: float) -> list:
+    """Boxes in the cached image's pixels; a malformed bbox is kept as it was (consumers validate)."""
+    out = []
+    for b in boxes:
+        bb = b.get("bbox") if isinstance(b, dict) else None
+        if isinstance(bb, list) and len(bb) == 4 and all(isinstance(v, (int, float)) for v in bb):
+            b = {**b, "bbox": [round(bb[0] * sx, 2), round(bb[1] * sy, 2), round(bb[2] * sx, 2),
+                               round(bb[3] * sy, 2)]}
+        out.append(b)
+    return out
+
+
+def _build_manifest(m: Manifest, outcomes: dict[str, _Outcome], manifest_out: Path
+                    ) -> tuple[Manifest, list[tuple[str, str]]]:
+    """The cached manifest (done rows, in source order) and the skipped (path, reason) rows."""
+    keep, skipped, sizes, boxes = [], [], [], []
+    for i, src in enumerate(m.paths):
+        o = outcomes.get(src)
+        if o is None:
+            continue                                  # not reached (limit / stopped): counted as remaining
+        if not o.ok:
+            skipped.append((src, o.reason))
+            continue
+        keep.append(i)
+        sizes.append(o.out_wh)
+        sx, sy = o.out_wh[0] / max(1, o.src_wh[0]), o.out_wh[1] / max(1, o.src_wh[1])
+        boxes.append(_scale_boxes(m.boxes[i], sx, sy))
+    out = m.subset(keep)
+    out.path, out.fmt, out.sizes, out.boxes = str(manifest_out), "pillsnap", sizes, boxes
+    out.orig_paths = [m.source_path(i) for i in keep]
+    out.paths = [outcomes[m.paths[i]].dst for i in keep]
+    return out, skipped
+
+
+def _class_map_to_write(manifest_path: Path, m: Manifest, cache_dir: Path) -> Optional[ClassMap]:
+    """The class map to put beside the cached manifest, None when the cache's own stands; raises
+    ClassMapMismatch before anything is transcoded.
+
+    Class ids must not shift when rows are skipped, so the map comes from the SOURCE: its ``class_map.json``,
+    else (a legacy manifest) its sorted unique K-codes. A cache that has a map already keeps it: a source
+    map must equal it; a legacy manifest's codes must all be in it (a val split lacking some class is fine).
+    """
+    src_map = manifest_path.parent / "class_map.json"
+    dst = cache_dir / "class_map.json"
+    have = ClassMap.load(dst) if dst.exists() else None
+    if src_map.exists():
+        cm = ClassMap.load(src_map)
+        if have is None:
+            return cm
+        have.check_same(cm, what=f"cache dir {cache_dir}", against=f"source {manifest_path}")
+        return None
+    if have is None:
+        return ClassMap(codes=sorted(set(m.codes)))
+    unknown = sorted(set(m.codes) - set(have.codes))
+    if unknown:
+        raise ClassMapMismatch(f"{manifest_path} has {len(unknown)} K-code(s) not in the class map of cache dir "
+                               f"{cache_dir} ({', '.join(unknown[:10])}); prepare the training manifest first, "
+                               "or use another --cache-dir")
+    return None
+
+
+def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "reason"])
+    w.writerows(skipped)
+    atomic_write_text(path, buf.getvalue())
+    for src, why in skipped[:10]:
+        _logger.warning("skipped %s: %s", src, why)
+    if len(skipped) > 10:
+        _logger.warning("... and %d more skipped sources, all listed in %s", len(skipped) - 10, path)
+
+
+def verify_sample(outcomes: Iterable[_Outcome], sample: int, seed: int = 0) -> None:
+    """Decode a seeded sample of the outputs; a bad one is removed (a rerun redoes it) and is an error."""
+    done = sorted((o for o in outcomes if o.ok), key=lambda o: o.dst)
+    bad = []
+    for o in random.Random(seed).sample(done, min(sample, len(done))):
+        try:
+            with Image.open(o.dst) as im:
+                im.load()
+                if im.format != "JPEG" or im.size != tuple(o.out_wh) or im.info.get("progressive"):
+                    raise ValueError(f"{im.format} {im.size}, expected a baseline JPEG of {tuple(o.out_wh)}")
+        except Exception as e:  # noqa: BLE001 -- any failure to read back is reported
+            bad.append(f"{o.dst} ({o.src}): {e}")
+            with contextlib.suppress(OSError):
+                os.remove(o.dst)
+    if bad:
+        raise PrepareError(f"final check: {len(bad)} cached file(s) do not read back (removed; rerun to redo "
+                           f"them): " + "; ".join(bad[:5]))
+    _logger.info("final check: %d sampled cache files decode", min(sample, len(done)))
+
+
+def _pending_pairs(m: Manifest, cache_dir: Path) -> list[tuple[str, str]]:
+    """(source, cache file) for every distinct source, in manifest order."""
+    seen: dict[str, str] = {}
+    for src in m.paths:
+        if src not in seen:
+            seen[src] = str(cache_path_for(src, cache_dir))
+    return list(seen.items())
+
+
+def _select(pairs: list[tuple[str, str]], limit: Optional[int]) -> tuple[list, list]:
+    """(pairs to run now, pairs still to do); ``limit`` caps the sources not yet in the cache."""
+    todo = [p for p in pairs if not os.path.exists(p[1])]
+    if limit is None or limit >= len(todo):
+        return pairs, todo
+    later = set(s for s, _ in todo[limit:])
+    return [p for p in pairs if p[0] not in later], todo
+
+
+def prepare_cache(manifest_path: str | Path, cache_dir: str | Path, opts: PrepareOptions) -> PrepareReport:
+    """Build (or resume) the JPEG cache of a manifest; see the module docstring. Returns what it did."""
+    opts.validate()
+    t0 = time.monotonic()
+    manifest_path, cache_dir = Path(manifest_path).absolute(), Path(cache_dir).absolute()
+    manifest_out = cache_dir / f"{manifest_path.stem}.csv"
+    if manifest_out == manifest_path:
+        raise PrepareError(f"the cached manifest would overwrite its source {manifest_path}: use another --cache-dir")
+    m = read_manifest(manifest_path)
+    enc = _Encode(opts.quality, opts.max_side, opts.subsampling, opts.max_pixels)
+    report = PrepareReport(rows_in=len(m), dry_run=opts.dry_run)
+    _check_stamp(cache_dir, enc, write=False)
+    class_map = _class_map_to_write(manifest_path, m, cache_dir)  # a mismatch stops us before any work
+    pairs = _pending_pairs(m, cache_dir)
+    run_pairs, todo = _select(pairs, opts.limit)
+    est = _Estimate(0, 0, 0, 0.0)
+    if todo:
+        est = estimate_cache_bytes([s for s, _ in todo], enc, opts.sample, opts.seed)
+    report.estimate_bytes = est.cache_bytes
+    _logger.info("%d rows, %d distinct sources, %d to transcode; estimated cache growth %.1f MB "
+                 "(%d/%d sampled sources decoded, mean JPEG/source %.3f)", len(m), len(pairs), len(todo),
+                 report.estimate_bytes / 1e6, est.decoded, est.sampled, est.mean_ratio)
+    report.free_bytes = check_space(cache_dir, report.estimate_bytes, opts.margin_gb)
+    if not opts.dry_run:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(cache_dir):
+            report.tmp_removed = _remove_tmp(cache_dir)
+            _check_stamp(cache_dir, enc, write=True)
+            outcomes = _transcode_all(run_pairs, enc, opts, cache_dir, report)
+            _finish(m, outcomes, manifest_path, manifest_out, report, class_map)
+            verify_sample(outcomes.values(), opts.sample, opts.seed)
+        if opts.limit is not None and report.remaining and not report.stopped:
+            report.stopped = f"limit of {opts.limit} new rows reached; rerun to resume"
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _finish(m: Manifest, outcomes: dict[str, _Outcome], manifest_path: Path, manifest_out: Path,
+            report: PrepareReport, class_map: Optional[ClassMap]) -> None:
+    """Write the manifest of done rows, the skipped list and the class map; fill the report's counts."""
+    cache_dir = manifest_out.parent
+    out, skipped = _build_manifest(m, outcomes, manifest_out)
+    write_manifest(out, manifest_out)
+    report.manifest_out = str(manifest_out)
+    report.skipped_csv = str(skipped_csv(cache_dir, manifest_path))
+    _write_skipped(Path(report.skipped_csv), skipped)
+    if class_map is not None and not (cache_dir / "class_map.json").exists():
+        class_map.save(cache_dir / "class_map.json")
+    report.cached, report.skipped = len(out), len(skipped)
+    report.remaining = report.rows_in - report.cached - report.skipped
+    done = [outcomes[p] for p in dict.fromkeys(m.paths) if p in outcomes and outcomes[p].ok]
+    report.reused = sum(1 for o in done if o.reused)
+    report.transcoded = len(done) - report.reused
+    report.source_bytes = sum(o.src_bytes for o in done)
+    report.cache_bytes = sum(o.out_bytes for o in done)
+    if report.remaining:
+        _logger.warning("%d of %d rows are not in the cache yet: rerun to resume", report.remaining, report.rows_in)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _max_side(text: str) -> Optional[int]:
+    return None if text.lower() in ("none", "null", "0") else int(text)
+
+
+def _parse_args(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m pillsnap_dali.prepare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--manifest", required=True, help="source manifest CSV (ours or the legacy 4-column one)")
+    ap.add_argument("--cache-dir", required=True, help="cache directory (gets <manifest stem>.csv and the JPEGs)")
+    ap.add_argument("--quality", type=int, help="JPEG quality (prepare.quality)")
+    ap.add_argument("--max-side", type=_max_side, default=argparse.SUPPRESS,
+                    help="long side of the cached JPEG (prepare.max_side); 'none' keeps the size")
+    ap.add_argument("--subsampling", choices=sorted(_SUBSAMPLING), help="chroma subsampling (prepare.subsampling)")
+    ap.add_argument("--workers", type=int, help="processes (prepare.workers)")
+    ap.add_argument("--margin-gb", type=float, help="free space to keep (prepare.free_space_margin_gb)")
+    ap.add_argument("--sample", type=int, help="rows sampled for the estimate and the final check")
+    ap.add_argument("--limit", type=int, help="transcode at most this many new rows, then stop (resumable)")
+    ap.add_argument("--dry-run", action="store_true", help="estimate the size and check the space; write nothing")
+    ap.add_argument("--config", help="a config YAML merged over configs/base.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)  # PIL warns about odd EXIF etc.: into the log, not bare stderr
+    try:
+        cfg = load_config(path=args.config, sets=args.set)
+        opts = PrepareOptions.from_config(
+            cfg, quality=args.quality, subsampling=args.subsampling, workers=args.workers,
+            margin_gb=args.margin_gb, sample=args.sample, limit=args.limit, dry_run=args.dry_run or None)
+        if hasattr(args, "max_side"):  # absent unless given: None is a valid value ("keep the size")
+            opts.max_side = args.max_side
+        report = prepare_cache(args.manifest, args.cache_dir, opts)
+    except (PrepareError, ValueError, FileNotFoundError) as e:  # config, manifest and class-map errors included
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 1 if report.stopped and opts.limit is None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The classification training loop: the Trainer (engine), checkpoints, metrics and the run report."""
