@@ -36,6 +36,7 @@ import torch
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 from pillsnap_dali.loaders.common import SkipLog
+from pillsnap_dali.weights import force_safe_load, load_yolo
 
 _logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ METRIC_KEYS = {"precision": "metrics/precision(B)", "recall": "metrics/recall(B)
 
 
 def ultralytics_offline() -> None:
-    """Call before using Ultralytics: no update checks, hub sync, downloads or pip installs.
+    """Call before using Ultralytics: no update checks, hub sync, downloads or pip installs, and its restricted
+    (``weights_only``) checkpoint loading.
 
     Importing Ultralytics also replaces ``PIL.Image.open`` process-wide with a wrapper that, on an image PIL
     cannot identify, tries to pip-install ``pi-heif`` and then fails with ModuleNotFoundError. Our loaders
@@ -54,6 +56,7 @@ def ultralytics_offline() -> None:
     os.environ["YOLO_OFFLINE"] = "true"
     os.environ["YOLO_AUTOINSTALL"] = "false"
     os.environ.setdefault("YOLO_VERBOSE", "true")
+    force_safe_load()  # weights files and model yamls never run code (pillsnap_dali.weights)
     from PIL import Image
     try:
         from ultralytics.utils import patches
@@ -409,14 +412,9 @@ def resolve_device(device: str, backend: str) -> tuple[str, str]:
 
 
 def _load_model(spec: str):
-    """A YOLO model from an Ultralytics yaml (built from scratch) or a LOCAL .pt (never downloaded)."""
-    ultralytics_offline()
-    from ultralytics import YOLO
-
-    if spec.endswith((".pt", ".pth")) and not Path(spec).is_file():
-        raise FileNotFoundError(f"detector weights {spec} not found (nothing is downloaded: pass a local file "
-                                f"or a model yaml such as yolo11m.yaml)")
-    return YOLO(spec, task="detect")
+    """A YOLO model from an Ultralytics yaml (built from scratch) or a LOCAL .pt (never downloaded, never
+    unpickled beyond torch/Ultralytics layers: ``weights.load_yolo``)."""
+    return load_yolo(spec, task="detect")
 
 
 def _train_args(run: DetectRun, device: str) -> dict:

@@ -63,15 +63,12 @@ def options_from(cfg, mode: str, topk: int | None = None) -> PredictOptions:
 
 
 def load_detector(weights: str | Path):
-    """An Ultralytics YOLO from LOCAL weights (never downloaded), imported lazily and offline."""
-    from pillsnap_dali.detect import ultralytics_offline
+    """An Ultralytics YOLO from LOCAL weights (never downloaded), loaded with ``weights_only=True`` against
+    an allow-list (``weights.load_yolo``): a crafted file is refused, never executed. Note: its CPU predictor
+    sets torch threads to min(8, cores - 1)."""
+    from pillsnap_dali.weights import check_detector_weights, load_yolo
 
-    if not Path(weights).is_file():
-        raise FileNotFoundError(f"detector weights not found: {weights}")
-    ultralytics_offline()
-    from ultralytics import YOLO  # note: its CPU predictor sets torch threads to min(8, cores - 1)
-
-    return YOLO(str(weights), task="detect")
+    return load_yolo(check_detector_weights(weights), task="detect")
 
 
 def _detector_imgsz(detector, default: int) -> int:

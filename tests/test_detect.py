@@ -334,6 +334,8 @@ def test_dali_fed_ultralytics_training_completes_offline(converted, tmp_path, mo
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("precision", "recall", "mAP50", "mAP50-95"))
     assert metrics["backend"] == "dali-cpu" and (out / "skipped.csv").read_text().startswith("row,path,reason,backend,epoch")
     assert not list(tmp_path.glob("*.pt")) and not list(Path.cwd().glob("yolo*.pt"))  # nothing fetched
+    from pillsnap_dali.predict import load_detector  # our own checkpoint passes the weights_only loader
+    assert type(load_detector(out / "weights" / "best.pt").model).__name__ == "DetectionModel"
 
 
 

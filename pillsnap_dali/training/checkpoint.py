@@ -27,6 +27,7 @@ import torch
 from pillsnap_dali.atomic import atomic_open
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import PreprocessConfig
+from pillsnap_dali.weights import one_line
 
 _logger = logging.getLogger(__name__)
 FORMAT = "pillsnap_dali/1"
@@ -67,7 +68,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:  # pickle.UnpicklingError and friends: say what and why, never unpickle blindly
-        raise CheckpointError(f"{path} cannot be loaded safely (weights_only=True): {e}") from None
+        raise CheckpointError(f"{path} cannot be loaded safely (weights_only=True): {one_line(e)}") from None
 
 
 def load_training_state(path: str | Path, class_map) -> dict:
