@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.device import DevicePlan, native_bf16, select_device
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 from pillsnap_dali.loaders.common import SkipLog
 from pillsnap_dali.weights import force_safe_load, load_yolo
@@ -347,6 +348,17 @@ class DaliDetectLoader:
 
 
 # ------------------------------------------------------------------------------------------------- trainer
+def check_same_gpu(model_device, options: DaliOptions) -> None:
+    """DALI must decode on the GPU the detector trains on (an Ultralytics that rewrites CUDA_VISIBLE_DEVICES
+    puts the model on ``cuda:0`` whatever was asked): a mismatch is an error, not a silent copy per batch."""
+    if options.device != "gpu":
+        return
+    dev = torch.device(model_device)
+    if dev.type != "cuda" or (dev.index or 0) != (options.device_id or 0):
+        raise RuntimeError(f"Ultralytics put the detector on {dev} but DALI decodes on cuda:{options.device_id or 0}: "
+                           f"install ultralytics>=8.4.138 (earlier releases remap CUDA_VISIBLE_DEVICES)")
+
+
 @functools.cache
 def dali_trainer_class():
     """``DetectionTrainer`` subclass whose loaders are DALI graphs (built lazily: imports Ultralytics)."""
@@ -368,6 +380,7 @@ def dali_trainer_class():
             if self.world_size > 1:
                 raise NotImplementedError("the DALI detection loader runs on one GPU; use --backend ultralytics "
                                           "for multi-GPU detection training")
+            check_same_gpu(self.device, self.dali)
             augment = {k: float(getattr(self.args, k)) for k in AUG_KEYS} if mode == "train" else None
             loader = DaliDetectLoader(read_yolo_split(dataset_path), batch_size=batch_size, imgsz=self.args.imgsz,
                                       augment=augment, shuffle=mode == "train", options=self.dali,
@@ -400,29 +413,57 @@ class DetectRun:
     flipud: float = 0.5  # detect.flipud
 
 
-def resolve_device(device: str, backend: str) -> tuple[str, str]:
-    """(torch device string, backend): ``dali`` without CUDA falls back to ``dali-cpu``, loudly."""
-    cuda = torch.cuda.is_available()
-    if device == "auto":
-        device = "cuda:0" if cuda else "cpu"
-    if backend == "dali" and not device.startswith("cuda"):
-        _logger.warning("--backend dali decodes on the GPU but training runs on %s: using dali-cpu", device)
+def resolve_device(device: str, backend: str) -> tuple[DevicePlan, str]:
+    """(device plan, backend): one CUDA device for DALI, torch and Ultralytics alike (``device.select_device``);
+    ``dali`` without CUDA falls back to ``dali-cpu``, loudly."""
+    plan = select_device(device)
+    if backend == "dali" and not plan.cuda:
+        _logger.warning("--backend dali decodes on the GPU but training runs on %s: using dali-cpu", plan.torch)
         backend = "dali-cpu"
-    return device, backend
+    return plan, backend
+
+
+def accepts_bf16(check_cfg=None) -> bool:
+    """Whether the installed Ultralytics trains with ``amp="bf16"``. Decided by its own argument check, not
+    its version number: a release that knows bf16 accepts "bf16" and names it when refusing a wrong value;
+    earlier ones refuse "bf16" (a bool-only key) or let any string through to ``torch.tensor(amp)``, a
+    TypeError at the first epoch."""
+    if check_cfg is None:
+        ultralytics_offline()
+        from ultralytics.cfg import check_cfg
+    try:
+        check_cfg({"amp": "bf16"})
+    except Exception:
+        return False
+    try:
+        check_cfg({"amp": "no-such-precision"})
+    except (TypeError, ValueError) as e:
+        return "bf16" in str(e)
+    return False
+
+
+def amp_setting(cuda: bool, bf16: bool, bf16_accepted: bool) -> bool | str:
+    """Ultralytics' ``amp``: off on the CPU, "bf16" where the GPU has it natively and Ultralytics takes it, else
+    True (fp16 + GradScaler; Ultralytics runs its AMP check, which offline is skipped with a warning)."""
+    if not cuda:
+        return False
+    return "bf16" if bf16 and bf16_accepted else True
+
+
+def _train_args(run: DetectRun, device: str) -> dict:
+    """Ultralytics' train arguments; ``device`` in its spelling ("cpu" or a CUDA index such as "1")."""
+    cuda = device != "cpu"
+    amp = amp_setting(cuda, cuda and native_bf16(int(device)), cuda and accepts_bf16())
+    return dict(data=str(run.data_yaml), epochs=run.epochs, imgsz=run.imgsz, batch=run.batch_size, device=device,
+                workers=run.workers, project=str(run.out.parent.resolve()), name=run.out.name, exist_ok=True,
+                plots=False, amp=amp, pretrained=run.model.endswith(".pt"), seed=run.seed, flipud=run.flipud,
+                verbose=False)
 
 
 def _load_model(spec: str):
     """A YOLO model from an Ultralytics yaml (built from scratch) or a LOCAL .pt (never downloaded, never
     unpickled beyond torch/Ultralytics layers: ``weights.load_yolo``)."""
     return load_yolo(spec, task="detect")
-
-
-def _train_args(run: DetectRun, device: str) -> dict:
-    amp = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else False
-    return dict(data=str(run.data_yaml), epochs=run.epochs, imgsz=run.imgsz, batch=run.batch_size, device=device,
-                workers=run.workers, project=str(run.out.parent.resolve()), name=run.out.name, exist_ok=True,
-                plots=False, amp=amp, pretrained=run.model.endswith(".pt"), seed=run.seed, flipud=run.flipud,
-                verbose=False)
 
 
 def _write_outputs(run: DetectRun, trainer, backend: str) -> dict:
@@ -439,14 +480,13 @@ def _write_outputs(run: DetectRun, trainer, backend: str) -> dict:
 
 def train_detector(run: DetectRun) -> dict:
     """Train; returns the metrics.json dict (P, R, mAP50, mAP50-95 of the best weights on val)."""
-    device, backend = resolve_device(run.device, run.backend)
+    plan, backend = resolve_device(run.device, run.backend)
     model = _load_model(run.model)
-    args = _train_args(run, device)
+    args = _train_args(run, plan.ultralytics)
     trainer = None
     if backend != "ultralytics":
-        dev_id = int(device.split(":")[1]) if ":" in device else 0
         options = DaliOptions(device="gpu" if backend == "dali" else "cpu", threads=run.threads,
-                              device_id=dev_id if backend == "dali" else None, seed=run.seed,
+                              device_id=plan.dali_device_id if backend == "dali" else None, seed=run.seed,
                               max_pixels=run.max_pixels, readers=run.readers)
         trainer = functools.partial(dali_trainer_class(), dali=options, skip_log=SkipLog(run.out / "skipped.csv"))
     _logger.info("training %s on %s (%s backend, %d px, %d epochs) -> %s", run.model, run.data_yaml, backend,

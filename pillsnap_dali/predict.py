@@ -366,9 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_models(args, cfg):
+    from pillsnap_dali.device import select_device
     from pillsnap_dali.training.checkpoint import load_classifier
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device(args.device or "auto").torch  # the detector follows the classifier's device
     # a plain state dict carries no preprocessing: the users' Stage 3 model's (384 px, squash) unless the
     # command names one (--set preprocess.*, --config, --stage); our checkpoints always use their own
     given = args.config or args.stage or any(s.strip().startswith("preprocess.") for s in args.set)
