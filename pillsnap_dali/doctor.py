@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-FLOORS = {"torch": "2.8", "ultralytics": "8.4.138", "timm": "0.9.12", "nvidia-dali": "1.45"}
+FLOORS = {"torch": "2.7", "ultralytics": "8.4.138", "timm": "0.9.12", "nvidia-dali": "1.45"}
 CU128_INDEX = "https://download.pytorch.org/whl/cu128"
 BLACKWELL_DRIVER = 570   # CUDA 12.8, the first toolkit with sm_100 / sm_120 code
 CUDA13_DRIVER = 580
