@@ -1,54 +1,40 @@
 #!/usr/bin/env bash
-# One command on any CUDA machine: GPU tests, the decode benchmark, a short demo training on the `dali`
-# backend (data_time share reported), the model-only ceiling. Results go to gpu_results/<timestamp>/.
-#   scripts/gpu_check.sh [--skip-install]
+# Proof of the GPU path on a CUDA machine, with a threshold per check and one summary.
+#   scripts/gpu_check.sh [--quick] [--wheels DIR] [--skip-install] [--out DIR] [--help]
+# Modes:
+#   (default)       full: every gpu test, more repeats and epochs; each step has a timeout, all of them <= 10 min
+#   --quick         few repeats and epochs; every step's timeout adds up to <= 5 min on one H100 (once installed)
+#   --wheels DIR    install from the wheels carried in DIR, no package index (pip --no-index --find-links DIR)
+#   --skip-install  use the environment as it is
+#   --out DIR       results folder (default gpu_results/<stamp>)
+# Steps (python -m pillsnap_dali.gpu_check run): doctor first (stops the rest when the GPU path cannot work),
+# gpu tests, decode benchmark on JPEG and the 640 px cache, a short Stage-3 `dali` training (data_time share,
+# NVML memory per epoch), detector + combo latency, broken JPEGs through `mixed` vs `dali-cpu`, a run that
+# runs out of GPU memory. Ends with gpu_results/<stamp>/summary.json and a pass/fail table; exit 0 only when
+# every check passes. Thresholds: pillsnap_dali/gpu_check.py (THRESHOLDS).
 set -uo pipefail
-case "${1:-}" in
-  ""|--skip-install) ;;
-  -h|--help) sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-  *) echo "unknown argument: $1 (scripts/gpu_check.sh [--skip-install])" >&2; exit 2 ;;
-esac
+quick="" wheels="" install=1 out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick="--quick" ;;
+    --wheels) wheels="${2:?--wheels needs a folder}"; shift ;;
+    --skip-install) install=0 ;;
+    --out) out="${2:?--out needs a folder}"; shift ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $1 (scripts/gpu_check.sh --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
 cd "$(dirname "$0")/.."
-out="gpu_results/$(date +%Y%m%d-%H%M%S)"
+out="${out:-gpu_results/$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$out"
-if [ "${1:-}" != "--skip-install" ]; then
-  pip install -e '.[dev]' >"$out/install.log" 2>&1 || { echo "install failed, see $out/install.log"; exit 1; }
+if [ "$install" = 1 ]; then
+  if [ -n "$wheels" ]; then  # a lent GPU reaches no package index: everything comes from the carried wheels
+    cmd=(pip install --no-index --find-links "$wheels" --no-build-isolation -e '.[dev]')
+  else
+    cmd=(pip install -e '.[dev]')
+  fi
+  echo "== install: ${cmd[*]}"
+  timeout 300 "${cmd[@]}" >"$out/install.log" 2>&1 || { echo "install failed, see $out/install.log"; exit 1; }
 fi
-python - <<'PY' | tee "$out/machine.txt"
-import os, platform, torch
-print("cpu cores:", os.cpu_count(), "|", platform.processor() or platform.machine())
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    print("gpu:", torch.cuda.get_device_name(0))
-try:
-    import nvidia.dali as d; print("dali", d.__version__)
-except Exception as e:
-    print("dali missing:", e)
-PY
-python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA here: nothing to check"; exit 1; }
-status=0
-echo "== gpu tests"
-python -m pytest -m gpu -q -rs 2>&1 | tee "$out/gpu_tests.txt" || status=1
-echo "== decode benchmark"
-python -m pillsnap_dali.bench decode --out "$out/bench_decode" 2>&1 | tee "$out/bench_decode.txt" || status=1
-echo "== model-only ceiling (stage 3 settings)"
-python -m pillsnap_dali.bench step --stage 3 --batch-size 64 --json "$out/step.json" 2>&1 | tee "$out/step.txt" || status=1
-echo "== short demo training on the dali backend"
-python -m pillsnap_dali.train --stage demo --backend dali --epochs 3 --out "$out/runs" --name demo_gpu \
-  2>&1 | tee "$out/train.txt" || status=1
-grep -h "data" "$out/runs/demo_gpu/report.md" 2>/dev/null | head -3
-echo "== stage-3-like throughput on the dali backend (synthetic 976x1280 tree, 384 px, tf_efficientnetv2_s)"
-s3=(--set data.synth.size=976x1280 --set data.synth.images_per_class=60 --set data.synth.combos=12
-    --set "data.artifacts=$out/artifacts")
-python -m pillsnap_dali.train --stage demo --backend dali --epochs 2 --out "$out/runs" --name s3like \
-  "${s3[@]}" --img-size 384 --model tf_efficientnetv2_s --batch-size 64 2>&1 | tee "$out/train_s3like.txt" || status=1
-grep -h "data_time share" "$out/runs/s3like/report.md" 2>/dev/null
-echo "== detector on DALI (yolo11m, 640 px, 1 epoch) and combo latency with the users' model sizes"
-python -m pillsnap_dali.detect --stage demo --model yolo11m.yaml --epochs 1 --imgsz 640 --backend dali \
-  "${s3[@]}" --set "train.out=$out/runs" 2>&1 | tee "$out/detect.txt" || status=1
-combos=$(ls -d "$out"/artifacts/synth/*/*/*/1.Training/*/*조합*/TS_1_* 2>/dev/null | head -1)
-python -m pillsnap_dali.bench predict "$combos" --classifier "$out/runs/s3like/checkpoints/last.pt" \
-  --detector "$out/runs/detect_demo/weights/last.pt" --mode combo --conf 0 --max-det 4 \
-  --json "$out/predict_latency.json" 2>&1 | tee "$out/predict_latency.txt" || status=1
-echo "results in $out"
-exit $status
+exec python -m pillsnap_dali.gpu_check run $quick --out "$out"
