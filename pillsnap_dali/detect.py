@@ -19,6 +19,7 @@ as they are found, not retried by a rerun in the same dir), Ultralytics' ``resul
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import logging
@@ -478,8 +479,45 @@ def _write_outputs(run: DetectRun, trainer, backend: str) -> dict:
     return summary
 
 
+class OutputError(ValueError):
+    """The run cannot write its outputs (read-only or full disk, no permission): one line naming the path."""
+
+
+def os_error_line(e: OSError, where: Path) -> str:
+    """``<path>: <what the OS said>`` for an OSError, the path being the file it names, else ``where``."""
+    path = e.filename or where
+    what = e.strerror or str(e) or type(e).__name__
+    return f"{path}: {what}" + (" (disk full?)" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "")
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work when the run dir cannot be created or written (a 64 KB probe file)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_probe_{os.getpid()}"
+        try:
+            probe.write_bytes(b"\0" * 65536)
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot write the detection run dir: {os_error_line(e, folder)}") from None
+
+
 def train_detector(run: DetectRun) -> dict:
-    """Train; returns the metrics.json dict (P, R, mAP50, mAP50-95 of the best weights on val)."""
+    """Train; returns the metrics.json dict (P, R, mAP50, mAP50-95 of the best weights on val). An OS error
+    while it writes (disk full, read-only, permission) is an ``OutputError`` naming the path."""
+    if not Path(run.data_yaml).is_file():
+        raise FileNotFoundError(f"YOLO data yaml not found: {run.data_yaml}")
+    check_writable(run.out)
+    try:
+        return _train(run)
+    except OSError as e:
+        if e.errno is None:  # ours (a missing weights file, ...): already one line
+            raise
+        raise OutputError(f"detection stopped: {os_error_line(e, run.out)}") from None
+
+
+def _train(run: DetectRun) -> dict:
     plan, backend = resolve_device(run.device, run.backend)
     model = _load_model(run.model)
     args = _train_args(run, plan.ultralytics)
@@ -545,7 +583,7 @@ def main(argv=None) -> int:
             print(f"YOLO dataset: {data_yaml}")
             return 0
         summary = train_detector(run_from_config(cfg, data_yaml))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OSError, ValueError) as e:  # OSError: a path and what the OS said, one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("precision", "recall", "mAP50", "mAP50-95", "weights")}, indent=1))

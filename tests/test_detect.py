@@ -424,3 +424,50 @@ def test_detect_flipud_comes_from_the_config(tmp_path):
     run = run_from_config(load_config("demo", sets=["detect.flipud=0.2"]), tmp_path / "data.yaml")
     assert run.flipud == 0.2 and _train_args(run, "cpu")["flipud"] == 0.2
     assert _train_args(run_from_config(load_config("demo"), tmp_path / "data.yaml"), "cpu")["flipud"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------ OS errors
+def _last_line_error(err: str, path) -> None:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error:") and str(path) in lines[-1] and "Traceback" not in err
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(converted, tmp_path, capsys):
+    from pillsnap_dali import detect
+
+    yolo, _ = converted
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    rc = detect.main(["--data", str(yolo / "data.yaml"), "--model", "yolo11n.yaml", "--epochs", "1", "--imgsz", "64",
+                      "--set", f"train.out={blocker}", "--set", "train.device=cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write the detection run dir" in err and "Not a directory" in err
+    _last_line_error(err, blocker)
+
+
+def test_a_permission_error_names_the_path(converted, capsys):
+    from pillsnap_dali import detect
+
+    yolo, _ = converted
+    rc = detect.main(["--data", str(yolo / "data.yaml"), "--model", "yolo11n.yaml", "--set", "train.out=/sys/pillsnap"])
+    err = capsys.readouterr().err
+    assert rc == 2 and any(w in err for w in ("Operation not permitted", "Permission denied", "Read-only"))
+    _last_line_error(err, "/sys/pillsnap")
+
+
+def test_a_full_disk_during_training_is_one_line(converted, tmp_path):
+    """Files may grow to 1 MB only (RLIMIT_FSIZE, as a full disk): the first weights file fails to save."""
+    import subprocess
+    import sys
+
+    yolo, _ = converted
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20)); "
+            "from pillsnap_dali import detect; sys.exit(detect.main(sys.argv[1:]))")
+    res = subprocess.run([sys.executable, "-c", code, "--data", str(yolo / "data.yaml"), "--model", "yolo11n.yaml",
+                          "--epochs", "1", "--imgsz", "64", "--batch-size", "4", "--backend", "dali-cpu",
+                          "--set", f"train.out={tmp_path}", "--set", "train.device=cpu"],
+                         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HOME": str(tmp_path)})
+    assert res.returncode == 2
+    _last_line_error(res.stderr, tmp_path)
+    assert "disk full?" in res.stderr.strip().splitlines()[-1]
