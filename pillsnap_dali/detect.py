@@ -9,8 +9,11 @@ dict its trainer and validator expect (``img`` uint8 BCHW, ``cls``, ``bboxes`` n
 uses its own loader (mosaic and the rest of its augmentation).
 
 Fully offline: ``YOLO_OFFLINE`` is set before Ultralytics is imported (lazily, here only), plots are off
-(no font download), models are built from a yaml or a local ``.pt`` (never fetched), and AMP uses bf16 or
-is off so its check never downloads a reference model.
+(no font download), models are built from a yaml or a local ``.pt`` (never fetched, loaded ``weights_only``:
+``pillsnap_dali.weights``). Precision: ``amp="bf16"`` where the GPU has native bf16 and the installed
+Ultralytics accepts it, else fp16 AMP (its AMP check cannot download its reference model offline: it is
+skipped with a warning), off on the CPU. ``--device cuda:N``: DALI, torch and the detector on GPU N
+(``pillsnap_dali.device``). OS errors while writing are one line naming the path (``OutputError``).
 
 Run dir ``<train.out>/detect_<stage>/``: ``weights/{best,last}.pt``, ``metrics.json`` (P, R, mAP50,
 mAP50-95), ``skipped.csv`` (row, path, reason, backend, epoch: the images the DALI loaders could not use, written
