@@ -88,8 +88,8 @@ def plan(out: Path, quick: bool) -> list[Step]:
                   "640", "--backend", "dali", "--set", f"train.out={out / 'runs'}", *tree_sets(out, quick)]
     return [
         Step("doctor", m + ["pillsnap_dali.doctor", "--require-gpu", "--disk", str(out), "--json",
-                            str(out / "doctor.json")], 30),
-        Step("gpu_tests", tests + (["-x"] if quick else []), 80, ("doctor",)),
+                            str(out / "doctor.json")], 20),
+        Step("gpu_tests", tests + (["-x"] if quick else []), 90, ("doctor",)),
         Step("decode_bench", decode, 40, ("doctor",)),
         Step("train_dali", m + ["pillsnap_dali.train", *train], 60, ("doctor",)),
         Step("detect", detect, 35, ("train_dali",)),
