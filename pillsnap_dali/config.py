@@ -17,6 +17,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS
 
 AUTO = "auto"
@@ -33,7 +34,7 @@ STAGES = ("demo", "1", "2", "3", "4")
 CUSTOM = "custom"  # base.yaml alone: a user's own manifest whose stage cannot be told (no overlay applied)
 
 
-class ConfigError(ValueError):
+class ConfigError(PillsnapError, ValueError):
     """A configuration problem the user must fix (unknown key, bad type, bad value)."""
 
 

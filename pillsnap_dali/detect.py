@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.errors import InputError
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 from pillsnap_dali.loaders.common import SkipLog
 
@@ -85,7 +86,7 @@ def _read_label(path: Path) -> np.ndarray:
     rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
     bad = [r for r in rows if len(r) != 5]
     if bad:
-        raise ValueError(f"{path}: label lines must have 5 values (cls cx cy w h), got {bad[0]}")
+        raise InputError(f"{path}: label lines must have 5 values (cls cx cy w h), got {bad[0]}")
     return np.array(rows, np.float32).reshape(-1, 5)
 
 
@@ -159,7 +160,7 @@ class DaliDetectLoader:
     def __init__(self, samples: DetectSamples, *, batch_size: int, imgsz: int, augment: dict | None,
                  shuffle: bool, options: DaliOptions, skip_log=None, split: str = ""):
         if len(samples) == 0:
-            raise ValueError("the detection split has no images")
+            raise InputError("the detection split has no images")
         self.dataset, self.batch_size, self.imgsz = samples, int(batch_size), int(imgsz)
         self.augment, self.shuffle, self.options = augment, shuffle, options
         self.num_workers, self.drop_last = options.threads, False

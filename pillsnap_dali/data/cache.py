@@ -52,6 +52,7 @@ from pillsnap_dali.data.classmap import ClassMap, ClassMapMismatch
 from pillsnap_dali.config import load_config
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, open_rgb
 from pillsnap_dali.data.manifest import Manifest, read_manifest, write_manifest
+from pillsnap_dali.errors import PillsnapError
 
 _logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ _COMMENT_TAG = "pillsnap_dali.prepare"
 _SUBSAMPLING = {"444": 0, "420": 2}   # PIL's JPEG subsampling codes
 
 
-class PrepareError(RuntimeError):
+class PrepareError(PillsnapError, RuntimeError):
     """The cache cannot be built as asked (bad options, a busy or foreign cache dir, a failed final check)."""
 
 

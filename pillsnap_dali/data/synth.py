@@ -48,6 +48,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
+from pillsnap_dali.errors import PillsnapError
+
 _logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 3          # bump when the output of a given seed changes (invalidates demo caches)
@@ -102,7 +104,7 @@ _PRINT_PREFIXES = ("CKD", "YH", "DW", "HM", "GC", "BR", "IL", "DA", "ST", "PF", 
 _DOSES = (5, 10, 20, 25, 40, 50, 100, 200, 250, 500)
 
 
-class SynthError(ValueError):
+class SynthError(PillsnapError, ValueError):
     """Settings the generator cannot honour (too few images for the defects, too many classes...)."""
 
 
