@@ -490,7 +490,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(stage=args.stage, path=args.config, sets=args.set)
+        flags = {"data": {"root": args.data_root}} if args.data_root else None  # under --set, never set in place
+        cfg = load_config(stage=args.stage, path=args.config, overrides=flags, sets=args.set)
         out = Path(args.out) if args.out else Path(cfg.data.artifacts) / stage_dir_name(cfg.stage)
         if args.legacy:
             report = import_legacy(args.legacy, cfg, out, verify=args.verify)
@@ -500,8 +501,6 @@ def main(argv=None) -> int:
                     print(f"warning: {split} shares {leak['same_image']} image(s) and {leak['same_combination']} "
                           f"shot(s) of training combinations with train: its scores are optimistic")
             return 0
-        if args.data_root:
-            cfg.data.root = args.data_root
         root = Path(cfg.data.root) if cfg.data.root else _data_root(cfg)
         report = build_manifests(cfg, root, out, verify=args.verify, seed=args.seed, force=args.force)
     except (ConfigError, ManifestError, OSError) as e:
