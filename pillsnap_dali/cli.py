@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pillsnap_dali.config import DEVICE_RE, STAGES, Config, config_default, load_config, set_nested
+from pillsnap_dali.data.scan import COMBO_RE, KCODE_RE, SOURCE_RE, find_sources
 from pillsnap_dali.errors import PillsnapError, UsageError
 
 EXIT_ERROR = 2
@@ -105,23 +106,23 @@ def existing_file(path: str | Path | None, flag: str) -> Path | None:
     return p
 
 
-# folder names of the AI Hub release inside the tree's root: 1.Training, 원천데이터, 단일경구약제 5000종, the
-# TS_n/TL_n sources, K-code folders, and the English layout's data/train/images/single/...
+# folder names of the AI Hub release between the tree's root and its sources (1.Training, 원천데이터,
+# 단일경구약제 5000종) and of the English layout's data/train/images/single/...; below them the sources (TS_n_단일)
+# and the K-code folders (scan's patterns)
 _LEVEL_RE = re.compile(r"^(\d+\.(training|validation)|원천데이터|라벨링데이터|(단일경구약제|경구약제조합)[ _]5000종"
-                       r"|train|val|images|labels|single|combination|combo"
-                       r"|[TV][SL]_\d+_(단일|조합|single|combo|combination)|K-\d{6}(-\d{6})*(_json)?)$", re.I)
+                       r"|train|val|images|labels|single|combination)$", re.I)
 
 
 def _is_level(name: str) -> bool:
-    return bool(_LEVEL_RE.match(unicodedata.normalize("NFC", name)))
+    name = unicodedata.normalize("NFC", name)
+    code = name.removesuffix("_json")
+    return bool(_LEVEL_RE.match(name) or SOURCE_RE.match(name) or KCODE_RE.match(code) or COMBO_RE.match(code))
 
 
 def suggested_root(root: str | Path) -> Path | None:
     """The tree's real root when ``root`` is a folder inside an AI Hub tree (``.../01.데이터/1.Training``,
     ``.../원천데이터``, ``data/train`` of the English layout) that does not hold both parts (training and
     validation) with both images and labels; None when ``root`` is fine."""
-    from pillsnap_dali.data.scan import find_sources  # the scanner is only needed for a suspicious root
-
     here = Path(root).resolve()
     up = here
     while _is_level(up.name) and up.parent != up:

@@ -254,6 +254,17 @@ def test_a_data_root_inside_the_tree_names_the_tree_root(synth_tree, tmp_path, c
     assert cli.suggested_root(data) is None and cli.suggested_root(synth_tree.root) is None
 
 
+def test_the_english_layout_one_level_too_deep_is_recognised_too(tmp_path):
+    en = synth.generate(tmp_path / "en", workers=1, classes=6, images_per_class=1, combos=1, size=(64, 80),
+                        seed=0, layout="english")
+    data = Path(en.root) / "data"
+    for deep in (data / "train", data / "val" / "images", data / "train" / "labels" / "single" / "TL_1_single"):
+        assert cli.suggested_root(deep) == data.resolve(), deep
+        with pytest.raises(UsageError, match=f"pass --data-root {data.resolve()}"):
+            cli.check_data_root(deep)
+    assert cli.suggested_root(data) is None
+
+
 # ------------------------------------------------------------------------------------------ help
 def test_every_flag_of_every_cli_has_help_with_its_default():
     for name, p in _parsers().items():
