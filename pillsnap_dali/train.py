@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shared_flags(p, ("stage", "config", "data-root"), helps={"data-root": (
         "AI Hub tree to scan (config data.root; default: none: --stage demo generates its synthetic tree, a real "
-        "stage uses its manifests already built in data.artifacts)")})
+        "stage uses its manifests already built in data.artifacts)"), "stage": (
+        "stage whose overlay configs/stage<N>.yaml (or demo.yaml) is merged over base.yaml; one of %(choices)s "
+        "(default: the --config file's stage, else the one --manifest's folder or report.json names, else demo)")})
     p.add_argument("--manifest", help="training manifest CSV, ours or the existing project's 4-column one "
                                       "(default: the stage's, built from --data-root)")
     p.add_argument("--val-manifest", help="validation manifest (default: manifest_val.csv beside --manifest)")

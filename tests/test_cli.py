@@ -221,6 +221,29 @@ def test_bench_step_shared_flags(tmp_path, capsys):
     assert "| test_efficientnet | 32 | 2 | cpu |" in out
 
 
+def test_each_cli_entry_point_reports_an_expected_error_in_one_line_with_status_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gone = tmp_path / "gone"
+    cases = {"train": ["--manifest", f"{gone}.csv"], "manifest": ["--data-root", str(gone)],
+             "synth": ["--out", str(tmp_path / "s"), "--size", "10x10"],
+             "prepare": ["--manifest", f"{gone}.csv", "--out", str(tmp_path / "c")],
+             "detect": ["--data", f"{gone}.yaml"],
+             "predict": ["x.png", "--classifier", f"{gone}.pt", "--mode", "single"],
+             "bench": ["step", "--device", "cuda:99"]}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    procs = {name: subprocess.Popen([sys.executable, "-m", f"pillsnap_dali.{name}", *args], env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name, args in cases.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and "Traceback" not in err, (name, err)
+        assert lines[-1].startswith("error: ") and (str(gone) in lines[-1] or name in ("synth", "bench")), (name, err)
+
+
 # ------------------------------------------------------------------------------------------ input mistakes
 def test_stage_accepts_only_the_existing_stages_in_every_cli(capsys):
     for name, p in _parsers().items():
