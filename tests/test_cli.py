@@ -259,10 +259,11 @@ def test_stage_accepts_only_the_existing_stages_in_every_cli(capsys):
 
 def test_a_missing_manifest_is_named_not_guessed_beside(tmp_path, capsys):
     gone = tmp_path / "nope" / "manifest_train.csv"
-    assert train.main(["--manifest", str(gone), "--out", str(tmp_path), "--dry-run"]) == 2
+    (tmp_path / "custom" / "checkpoints").mkdir(parents=True)  # an earlier run of that run dir stays where it is
+    assert train.main(["--manifest", str(gone), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"--manifest {gone} does not exist" in err and "cannot guess" not in err
-    assert not (tmp_path / "custom").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["custom"] and (tmp_path / "custom" / "checkpoints").is_dir()
 
 
 def test_a_data_root_inside_the_tree_names_the_tree_root(synth_tree, tmp_path, capsys):
@@ -271,9 +272,10 @@ def test_a_data_root_inside_the_tree_names_the_tree_root(synth_tree, tmp_path, c
         assert build.main(["--data-root", str(deep), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert f"pass --data-root {data.resolve()}" in err, err
-        assert train.main(["--stage", "demo", "--data-root", str(deep), "--out", str(tmp_path), "--dry-run"]) == 2
+        (tmp_path / "demo" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        assert train.main(["--stage", "demo", "--data-root", str(deep), "--out", str(tmp_path)]) == 2
         assert f"pass --data-root {data.resolve()}" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # nothing built, the earlier run not moved
     assert cli.suggested_root(data) is None and cli.suggested_root(synth_tree.root) is None
 
 
