@@ -2,7 +2,9 @@
 
 ``configs/base.yaml`` holds every key with a comment; ``configs/stage*.yaml`` and ``demo.yaml`` hold only
 what differs. Loading merges base <- stage overlay <- user file <- ``--set key=value`` pairs, then builds
-frozen-by-convention dataclasses. Any key that the schema does not know is an error that names the closest
+frozen dataclasses (a changed setting is a new object: ``dataclasses.replace``). Every value is checked
+against its type, its choices and its range in every layer it is set in, so a bad value in a ``--config``
+file is reported even when a flag or ``--set`` replaces it. Any key that the schema does not know is an error that names the closest
 valid key, so a documented key can never be silently ignored.
 """
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS
 
 AUTO = "auto"
@@ -33,11 +38,11 @@ STAGES = ("demo", "1", "2", "3", "4")
 CUSTOM = "custom"  # base.yaml alone: a user's own manifest whose stage cannot be told (no overlay applied)
 
 
-class ConfigError(ValueError):
+class ConfigError(PillsnapError, ValueError):
     """A configuration problem the user must fix (unknown key, bad type, bad value)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SynthConfig:
     classes: int = 20
     images_per_class: int = 40
@@ -48,7 +53,7 @@ class SynthConfig:
     layout: str = "raw"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     root: Optional[str] = None
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -57,7 +62,7 @@ class DataConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-@dataclass
+@dataclass(frozen=True)
 class ManifestConfig:
     images: int = 5000
     classes: int = 50
@@ -69,7 +74,7 @@ class ManifestConfig:
     seed: int = 42
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreprocessConfig:
     img_size: int = 384
     resize_mode: str = "squash"
@@ -78,7 +83,7 @@ class PreprocessConfig:
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
-@dataclass
+@dataclass(frozen=True)
 class AugmentConfig:
     random_area: list = field(default_factory=lambda: [0.25, 1.0])
     random_aspect_ratio: list = field(default_factory=lambda: [0.75, 1.3333])
@@ -89,7 +94,7 @@ class AugmentConfig:
     hue: float = 0.02
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoaderConfig:
     backend: str = "auto"
     threads: AutoInt = AUTO
@@ -103,7 +108,7 @@ class LoaderConfig:
     readers: int = 4
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "tf_efficientnetv2_s"
     pretrained: Optional[str] = None
@@ -111,7 +116,7 @@ class ModelConfig:
     drop_rate: float = 0.2
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 50
     batch_size: int = 16
@@ -138,7 +143,7 @@ class TrainConfig:
     name: Optional[str] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class DetectConfig:
     model: str = "yolo11m.yaml"
     imgsz: int = 640
@@ -154,7 +159,7 @@ class DetectConfig:
     flipud: float = 0.5
 
 
-@dataclass
+@dataclass(frozen=True)
 class PredictConfig:
     crop_padding: float = 0.1
     topk: int = 5
@@ -162,7 +167,7 @@ class PredictConfig:
     iou: float = 0.7
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrepareConfig:
     quality: int = 95
     max_side: Optional[int] = 640
@@ -172,7 +177,7 @@ class PrepareConfig:
     sample: int = 32
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     stage: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
@@ -205,6 +210,89 @@ _CHOICES = {
     "detect.backend": ("dali", "dali-cpu", "ultralytics"),
     "prepare.subsampling": ("444", "420"),
 }
+
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # train.device and every CLI's --device
+MAX_BATCH = 4096  # images per step per rank: past this a typo (16000 for 16) and no GPU's memory
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval of numbers (finite ones only); ``hi=None`` is unbounded above."""
+    lo: float
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def holds(self, v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"a finite number {'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+PROB, UNIT_OPEN, FRACTION = Range(0, 1), Range(0, 1, lo_open=True), Range(0, 1, lo_open=True, hi_open=True)
+NONNEG, POS, ONE_UP = Range(0), Range(0, lo_open=True), Range(1)
+# the allowed range of every numeric key (an "auto" or null value is not checked); list keys: each element
+_RANGES = {
+    "data.max_pixels": ONE_UP, "data.synth.classes": ONE_UP, "data.synth.images_per_class": ONE_UP,
+    "data.synth.combos": NONNEG, "data.synth.seed": NONNEG,
+    "manifest.images": ONE_UP, "manifest.classes": ONE_UP, "manifest.val_fraction": FRACTION,
+    "manifest.min_images_per_class": Range(2), "manifest.seed": NONNEG,
+    "preprocess.img_size": Range(8, 8192), "preprocess.crop_pct": UNIT_OPEN, "preprocess.mean": PROB,
+    "preprocess.std": POS,
+    "augment.random_area": UNIT_OPEN, "augment.random_aspect_ratio": POS, "augment.hflip": PROB,
+    "augment.brightness": PROB, "augment.contrast": PROB, "augment.saturation": PROB, "augment.hue": Range(0, 0.5),
+    "loader.threads": ONE_UP, "loader.workers": NONNEG, "loader.prefetch": ONE_UP, "loader.hw_decoder_load": PROB,
+    "loader.readers": NONNEG,
+    "model.drop_rate": Range(0, 1, hi_open=True),
+    "train.epochs": NONNEG, "train.batch_size": Range(1, MAX_BATCH), "train.lr": NONNEG,
+    "train.weight_decay": NONNEG, "train.momentum": Range(0, 1, hi_open=True), "train.warmup_epochs": NONNEG,
+    "train.label_smoothing": Range(0, 1, hi_open=True), "train.grad_clip": NONNEG,
+    "train.ema_decay": Range(0, 1, hi_open=True), "train.target_accuracy": UNIT_OPEN, "train.patience": NONNEG,
+    "train.log_interval": ONE_UP, "train.save_every": NONNEG, "train.seed": NONNEG,
+    "detect.imgsz": Range(32, 8192), "detect.epochs": NONNEG, "detect.batch_size": Range(1, MAX_BATCH),
+    "detect.clip_tolerance": PROB, "detect.merge_iou": PROB, "detect.val_fraction": FRACTION,
+    "detect.workers": NONNEG, "detect.flipud": PROB,
+    "predict.crop_padding": NONNEG, "predict.topk": ONE_UP, "predict.conf": PROB, "predict.iou": PROB,
+    "prepare.quality": Range(1, 100), "prepare.max_side": Range(16), "prepare.workers": ONE_UP,
+    "prepare.free_space_margin_gb": NONNEG, "prepare.sample": ONE_UP,
+}
+_LENGTHS = {"augment.random_area": 2, "augment.random_aspect_ratio": 2, "preprocess.mean": 3, "preprocess.std": 3}
+_ORDERED = ("augment.random_area", "augment.random_aspect_ratio")  # [min, max]
+
+
+def _check_value(key: str, v: Any) -> None:
+    """The range (and for a list, the length and each element's range) of one value."""
+    if key == "train.device" and not DEVICE_RE.match(str(v)):
+        raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {v!r}")
+    if v is None or v == AUTO or key not in _RANGES:
+        return
+    rng = _RANGES[key]
+    if isinstance(v, list):
+        if key in _LENGTHS and len(v) != _LENGTHS[key]:
+            raise ConfigError(f"config key '{key}' must be a list of {_LENGTHS[key]} numbers, got {v!r}")
+        bad = [x for x in v if not rng.holds(x)]
+        if bad:
+            raise ConfigError(f"each number of config key '{key}' must be {rng}, got {v!r}")
+        if key in _ORDERED and v[0] > v[1]:
+            raise ConfigError(f"config key '{key}' must be [min, max] with min <= max, got {v!r}")
+    elif not rng.holds(v):
+        raise ConfigError(f"config key '{key}' must be {rng}, got {v!r}")
+
+
+def config_default(key: str) -> Any:
+    """The schema's default of a dotted key (what base.yaml says; a stage overlay may differ)."""
+    node: Any = Config()
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def all_keys(cls=Config, prefix: str = "") -> list[str]:
@@ -256,7 +344,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             as_float = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}") from None
-        if as_float != int(as_float):
+        if not math.isfinite(as_float) or as_float != int(as_float):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return int(as_float)
     if typ is float:
@@ -298,6 +386,7 @@ def _build(cls, data: dict, prefix: str = ""):
             v = _coerce(data[f.name], t, key)
             if key in _CHOICES and v is not None and str(v) not in _CHOICES[key]:
                 raise ConfigError(f"config key '{key}' must be one of {list(_CHOICES[key])}, got {v!r}")
+            _check_value(key, v)
             kwargs[f.name] = v
     return cls(**kwargs)
 
@@ -377,7 +466,8 @@ def load_config(stage: str | None = None, path: str | Path | None = None, overri
     """Resolve a configuration: base.yaml <- stage overlay <- file at ``path`` <- overrides <- ``--set``.
 
     The stage (which overlay) is the first given of: ``stage``, ``--set stage=N``, the file's ``stage:``,
-    ``default_stage`` (e.g. guessed from a manifest's folder), base.yaml's."""
+    ``default_stage`` (e.g. guessed from a manifest's folder), base.yaml's. Each layer is checked on its own
+    (keys, types, ranges; the message names the layer), then the merged result (the rules between keys)."""
     data = _read_yaml(CONFIG_DIR / "base.yaml")
     user = _read_yaml(Path(path)) if path else {}
     set_data = parse_set(sets)
@@ -385,16 +475,25 @@ def load_config(stage: str | None = None, path: str | Path | None = None, overri
     stage = str(stage)
     if stage not in STAGES + (CUSTOM,):
         raise ConfigError(f"stage must be one of {list(STAGES)}, got {stage!r}")
+    layers = [(f"config file {CONFIG_DIR / 'base.yaml'}", data)]
     if stage != CUSTOM:
         overlay = CONFIG_DIR / ("demo.yaml" if stage == "demo" else f"stage{stage}.yaml")
-        data = _merge(data, _read_yaml(overlay))
-    data = _merge(data, user)
-    data = _merge(data, overrides or {})
-    data = _merge(data, set_data)
-    data["stage"] = stage
-    cfg = resolve_auto(_build(Config, data))
+        layers.append((f"config file {overlay}", _read_yaml(overlay)))
+    layers += [(f"config file {path}", user), ("the command line's flags", overrides or {}), ("--set", set_data)]
+    for where, layer in layers:
+        _check_layer(layer, where)
+        data = _merge(data, layer) if layer is not data else data
+    cfg = resolve_auto(_build(Config, {**data, "stage": stage}))
     validate(cfg)
     return cfg
+
+
+def _check_layer(layer: dict, where: str) -> None:
+    """One layer's sections, keys, types and ranges, before a later layer can hide them."""
+    try:
+        _build(Config, layer)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def config_from_dict(data: dict) -> Config:
@@ -427,28 +526,14 @@ def resolve_auto(cfg: Config) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    p = cfg.preprocess
-    if p.img_size < 8:
-        raise ConfigError(f"preprocess.img_size must be >= 8, got {p.img_size}")
-    if len(p.mean) != 3 or len(p.std) != 3 or any(s <= 0 for s in p.std):
-        raise ConfigError("preprocess.mean and preprocess.std must be 3 numbers each (std > 0)")
-    if not 0 < p.crop_pct <= 1:
-        raise ConfigError(f"preprocess.crop_pct must be in (0, 1], got {p.crop_pct}")
-    if not 0 < cfg.manifest.val_fraction < 1:
-        raise ConfigError(f"manifest.val_fraction must be in (0, 1), got {cfg.manifest.val_fraction}")
-    if cfg.train.batch_size < 1 or cfg.train.epochs < 0:
-        raise ConfigError("train.batch_size must be >= 1 and train.epochs >= 0")
+    """The rules between keys (each key's own range is checked when it is read: ``_check_value``)."""
     if cfg.train.class_weights != "none" and cfg.train.weighted_sampler:
         raise ConfigError("use train.class_weights or train.weighted_sampler, not both")
-    if cfg.train.target_accuracy is not None and not 0 < cfg.train.target_accuracy <= 1:
-        raise ConfigError(f"train.target_accuracy must be in (0, 1], got {cfg.train.target_accuracy}")
-    if len(cfg.augment.random_area) != 2 or len(cfg.augment.random_aspect_ratio) != 2:
-        raise ConfigError("augment.random_area and augment.random_aspect_ratio must be [min, max]")
-    ld = cfg.loader
-    if ld.threads < 1 or ld.workers < 0 or ld.prefetch < 1 or ld.readers < 0:
-        raise ConfigError(f"loader.threads and loader.prefetch must be >= 1, loader.workers and loader.readers "
-                          f">= 0 (got threads={ld.threads}, prefetch={ld.prefetch}, workers={ld.workers}, "
-                          f"readers={ld.readers})")
+    tiers = cfg.manifest.tiers
+    if not tiers or not all(isinstance(t, list) and len(t) == 2 and all(ONE_UP.holds(x) and isinstance(x, int)
+                                                                         for x in t) for t in tiers):
+        raise ConfigError(f"config key 'manifest.tiers' must be a list of [classes, images per class] pairs of "
+                          f"integers >= 1, got {tiers!r}")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

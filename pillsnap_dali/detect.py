@@ -39,6 +39,9 @@ import torch
 
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.device import DevicePlan, native_bf16, select_device
+from pillsnap_dali.errors import InputError
+from pillsnap_dali.cli import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_main, \
+    setup_logging
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 from pillsnap_dali.loaders.common import SkipLog
 from pillsnap_dali.weights import force_safe_load, load_yolo
@@ -93,7 +96,7 @@ def _read_label(path: Path) -> np.ndarray:
     rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
     bad = [r for r in rows if len(r) != 5]
     if bad:
-        raise ValueError(f"{path}: label lines must have 5 values (cls cx cy w h), got {bad[0]}")
+        raise InputError(f"{path}: label lines must have 5 values (cls cx cy w h), got {bad[0]}")
     return np.array(rows, np.float32).reshape(-1, 5)
 
 
@@ -167,7 +170,7 @@ class DaliDetectLoader:
     def __init__(self, samples: DetectSamples, *, batch_size: int, imgsz: int, augment: dict | None,
                  shuffle: bool, options: DaliOptions, skip_log=None, split: str = ""):
         if len(samples) == 0:
-            raise ValueError("the detection split has no images")
+            raise InputError("the detection split has no images")
         self.dataset, self.batch_size, self.imgsz = samples, int(batch_size), int(imgsz)
         self.augment, self.shuffle, self.options = augment, shuffle, options
         self.num_workers, self.drop_last = options.threads, False
@@ -551,46 +554,53 @@ def run_from_config(cfg, data_yaml: Path) -> DetectRun:
 # --------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.detect", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", default=None, help="stage whose manifests (combination images) are converted")
-    p.add_argument("--config", default=None, help="extra YAML config file")
-    p.add_argument("--model", default=None, help="Ultralytics model yaml (from scratch) or a local .pt")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--imgsz", type=int, default=None, help="letterbox size")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--backend", choices=("dali", "dali-cpu", "ultralytics"), default=None)
-    p.add_argument("--data", default=None, help="an existing YOLO data.yaml: skip the conversion")
-    p.add_argument("--convert-only", action="store_true", help="write the YOLO dataset and stop")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    add_shared_flags(p, ("stage", "config", "data-root"), helps={
+        "stage": "stage whose manifests (combination images) are converted; one of %(choices)s (default: the "
+                 "config's stage, demo)"})
+    p.add_argument("--model", default=None, help=key_help("Ultralytics model yaml (from scratch) or a local .pt",
+                                                           "detect.model"))
+    p.add_argument("--epochs", type=int, default=None, help=key_help("detector training epochs", "detect.epochs"))
+    p.add_argument("--imgsz", type=int, default=None, help=key_help("letterbox size", "detect.imgsz"))
+    p.add_argument("--batch-size", type=int, default=None, help=key_help("images per step", "detect.batch_size"))
+    p.add_argument("--backend", choices=("dali", "dali-cpu", "ultralytics"), default=None,
+                   help=key_help("detector loader, one of %(choices)s", "detect.backend"))
+    p.add_argument("--data", default=None, help="an existing YOLO data.yaml: skip the conversion (default: convert "
+                                                "the stage's manifests)")
+    p.add_argument("--convert-only", action="store_true", help="write the YOLO dataset and stop (default: off)")
+    add_shared_flags(p, ("out", "name", "device", "set"), helps={
+        "out": "runs folder; the detector's run goes to <out>/detect_<name or stage> (config train.out; "
+               "default: runs)",
+        "name": "run name: the run folder is detect_<name> (config train.name; default: detect_<stage>)"})
     return p
 
 
-def _cli_sets(args) -> list[str]:
-    sets = list(args.set)
-    for flag, key in (("model", "detect.model"), ("epochs", "detect.epochs"), ("imgsz", "detect.imgsz"),
-                      ("batch_size", "detect.batch_size"), ("backend", "detect.backend")):
-        if getattr(args, flag) is not None:
-            sets.append(f"{key}={getattr(args, flag)}")
-    return sets
+# each flag's config key (the shared flags' from cli.SHARED_KEYS)
+_FLAG_KEYS = {"model": "detect.model", "epochs": "detect.epochs", "imgsz": "detect.imgsz",
+              "batch_size": "detect.batch_size", "backend": "detect.backend"}
+
+
+def resolve_config(args: argparse.Namespace):
+    return config_from_args(args, {**SHARED_KEYS, **_FLAG_KEYS})
+
+
+def _main(args) -> int:
+    from pillsnap_dali.data.yolo import convert_stage  # pulls in the scanner and the manifest build: on use
+
+    existing_file(args.data, "--data")
+    cfg = resolve_config(args)
+    data_yaml = Path(args.data) if args.data else convert_stage(cfg)
+    if args.convert_only:
+        print(f"YOLO dataset: {data_yaml}")
+        return 0
+    summary = train_detector(run_from_config(cfg, data_yaml))
+    print(json.dumps({k: summary[k] for k in ("precision", "recall", "mAP50", "mAP50-95", "weights")}, indent=1))
+    return 0
 
 
 def main(argv=None) -> int:
-    from pillsnap_dali.config import ConfigError, load_config
-    from pillsnap_dali.data.yolo import convert_stage
-
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(stage=args.stage, path=args.config, sets=_cli_sets(args))
-        data_yaml = Path(args.data) if args.data else convert_stage(cfg)
-        if args.convert_only:
-            print(f"YOLO dataset: {data_yaml}")
-            return 0
-        summary = train_detector(run_from_config(cfg, data_yaml))
-    except (ConfigError, OSError, ValueError) as e:  # OSError: a path and what the OS said, one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: summary[k] for k in ("precision", "recall", "mAP50", "mAP50-95", "weights")}, indent=1))
-    return 0
+    setup_logging()
+    return run_main(lambda: _main(args))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_main, setup_logging
+from pillsnap_dali.errors import UsageError
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 
 _logger = logging.getLogger(__name__)
@@ -346,22 +348,27 @@ def format_table(results: list[dict]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("inputs", nargs="*", help="images or folders of images")
-    p.add_argument("--classifier", required=True, help="classifier checkpoint (ours, or the existing project's)")
-    p.add_argument("--class-map", default=None, help="class map JSON (needed for a plain state dict)")
-    p.add_argument("--model-name", default=None, help="timm model of a plain state dict (tf_efficientnetv2_s)")
-    p.add_argument("--detector", default=None, help="YOLO weights (.pt), needed for --mode combo")
-    p.add_argument("--mode", choices=MODES, required=True, help="single: whole image; combo: detect then classify")
-    p.add_argument("--topk", type=int, default=None, help="K-codes listed per pill (default predict.topk, 5)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("inputs", nargs="*", help="images or folders of images (default: none; give some, or --eval)")
+    p.add_argument("--classifier", required=True, help="classifier checkpoint, ours or the existing project's "
+                                                       "(required)")
+    p.add_argument("--class-map", default=None, help="class map JSON (needed for a plain state dict; default: "
+                                                     "the checkpoint's own)")
+    p.add_argument("--model-name", default=None, help="timm model of a plain state dict (default: "
+                                                      "tf_efficientnetv2_s)")
+    p.add_argument("--detector", default=None, help="YOLO weights (.pt), needed for --mode combo (default: none)")
+    p.add_argument("--mode", choices=MODES, required=True, help="single: whole image; combo: detect then classify "
+                                                                "(required)")
+    p.add_argument("--topk", type=int, default=None, help=key_help("K-codes listed per pill", "predict.topk"))
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
     p.add_argument("--eval", default=None, metavar="DETECT_CSV",
-                   help="score two-stage top-1 on a detect_*.csv manifest instead of predicting inputs")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--stage", default=None, help="config stage overlay (predict.*, detect.imgsz, data.max_pixels)")
-    p.add_argument("--config", default=None, help="a YAML config file merged over base + stage")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. predict.conf=0.4; preprocess.* sets a plain state dict's "
-                        "preprocessing (default 384 px squash)")
+                   help="score two-stage top-1 on a detect_*.csv manifest instead of predicting inputs "
+                        "(default: predict the inputs)")
+    add_shared_flags(p, ("device", "stage", "config", "set"), helps={
+        "device": "auto | cpu | cuda | cuda:N (default: auto, cuda when available)",
+        "stage": "config stage overlay (predict.*, detect.imgsz, data.max_pixels); one of %(choices)s "
+                 "(default: none, base.yaml alone)",
+        "set": "override a config key, e.g. predict.conf=0.4; preprocess.* sets a plain state dict's "
+               "preprocessing (default: none; a plain state dict gets 384 px squash)"})
     return p
 
 
@@ -384,13 +391,13 @@ def _load_models(args, cfg):
 
 def _run(args, cfg) -> int:
     if args.mode == "combo" and not args.detector:
-        raise ValueError("--mode combo needs --detector WEIGHTS")
+        raise UsageError("--mode combo needs --detector WEIGHTS")
     classifier, detector = _load_models(args, cfg)
     if args.eval:
         from pillsnap_dali.data.manifest import read_manifest
 
         if args.mode != "combo":
-            raise ValueError("--eval scores the two-stage (combo) path: use --mode combo")
+            raise UsageError("--eval scores the two-stage (combo) path: use --mode combo")
         print(json.dumps(two_stage_accuracy(read_manifest(args.eval), classifier, detector, cfg), indent=1))
         return 0
     results = predict_images(collect_images(args.inputs), classifier, detector, args.mode,
@@ -406,22 +413,21 @@ def _run(args, cfg) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
-def main(argv=None) -> int:
-    from pillsnap_dali.training.checkpoint import CheckpointError
-    from pillsnap_dali.data.classmap import ClassMapMismatch
-    from pillsnap_dali.config import ConfigError, load_config
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _main(args) -> int:
     if not args.inputs and not args.eval:
-        print("error: give images or folders (or --eval DETECT_CSV)", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(stage=args.stage, path=args.config, sets=args.set)
-        return _run(args, cfg)
-    except (ConfigError, CheckpointError, ClassMapMismatch, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError("give images or folders (or --eval DETECT_CSV)")
+    for flag in ("classifier", "class_map", "detector", "eval"):
+        existing_file(getattr(args, flag), f"--{flag.replace('_', '-')}")
+    if args.device == "auto":
+        args.device = None
+    cfg = config_from_args(args, {})
+    return _run(args, cfg)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.WARNING)
+    return run_main(lambda: _main(args))
 
 
 if __name__ == "__main__":

@@ -19,60 +19,61 @@ from pathlib import Path
 
 import torch
 
-from pillsnap_dali.data.classmap import ClassMapMismatch
-from pillsnap_dali.config import Config, ConfigError, dump_config, load_config, stage_name
+from pillsnap_dali.cli import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_main
+from pillsnap_dali.cli import setup_logging as cli_logging
+from pillsnap_dali.config import Config, ConfigError, dump_config, stage_name
 from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest, split_missing
 
 _logger = logging.getLogger("pillsnap_dali.train")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["demo", "1", "2", "3", "4"], help="stage overlay (configs/stage<N>.yaml)")
-    p.add_argument("--config", help="a YAML file merged over base + stage")
-    p.add_argument("--data-root", help="AI Hub tree to scan (default: data.root; --stage demo without one "
-                   "generates its synthetic tree, a real stage uses its manifests already built in data.artifacts)")
-    p.add_argument("--manifest", help="training manifest CSV (ours or the existing project's 4-column one)")
+    add_shared_flags(p, ("stage", "config", "data-root"), helps={"data-root": (
+        "AI Hub tree to scan (config data.root; default: none: --stage demo generates its synthetic tree, a real "
+        "stage uses its manifests already built in data.artifacts)"), "stage": (
+        "stage whose overlay configs/stage<N>.yaml (or demo.yaml) is merged over base.yaml; one of %(choices)s "
+        "(default: the --config file's stage, else the one --manifest's folder or report.json names, else demo)")})
+    p.add_argument("--manifest", help="training manifest CSV, ours or the existing project's 4-column one "
+                                      "(default: the stage's, built from --data-root)")
     p.add_argument("--val-manifest", help="validation manifest (default: manifest_val.csv beside --manifest)")
-    p.add_argument("--num-classes", type=int, help="expected number of classes; checked against the class map")
-    p.add_argument("--target-accuracy", type=float, help="stop when val top-1 reaches this (0..1)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--model", help="any timm model name (default tf_efficientnetv2_s)")
-    p.add_argument("--pretrained", help="local weights file (nothing is downloaded)")
-    p.add_argument("--backend", choices=["auto", "dali", "dali-cpu", "pil"])
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, help="DALI CPU threads / PIL workers")
-    p.add_argument("--resume", nargs="?", const="__last__", help="checkpoint to resume (default: the run's last.pt)")
-    p.add_argument("--out", help="runs folder (default runs/)")
-    p.add_argument("--name", help="run name (default: stage<N>)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dry-run", action="store_true", help="build everything, run two steps, write nothing heavy")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, repeatable")
-    return p.parse_args(argv)
+    p.add_argument("--num-classes", type=int, help="expected number of classes; checked against the class map "
+                                                   "(default: not checked)")
+    p.add_argument("--target-accuracy", type=float, help=key_help("stop when val top-1 reaches this (0..1)",
+                                                                  "train.target_accuracy"))
+    p.add_argument("--epochs", type=int, help=key_help("training epochs", "train.epochs"))
+    p.add_argument("--batch-size", type=int, help=key_help("images per step per rank", "train.batch_size"))
+    p.add_argument("--lr", type=float, help=key_help("peak learning rate", "train.lr"))
+    p.add_argument("--img-size", type=int, help=key_help("square model input in pixels", "preprocess.img_size"))
+    p.add_argument("--model", help=key_help("any timm model name", "model.name"))
+    p.add_argument("--pretrained", help=key_help("local weights file (nothing is downloaded)", "model.pretrained"))
+    p.add_argument("--backend", choices=["auto", "dali", "dali-cpu", "pil"],
+                   help=key_help("image loader, one of %(choices)s", "loader.backend"))
+    add_shared_flags(p, ("device",))
+    p.add_argument("--threads", type=int, help="DALI CPU threads and PIL workers (config loader.threads and "
+                                               "loader.workers; default: 'auto', the cores this process may use)")
+    add_shared_flags(p, ("resume", "out", "name"))
+    p.add_argument("--seed", type=int, help=key_help("model init, shuffling and augmentation seed", "train.seed"))
+    p.add_argument("--dry-run", action="store_true", help="build everything, run two steps, write nothing heavy "
+                                                          "(default: off)")
+    add_shared_flags(p, ("set",))
+    return p
 
 
-_FLAG_KEYS = {"data_root": "data.root", "target_accuracy": "train.target_accuracy", "epochs": "train.epochs",
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+# each flag's config key (the shared flags' from cli.SHARED_KEYS); --set goes over all of them
+_FLAG_KEYS = {**SHARED_KEYS, "target_accuracy": "train.target_accuracy", "epochs": "train.epochs",
               "batch_size": "train.batch_size", "lr": "train.lr", "img_size": "preprocess.img_size",
               "model": "model.name", "pretrained": "model.pretrained", "backend": "loader.backend",
-              "device": "train.device", "out": "train.out", "name": "train.name", "seed": "train.seed"}
+              "seed": "train.seed", "threads": ("loader.threads", "loader.workers")}
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    from pillsnap_dali.config import set_nested
-    overrides: dict = {}
-    for attr, key in _FLAG_KEYS.items():
-        v = getattr(args, attr)
-        if v is not None:
-            set_nested(overrides, key, v)
-    if args.threads is not None:
-        set_nested(overrides, "loader.threads", args.threads)
-        set_nested(overrides, "loader.workers", args.threads)
-    return load_config(stage=args.stage, path=args.config, overrides=overrides, sets=args.set,
-                       default_stage=stage_of_manifest(args.manifest))
+    return config_from_args(args, _FLAG_KEYS, default_stage=stage_of_manifest(args.manifest))
 
 
 def stage_of_manifest(manifest: str | None) -> str | None:
@@ -193,13 +194,9 @@ def prepare_run_dir(cfg: Config, resume: bool, is_main: bool) -> Path:
 
 
 def setup_logging(run_dir: Path | None, rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    fmt = f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
-    if run_dir is not None and rank == 0:
-        fh = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-        fh.setFormatter(logging.Formatter(fmt))
-        logging.getLogger().addHandler(fh)
+    """The CLIs' logging (``cli.setup_logging``), rank 0 at INFO, and a copy in ``<run_dir>/train.log``."""
+    cli_logging(logging.INFO if rank == 0 else logging.WARNING, rank=rank,
+                log_file=run_dir / "train.log" if run_dir is not None and rank == 0 else None)
 
 
 # settings a resumed run must share with its checkpoint (the weights, the classes, what one step and one
@@ -289,20 +286,29 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        summary = run(args)
-    except (ConfigError, ManifestError, ClassMapMismatch, ValueError, FileNotFoundError) as e:
-        logging.getLogger("pillsnap_dali.train").debug("failure", exc_info=True)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def check_inputs(args: argparse.Namespace) -> None:
+    """The files the command line names exist (before anything is built, moved or written)."""
+    existing_file(args.manifest, "--manifest")
+    existing_file(args.val_manifest, "--val-manifest")
+    existing_file(args.pretrained, "--pretrained")
+    if args.resume not in (None, "__last__"):
+        existing_file(args.resume, "--resume")
+
+
+def _main(args: argparse.Namespace) -> int:
+    check_inputs(args)
+    summary = run(args)
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best_top1"]
         print(f"{summary['reason']}; best val top-1 {best:.4f}" if best >= 0 else summary["reason"])
         if summary.get("report"):
             print(f"report: {summary['report']}")
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_main(lambda: _main(args))
 
 
 if __name__ == "__main__":

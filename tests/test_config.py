@@ -97,3 +97,73 @@ def test_set_keeps_names_and_paths_as_typed():
     cfg = load_config("demo", sets=["train.name=010", "data.root=/data/2024", "train.lr=1e-3", "data.root=null"])
     assert cfg.train.name == "010" and cfg.data.root is None and cfg.train.lr == 0.001
     assert load_config("demo", sets=["train.out=0x1F"]).train.out == "0x1F"
+
+
+def _outside(rng) -> list:
+    """Values just outside a range: below it, above it (when bounded), and the non-finite ones."""
+    from pillsnap_dali.config import Range
+    assert isinstance(rng, Range)
+    out = [rng.lo if rng.lo_open else rng.lo - 1, float("nan"), float("inf")]
+    if rng.hi is not None:
+        out.append(rng.hi if rng.hi_open else rng.hi + 1)
+    return out
+
+
+def test_every_numeric_key_is_checked_against_its_range_with_key_and_range_in_the_message():
+    from pillsnap_dali.config import _LENGTHS, _RANGES
+    assert {"augment.hflip", "train.lr", "train.weight_decay", "train.label_smoothing", "augment.random_area",
+            "train.batch_size", "detect.flipud", "predict.conf"} <= set(_RANGES)
+    for key, rng in _RANGES.items():
+        for bad in _outside(rng):
+            value = [bad] * _LENGTHS[key] if key in _LENGTHS else bad
+            with pytest.raises(ConfigError) as e:
+                load_config("demo", sets=[f"{key}={value}"])
+            msg = str(e.value)
+            assert key in msg and (str(rng) in msg or "integer" in msg), msg
+
+
+def test_ranges_named_by_the_issue():
+    cases = {"augment.hflip=1.5": "[0, 1]", "train.lr=-0.1": ">= 0", "train.lr=nan": ">= 0",
+             "train.weight_decay=.inf": ">= 0", "train.label_smoothing=1.0": "[0, 1)",
+             "augment.random_area=[0.0, 1.0]": "(0, 1]", "augment.random_area=[0.9, 0.5]": "min <= max",
+             "augment.random_area=[0.5, 1.2]": "(0, 1]", "train.batch_size=100000": "[1, 4096]",
+             "train.device=gpu": "auto, cpu, cuda or cuda:N", "train.device=cuda:x": "cuda:N"}
+    for pair, allowed in cases.items():
+        with pytest.raises(ConfigError) as e:
+            load_config("demo", sets=[pair])
+        assert pair.split("=")[0] in str(e.value) and allowed in str(e.value), (pair, str(e.value))
+    ok = load_config("demo", sets=["train.label_smoothing=0.0", "augment.random_area=[1.0, 1.0]", "train.lr=0",
+                                   "train.device=cuda:1", "augment.hflip=1"])
+    assert ok.train.device == "cuda:1" and ok.augment.random_area == [1.0, 1.0]
+
+
+def test_every_shipped_stage_config_is_in_range():
+    for stage in ("demo", "1", "2", "3", "4", "custom"):
+        load_config(stage)
+
+
+def test_an_invalid_section_of_a_config_file_is_reported_even_when_a_flag_sets_a_key_of_it(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("train: 5\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"mine\.yaml.*'train' must be a mapping"):
+        load_config("demo", path=f, overrides={"train": {"epochs": 3}})
+    f.write_text("augment:\n  hflip: 2\n  colour: 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"mine\.yaml.*augment"):
+        load_config("demo", path=f, sets=["augment.hflip=0.5"])
+    f.write_text("train:\n  lr: -1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: config key 'train.lr' must be a finite number >= 0"):
+        load_config("demo", path=f, overrides={"train": {"lr": 0.1}})
+
+
+def test_a_loaded_config_is_never_changed_in_place():
+    import dataclasses
+
+    from pillsnap_dali.config import Config, resolve_auto
+    cfg = load_config("demo")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data = None
+    raw = Config()  # threads/workers "auto"
+    resolved = resolve_auto(raw)
+    assert resolved is not raw and raw.loader.threads == "auto" and isinstance(resolved.loader.threads, int)

@@ -8,28 +8,32 @@ import sys
 
 import torch
 
+from pillsnap_dali.cli import add_shared_flags, check_device, config_from_args, run_main, setup_logging
 
-def _step(argv) -> int:
-    from pillsnap_dali.bench.step import bench_step
-    from pillsnap_dali.config import load_config
+
+def _step_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench step",
                                 description="model-only training throughput on synthetic input (the ceiling)")
-    p.add_argument("--stage", default="3", help="config stage whose model / image size / batch size are used (3)")
+    add_shared_flags(p, ("stage",), helps={"stage": "config stage whose model / image size / batch size are used; "
+                                                    "one of %(choices)s (default: %(default)s)"})
+    p.set_defaults(stage="3")
     p.add_argument("--model", help="timm model name (default: the stage's model.name)")
     p.add_argument("--img-size", type=int, help="input size in pixels (default: the stage's preprocess.img_size)")
     p.add_argument("--batch-size", type=int, help="images per step (default: the stage's train.batch_size)")
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: the stage's class count)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per repetition (10)")
-    p.add_argument("--reps", type=int, default=3, help="repetitions after a warm-up; the median is reported (3)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--json", help="write the result here")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    a = p.parse_args(argv)
-    sets = list(a.set)
-    sets += [f"model.name={a.model}"] if a.model else []
-    sets += [f"preprocess.img_size={a.img_size}"] if a.img_size else []
-    cfg = load_config(a.stage, sets=sets)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per repetition (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions after a warm-up; the median is reported "
+                                                       "(default: %(default)s)")
+    add_shared_flags(p, ("device", "config", "set"))
+    p.add_argument("--json", help="write the result here (default: not written)")
+    return p
+
+
+def _step(argv) -> int:
+    from pillsnap_dali.bench.step import bench_step
+    a = _step_parser().parse_args(argv)
+    cfg = config_from_args(a, {"model": "model.name", "img_size": "preprocess.img_size"})
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device in (None, "auto") else a.device)
     # the demo stage takes every class of its synthetic tree (manifest.classes is only an upper bound there)
     n = a.num_classes or (cfg.data.synth.classes if cfg.stage == "demo" else cfg.manifest.classes)
     res = bench_step(cfg, device=dev, batch=a.batch_size or cfg.train.batch_size, steps=a.steps, reps=a.reps,
@@ -52,24 +56,32 @@ def _emit(rows: dict | list, result: dict, json_path: str | None) -> int:
     return 0
 
 
+def _predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench predict",
+                                description="latency per image, file to top-k (p50/p95), one image at a time")
+    p.add_argument("inputs", nargs="+", help="images or folders (required)")
+    p.add_argument("--classifier", required=True, help="classifier checkpoint (required)")
+    p.add_argument("--detector", help="YOLO weights, needed for combo mode (default: none)")
+    p.add_argument("--mode", choices=["single", "combo"], default="combo",
+                   help="single: whole image; combo: detect then classify (default: %(default)s)")
+    p.add_argument("--conf", type=float, default=0.25, help="detector confidence; 0 with --max-det 4: four crops "
+                   "per image, as with untrained weights of the same compute (default: %(default)s)")
+    p.add_argument("--max-det", type=int, default=300, help="detections kept per image (default: %(default)s)")
+    add_shared_flags(p, ("device",), helps={"device": "cpu | cuda | cuda:N (default: cuda when available, else "
+                                                      "cpu)"})
+    p.add_argument("--json", help="write the result here (default: not written)")
+    return p
+
+
 def _predict(argv) -> int:
     from pillsnap_dali.training.checkpoint import load_classifier
     from pillsnap_dali.predict import PredictOptions, bench_predict, collect_images, load_detector
-    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench predict",
-                                description="latency per image, file to top-k (p50/p95), one image at a time")
-    p.add_argument("inputs", nargs="+", help="images or folders")
-    p.add_argument("--classifier", required=True)
-    p.add_argument("--detector", help="YOLO weights (combo mode)")
-    p.add_argument("--mode", choices=["single", "combo"], default="combo")
-    p.add_argument("--conf", type=float, default=0.25, help="0 with --max-det 4: four crops per image, as with "
-                                                            "untrained weights of the same compute")
-    p.add_argument("--max-det", type=int, default=300)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", help="write the result here")
+    p = _predict_parser()
     a = p.parse_args(argv)
     if a.mode == "combo" and not a.detector:
         p.error("--mode combo needs --detector WEIGHTS")
-    clf = load_classifier(a.classifier, device=a.device)
+    device = check_device(a.device) if a.device else ("cuda" if torch.cuda.is_available() else "cpu")
+    clf = load_classifier(a.classifier, device=device)
     det = load_detector(a.detector) if a.mode == "combo" else None
     paths = collect_images(a.inputs)
     res = bench_predict(paths, clf, det, PredictOptions(mode=a.mode, conf=a.conf, max_det=a.max_det))
@@ -78,18 +90,23 @@ def _predict(argv) -> int:
                   "p95 ms": f"{res['p95_ms']:.1f}"}, res, a.json)
 
 
-def _readers(argv) -> int:
-    from pillsnap_dali.bench.loaders import bench_readers
+def _readers_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench readers",
                                 description="dali-cpu loader with each loader.readers value: img/s and the "
                                             "training thread's time in the external source")
-    p.add_argument("source", help="a folder of images or a manifest")
-    p.add_argument("--readers", default="0,4", help="comma-separated loader.readers values")
-    p.add_argument("--latency-ms", type=float, default=0.0, help="simulated storage wait per file")
-    p.add_argument("--rows", type=int, default=192)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--json", help="write the result here")
-    a = p.parse_args(argv)
+    p.add_argument("source", help="a folder of images or a manifest (required)")
+    p.add_argument("--readers", default="0,4", help="comma-separated loader.readers values (default: %(default)s)")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="simulated storage wait per file "
+                                                                 "(default: %(default)s)")
+    p.add_argument("--rows", type=int, default=192, help="images per timed epoch (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=3, help="timed epochs; the median is reported (default: %(default)s)")
+    p.add_argument("--json", help="write the result here (default: not written)")
+    return p
+
+
+def _readers(argv) -> int:
+    from pillsnap_dali.bench.loaders import bench_readers
+    a = _readers_parser().parse_args(argv)
     res = bench_readers(a.source, readers=[int(r) for r in a.readers.split(",")], latency_ms=a.latency_ms,
                         rows=a.rows, reps=a.reps)
     return _emit([{"readers": r, "latency ms/file": f"{a.latency_ms:g}", "img/s median": f"{v['images_per_s']:.1f}",
@@ -115,6 +132,13 @@ COMMANDS = {"step": _step, "decode": _delegate("bench.decode"), "scan": _delegat
             "predict": _predict, "readers": _readers}
 
 
+def parsers() -> dict:
+    """Each command's argument parser (for ``--help`` checks)."""
+    from pillsnap_dali.bench import decode, scan  # their modules pull in the loaders and the scanner
+    return {"step": _step_parser(), "decode": decode._parser(), "scan": scan._parser(),
+            "predict": _predict_parser(), "readers": _readers_parser()}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = (f"usage: python -m pillsnap_dali.bench {{{','.join(COMMANDS)}}} [options]\n\n" + "\n".join(
@@ -126,8 +150,8 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(usage, file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return COMMANDS[argv[0]](argv[1:])
+    setup_logging()
+    return run_main(lambda: COMMANDS[argv[0]](argv[1:]))
 
 
 if __name__ == "__main__":

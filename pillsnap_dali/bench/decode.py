@@ -27,24 +27,29 @@ _logger = logging.getLogger(__name__)
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench decode", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--manifest", help="benchmark these images (first --limit rows)")
-    src.add_argument("--images", help="a folder of images")
+    src.add_argument("--manifest", help="benchmark these images, the first --limit rows (default: generated "
+                                        "images, see --formats)")
+    src.add_argument("--images", help="a folder of images (default: generated images, see --formats)")
     p.add_argument("--formats", default="png,jpeg,cache640",
                    help="generated inputs when no source is given: png, jpeg (q95), cache640 (the PNGs through "
-                        "`prepare --max-side 640`, the JPEG cache)")
-    p.add_argument("--n", type=int, default=24, help="generated images per format")
-    p.add_argument("--limit", type=int, default=256, help="rows taken from --manifest")
-    p.add_argument("--rows", type=int, default=192, help="images per timed epoch (the files repeated)")
-    p.add_argument("--size", type=int, default=384)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--reps", type=int, default=3)
+                        "`prepare --max-side 640`, the JPEG cache) (default: %(default)s)")
+    p.add_argument("--n", type=int, default=24, help="generated images per format (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=256, help="rows taken from --manifest (default: %(default)s)")
+    p.add_argument("--rows", type=int, default=192, help="images per timed epoch, the files repeated "
+                                                         "(default: %(default)s)")
+    p.add_argument("--size", type=int, default=384, help="output size in pixels (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=16, help="images per batch (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=3, help="timed epochs after a warm-up; the median is reported "
+                                                       "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=available_cores(), help="DALI threads = PIL workers "
-                                                                          "(default: the cores this process may use)")
+                   "(default: the cores this process may use, %(default)s here)")
     p.add_argument("--model", help="model for the model-only ceiling (default: tf_efficientnetv2_s on a GPU, "
                                    "resnet18 on CPU)")
-    p.add_argument("--no-model", action="store_true", help="skip the model-only ceiling")
-    p.add_argument("--out", default=f"bench_results/decode-{time.strftime('%Y%m%d-%H%M%S')}")
-    p.add_argument("--workdir", default="bench_results/images", help="where generated images are kept")
+    p.add_argument("--no-model", action="store_true", help="skip the model-only ceiling (default: measure it)")
+    p.add_argument("--out", default=f"bench_results/decode-{time.strftime('%Y%m%d-%H%M%S')}",
+                   help="results folder (default: %(default)s)")
+    p.add_argument("--workdir", default="bench_results/images", help="where generated images are kept "
+                                                                     "(default: %(default)s)")
     return p
 
 

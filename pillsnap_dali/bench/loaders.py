@@ -27,6 +27,7 @@ from PIL import Image
 from pillsnap_dali.config import Config, available_cores, load_config
 from pillsnap_dali.imageio import IMAGE_SUFFIXES
 from pillsnap_dali.data.manifest import Manifest, read_manifest
+from pillsnap_dali.errors import InputError
 
 _logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _paths_of(source: str | Path | Manifest) -> list[str]:
     else:
         paths = list(read_manifest(source).paths)
     if not paths:
-        raise ValueError(f"no images in {source}")
+        raise InputError(f"no images in {source}")
     return paths
 
 

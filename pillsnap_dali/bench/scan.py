@@ -169,13 +169,17 @@ def run_scan_bench(n_images: int, out_json: str | Path | None, *, tree: str | Pa
     return result
 
 
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench scan", description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=100_000, help="single images in the tree (default: %(default)s)")
+    ap.add_argument("--tree", default=None, help="where to build/reuse the tree (default: a temp dir, removed)")
+    ap.add_argument("--out", default=None, help="write the result JSON here (default: not written)")
+    return ap
+
+
 def run(argv=None) -> str:
     """Run the scan benchmark; returns the line the CLI (``python -m pillsnap_dali.bench scan``) prints."""
-    ap = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench scan", description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=100_000, help="single images in the tree (default 100000)")
-    ap.add_argument("--tree", default=None, help="where to build/reuse the tree (default: a temp dir, removed)")
-    ap.add_argument("--out", default=None, help="write the result JSON here")
-    args = ap.parse_args(argv)
+    args = _parser().parse_args(argv)
     r = run_scan_bench(args.images, args.out, tree=args.tree)
     return (f"scanned {r['images']} images in {r['wall_s']} s: {r['images_per_s']} images/s "
             f"({r['images_per_cpu_s']} per CPU-second) on {r['cpu']}")

@@ -22,14 +22,14 @@ import io
 import json
 import logging
 import random
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_main, setup_logging
 from pillsnap_dali.data.classmap import ClassMap
-from pillsnap_dali.config import Config, ConfigError, ManifestConfig, load_config, stage_name
+from pillsnap_dali.config import Config, ManifestConfig, stage_name
 from pillsnap_dali.data.manifest import Manifest, ManifestError, read_manifest, split_missing, write_manifest
 from pillsnap_dali.data.scan import ScanResult, missing_codes, scan_tree, tree_fingerprint
 from pillsnap_dali.data.verify import CACHE_NAME, MODES as VERIFY_MODES, Verifier, VerifySettings
@@ -469,44 +469,36 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pillsnap_dali.manifest",
                                  description="Build a stage's manifests from an AI Hub tree (or import the "
                                              "existing project's manifests).")
-    ap.add_argument("--data-root", help="AI Hub tree (raw or English layout); default: data.root, else (--stage "
-                                        "demo only) the synthetic demo tree")
-    ap.add_argument("--stage", default=None, choices=["demo", "1", "2", "3", "4"], help="stage (default demo)")
-    ap.add_argument("--out", help="output dir (default <data.artifacts>/stage<N> or .../demo)")
-    ap.add_argument("--seed", type=int, default=None, help="sampling/split seed (default manifest.seed)")
+    add_shared_flags(ap, ("data-root", "stage", "out"), helps={
+        "data-root": "AI Hub tree, raw or English layout (config data.root; default: none: --stage demo "
+                     "generates its synthetic tree)",
+        "out": "output dir (default: <data.artifacts>/stage<N>, or .../demo)"})
+    ap.add_argument("--seed", type=int, default=None, help=key_help("sampling/split seed", "manifest.seed"))
     ap.add_argument("--verify", choices=["none", "header", "full"], default=None,
-                    help="image verification (default data.verify)")
+                    help=key_help("image verification, one of %(choices)s", "data.verify"))
     ap.add_argument("--legacy", nargs="+", metavar="CSV",
-                    help="import the existing project's manifests (train [val [test]]) instead of scanning")
-    ap.add_argument("--config", help="a YAML file merged over the stage config")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    ap.add_argument("--force", action="store_true", help="rebuild even if the outputs match the inputs")
-    ap.add_argument("-v", "--verbose", action="store_true")
+                    help="import the existing project's manifests (train [val [test]]) instead of scanning "
+                         "(default: scan --data-root)")
+    add_shared_flags(ap, ("config", "set"))
+    ap.add_argument("--force", action="store_true", help="rebuild even if the outputs match the inputs "
+                                                         "(default: reuse them)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level (default: INFO)")
     return ap
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(stage=args.stage, path=args.config, sets=args.set)
-        out = Path(args.out) if args.out else Path(cfg.data.artifacts) / stage_dir_name(cfg.stage)
-        if args.legacy:
-            report = import_legacy(args.legacy, cfg, out, verify=args.verify)
-            print(f"{out}: {report['splits']} rows kept, {report['quarantine']['rows']} quarantined")
-            for split, leak in report["leaks"].items():
-                if leak["same_image"] or leak["same_combination"]:
-                    print(f"warning: {split} shares {leak['same_image']} image(s) and {leak['same_combination']} "
-                          f"shot(s) of training combinations with train: its scores are optimistic")
-            return 0
-        if args.data_root:
-            cfg.data.root = args.data_root
-        root = Path(cfg.data.root) if cfg.data.root else _data_root(cfg)
-        report = build_manifests(cfg, root, out, verify=args.verify, seed=args.seed, force=args.force)
-    except (ConfigError, ManifestError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+# each flag's config key; --out here is the manifests' folder, not a config key
+_FLAG_KEYS = {"data_root": "data.root", "seed": "manifest.seed", "verify": "data.verify"}
+
+
+def _print_legacy(out: Path, report: dict) -> None:
+    print(f"{out}: {report['splits']} rows kept, {report['quarantine']['rows']} quarantined")
+    for split, leak in report["leaks"].items():
+        if leak["same_image"] or leak["same_combination"]:
+            print(f"warning: {split} shares {leak['same_image']} image(s) and {leak['same_combination']} "
+                  f"shot(s) of training combinations with train: its scores are optimistic")
+
+
+def _print_build(out: Path, report: dict) -> None:
     acc = report["accounting"]
     print(f"{out}: train {report['splits']['train']}, val {report['splits']['val']}, "
           f"test {report['splits']['test']} images, {report['got']['classes']} classes; "
@@ -515,7 +507,25 @@ def main(argv=None) -> int:
           f"dl_idx {report['dl_idx_convention']}")
     for note in report["notes"]:
         print(f"note: {note}")
+
+
+def _main(args: argparse.Namespace) -> int:
+    for csv_path in args.legacy or []:
+        existing_file(csv_path, "--legacy")
+    cfg = config_from_args(args, _FLAG_KEYS)
+    out = Path(args.out) if args.out else Path(cfg.data.artifacts) / stage_dir_name(cfg.stage)
+    if args.legacy:
+        _print_legacy(out, import_legacy(args.legacy, cfg, out))
+        return 0
+    root = Path(cfg.data.root) if cfg.data.root else _data_root(cfg)
+    _print_build(out, build_manifests(cfg, root, out, force=args.force))
     return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(verbose=args.verbose)
+    return run_main(lambda: _main(args))
 
 
 if __name__ == "__main__":

@@ -48,10 +48,11 @@ import numpy as np
 from PIL import Image
 
 from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_main, setup_logging
 from pillsnap_dali.data.classmap import ClassMap, ClassMapMismatch
-from pillsnap_dali.config import load_config
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, open_rgb
 from pillsnap_dali.data.manifest import Manifest, read_manifest, write_manifest
+from pillsnap_dali.errors import PillsnapError
 
 _logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ _COMMENT_TAG = "pillsnap_dali.prepare"
 _SUBSAMPLING = {"444": 0, "420": 2}   # PIL's JPEG subsampling codes
 
 
-class PrepareError(RuntimeError):
+class PrepareError(PillsnapError, RuntimeError):
     """The cache cannot be built as asked (bad options, a busy or foreign cache dir, a failed final check)."""
 
 
@@ -616,45 +617,52 @@ def _finish(m: Manifest, outcomes: dict[str, _Outcome], manifest_path: Path, man
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _max_side(text: str) -> Optional[int]:
-    return None if text.lower() in ("none", "null", "0") else int(text)
+def _max_side(text: str) -> str | int:
+    """``--max-side``: a number, or none/null/0 for "keep the size" (the config's null)."""
+    return "null" if text.lower() in ("none", "null", "0") else int(text)
 
 
-def _parse_args(argv) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pillsnap_dali.prepare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--manifest", required=True, help="source manifest CSV (ours or the legacy 4-column one)")
-    ap.add_argument("--cache-dir", required=True, help="cache directory (gets <manifest stem>.csv and the JPEGs)")
-    ap.add_argument("--quality", type=int, help="JPEG quality (prepare.quality)")
-    ap.add_argument("--max-side", type=_max_side, default=argparse.SUPPRESS,
-                    help="long side of the cached JPEG (prepare.max_side); 'none' keeps the size")
-    ap.add_argument("--subsampling", choices=sorted(_SUBSAMPLING), help="chroma subsampling (prepare.subsampling)")
-    ap.add_argument("--workers", type=int, help="processes (prepare.workers)")
-    ap.add_argument("--margin-gb", type=float, help="free space to keep (prepare.free_space_margin_gb)")
-    ap.add_argument("--sample", type=int, help="rows sampled for the estimate and the final check")
-    ap.add_argument("--limit", type=int, help="transcode at most this many new rows, then stop (resumable)")
-    ap.add_argument("--dry-run", action="store_true", help="estimate the size and check the space; write nothing")
-    ap.add_argument("--config", help="a config YAML merged over configs/base.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    return ap.parse_args(argv)
+    ap.add_argument("--manifest", required=True, help="source manifest CSV, ours or the legacy 4-column one "
+                                                      "(required)")
+    ap.add_argument("--cache-dir", "--out", dest="cache_dir", required=True, metavar="DIR",
+                    help="cache directory, gets <manifest stem>.csv and the JPEGs (required)")
+    ap.add_argument("--quality", type=int, help=key_help("JPEG quality", "prepare.quality"))
+    ap.add_argument("--max-side", type=_max_side, help=key_help("long side of the cached JPEG; 'none' keeps the "
+                                                                "size", "prepare.max_side"))
+    ap.add_argument("--subsampling", choices=sorted(_SUBSAMPLING),
+                    help=key_help("chroma subsampling, one of %(choices)s", "prepare.subsampling"))
+    ap.add_argument("--workers", type=int, help=key_help("transcoding processes", "prepare.workers"))
+    ap.add_argument("--margin-gb", type=float, help=key_help("free space to keep", "prepare.free_space_margin_gb"))
+    ap.add_argument("--sample", type=int, help=key_help("rows sampled for the estimate and the final check",
+                                                        "prepare.sample"))
+    ap.add_argument("--limit", type=int, help="transcode at most this many new rows, then stop; resumable "
+                                              "(default: all)")
+    ap.add_argument("--dry-run", action="store_true", help="estimate the size and check the space; write nothing "
+                                                           "(default: off)")
+    add_shared_flags(ap, ("stage", "config", "set"))
+    return ap
+
+
+# each flag's config key
+_FLAG_KEYS = {"quality": "prepare.quality", "max_side": "prepare.max_side", "subsampling": "prepare.subsampling",
+              "workers": "prepare.workers", "margin_gb": "prepare.free_space_margin_gb", "sample": "prepare.sample"}
+
+
+def _main(args: argparse.Namespace) -> int:
+    existing_file(args.manifest, "--manifest")
+    cfg = config_from_args(args, _FLAG_KEYS)
+    opts = PrepareOptions.from_config(cfg, limit=args.limit, dry_run=args.dry_run or None)
+    report = prepare_cache(args.manifest, args.cache_dir, opts)
+    print(report.summary())
+    return 1 if report.stopped and opts.limit is None else 0
 
 
 def main(argv=None) -> int:
-    args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.captureWarnings(True)  # PIL warns about odd EXIF etc.: into the log, not bare stderr
-    try:
-        cfg = load_config(path=args.config, sets=args.set)
-        opts = PrepareOptions.from_config(
-            cfg, quality=args.quality, subsampling=args.subsampling, workers=args.workers,
-            margin_gb=args.margin_gb, sample=args.sample, limit=args.limit, dry_run=args.dry_run or None)
-        if hasattr(args, "max_side"):  # absent unless given: None is a valid value ("keep the size")
-            opts.max_side = args.max_side
-        report = prepare_cache(args.manifest, args.cache_dir, opts)
-    except (PrepareError, ValueError, FileNotFoundError) as e:  # config, manifest and class-map errors included
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    return 1 if report.stopped and opts.limit is None else 0
+    args = _parser().parse_args(argv)
+    setup_logging()
+    return run_main(lambda: _main(args))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.errors import InputError, PillsnapError
 
 _logger = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ META_KEYS = ("dl_name", "dl_name_en", "drug_shape", "color_class1", "color_class
              "di_class_no", "di_etc_otc_code", "line_front", "line_back", "leng_long", "leng_short", "thick")
 
 
-class ClassMapMismatch(ValueError):
+class ClassMapMismatch(PillsnapError, ValueError):
     """Two class maps disagree on which K-code sits at which class id."""
 
 
@@ -30,7 +31,7 @@ def _by_id(code_of: dict, ids: list) -> list[str]:
     n = len(ids)
     if sorted(ids) != list(range(n)):
         dup = sorted(i for i, k in Counter(ids).items() if k > 1)[:5]
-        raise ValueError(f"class map ids must be 0..{n - 1}, each once (model output i is class id i); got ids "
+        raise InputError(f"class map ids must be 0..{n - 1}, each once (model output i is class id i); got ids "
                          f"{min(ids)}..{max(ids)} for {n} classes" + (f", repeated: {dup}" if dup else ""))
     return [code_of[i] for i in range(n)]
 
@@ -43,7 +44,7 @@ class ClassMap:
     def __post_init__(self):
         if len(set(self.codes)) != len(self.codes):
             dup = sorted({c for c in self.codes if self.codes.count(c) > 1})
-            raise ValueError(f"class map has duplicate K-codes: {dup[:10]}")
+            raise InputError(f"class map has duplicate K-codes: {dup[:10]}")
         self.index = {c: i for i, c in enumerate(self.codes)}
 
     def __len__(self) -> int:
@@ -64,7 +65,7 @@ class ClassMap:
             return cls(codes=_by_id({v: str(k) for k, v in d.items()}, [v for v in d.values()]))
         if d and all(str(k).isdigit() for k in d):
             return cls(codes=_by_id({int(k): str(v) for k, v in d.items()}, [int(k) for k in d]))
-        raise ValueError("unrecognised class map JSON: expected {'codes': [...]}, a list, or a code->id mapping")
+        raise InputError("unrecognised class map JSON: expected {'codes': [...]}, a list, or a code->id mapping")
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pillsnap_dali.atomic import atomic_open
+from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.data.classmap import ClassMap
 
 _logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ COLUMNS = ["row", "image_path", "mapping_code", "image_type", "source", "combo_i
 LEGACY_COLUMNS = ["image_path", "mapping_code", "image_type", "source"]
 
 
-class ManifestError(ValueError):
+class ManifestError(PillsnapError, ValueError):
     pass
 
 

@@ -48,6 +48,10 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
+from pillsnap_dali.cli import add_shared_flags, config_from_args, key_help, run_main, setup_logging
+from pillsnap_dali.config import CUSTOM
+from pillsnap_dali.errors import PillsnapError
+
 _logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 3          # bump when the output of a given seed changes (invalidates demo caches)
@@ -102,7 +106,7 @@ _PRINT_PREFIXES = ("CKD", "YH", "DW", "HM", "GC", "BR", "IL", "DA", "ST", "PF", 
 _DOSES = (5, 10, 20, 25, 40, 50, 100, 200, 250, 500)
 
 
-class SynthError(ValueError):
+class SynthError(PillsnapError, ValueError):
     """Settings the generator cannot honour (too few images for the defects, too many classes...)."""
 
 
@@ -1014,32 +1018,42 @@ def ensure_demo_data(cfg, workers: int = 2) -> Path:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.synth",
                                 description="Write a synthetic AI Hub oral-drug tree in the real on-disk layout.")
-    p.add_argument("--out", required=True, help="output folder (created; must be empty)")
-    p.add_argument("--classes", type=int, default=20, help="number of K-codes (default 20)")
-    p.add_argument("--images-per-class", type=int, default=40, help="training single images per K-code")
-    p.add_argument("--combos", type=int, default=12, help="training combination folders (3 shots each)")
-    p.add_argument("--size", default="976x1280", help="WIDTHxHEIGHT of the PNGs (default 976x1280)")
-    p.add_argument("--defects", action="store_true", help="inject every known defect (see DIR/defects.json)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    p.add_argument("--layout", choices=LAYOUTS, default="raw", help="raw (Korean, spaces) | raw_underscore | english")
-    p.add_argument("--underscore", action="store_true", help="same as --layout raw_underscore")
-    p.add_argument("--dl-idx", choices=DL_IDX_MODES, default="raw", help="raw: dl_idx = K-1 (as released); k: K")
-    p.add_argument("--workers", type=int, default=2, help="render processes (output does not depend on it)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_shared_flags(p, ("out",), required=("out",), helps={"out": "output folder (created; must be empty; "
+                                                                   "required)"})
+    p.add_argument("--classes", type=int, help=key_help("number of K-codes", "data.synth.classes"))
+    p.add_argument("--images-per-class", type=int, help=key_help("training single images per K-code",
+                                                                 "data.synth.images_per_class"))
+    p.add_argument("--combos", type=int, help=key_help("training combination folders (3 shots each)",
+                                                       "data.synth.combos"))
+    p.add_argument("--size", help=key_help("WIDTHxHEIGHT of the PNGs", "data.synth.size"))
+    p.add_argument("--defects", action="store_true", default=None,
+                   help=key_help("inject every known defect (see DIR/defects.json)", "data.synth.defects"))
+    p.add_argument("--seed", type=int, help=key_help("same seed, same bytes", "data.synth.seed"))
+    p.add_argument("--layout", choices=LAYOUTS, help=key_help("raw (Korean, spaces) | raw_underscore | english",
+                                                              "data.synth.layout"))
+    p.add_argument("--underscore", action="store_true", help="same as --layout raw_underscore (default: off)")
+    p.add_argument("--dl-idx", choices=DL_IDX_MODES, default="raw",
+                   help="raw: dl_idx = K-1 (as released); k: K (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="render processes; the output does not depend on it (default: %(default)s)")
+    add_shared_flags(p, ("stage", "config", "set"), helps={
+        "stage": "take data.synth.* from this stage's overlay; one of %(choices)s (default: none, base.yaml alone)"})
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level (default: INFO)")
     return p
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    layout = "raw_underscore" if args.underscore and args.layout == "raw" else args.layout
-    try:
-        s = generate(args.out, classes=args.classes, images_per_class=args.images_per_class, combos=args.combos,
-                     size=parse_size(args.size), defects=args.defects, seed=args.seed, layout=layout,
-                     dl_idx=args.dl_idx, workers=args.workers)
-    except SynthError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+# each flag's config key: the flags and a --config / --stage / --set all set data.synth.*
+_FLAG_KEYS = {"classes": "data.synth.classes", "images_per_class": "data.synth.images_per_class",
+              "combos": "data.synth.combos", "size": "data.synth.size", "defects": "data.synth.defects",
+              "seed": "data.synth.seed", "layout": "data.synth.layout"}
+
+
+def _main(args) -> int:
+    sc = config_from_args(args, _FLAG_KEYS, default_stage=CUSTOM).data.synth
+    layout = "raw_underscore" if args.underscore and sc.layout == "raw" else sc.layout
+    s = generate(args.out, classes=sc.classes, images_per_class=sc.images_per_class, combos=sc.combos,
+                 size=parse_size(sc.size), defects=sc.defects, seed=sc.seed, layout=layout, dl_idx=args.dl_idx,
+                 workers=args.workers)
     print(f"wrote {s.root} ({s.layout}, {s.size[0]}x{s.size[1]}) in {s.seconds:.1f} s")
     print(f"  {len(s.codes)} classes, {len(s.combos['train'])} + {len(s.combos['val'])} combinations")
     for part in ("train", "val"):
@@ -1049,6 +1063,12 @@ def main(argv=None) -> int:
     hit = {k: v for k, v in s.defects.items() if v}
     print("  defects: " + (", ".join(f"{k}={v}" for k, v in hit.items()) if hit else "none"))
     return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(verbose=args.verbose)
+    return run_main(lambda: _main(args))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.errors import InputError
 from pillsnap_dali.imageio import upright_size
 from pillsnap_dali.data.manifest import Manifest, read_manifest
 from pillsnap_dali.data.scan import iou_xyxy as iou  # boxes here are [x1, y1, x2, y2]
@@ -260,7 +261,7 @@ def convert_manifests(manifests: dict[str, list[Manifest]], out_dir: str | Path,
     ``manifests`` maps a split name to the manifests whose rows go there (combinations, optionally singles).
     """
     if "train" not in manifests or "val" not in manifests:
-        raise ValueError(f"a detection dataset needs train and val splits, got {sorted(manifests)}")
+        raise InputError(f"a detection dataset needs train and val splits, got {sorted(manifests)}")
     out = Path(out_dir)
     report = ConvertReport(out_dir=str(out.resolve()))
     (out / "data.yaml").unlink(missing_ok=True)  # written last: an interrupted conversion leaves none
@@ -270,7 +271,7 @@ def convert_manifests(manifests: dict[str, list[Manifest]], out_dir: str | Path,
     _log_summary(report)
     empty = [s for s in ("train", "val") if report.images[s] == 0]
     if empty:
-        raise ValueError(f"no usable image left in the {' and '.join(empty)} split(s): "
+        raise InputError(f"no usable image left in the {' and '.join(empty)} split(s): "
                          f"see {out / 'convert_report.json'}")
     write_data_yaml(out, list(manifests))
     return report

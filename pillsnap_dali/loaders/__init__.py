@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 
-from pillsnap_dali.config import Config
+from pillsnap_dali.config import Config, ConfigError
 from pillsnap_dali.data.manifest import Manifest
 from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderSpec, SkipLog, read_encoded, steps_for
 from pillsnap_dali.loaders.pil_loader import PilLoader, PilTrainTransform, open_rgb, pil_eval_transform
@@ -49,10 +49,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
                      "installed" if has_dali else "not installed", device)
         return chosen
     if name.startswith("dali") and not has_dali:
-        raise ValueError(f"loader backend {name!r} needs NVIDIA DALI (pip install nvidia-dali-cuda120); "
+        raise ConfigError(f"loader backend {name!r} needs NVIDIA DALI (pip install nvidia-dali-cuda120); "
                          "use loader.backend=pil")
     if name == "dali" and not cuda:
-        raise ValueError(f"loader backend 'dali' decodes on the GPU but the training device is {device}; "
+        raise ConfigError(f"loader backend 'dali' decodes on the GPU but the training device is {device}; "
                          "use loader.backend=dali-cpu or auto")
     return name
 

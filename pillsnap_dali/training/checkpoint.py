@@ -28,12 +28,13 @@ from pillsnap_dali.atomic import atomic_open
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import PreprocessConfig
 from pillsnap_dali.weights import one_line
+from pillsnap_dali.errors import PillsnapError
 
 _logger = logging.getLogger(__name__)
 FORMAT = "pillsnap_dali/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PillsnapError, ValueError):
     pass
 
 
