@@ -39,7 +39,7 @@ import torch
 
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.device import DevicePlan, native_bf16, select_device
-from pillsnap_dali.errors import InputError
+from pillsnap_dali.errors import InputError, PillsnapError
 from pillsnap_dali.cli import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_main, \
     setup_logging
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
@@ -485,7 +485,7 @@ def _write_outputs(run: DetectRun, trainer, backend: str) -> dict:
     return summary
 
 
-class OutputError(ValueError):
+class OutputError(PillsnapError, ValueError):
     """The run cannot write its outputs (read-only or full disk, no permission): one line naming the path."""
 
 

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from pillsnap_dali.errors import PillsnapError
+
 BF16_MIN_CAPABILITY = (8, 0)
 
 
-class DeviceError(ValueError):
+class DeviceError(PillsnapError, ValueError):
     """A ``--device`` this machine cannot give: one line naming the request and what exists."""
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from pillsnap_dali.errors import PillsnapError
+
 # the only module prefixes whose classes a detector checkpoint may name (layers; Ultralytics' restricted
 # loader then accepts only nn.Module subclasses among them)
 LAYER_MODULES = ("torch.nn.modules.", "ultralytics.nn.")
@@ -35,7 +37,7 @@ DATA_PREFIXES = ("ultralytics.utils.loss.", "ultralytics.utils.tal.", "numpy.dty
 MODEL_SUFFIXES = (".yaml", ".yml")
 
 
-class WeightsError(ValueError):
+class WeightsError(PillsnapError, ValueError):
     """A weights file that cannot be loaded without running code (or at all): one line, naming the path."""
 
 
