@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from pillsnap_dali.config import load_config
-from pillsnap_dali.loaders import SkipLog, build_loader, resolve_backend
+from pillsnap_dali.loaders import build_loader, resolve_backend
+from pillsnap_dali.skiplog import SkipLog
 from pillsnap_dali.data.manifest import Manifest
 
 pytestmark = [pytest.mark.gpu,

@@ -3,7 +3,8 @@
 Every loader yields ``Batch(images, labels, rows)`` on the training device, has ``len()`` = steps per
 epoch for its rank, ``set_epoch(e)``, ``epoch_stats()`` (``rows``, ``yielded``, ``skipped``, ``excluded``,
 ``dropped`` of the last epoch; ``yielded + skipped + excluded + dropped == rows`` after a full epoch),
-``.backend`` and ``close()``. Files that cannot be used are skipped and written to the ``SkipLog``; they are
+``.backend`` and ``close()``. Files that cannot be used are skipped and written to the skip log
+(``pillsnap_dali.skiplog.SkipLog``, one line per row); they are
 excluded from later epochs. The training loop never knows which backend produced a batch.
 """
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 
 from pillsnap_dali.config import Config
 from pillsnap_dali.data.manifest import Manifest
-from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderSpec, SkipLog, read_encoded, steps_for
+from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderSpec, read_encoded, steps_for
 from pillsnap_dali.loaders.pil_loader import PilLoader, PilTrainTransform, open_rgb, pil_eval_transform
+from pillsnap_dali.skiplog import SkipLog
 
 if TYPE_CHECKING:
     from pillsnap_dali.loaders.dali_loader import DaliLoader
@@ -26,7 +28,7 @@ _logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "dali", "dali-cpu", "pil")
 
-__all__ = ["BACKENDS", "Batch", "EpochPlan", "LoaderSpec", "SkipLog", "Loader", "build_loader", "open_rgb",
+__all__ = ["BACKENDS", "Batch", "EpochPlan", "LoaderSpec", "Loader", "build_loader", "open_rgb",
            "pil_eval_transform", "PilTrainTransform", "read_encoded", "resolve_backend", "steps_for"]
 
 

@@ -234,7 +234,8 @@ class Trainer:
     """Owns the model, optimizer and loaders of one run; ``fit()`` runs it to the end or a stop."""
 
     def __init__(self, spec: RunSpec):
-        from pillsnap_dali.loaders import SkipLog, build_loader
+        from pillsnap_dali.loaders import build_loader
+        from pillsnap_dali.skiplog import SkipLog
 
         self.spec, self.cfg, self.device = spec, spec.cfg, spec.device
         cfg, data = spec.cfg, spec.data
