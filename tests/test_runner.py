@@ -186,3 +186,18 @@ def test_the_detection_loader_shares_the_allocation_rule(tmp_path):
     with pytest.raises(DeviceMemoryError, match="batch size 2, image size 32 px"):
         list(again)
     assert len(log) == 0
+
+
+def test_one_memory_format_setting_and_the_training_devices_gpu(split):
+    from pillsnap_dali.config import ConfigError, memory_layout
+    from pillsnap_dali.loaders.dali_loader import dali_device_id
+
+    with pytest.raises(ConfigError, match="loader.layout"):
+        _cfg("train.channels_last=true")
+    assert memory_layout("auto", "cuda") == "NHWC" and memory_layout("auto", "cpu") == "NCHW"
+    assert memory_layout("NHWC", "cpu") == "NHWC"
+    auto = next(iter(_loader(split, SkipLog(None), False))).images  # auto on the CPU: plain NCHW
+    assert auto.is_contiguous() and not auto.is_contiguous(memory_format=torch.channels_last)
+    nhwc = next(iter(_loader(split, SkipLog(None), False, "loader.layout=NHWC"))).images
+    assert nhwc.shape == auto.shape and nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert dali_device_id(torch.device("cuda", 1)) == 1  # --device cuda:1: DALI decodes on GPU 1

@@ -9,13 +9,15 @@ excluded from later epochs. The training loop never knows which backend produced
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from typing import TYPE_CHECKING, Sequence, Union
 
+import numpy as np
 import torch
 
-from pillsnap_dali.config import Config
+from pillsnap_dali.config import Config, memory_layout
 from pillsnap_dali.data.manifest import Manifest
 from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderSpec, read_encoded, steps_for
 from pillsnap_dali.loaders.pil_loader import PilLoader, PilTrainTransform, open_rgb, pil_eval_transform
@@ -74,9 +76,10 @@ def build_loader(manifest: Manifest, labels: Sequence[int], cfg: Config, *, trai
     device = torch.device(device)
     name = resolve_backend(backend, device)
     spec = LoaderSpec.from_config(cfg, train=train, seed=seed, rank=rank, world_size=world_size)
+    # one memory format for batches and model (loader.layout, ``auto`` resolved for the training device)
+    spec = dataclasses.replace(spec, loader=dataclasses.replace(
+        spec.loader, layout=memory_layout(spec.loader.layout, device.type)))
     if sample_weights is not None:
-        import dataclasses
-        import numpy as np
         spec = dataclasses.replace(spec, sample_weights=np.asarray(sample_weights, dtype=np.float64))
     table = torch.as_tensor(list(labels), dtype=torch.int64).to(device)
     skip_log = skip_log if skip_log is not None else SkipLog(None)
