@@ -5,7 +5,6 @@ import io
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
