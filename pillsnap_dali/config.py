@@ -102,7 +102,7 @@ class LoaderConfig:
     prefetch: int = 2
     drop_last: bool = False
     dtype: str = "float32"
-    layout: str = "NCHW"
+    layout: str = "auto"
     hw_decoder_load: float = 0.65
     colour: str = "batch"
     readers: int = 4
@@ -132,7 +132,6 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.999
     amp: bool = True
-    channels_last: bool = True
     target_accuracy: Optional[float] = None
     patience: int = 0
     log_interval: int = 20
@@ -203,7 +202,7 @@ _CHOICES = {
     "preprocess.resize_mode": ("squash", "crop"),
     "loader.backend": ("auto", "dali", "dali-cpu", "pil"),
     "loader.dtype": ("float16", "float32"),
-    "loader.layout": ("NCHW", "NHWC"),
+    "loader.layout": ("auto", "NCHW", "NHWC"),
     "loader.colour": ("batch", "graph"),
     "train.optimizer": ("adamw", "sgd"),
     "train.class_weights": ("none", "inv_freq", "effective_num"),
@@ -308,7 +307,22 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
     return keys
 
 
+# keys that were merged into another: the error names the new one
+_REPLACED = {"train.channels_last": "the memory format is one setting now: loader.layout (auto = NHWC, i.e. "
+                                    "channels_last, on CUDA and NCHW on the CPU; or NHWC | NCHW)"}
+
+
+def memory_layout(layout: str, device_type: str) -> str:
+    """``loader.layout`` for a training device type: ``auto`` is NHWC (channels_last) on CUDA, NCHW elsewhere.
+    The loaders deliver batches in it and the model is put in it: no batch is copied a second time."""
+    if layout == "auto":
+        return "NHWC" if device_type == "cuda" else "NCHW"
+    return layout
+
+
 def _suggest(key: str, valid: list[str]) -> str:
+    if key in _REPLACED:
+        return f"; {_REPLACED[key]}"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if not close:  # try the last component against the last components
         leaf = key.rsplit(".", 1)[-1]

@@ -5,7 +5,7 @@ The reader is not part of the graph: each pipeline factory takes a ``source`` ca
 (the loader owns file reading, sharding and corrupt-file recovery). The row id travels through the graph
 untouched so every output sample stays traceable to its manifest row.
 
-Training: ``decoders.image_random_crop`` (decode fused with a random-resized crop) -> resize to
+Training: ``decoders.image_slice`` (decode fused with the crop window drawn on the host, input ``AUG``) -> resize to
 ``img_size`` x ``img_size`` (linear, antialiased) -> then, with ``TrainSpec.colour="graph"``,
 ``color_twist`` (brightness, contrast, saturation, hue) -> ``crop_mirror_normalize`` (random horizontal flip,
 ImageNet normalization, float16/32, CHW or HWC); with ``colour="batch"`` the graph ends with the random flip
@@ -23,12 +23,17 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline
 
-from .common import (AIHUB_HEIGHT, AIHUB_WIDTH, IMAGENET_MEAN, IMAGENET_STD, PipelineOptions, dali_dtype,
-                     dali_layout, decoder_device)
+from .common import (AIHUB_HEIGHT, AIHUB_WIDTH, IMAGENET_MEAN, IMAGENET_STD, Input, PipelineOptions,
+                     build_pipeline, dali_dtype, dali_layout, decoder_device)
 
 # Names of the external-source outputs when a pipeline is fed with ``feed_input`` instead of a callable.
 ENCODED = "encoded"
 ROWS = "rows"
+# The training graph's per-sample augmentation, drawn on the host (``pillsnap_dali.loaders.augment``): float32
+# [crop_x, crop_y, crop_w, crop_h] relative to the upright image, flip (0/1), then the colour factors
+# (brightness, contrast, saturation: 1 = unchanged; hue: a fraction of a full turn, 0 = unchanged).
+AUG = "aug"
+AUG_FIELDS = ("crop_x", "crop_y", "crop_w", "crop_h", "flip", "brightness", "contrast", "saturation", "hue")
 RESIZE_MODES = ("squash", "crop")
 COLOUR_MODES = ("graph", "batch")
 
@@ -95,41 +100,37 @@ def _normalize(images, out: OutputSpec, mirror=None, crop: Optional[int] = None)
                                     mean=[m * 255.0 for m in out.mean], std=[s * 255.0 for s in out.std], **kw)
 
 
-def _uniform_around_one(amount: float):
-    return fn.random.uniform(range=[1.0 - amount, 1.0 + amount])
-
-
-def _colour_jitter(images, spec: TrainSpec):
-    """Brightness, contrast, saturation and hue in one pass (``fn.color_twist``): one op instead of
-    ``hsv`` + ``brightness_contrast`` saves a full pass over every image (measured ~3-5 % on 2 CPU cores)."""
+def _colour_jitter(images, spec: TrainSpec, aug):
+    """Brightness, contrast, saturation and hue in one pass (``fn.color_twist``), with the sample's factors
+    from ``aug`` (hue in turns): one op instead of ``hsv`` + ``brightness_contrast`` saves a full pass over
+    every image (measured ~3-5 % on 2 CPU cores)."""
     if not any((spec.hue, spec.saturation, spec.brightness, spec.contrast)):
         return images
-    kw = {}
-    if spec.hue > 0:
-        kw["hue"] = fn.random.uniform(range=[-spec.hue * 360.0, spec.hue * 360.0])
-    for name in ("saturation", "brightness", "contrast"):
-        amount = getattr(spec, name)
-        if amount > 0:
-            kw[name] = _uniform_around_one(amount)
-    return fn.color_twist(images, **kw)
+    return fn.color_twist(images, brightness=aug[AUG_FIELDS.index("brightness")],
+                          contrast=aug[AUG_FIELDS.index("contrast")],
+                          saturation=aug[AUG_FIELDS.index("saturation")],
+                          hue=aug[AUG_FIELDS.index("hue")] * 360.0)
 
 
-def train_graph(encoded, spec: TrainSpec, device: str = "cpu"):
-    """Training images from encoded bytes: fused decode + random crop, resize, colour jitter, flip, normalize.
+def train_graph(encoded, spec: TrainSpec, device: str = "cpu", aug=None):
+    """Training images from encoded bytes and each sample's host-drawn augmentation ``aug`` (``AUG_FIELDS``):
+    fused decode + crop of the drawn window, resize, colour jitter, flip, normalize. No random op: the same
+    draws give the same pixels in any pipeline, rebuilt or not.
 
-    With ``spec.colour == "batch"``: fused decode + random crop, resize, flip, uint8 CHW (the colour jitter
-    and the normalization are ``pipelines.colour.BatchColour``'s, on the batch)."""
-    images = fn.decoders.image_random_crop(encoded, random_area=list(spec.random_area),
-                                           random_aspect_ratio=list(spec.random_aspect_ratio),
-                                           **_decoder_kwargs(device, spec.hw_decoder_load))
+    With ``spec.colour == "batch"``: decode + crop, resize, flip, uint8 CHW (the colour jitter and the
+    normalization are ``pipelines.colour.BatchColour``'s, on the batch, with the same drawn factors)."""
+    if aug is None:
+        raise ValueError("the training graph needs the per-sample augmentation input (AUG)")
+    images = fn.decoders.image_slice(encoded, rel_start=aug[0:2], rel_shape=aug[2:4],
+                                     **_decoder_kwargs(device, spec.hw_decoder_load))
     images = fn.resize(images, resize_x=spec.img_size, resize_y=spec.img_size, antialias=True,
                        interp_type=types.INTERP_LINEAR)
-    mirror = fn.random.coin_flip(probability=spec.hflip) if spec.hflip > 0 else None
+    mirror = fn.cast(aug[AUG_FIELDS.index("flip")], dtype=types.INT32) if spec.hflip > 0 else None
     if spec.colour == "batch":
         kw = {"mirror": mirror} if mirror is not None else {}
         return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mean=[0.0], std=[1.0],
                                         **kw)
-    images = _colour_jitter(images, spec)
+    images = _colour_jitter(images, spec, aug)
     return _normalize(images, spec.output, mirror=mirror)
 
 
@@ -155,29 +156,25 @@ def decode_graph(encoded, spec: Spec, device: str = "cpu"):
     return fn.decoders.image(encoded, **_decoder_kwargs(device, spec.hw_decoder_load))
 
 
-def _external_inputs(source: Optional[Callable]):
-    kw = {"dtype": [types.UINT8, types.INT64], "batch": True}
-    if source is not None:
-        return fn.external_source(source=source, num_outputs=2, **kw)
-    encoded = fn.external_source(name=ENCODED, dtype=types.UINT8, batch=True)
-    rows = fn.external_source(name=ROWS, dtype=types.INT64, batch=True)
-    return encoded, rows
+def classify_inputs(graph: Callable) -> tuple[Input, ...]:
+    """The graph's external inputs: encoded bytes and row ids, and ``AUG`` for the training graph."""
+    inputs = (Input(ENCODED, types.UINT8, 1), Input(ROWS, types.INT64, 0))
+    return inputs + ((Input(AUG, types.FLOAT, 1),) if graph is train_graph else ())
 
 
 def classify_pipeline(source: Optional[Callable], spec: Spec, opts: PipelineOptions,
                       graph: Optional[Callable] = None) -> Pipeline:
-    """A built pipeline whose outputs are ``(images, rows)``.
+    """A built pipeline whose outputs are ``(images, rows)`` (``common.build_pipeline``).
 
-    ``source()`` returns one batch ``([uint8 arrays], int64 array of row ids)`` (it may be shorter than
-    ``opts.batch_size``) or raises ``StopIteration`` at the end of the epoch. With ``source=None`` the
-    inputs are named ``ENCODED`` and ``ROWS`` for ``pipe.feed_input``. ``graph`` defaults to
-    ``train_graph`` for a ``TrainSpec`` and ``eval_graph`` for an ``EvalSpec``.
+    ``source()`` returns one batch ``([uint8 arrays], int64 row ids[, float32 (n, 9) AUG draws])`` (one value
+    per input of ``classify_inputs(graph)``) or raises ``StopIteration`` at the end of the epoch. With
+    ``source=None`` the inputs are named (``ENCODED``, ``ROWS``, ``AUG``) for ``pipe.feed_input``. ``graph``
+    defaults to ``train_graph`` for a ``TrainSpec`` and ``eval_graph`` for an ``EvalSpec``.
     """
     if graph is None:
         graph = train_graph if isinstance(spec, TrainSpec) else eval_graph
-    pipe = opts.new_pipeline()
-    with pipe:
-        encoded, rows = _external_inputs(source)
-        pipe.set_outputs(graph(encoded, spec, opts.device), rows)
-    pipe.build()
-    return pipe
+
+    def outputs(nodes: dict):
+        kw = {"aug": nodes[AUG]} if AUG in nodes else {}
+        return graph(nodes[ENCODED], spec, opts.device, **kw), nodes[ROWS]
+    return build_pipeline(source, classify_inputs(graph), outputs, opts)

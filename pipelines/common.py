@@ -1,4 +1,4 @@
-"""Pieces shared by every DALI graph: devices, dtypes, pipeline options and the shard order.
+"""Pieces shared by every DALI graph: devices, dtypes, the one pipeline-options type and the one builder.
 
 Imports ``nvidia.dali`` and numpy only (never ``pillsnap_dali``), so a graph can be built and tested alone.
 (The shard order the readers feed lives with the loaders, ``pillsnap_dali.loaders.common.shard_order``: the
@@ -7,8 +7,9 @@ Imports ``nvidia.dali`` and numpy only (never ``pillsnap_dali``), so a graph can
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
+import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline
 
@@ -25,12 +26,12 @@ _LAYOUTS = {"NCHW": "CHW", "NHWC": "HWC"}
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """How a pipeline runs (not what it computes).
+    """How a pipeline runs (not what it computes); the one options type of every graph and loader.
 
     ``device="gpu"`` decodes with ``device="mixed"`` and keeps every later op on the GPU of ``device_id``;
     ``device="cpu"`` runs the same graph on ``num_threads`` CPU threads with ``device_id=None``.
     """
-    batch_size: int
+    batch_size: int = 1
     device: str = "cpu"
     device_id: Optional[int] = None
     num_threads: int = 2
@@ -69,3 +70,31 @@ def dali_layout(layout: str) -> str:
         return _LAYOUTS[layout]
     except KeyError:
         raise ValueError(f"layout must be one of {list(_LAYOUTS)}, got {layout!r}") from None
+
+
+@dataclass(frozen=True)
+class Input:
+    """One external input of a graph: fed per sample, by name (``feed_input``) or by a batch ``source``."""
+    name: str
+    dtype: types.DALIDataType
+    ndim: int
+
+
+def build_pipeline(source: Optional[Callable], inputs: Sequence[Input], graph: Callable[[dict], Sequence],
+                   opts: PipelineOptions) -> Pipeline:
+    """A built pipeline of ``graph`` (``{input name: node} -> outputs``): how every graph is built.
+
+    ``source()`` returns one batch as a tuple with one list (or array) of per-sample values per input, in the
+    order of ``inputs`` (a batch may be shorter than ``opts.batch_size``), or raises ``StopIteration`` at the
+    end of an epoch. ``source=None``: the inputs are named for ``pipe.feed_input``.
+    """
+    pipe = opts.new_pipeline()
+    with pipe:
+        if source is not None:
+            nodes = fn.external_source(source=source, num_outputs=len(inputs), batch=True,
+                                       dtype=[i.dtype for i in inputs], ndim=[i.ndim for i in inputs])
+        else:
+            nodes = [fn.external_source(name=i.name, dtype=i.dtype, ndim=i.ndim, batch=True) for i in inputs]
+        pipe.set_outputs(*graph(dict(zip((i.name for i in inputs), nodes))))
+    pipe.build()
+    return pipe

@@ -5,24 +5,31 @@ every image op on the GPU; ``"cpu"`` runs the same ops on the CPU (``device_id=N
 Boxes (a few per image) stay on the CPU in both cases: they are ragged and tiny, and the trainer moves the
 collated targets to its device itself.
 
-The graph is fed per sample through named external sources (push mode, see ``feed``):
+The graph is fed per sample through its external inputs (``DETECT_INPUTS``, built like the classification
+graphs by ``common.build_pipeline``: a batch source, or named inputs for ``feed_input``):
 
 - ``encoded``: the encoded image file (uint8, 1-D)
+- ``rows``: the sample's row id (int64), returned untouched as the third output
 - ``boxes``: ``[N, 4]`` float32 ltrb normalized to the ORIGINAL image (N may be 0)
 - ``geometry``: int32 ``[new_h, new_w, top, left]``: the letterbox resize size and the padding offsets,
   computed by the feeder from the image header (``letterbox_geometry``) so the caller knows the exact
   ``ratio_pad`` the validator needs to map predictions back to the original pixels.
 
 Outputs: ``images`` uint8 CHW ``imgsz x imgsz`` (padding value 114, like Ultralytics' LetterBox) and
-``boxes`` ``[N, 4]`` float32 normalized center-xywh in the letterboxed frame (the Ultralytics batch format).
+``boxes`` ``[N, 4]`` float32 normalized center-xywh in the letterboxed frame (the Ultralytics batch format),
+and ``rows``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
-from nvidia.dali import pipeline_def
+from nvidia.dali.pipeline import Pipeline
 
-from .common import decoder_device
+from .classify import ENCODED, ROWS
+from .common import Input, PipelineOptions, build_pipeline, decoder_device
 
 PAD_VALUE = 114
 # ltrb -> center xywh, as the 4x4 matrix coord_transform applies to each box row
@@ -86,26 +93,39 @@ def _jitter(images, boxes, aug: dict):
 
 
 NO_AUGMENT = {"fliplr": 0.0, "flipud": 0.0, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0}
+BOXES = "boxes"
+GEOMETRY = "geometry"
+DETECT_INPUTS = (Input(ENCODED, types.UINT8, 1), Input(ROWS, types.INT64, 0), Input(BOXES, types.FLOAT, 2),
+                 Input(GEOMETRY, types.INT32, 1))
 
 
-@pipeline_def
-def detect_pipeline(*, device: str = "gpu", imgsz: int = 640, augment: dict | None = None):
-    """The detector's input graph; ``augment`` None (or NO_AUGMENT) is the validation graph.
+@dataclass(frozen=True)
+class DetectSpec:
+    """What the detection graph computes: letterbox size and the augmentation (None: the validation graph).
 
     ``augment`` keys: fliplr, flipud probabilities; hsv_h (fraction of the hue circle), hsv_s, hsv_v
     (relative gains), the Ultralytics hyperparameter names and meanings.
     """
-    if device not in ("gpu", "cpu"):
-        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
-    aug = dict(NO_AUGMENT, **(augment or {}))
-    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-    boxes = fn.external_source(name="boxes", dtype=types.FLOAT, ndim=2)
-    geometry = fn.external_source(name="geometry", dtype=types.INT32, ndim=1)
-    images = fn.decoders.image(encoded, device=decoder_device(device), output_type=types.RGB)
-    images = _letterbox_image(images, geometry, imgsz)
-    m, t = _box_affine(geometry, imgsz)
-    boxes = fn.coord_transform(boxes, M=m, T=t)
+    imgsz: int = 640
+    augment: Optional[dict] = None
+
+
+def detect_graph(nodes: dict, spec: DetectSpec, device: str):
+    """``(images, boxes, rows)`` from the inputs of ``DETECT_INPUTS``."""
+    aug = dict(NO_AUGMENT, **(spec.augment or {}))
+    images = fn.decoders.image(nodes[ENCODED], device=decoder_device(device), output_type=types.RGB)
+    geometry = nodes[GEOMETRY]
+    images = _letterbox_image(images, geometry, spec.imgsz)
+    m, t = _box_affine(geometry, spec.imgsz)
+    boxes = fn.coord_transform(nodes[BOXES], M=m, T=t)
     images, boxes = _jitter(images, boxes, aug)
     boxes = fn.coord_transform(boxes, M=_LTRB_TO_CXYWH)
     images = fn.transpose(images, perm=[2, 0, 1], output_layout="CHW")
-    return images, boxes
+    return images, boxes, nodes[ROWS]
+
+
+def detect_pipeline(source: Optional[Callable], spec: DetectSpec, opts: PipelineOptions) -> Pipeline:
+    """A built pipeline of the detector's input graph (``common.build_pipeline``, as the classification
+    graphs): ``source()`` returns one batch with a list per input of ``DETECT_INPUTS``; ``source=None``:
+    the inputs are named for ``pipe.feed_input``."""
+    return build_pipeline(source, DETECT_INPUTS, lambda nodes: detect_graph(nodes, spec, opts.device), opts)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pillsnap_dali.loaders import SkipLog
+from pillsnap_dali.skiplog import SkipLog
 from pillsnap_dali.data.manifest import Manifest, read_manifest, write_manifest
 from pillsnap_dali.data.yolo import BoxRules, clean_boxes, convert_manifests, detection_manifests
 
@@ -175,10 +175,11 @@ def test_convert_stage_on_the_synthetic_tree_handles_every_injected_box_defect(s
 
 # ------------------------------------------------------------------------------------------ DALI loader
 def _loader(yolo: Path, split: str, augment=None, imgsz=64, batch_size=4, skip_log=None):
-    from pillsnap_dali.detect import DaliDetectLoader, DaliOptions, read_yolo_split
+    from pillsnap_dali.loaders.detect import DaliDetectLoader, read_yolo_split
+    from pipelines import PipelineOptions
 
     return DaliDetectLoader(read_yolo_split(yolo / "images" / split), batch_size=batch_size, imgsz=imgsz,
-                            augment=augment, shuffle=augment is not None, options=DaliOptions(device="cpu"),
+                            augment=augment, shuffle=augment is not None, options=PipelineOptions(device="cpu"),
                             skip_log=skip_log, split=split)
 
 
@@ -332,7 +333,7 @@ def test_dali_fed_ultralytics_training_completes_offline(converted, tmp_path, mo
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"precision", "recall", "mAP50", "mAP50-95"} and metrics == summary
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("precision", "recall", "mAP50", "mAP50-95"))
-    assert metrics["backend"] == "dali-cpu" and (out / "skipped.csv").read_text().startswith("row,path,reason,backend,epoch")
+    assert metrics["backend"] == "dali-cpu" and (out / "skipped.csv").read_text().startswith("row,split,path,reason,backend,epoch")
     assert not list(tmp_path.glob("*.pt")) and not list(Path.cwd().glob("yolo*.pt"))  # nothing fetched
     from pillsnap_dali.predict import load_detector  # our own checkpoint passes the weights_only loader
     assert type(load_detector(out / "weights" / "best.pt").model).__name__ == "DetectionModel"
@@ -372,13 +373,14 @@ def _needs_cuda():
 
 @pytest.mark.gpu
 def test_gpu_graph_matches_the_cpu_graph(converted):
-    from pillsnap_dali.detect import DaliDetectLoader, DaliOptions, read_yolo_split
+    from pillsnap_dali.loaders.detect import DaliDetectLoader, read_yolo_split
+    from pipelines import PipelineOptions
 
     _needs_cuda()
     yolo, _ = converted
     samples = read_yolo_split(yolo / "images" / "train")
     batches = {dev: next(iter(DaliDetectLoader(samples, batch_size=4, imgsz=64, augment=None, shuffle=False,
-                                               options=DaliOptions(device=dev, device_id=0 if dev == "gpu" else None))))
+                                               options=PipelineOptions(device=dev, device_id=0 if dev == "gpu" else None))))
                for dev in ("cpu", "gpu")}
     gpu, cpu = batches["gpu"], batches["cpu"]
     assert gpu["img"].is_cuda and gpu["img"].shape == cpu["img"].shape

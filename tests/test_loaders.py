@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from pillsnap_dali.config import load_config
-from pillsnap_dali.loaders import Batch, SkipLog, build_loader, open_rgb, pil_eval_transform, resolve_backend
+from pillsnap_dali.loaders import Batch, build_loader, open_rgb, pil_eval_transform, resolve_backend
 from pillsnap_dali.loaders.common import shard_order
 from pillsnap_dali.data.manifest import Manifest
+from pillsnap_dali.skiplog import SkipLog
 
 from _paths import REAL_IMAGES  # noqa: E402
 BACKENDS = ("dali-cpu", "pil")
@@ -439,5 +440,5 @@ def test_a_skip_log_of_another_format_is_carried_over_not_a_crash(tmp_path):
     f.write_text("image_path,reason\n/x/a.png,DALI: bad\n", encoding="utf-8")  # an older detection run's
     log = SkipLog(f)
     assert "/x/a.png" in log and (tmp_path / "skipped.old.csv").exists()
-    assert f.read_text(encoding="utf-8").splitlines()[0] == "row,path,reason,backend,epoch"
+    assert f.read_text(encoding="utf-8").splitlines()[0] == "row,split,path,reason,backend,epoch"
     assert "/x/a.png" in SkipLog(f)  # read back in the new format

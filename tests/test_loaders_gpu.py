@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from pillsnap_dali.config import load_config
-from pillsnap_dali.loaders import SkipLog, build_loader, resolve_backend
+from pillsnap_dali.loaders import build_loader, resolve_backend
+from pillsnap_dali.skiplog import SkipLog
 from pillsnap_dali.data.manifest import Manifest
 
 pytestmark = [pytest.mark.gpu,
@@ -106,8 +107,12 @@ def test_no_host_round_trip_between_decode_and_model(photos, colour):
     import nvidia.dali.backend as dali_backend
 
     from pipelines import PipelineOptions, TrainSpec, classify_pipeline
+
+    from pillsnap_dali.config import AugmentConfig
+    from pillsnap_dali.loaders.augment import draw_augment
     bufs = [np.fromfile(p, dtype=np.uint8) for p in photos]
-    fed = iter([(bufs, np.arange(len(bufs), dtype=np.int64))])
+    rows = np.arange(len(bufs), dtype=np.int64)
+    fed = iter([(bufs, rows, list(draw_augment(AugmentConfig(), 0, 0, rows, [(976, 1280)] * len(rows))))])
     pipe = classify_pipeline(lambda: next(fed), TrainSpec(img_size=64, colour=colour),
                              PipelineOptions(batch_size=4, device="gpu", device_id=torch.cuda.current_device()))
     images, rows = pipe.run()
@@ -158,3 +163,18 @@ def test_gpu_monitor_watches_the_cuda_device_it_is_given():
     assert mon.available
     total = mon.sample()["gpu_mem_total_gb"] * 2**30
     assert abs(total - torch.cuda.get_device_properties(dev).total_memory) / total < 0.05
+
+
+def test_gpu_pipelines_live_across_epochs_with_flat_device_memory(photos):
+    """One pipeline per loader for every epoch, and the device's free memory (what NVML sees, DALI's pool
+    included) does not shrink from epoch 1 on: the per-epoch rebuilds that leaked are gone."""
+    loader = build_loader(_manifest(list(photos) * 4), [0] * 16, _cfg(), train=True, device=torch.device("cuda"),
+                          backend="dali")
+    free = []
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        assert sum(len(b.rows) for b in loader) == 16
+        torch.cuda.synchronize()
+        free.append(torch.cuda.mem_get_info()[0])
+    assert loader.runner.builds == 1
+    assert free[1] - free[-1] < 64 * 2 ** 20, [f // 2 ** 20 for f in free]

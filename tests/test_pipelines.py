@@ -18,10 +18,11 @@ def _png(arr: np.ndarray) -> np.ndarray:
 
 
 class _Source:
-    """Hands out the given encoded images in batches, then StopIteration."""
+    """Hands out the given encoded images in batches, then StopIteration. ``aug_seed``: also each sample's
+    host-drawn augmentation (the training graph's AUG input), drawn for 64 x 80 images."""
 
-    def __init__(self, encoded: list, batch: int):
-        self.encoded, self.batch, self.pos = encoded, batch, 0
+    def __init__(self, encoded: list, batch: int, aug_seed=None):
+        self.encoded, self.batch, self.pos, self.aug_seed = encoded, batch, 0, aug_seed
 
     def __call__(self):
         if self.pos >= len(self.encoded):
@@ -29,7 +30,11 @@ class _Source:
         chunk = self.encoded[self.pos:self.pos + self.batch]
         rows = np.arange(self.pos, self.pos + len(chunk), dtype=np.int64)
         self.pos += len(chunk)
-        return chunk, rows
+        if self.aug_seed is None:
+            return chunk, rows
+        from pillsnap_dali.config import AugmentConfig
+        from pillsnap_dali.loaders.augment import draw_augment
+        return chunk, rows, list(draw_augment(AugmentConfig(), self.aug_seed, 0, rows, [(64, 80)] * len(rows)))
 
 
 def _run_all(pipe) -> list:
@@ -54,7 +59,7 @@ def _gradient(h: int = 80, w: int = 64, shift: int = 0) -> np.ndarray:
 def test_train_graph_outputs_normalized_batches_and_partial_last_batch(dtype, layout, shape):
     encoded = [_png(_gradient(shift=i * 20)) for i in range(5)]
     spec = TrainSpec(img_size=32, output=OutputSpec(dtype=dtype, layout=layout))
-    pipe = classify_pipeline(_Source(encoded, 4), spec, PipelineOptions(batch_size=4, num_threads=1, seed=3))
+    pipe = classify_pipeline(_Source(encoded, 4, aug_seed=3), spec, PipelineOptions(batch_size=4, num_threads=1))
     out = _run_all(pipe)
     assert [len(r) for _, r in out] == [4, 1]  # the last partial batch comes through as it is
     assert np.concatenate([r for _, r in out]).tolist() == [0, 1, 2, 3, 4]
@@ -90,11 +95,13 @@ def test_eval_crop_mode_keeps_the_centre_and_squash_keeps_everything():
 
 
 def test_training_augmentation_is_seeded():
+    """The training graph has no random op of its own: the host draws (seeded) decide every pixel."""
     encoded = [_png(_gradient(shift=i * 30)) for i in range(4)]
     spec = TrainSpec(img_size=32)
 
     def run(seed):
-        pipe = classify_pipeline(_Source(encoded, 4), spec, PipelineOptions(batch_size=4, num_threads=2, seed=seed))
+        pipe = classify_pipeline(_Source(encoded, 4, aug_seed=seed), spec,
+                                 PipelineOptions(batch_size=4, num_threads=2, seed=seed + 100))
         return _run_all(pipe)[0][0]
     assert np.array_equal(run(7), run(7))
     assert not np.array_equal(run(7), run(8))
@@ -113,25 +120,29 @@ def test_gpu_graphs_are_well_formed_without_a_gpu():
     """The device="gpu" graphs are defined (not built) here: DALI checks every op's device placement at
     definition, so a CPU op fed GPU data, or a wrong argument, fails on this CPU machine too."""
     import nvidia.dali.fn as fn
-    from pipelines import EvalSpec, PipelineOptions, TrainSpec
-    from pipelines.classify import _external_inputs, eval_graph, train_graph
-    from pipelines.detect import detect_pipeline
+    from pipelines import AUG, ENCODED, ROWS, EvalSpec, PipelineOptions, TrainSpec
+    from pipelines.classify import classify_inputs, eval_graph, train_graph
+    from pipelines.detect import DETECT_INPUTS, DetectSpec, detect_graph
 
+    def inputs(declared):
+        return {i.name: fn.external_source(name=i.name, dtype=i.dtype, ndim=i.ndim) for i in declared}
     opts = PipelineOptions(batch_size=4, device="gpu", device_id=0)
     for spec, graph in ((TrainSpec(img_size=64), train_graph), (TrainSpec(img_size=64, colour="batch"), train_graph),
                         (EvalSpec(img_size=64), eval_graph),
                         (EvalSpec(img_size=64, resize_mode="crop"), eval_graph)):
         pipe = opts.new_pipeline()
         with pipe:
-            encoded, rows = _external_inputs(None)
-            out = graph(encoded, spec, "gpu")
-            pipe.set_outputs(out, rows)
+            nodes = inputs(classify_inputs(graph))
+            out = graph(nodes[ENCODED], spec, "gpu", **({"aug": nodes[AUG]} if AUG in nodes else {}))
+            pipe.set_outputs(out, nodes[ROWS])
         assert out.device == "gpu"
-    det = detect_pipeline(batch_size=4, num_threads=1, device_id=0, device="gpu", imgsz=64,
-                          augment={"fliplr": 0.5, "hsv_h": 0.015})  # @pipeline_def: defined, not built
-    assert [o.device for o in det._graph_out] == ["gpu", "cpu"]  # images on the GPU; boxes stay small, on the host
+    det = opts.new_pipeline()
+    with det:  # defined, not built
+        outs = detect_graph(inputs(DETECT_INPUTS), DetectSpec(imgsz=64, augment={"fliplr": 0.5, "hsv_h": 0.015}),
+                            "gpu")
+    assert [o.device for o in outs] == ["gpu", "cpu", "cpu"]  # images on the GPU; boxes (and rows) on the host
     bad = opts.new_pipeline()
     with pytest.raises(RuntimeError, match="IsCompatibleDevice"):
         with bad:
-            encoded, _ = _external_inputs(None)
+            encoded = inputs(classify_inputs(eval_graph))[ENCODED]
             bad.set_outputs(fn.resize(fn.decoders.image(encoded, device="mixed"), size=8, device="cpu"))

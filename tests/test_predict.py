@@ -164,15 +164,15 @@ def test_prediction_letterbox_is_the_training_letterbox(size, imgsz):
     from PIL import Image
 
     from pillsnap_dali.bench.loaders import photo_like
-    from pipelines.detect import detect_pipeline, letterbox_geometry
+    from pipelines import PipelineOptions
+    from pipelines.detect import DetectSpec, detect_pipeline, letterbox_geometry
 
     arr = photo_like(*size, np.random.default_rng(3))
     h, w = arr.shape[:2]
-    pipe = detect_pipeline(batch_size=1, num_threads=1, device_id=None, device="cpu", imgsz=imgsz,
-                           prefetch_queue_depth=1)
-    pipe.build()
+    pipe = detect_pipeline(None, DetectSpec(imgsz=imgsz), PipelineOptions(batch_size=1, num_threads=1, prefetch=1))
     encoded = np.frombuffer(_png_bytes(arr), dtype=np.uint8)
     pipe.feed_input("encoded", [encoded])
+    pipe.feed_input("rows", [np.int64(0)])
     pipe.feed_input("boxes", [np.zeros((0, 4), np.float32)])
     pipe.feed_input("geometry", [np.asarray(letterbox_geometry(h, w, imgsz), np.int32)])
     graph = np.array(pipe.run()[0].as_tensor())[0].astype(np.float32)  # CHW uint8 values

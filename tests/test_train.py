@@ -398,7 +398,7 @@ def test_clean_run_has_an_empty_skipped_csv_and_a_dry_run_finds_the_run_to_resum
     (clean / "class_map.json").write_text((manifests / "class_map.json").read_text())
     rc = train.main(["--manifest", str(clean / "manifest_train.csv"), "--out", str(tmp_path), *TINY, "--epochs", "1",
                      "--name", "c", "--backend", "pil"])
-    assert rc == 0 and (tmp_path / "c" / "skipped.csv").read_text().strip() == "row,path,reason,backend,epoch"
+    assert rc == 0 and (tmp_path / "c" / "skipped.csv").read_text().strip() == "row,split,path,reason,backend,epoch"
     stamp = (tmp_path / "a" / "checkpoints" / "last.pt").stat().st_mtime_ns
     assert train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "a", "--resume", "--dry-run")) == 0
     assert (tmp_path / "a" / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp  # a dry run writes nothing

@@ -287,18 +287,23 @@ class _SlowStorage:
 
     def __enter__(self):
         from pillsnap_dali.loaders import dali_loader
-        self._module, self._orig = dali_loader, dali_loader.read_encoded
-        latency, orig = self.latency_s, self._orig
+        self._module = dali_loader
+        self._orig = {name: getattr(dali_loader, name) for name in ("read_encoded", "read_encoded_upright")}
+        latency = self.latency_s
 
-        def slow(path, max_pixels):
-            time.sleep(latency)
-            return orig(path, max_pixels)
+        def slow(orig):
+            def read(path, max_pixels):
+                time.sleep(latency)
+                return orig(path, max_pixels)
+            return read
         if latency > 0:
-            dali_loader.read_encoded = slow
+            for name, orig in self._orig.items():
+                setattr(dali_loader, name, slow(orig))
         return self
 
     def __exit__(self, *exc):
-        self._module.read_encoded = self._orig
+        for name, orig in self._orig.items():
+            setattr(self._module, name, orig)
 
 
 def bench_readers(source: str | Path | Manifest, *, readers: Sequence[int] = (0, 4), latency_ms: float = 0.0,
@@ -309,7 +314,7 @@ def bench_readers(source: str | Path | Manifest, *, readers: Sequence[int] = (0,
     import torch
 
     from pillsnap_dali.loaders import build_loader
-    from pillsnap_dali.loaders import dali_loader
+    from pillsnap_dali.loaders.runner import Reader
     files = _paths_of(source)
     paths = (files * (-(-rows // len(files))))[:max(rows, len(files))]
     base = _bench_config(size, batch, threads)
@@ -317,7 +322,7 @@ def bench_readers(source: str | Path | Manifest, *, readers: Sequence[int] = (0,
                                dataclasses.replace(base, loader=dataclasses.replace(base.loader, readers=r)),
                                train=True, device=torch.device("cpu"), backend="dali-cpu") for r in readers}
     spent = [0.0]
-    orig_call = dali_loader.RowReader.__call__
+    orig_call = Reader.__call__
 
     def timed(self):
         t0 = time.perf_counter()
@@ -327,7 +332,7 @@ def bench_readers(source: str | Path | Manifest, *, readers: Sequence[int] = (0,
             spent[0] += time.perf_counter() - t0
     rates: dict = {r: [] for r in readers}
     callback: dict = {r: [] for r in readers}
-    dali_loader.RowReader.__call__ = timed
+    Reader.__call__ = timed
     try:
         with _SlowStorage(latency_ms / 1000.0):
             for rep in range(reps + 1):  # the first round warms up
@@ -338,7 +343,7 @@ def bench_readers(source: str | Path | Manifest, *, readers: Sequence[int] = (0,
                         rates[r].append(len(paths) / seconds)
                         callback[r].append(spent[0] / -(-len(paths) // batch) * 1000.0)
     finally:
-        dali_loader.RowReader.__call__ = orig_call
+        Reader.__call__ = orig_call
     results = {str(r): {"images_per_s": statistics.median(rates[r]), "runs": rates[r],
                         "callback_ms_per_batch": statistics.median(callback[r])} for r in readers}
     return {"source": str(source), "images": len(paths), "latency_ms": latency_ms, "batch": batch,

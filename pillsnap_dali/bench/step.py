@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from pillsnap_dali.config import Config
+from pillsnap_dali.config import Config, memory_layout
 from pillsnap_dali.training.engine import amp_settings, build_model, build_optimizer
 
 _logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def bench_step(cfg: Config, *, device: torch.device, batch: int, steps: int = 10
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     s = cfg.preprocess.img_size
     x = torch.randn(batch, 3, s, s, device=device)
-    if device.type == "cuda" and cfg.train.channels_last:
+    if memory_layout(cfg.loader.layout, device.type) == "NHWC":
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (batch,), device=device)
     crit = torch.nn.CrossEntropyLoss()

@@ -3,21 +3,25 @@
 Every loader yields ``Batch(images, labels, rows)`` on the training device, has ``len()`` = steps per
 epoch for its rank, ``set_epoch(e)``, ``epoch_stats()`` (``rows``, ``yielded``, ``skipped``, ``excluded``,
 ``dropped`` of the last epoch; ``yielded + skipped + excluded + dropped == rows`` after a full epoch),
-``.backend`` and ``close()``. Files that cannot be used are skipped and written to the ``SkipLog``; they are
+``.backend`` and ``close()``. Files that cannot be used are skipped and written to the skip log
+(``pillsnap_dali.skiplog.SkipLog``, one line per row); they are
 excluded from later epochs. The training loop never knows which backend produced a batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from typing import TYPE_CHECKING, Sequence, Union
 
+import numpy as np
 import torch
 
-from pillsnap_dali.config import Config, ConfigError
+from pillsnap_dali.config import Config, ConfigError, memory_layout
 from pillsnap_dali.data.manifest import Manifest
-from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderSpec, SkipLog, read_encoded, steps_for
+from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderSpec, read_encoded, steps_for
 from pillsnap_dali.loaders.pil_loader import PilLoader, PilTrainTransform, open_rgb, pil_eval_transform
+from pillsnap_dali.skiplog import SkipLog
 
 if TYPE_CHECKING:
     from pillsnap_dali.loaders.dali_loader import DaliLoader
@@ -26,7 +30,7 @@ _logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "dali", "dali-cpu", "pil")
 
-__all__ = ["BACKENDS", "Batch", "EpochPlan", "LoaderSpec", "SkipLog", "Loader", "build_loader", "open_rgb",
+__all__ = ["BACKENDS", "Batch", "EpochPlan", "LoaderSpec", "Loader", "build_loader", "open_rgb",
            "pil_eval_transform", "PilTrainTransform", "read_encoded", "resolve_backend", "steps_for"]
 
 
@@ -72,9 +76,10 @@ def build_loader(manifest: Manifest, labels: Sequence[int], cfg: Config, *, trai
     device = torch.device(device)
     name = resolve_backend(backend, device)
     spec = LoaderSpec.from_config(cfg, train=train, seed=seed, rank=rank, world_size=world_size)
+    # one memory format for batches and model (loader.layout, ``auto`` resolved for the training device)
+    spec = dataclasses.replace(spec, loader=dataclasses.replace(
+        spec.loader, layout=memory_layout(spec.loader.layout, device.type)))
     if sample_weights is not None:
-        import dataclasses
-        import numpy as np
         spec = dataclasses.replace(spec, sample_weights=np.asarray(sample_weights, dtype=np.float64))
     table = torch.as_tensor(list(labels), dtype=torch.int64).to(device)
     skip_log = skip_log if skip_log is not None else SkipLog(None)

@@ -1,12 +1,10 @@
 """What every backend shares: the batch contract, the skip log, the per-epoch row plan, the header check."""
 from __future__ import annotations
 
-import csv
 import io
 import logging
-import threading
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -15,10 +13,9 @@ from PIL import Image
 
 from pillsnap_dali.config import AugmentConfig, Config, LoaderConfig, PreprocessConfig
 from pillsnap_dali.imageio import bomb_problem, header_info, pixel_problem, upright
+from pillsnap_dali.skiplog import SkipLog
 
 _logger = logging.getLogger(__name__)
-
-SKIP_COLUMNS = ["row", "path", "reason", "backend", "epoch"]
 
 
 @dataclass
@@ -30,93 +27,6 @@ class Batch:
     images: torch.Tensor
     labels: torch.Tensor
     rows: torch.Tensor
-
-
-class SkipLog:
-    """Files that could not be used, appended to ``<run_dir>/skipped.csv`` (row,path,reason,backend,epoch).
-
-    ``path=None`` keeps the log in memory only. An existing file is read back, so a resumed run does not
-    retry files it already skipped. Loaders exclude by **path** (``.paths``), so one log can be shared by the
-    training and validation loaders, whose row ids overlap; ``.rows`` holds the row ids as logged.
-    Thread-safe.
-    """
-
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else None
-        self.rows: set[int] = set()
-        self.paths: set[str] = set()
-        self.entries: list[dict] = []
-        self._lock = threading.Lock()
-        if self.path is not None and self.path.exists() and self.path.stat().st_size:
-            self._read_back()
-
-    def _read_back(self) -> None:
-        with open(self.path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if "path" not in (reader.fieldnames or []):
-                old = list(reader)
-            else:
-                for rec in reader:
-                    self._remember(rec)
-                old = None
-        if old is not None:  # another format (an older detection run: image_path,reason): carried over
-            aside = self.path.with_name(self.path.stem + ".old.csv")
-            self.path.replace(aside)
-            _logger.warning("%s had another format: moved to %s, its files carried over", self.path, aside)
-            for rec in old:
-                path = rec.get("image_path") or next(iter(rec.values()), "")
-                if path:
-                    self.add(-1, path, rec.get("reason") or "skipped by an earlier run", "earlier run", 0)
-        _logger.info("skip log %s: %d file(s) skipped earlier are excluded", self.path, len(self.paths))
-
-    def _remember(self, rec: dict) -> None:
-        self.entries.append(rec)
-        self.paths.add(rec["path"])
-        if str(rec.get("row", "")).lstrip("-").isdigit():
-            self.rows.add(int(rec["row"]))
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def paths_before(self, epoch: int) -> set:
-        """Paths skipped in an epoch before ``epoch`` (entries without a number count as earlier)."""
-        with self._lock:
-            return {e["path"] for e in self.entries
-                    if not str(e.get("epoch", "")).lstrip("-").isdigit() or int(e["epoch"]) < epoch}
-
-    def __contains__(self, path: str) -> bool:
-        return path in self.paths
-
-    def add(self, row: int, path: str, reason: str, backend: str, epoch: int) -> bool:
-        """Record one skipped file (logged as a warning); False if its path was already in the log."""
-        reason = " ".join(str(reason).split())[:300]
-        rec = {"row": int(row), "path": path, "reason": reason, "backend": backend, "epoch": int(epoch)}
-        with self._lock:
-            if path in self.paths:
-                return False
-            self._remember(rec)
-            if self.path is not None:
-                self._append(rec)
-        _logger.warning("skipped row %d (%s): %s [%s, epoch %d]", row, path, reason, backend, epoch)
-        return True
-
-    def ensure_file(self) -> None:
-        """Write the header if the log has no file yet (a run that skipped nothing still has its skipped.csv)."""
-        if self.path is not None:
-            with self._lock:
-                if not self.path.exists() or self.path.stat().st_size == 0:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    with open(self.path, "w", newline="", encoding="utf-8") as fh:
-                        csv.DictWriter(fh, fieldnames=SKIP_COLUMNS).writeheader()
-
-    def _append(self, rec: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=SKIP_COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerow(rec)
 
 
 @dataclass(frozen=True)
@@ -225,6 +135,7 @@ class LoaderBase:
                  file_rows: Optional[Sequence[int]] = None):
         self.paths, self.label_table, self.spec, self.skip_log = paths, labels, spec, skip_log
         self.file_rows = file_rows  # None: the rows are the file's
+        self.split = "train" if spec.train else "val"  # names the rows in the skip log (row ids of splits collide)
         self.epoch = 0
         self.start = 0
         self.position = 0  # rows of this epoch's shard consumed so far (see EpochPlan.position)
@@ -232,9 +143,9 @@ class LoaderBase:
         self._plan: tuple = (None, None)  # ((epoch, start, files in the skip log), EpochPlan) until iterated
 
     def log_skip(self, row: int, reason: str) -> None:
-        """Write row ``row`` to the skip log under its number in the manifest file."""
+        """Write row ``row`` to the skip log under its number in the manifest file and its split."""
         file_row = self.file_rows[row] if self.file_rows is not None else row
-        self.skip_log.add(file_row, self.paths[row], reason, self.backend, self.epoch)
+        self.skip_log.add(file_row, self.paths[row], reason, self.backend, self.epoch, split=self.split)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The next iteration is epoch ``epoch``, from position ``start`` of its shard (``position`` of an
@@ -317,7 +228,8 @@ def _check_header(buf: np.ndarray, max_pixels: int, *, upright_size: bool
     except Image.DecompressionBombError as e:
         return bomb_problem(e, max_pixels), None
     except Exception as e:  # any header PIL cannot read (or a third-party Image.open patch failing)
-        return (f"unreadable header: {type(e).__name__}: {e}" if upright_size else None), None
+        text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", " the file", str(e))  # no object address: stable reasons
+        return (f"unreadable header: {type(e).__name__}: {text}" if upright_size else None), None
     if reason := pixel_problem(w, h, max_pixels):
         return reason, None
     return None, upright(w, h, exif) if upright_size else (w, h)

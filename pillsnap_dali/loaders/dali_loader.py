@@ -1,33 +1,30 @@
-"""The ``dali`` (GPU) and ``dali-cpu`` backends, with recovery from files DALI cannot decode.
+"""The ``dali`` (GPU) and ``dali-cpu`` classification backends on the shared ``runner.DaliRunner``.
 
-DALI aborts the whole pipeline on one undecodable file ("Current pipeline object is no longer valid").
-The reader is therefore ours (``RowReader``, the pipeline's external source): it remembers every batch
-it handed to DALI until that batch's outputs come back. When the pipeline dies, the rows in flight are
-probed one by one with a batch-1 pipeline of the same graph and device (``RowProbe``); the bad ones go to
-the skip log, the good ones go back to the head of the stream, a new pipeline is built and the epoch goes
-on where it was: every row is yielded exactly once or logged as skipped.
+This module says what is classification-specific: the graph (``pipelines.classify``), how a manifest row
+becomes its inputs (bytes, row id, and for training the host-drawn augmentation ``AUG`` from the upright
+size in the file's header), the epoch plan and its accounting, and the batch (labels, colour step, layout).
+Reading ahead, recovery from undecodable files and from allocation failures, the live pipeline and the copy
+out of DALI are the runner's.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from pipelines import (ENCODED, ROWS, BatchColour, EvalSpec, OutputSpec, PipelineOptions, TrainSpec,
+from pipelines import (AUG, AUG_FIELDS, ENCODED, BatchColour, EvalSpec, OutputSpec, PipelineOptions, TrainSpec,
                        classify_pipeline)
+from pipelines.classify import classify_inputs, eval_graph, train_graph
 
-from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderBase, LoaderSpec, SkipLog, read_encoded, to_device, to_device_batch
+from pillsnap_dali.loaders.augment import draw_augment
+from pillsnap_dali.loaders.common import (Batch, EpochPlan, LoaderBase, LoaderSpec, read_encoded, read_encoded_upright,
+                                          to_device, to_device_batch)
+from pillsnap_dali.loaders.runner import DaliRunner, Feed, to_torch
+from pillsnap_dali.skiplog import SkipLog
 
 _logger = logging.getLogger(__name__)
-
-_DEAD_PIPELINE = ("Current pipeline object is no longer valid", "Critical error in pipeline")
-# failures in a row without a culprit found by probing before the oldest in-flight batch is given up
-MAX_BLIND_FAILURES = 2
 
 
 def graph_spec(spec: LoaderSpec):
@@ -43,292 +40,109 @@ def graph_spec(spec: LoaderSpec):
                      output=out, hw_decoder_load=ld.hw_decoder_load, colour=ld.colour)
 
 
-def batch_colour(graph: TrainSpec, seed: int, epoch: int, rank: int) -> BatchColour:
-    """The batch colour step of a ``colour="batch"`` training graph, seeded by (seed, epoch, rank)."""
+def batch_colour(graph: TrainSpec) -> BatchColour:
+    """The batch colour step of a ``colour="batch"`` training graph (its factors are the fed ``AUG`` draws)."""
     out = graph.output
     return BatchColour(hue=graph.hue, saturation=graph.saturation, brightness=graph.brightness,
-                       contrast=graph.contrast, mean=out.mean, std=out.std, dtype=out.dtype, layout=out.layout,
-                       seed=[seed, epoch, rank, 0xC0])
+                       contrast=graph.contrast, mean=out.mean, std=out.std, dtype=out.dtype, layout=out.layout)
 
 
-def is_dead_pipeline(err: BaseException) -> bool:
-    return isinstance(err, RuntimeError) and any(s in str(err) for s in _DEAD_PIPELINE)
+def colour_factors(samples: list) -> dict:
+    """BatchColour's per-sample factors out of the samples' ``AUG`` draws."""
+    aug = np.stack([s[AUG] for s in samples]).astype(np.float64)
+    return {name: aug[:, AUG_FIELDS.index(name)] for name in ("hue", "saturation", "brightness", "contrast")}
 
 
-def dali_reason(err: BaseException) -> str:
-    """The operator's own message out of DALI's multi-line error."""
-    text = str(err)
-    if "encountered:" in text:
-        text = text.split("encountered:", 1)[1]
-    text = text.split("Current pipeline object is no longer valid", 1)[0]
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return ("DALI: " + " ".join(lines))[:300] if lines else "DALI: pipeline error"
-
-
-class RowReader:
-    """External source of one epoch: batches of ``(encoded bytes, row id)`` in this rank's order.
-
-    Files that are missing, empty or too large (header check) are skipped here, before DALI sees them, and
-    the batch is filled up from the following rows. Every batch handed out stays in ``in_flight`` until
-    ``complete`` receives its outputs.
-
-    With ``readers > 0`` the next batch's files are read (bytes + header check) by that many threads while
-    DALI works on the current one, so file I/O is off the training loop's thread (DALI calls its external
-    source in the thread that runs the pipeline). The order, the skips and the accounting are exactly those
-    of reading in place: a skip is logged when its batch is handed out, and on a pipeline failure the rows
-    read ahead go back to the queue behind the rows that were in flight.
-    """
-
-    def __init__(self, order: Sequence[int], paths: Sequence[str], spec: LoaderSpec, on_skip,
-                 readers: int = 0):
-        self.queue = deque(int(r) for r in order)
-        self.in_flight: deque = deque()
-        self.paths, self.on_skip = paths, on_skip
-        self.batch_size, self.drop_last, self.max_pixels = spec.batch_size, spec.drop_last, spec.max_pixels
-        self.dropped = 0
-        self._pool = ThreadPoolExecutor(readers, thread_name_prefix="pillsnap-read") if readers > 0 else None
-        self._ahead: Optional[list] = None  # [(row, future of read_encoded)] of the next batch
-
-    def _read(self, row: int):
-        return read_encoded(self.paths[row], self.max_pixels)
-
-    def _start_ahead(self) -> None:
-        rows = [self.queue.popleft() for _ in range(min(self.batch_size, len(self.queue)))]
-        self._ahead = [(r, self._pool.submit(self._read, r)) for r in rows] or None
-
-    def __call__(self):
-        rows, bufs = [], []
-
-        def take(row, result):
-            buf, reason = result
-            if reason is not None:
-                self.on_skip(row, reason)
-            else:
-                rows.append(row)
-                bufs.append(buf)
-        if self._pool is not None:
-            if self._ahead is None:
-                self._start_ahead()
-            ahead, self._ahead = self._ahead or [], None
-            for row, fut in ahead:
-                take(row, fut.result())
-        while len(rows) < self.batch_size and self.queue:  # all rows, or the top-up after skips
-            row = self.queue.popleft()
-            take(row, self._read(row))
-        if self._pool is not None:
-            self._start_ahead()  # the next batch is read while DALI decodes this one
-        if not rows or (self.drop_last and len(rows) < self.batch_size):
-            self.dropped += len(rows)
-            raise StopIteration
-        self.in_flight.append(rows)
-        return bufs, np.asarray(rows, dtype=np.int64)
-
-    def complete(self, rows: np.ndarray) -> None:
-        expected = self.in_flight.popleft()
-        if rows.tolist() != expected:
-            raise RuntimeError(f"DALI returned rows {rows.tolist()[:8]}... for a batch fed as {expected[:8]}...")
-
-    def take_in_flight(self) -> list[list[int]]:
-        """The batches DALI holds, for recovery; rows read ahead go back to the head of the queue (they
-        will follow the in-flight rows that recovery requeues)."""
-        self._return_ahead()
-        batches = list(self.in_flight)
-        self.in_flight.clear()
-        return batches
-
-    def _return_ahead(self) -> None:
-        if self._ahead:
-            for _, fut in self._ahead:
-                fut.cancel()
-            self.requeue([r for r, _ in self._ahead])
-        self._ahead = None
-
-    def requeue(self, rows: Sequence[int]) -> None:
-        """Put rows back at the head of the stream, in their order."""
-        self.queue.extendleft(reversed(list(rows)))
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-
-class RowProbe:
-    """Runs one file at a time through a batch-1 pipeline of the same graph and device."""
-
-    def __init__(self, spec, opts: PipelineOptions):
-        self.spec = spec
-        self.opts = dataclasses.replace(opts, batch_size=1, num_threads=1, prefetch=1)
-        self._pipe = None
-
-    def problem(self, path: str, max_pixels: int) -> Optional[str]:
-        """None if the file goes through the graph, else the reason it does not."""
-        buf, reason = read_encoded(path, max_pixels)
-        if reason is not None:
-            return reason
-        if self._pipe is None:
-            self._pipe = classify_pipeline(None, self.spec, self.opts)
-        try:
-            self._pipe.feed_input(ENCODED, [buf])
-            self._pipe.feed_input(ROWS, [np.zeros((), dtype=np.int64)])
-            self._pipe.run()
-        except RuntimeError as e:
-            self._pipe = None  # dead: rebuilt on the next probe
-            return dali_reason(e)
-        return None
+def dali_device_id(device: torch.device) -> int:
+    """The CUDA device DALI runs on: the training device's (``--device cuda:1`` -> 1)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 class DaliLoader(LoaderBase):
-    """``dali`` / ``dali-cpu`` backend. The pipeline is rebuilt each epoch with a seed from
-    (seed, epoch, rank), so an epoch is reproducible after a restart. A file found bad mid-epoch may make
-    the epoch one batch shorter than ``len()``."""
+    """``dali`` / ``dali-cpu`` backend. One pipeline per loader, kept across epochs; each epoch's order and
+    augmentation (drawn on the host from (seed, epoch, row)) are fed to it, so an epoch is reproducible after
+    a restart whatever the pipeline's history. A file found bad mid-epoch may make the epoch one batch
+    shorter than ``len()``."""
 
     def __init__(self, paths: Sequence[str], labels: torch.Tensor, spec: LoaderSpec, skip_log: SkipLog,
                  backend: str, file_rows: Optional[Sequence[int]] = None):
         super().__init__(paths, labels, spec, skip_log, file_rows)
         self.backend = backend
         self.graph = graph_spec(spec)
-        device = labels.device
         gpu = backend == "dali"
-        self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
+        self.device_id = dali_device_id(labels.device) if gpu else None
+        self.colour = batch_colour(self.graph) if spec.train and self.graph.colour == "batch" else None
+        ld = spec.loader
+        opts = PipelineOptions(batch_size=spec.batch_size, device="gpu" if gpu else "cpu", device_id=self.device_id,
+                               num_threads=ld.threads, prefetch=ld.prefetch, seed=spec.seed)
+        fn = train_graph if spec.train else eval_graph
+        feed = Feed(inputs=tuple(i.name for i in classify_inputs(fn)), read=self._read,
+                    extra=self._draw if spec.train else None)
+        self.runner = DaliRunner(lambda source, o: classify_pipeline(source, self.graph, o), feed, opts,
+                                 self._skip, readers=ld.readers, rank=spec.rank,
+                                 what=f"batch size {spec.batch_size}, image size {spec.preprocess.img_size} px")
+        self._epoch_plan: Optional[EpochPlan] = None
+        self.consumed = 0
 
-    def _options(self, restarts: int) -> PipelineOptions:
-        seed = int(np.random.SeedSequence([self.spec.seed, self.epoch, self.spec.rank, restarts])
-                   .generate_state(1)[0] % (2 ** 31))
-        ld = self.spec.loader
-        return PipelineOptions(batch_size=self.spec.batch_size, device="gpu" if self.backend == "dali" else "cpu",
-                               device_id=self.device_id, num_threads=ld.threads, prefetch=ld.prefetch, seed=seed)
+    def _read(self, row: int) -> tuple:
+        """The row's inputs: its bytes, and for training the upright size the crop window is drawn for."""
+        if not self.spec.train:
+            buf, reason = read_encoded(self.paths[row], self.spec.max_pixels)
+            return ({ENCODED: buf}, None) if reason is None else (None, reason)
+        buf, reason, size = read_encoded_upright(self.paths[row], self.spec.max_pixels)
+        return ({ENCODED: buf, "size": size}, None) if reason is None else (None, reason)
 
-    def __iter__(self):
-        plan = self.take_plan()
-        self._last_stats = plan.stats
-        self.position = plan.start
-        epoch = _Epoch(self, plan)
-        try:
-            yield from epoch.run()
-        finally:
-            plan.stats["dropped"] = epoch.reader.dropped
-            epoch.reader.close()
-            epoch.pipe = None
+    def _draw(self, rows: np.ndarray, samples: list, epoch: int) -> dict:
+        sizes = [(s["size"][1], s["size"][0]) for s in samples]  # upright (w, h)
+        return {AUG: draw_augment(self.spec.augment, self.spec.seed, epoch, rows, sizes)}
 
-    def skip(self, plan: EpochPlan, row: int, reason: str) -> None:
-        plan.stats["skipped"] += 1
+    def _skip(self, row: int, reason: str) -> None:
+        self._epoch_plan.stats["skipped"] += 1
         self.log_skip(row, reason)
 
+    def __iter__(self):
+        plan = self._epoch_plan = self.take_plan()
+        self._last_stats = plan.stats
+        self.position, self.consumed = plan.start, 0
+        try:
+            yield from self.runner.epoch(plan.order, self.epoch, self.spec.drop_last, self._batch)
+        finally:
+            plan.stats["dropped"] = self.runner.reader.dropped
 
-class _Epoch:
-    """One epoch of a DaliLoader: the reader, the live pipeline and the recovery after a failure."""
-
-    def __init__(self, loader: DaliLoader, plan: EpochPlan):
-        self.loader, self.plan = loader, plan
-        self.reader = RowReader(plan.order, loader.paths, loader.spec, lambda r, why: loader.skip(plan, r, why),
-                                readers=loader.spec.loader.readers)
-        self.restarts = self.blind_failures = self.consumed = 0
-        self.probe: Optional[RowProbe] = None
-        self.probed_good: set[int] = set()
-        self.pipe = None
-        graph = loader.graph
-        self.colour = (batch_colour(graph, loader.spec.seed, loader.epoch, loader.spec.rank)
-                       if isinstance(graph, TrainSpec) and graph.colour == "batch" else None)
-
-    def _new_pipeline(self):
-        self.pipe = classify_pipeline(self.reader, self.loader.graph, self.loader._options(self.restarts))
-
-    def run(self):
-        self._new_pipeline()
-        while True:
-            try:
-                images, rows = self.pipe.run()
-            except StopIteration:
-                return
-            except RuntimeError as err:
-                if not is_dead_pipeline(err):
-                    raise
-                self.pipe = None
-                self._recover(err)
-                self.restarts += 1
-                self._new_pipeline()
-                continue
-            yield self._batch(images, rows)
-
-    def _batch(self, images, rows) -> Batch:
-        row_ids = torch.from_numpy(np.array(rows.as_tensor(), dtype=np.int64).reshape(-1))
-        self.reader.complete(row_ids.numpy())
-        self.plan.stats["yielded"] += len(row_ids)
-        self.blind_failures = 0  # "in a row": a batch that went through ends a run of unexplained failures
+    def _batch(self, outs, samples: list) -> Batch:
+        row_ids = torch.from_numpy(np.asarray([s["row"] for s in samples], dtype=np.int64))
+        self._epoch_plan.stats["yielded"] += len(row_ids)
         self._advance(row_ids.tolist())
-        return dali_to_batch(images, row_ids, self.loader.label_table, self.loader.spec.loader, self.colour)
+        factors = colour_factors(samples) if self.colour is not None else None
+        return dali_to_batch(outs[0], row_ids, self.label_table, self.spec.loader, self.colour, factors)
 
     def _advance(self, rows: list[int]) -> None:
         """Move the consumed count past the yielded ``rows``: they come out in plan order (recovery requeues in
         order), so every entry passed over was skipped. Row by row, so that a row drawn several times (the
         weighted sampler) is matched to its own draws."""
-        order, c = self.plan.order, self.consumed
+        order, c = self._epoch_plan.order, self.consumed
         for row in rows:
             while c < len(order) and order[c] != row:
                 c += 1
             c = min(c + 1, len(order))
         self.consumed = c
-        self.loader.position = self.plan.position(c)
+        self.position = self._epoch_plan.position(c)
 
-    def _recover(self, err: RuntimeError) -> None:
-        batches = self.reader.take_in_flight()
-        rows = [r for b in batches for r in b]
-        _logger.info("DALI pipeline failed with %d row(s) in flight (%s): probing them one by one",
-                     len(rows), dali_reason(err))
-        bad = self._probe(rows)
-        if bad:
-            self.blind_failures = 0
-        else:
-            self.blind_failures += 1
-            if self.blind_failures >= MAX_BLIND_FAILURES and batches:
-                why = f"pipeline failed on its batch, not on the file alone ({dali_reason(err)})"
-                bad = {r: why for r in batches[0]}
-        for row, why in bad.items():
-            self.loader.skip(self.plan, row, why)
-        self.reader.requeue([r for r in rows if r not in bad])
-
-    def _probe(self, rows: list[int]) -> dict:
-        ld = self.loader
-        if self.probe is None:
-            self.probe = RowProbe(ld.graph, ld._options(self.restarts))
-        bad = {}
-        for row in rows:
-            if row in self.probed_good:
-                continue
-            why = self.probe.problem(ld.paths[row], ld.spec.max_pixels)
-            if why is None:
-                self.probed_good.add(row)
-            else:
-                bad[row] = why
-        return bad
+    def close(self) -> None:
+        self.runner.close()
 
 
 def dali_to_batch(images, rows: torch.Tensor, label_table: torch.Tensor, ld,
-                  colour: Optional[BatchColour] = None) -> Batch:
-    """DALI output (CPU or GPU TensorList) -> Batch on the label table's device.
+                  colour: Optional[BatchColour] = None, factors: Optional[dict] = None) -> Batch:
+    """DALI output (CPU or GPU TensorList) -> Batch on the label table's device (``runner.to_torch`` copies).
 
-    The DALI buffer is reused by later iterations, so it is copied (``feed_ndarray``): into a new CPU tensor,
-    or for GPU output straight into a CUDA tensor on the current stream (no host round trip). With
-    ``colour`` the output is uint8 CHW: it moves to the training device as uint8 (a quarter of the float32
-    bytes) and ``colour`` turns it into the normalized batch there.
+    With ``colour`` the output is uint8 CHW: it moves to the training device as uint8 (a quarter of the
+    float32 bytes) and ``colour`` turns it into the normalized batch there, with the samples' ``factors``.
     """
-    from nvidia.dali.backend import TensorGPU
-    from nvidia.dali.plugin.pytorch import feed_ndarray
-
-    dense = images.as_tensor()
-    dtype = torch.uint8 if colour is not None else getattr(torch, ld.dtype)
-    on_gpu = isinstance(dense, TensorGPU)
     device = label_table.device
-    # DALI CPU output bound for a GPU lands in pinned memory straight away (to_device then copies once)
-    out = torch.empty(tuple(dense.shape()), dtype=dtype, device=device if on_gpu else "cpu",
-                      pin_memory=not on_gpu and device.type == "cuda")
-    if on_gpu:
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device))
-    else:
-        feed_ndarray(dense, out)
+    out = to_torch(images, torch.uint8 if colour is not None else getattr(torch, ld.dtype), device)
     if colour is not None:
-        out = colour(to_device(out, device))  # uint8 travels; normalized, ld.dtype, channels_last for NHWC
+        out = colour(to_device(out, device), factors)  # uint8 travels; normalized, ld.dtype, channels_last for NHWC
     elif ld.layout == "NHWC":
         out = out.permute(0, 3, 1, 2)  # logical NCHW, channels_last memory
     return to_device_batch(out, rows, label_table, ld.layout == "NHWC")

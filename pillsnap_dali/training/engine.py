@@ -20,7 +20,7 @@ import torch.nn as nn
 from pillsnap_dali.training import checkpoint as ckpt
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.data.classmap import ClassMap
-from pillsnap_dali.config import Config
+from pillsnap_dali.config import Config, memory_layout
 from pillsnap_dali.gpumon import GpuMonitor
 from pillsnap_dali.data.manifest import Manifest
 from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
@@ -87,7 +87,7 @@ def build_model(cfg: Config, num_classes: int, device: torch.device, class_map: 
     if cfg.model.pretrained:
         _load_pretrained(model, cfg.model.pretrained, class_map, cfg.model.pretrained_class_map)
     model.to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
+    if memory_layout(cfg.loader.layout, device.type) == "NHWC":  # the loaders' batches come in this layout
         model.to(memory_format=torch.channels_last)
     return model
 
@@ -234,7 +234,8 @@ class Trainer:
     """Owns the model, optimizer and loaders of one run; ``fit()`` runs it to the end or a stop."""
 
     def __init__(self, spec: RunSpec):
-        from pillsnap_dali.loaders import SkipLog, build_loader
+        from pillsnap_dali.loaders import build_loader
+        from pillsnap_dali.skiplog import SkipLog
 
         self.spec, self.cfg, self.device = spec, spec.cfg, spec.device
         cfg, data = spec.cfg, spec.data
@@ -451,9 +452,8 @@ class Trainer:
         return loss, logits
 
     def _model_input(self, images: torch.Tensor) -> torch.Tensor:
-        """channels_last on CUDA; float16 loader output is cast up where no autocast runs (CPU, amp off)."""
-        if self.device.type == "cuda" and self.cfg.train.channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
+        """float16 loader output is cast up where no autocast runs (CPU, amp off); the memory format is the
+        loader's already (``loader.layout``)."""
         if not self.amp and images.dtype != torch.float32:
             images = images.float()
         return images
