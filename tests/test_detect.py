@@ -232,16 +232,16 @@ def test_corrupt_image_is_skipped_and_logged(converted, tmp_path):
     assert rerun.skipped == [] and len(SkipLog(log_path)) == 1
 
 
-def test_every_real_world_file_is_yielded_once_or_skipped(tmp_path):
-    """All of shared/testdata/real_images (valid, odd, broken; each with one box) through the detection
-    loader: nothing stops an epoch, each file is yielded once or skipped with a reason, none is retried."""
+def test_every_real_world_file_is_yielded_once_or_skipped(tmp_path, odd_images):
+    """All of the odd-image corpus (tests/corpus.py, plus shared/testdata/real_images when present; valid, odd,
+    broken; each with one box) through the detection loader: nothing stops an epoch, each file is yielded
+    once or skipped with a reason, none is retried."""
     import shutil
 
-    from _paths import REAL_IMAGES
     images, labels = tmp_path / "images" / "train", tmp_path / "labels" / "train"
     images.mkdir(parents=True)
     labels.mkdir(parents=True)
-    real = sorted(p for p in REAL_IMAGES.iterdir() if p.suffix.lower() not in (".txt", ".md"))
+    real = [p for p in odd_images if p.suffix.lower() not in (".txt", ".md")]
     for i, p in enumerate(real):
         dst = images / f"r{i:04d}.png"  # Ultralytics lists images by extension; the bytes stay what they are
         shutil.copy(p, dst)
