@@ -13,6 +13,8 @@ from pillsnap_dali.data.build import build_manifests, import_legacy, main, plan_
 from pillsnap_dali.data.checks import check_manifests, kcode_problem
 from pillsnap_dali.data.manifest import ManifestError, guess_encoding, read_manifest
 
+from oslimits import READ_ONLY, error_lines, run_cli
+
 
 
 @pytest.fixture(scope="module")
@@ -387,3 +389,18 @@ def test_manifest_checks_reach_the_manifest_cli_and_the_trainings_report(synth_t
     report = (tmp_path / "runs" / "r" / "report.md").read_text(encoding="utf-8")
     assert "manifest checks: warning duplicate_rows: 2 duplicate row(s)" in report
     assert "class_without_val" in report and "val_in_train" in report
+
+
+def test_a_full_disk_or_an_unwritable_dir_is_one_line_naming_the_path(tree, tmp_path):
+    out = tmp_path / "out"
+    run = run_cli("pillsnap_dali.manifest", ["--data-root", tree, "--stage", "demo", "--out", out],
+                  file_limit=3000)                      # every file over 3 kB fails, as on a full disk
+    (line,) = error_lines(run)
+    assert run.returncode == 2 and line.startswith(f"error: {out}/") and line.endswith(": File too large"), line
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name] and not (out / "report.json").exists()
+    run = run_cli("pillsnap_dali.manifest", ["--data-root", tree, "--stage", "demo", "--out", READ_ONLY / "m"])
+    assert run.returncode == 2 and error_lines(run) == [f"error: {READ_ONLY}: Operation not permitted"]
+    legacy = _legacy_csv(tmp_path / "train.csv", _singles(tree, 4))
+    run = run_cli("pillsnap_dali.manifest", ["--legacy", legacy, tmp_path / "val_missing.csv", "--out", out])
+    assert run.returncode == 2 and error_lines(run) == [f"error: {tmp_path / 'val_missing.csv'}: No such file or "
+                                                        "directory"]

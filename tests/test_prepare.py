@@ -16,6 +16,7 @@ from pillsnap_dali.config import load_config
 from pillsnap_dali.data.manifest import Manifest, class_map_for, read_manifest, write_manifest
 
 from corpus import header_verdicts, picture
+from oslimits import READ_ONLY, error_lines, run_cli
 CODES = ["K-000114", "K-000250", "K-000573"]
 W, H = 244, 320          # the real 976x1280 shape, a quarter of the side
 BOX = [24, 32, 80, 96]
@@ -297,3 +298,25 @@ def test_busy_cache_dir_is_refused(tree):
     (tree["cache"] / P.LOCK_FILE).write_text("999999999")          # a dead one: stale, taken over
     assert P.prepare_cache(tree["manifest"], tree["cache"], _opts()).remaining == 0
     assert not (tree["cache"] / P.LOCK_FILE).exists()
+
+
+def test_a_full_disk_or_an_unwritable_dir_is_one_line_naming_the_path(tree, tmp_path):
+    """A cache file that cannot be written stops the run (it says nothing about the source: skipping every row
+    would lose them all) with one line naming it; nothing half-written is left; a rerun with room resumes."""
+    args = ["--manifest", tree["manifest"], "--cache-dir", tree["cache"], "--workers", "1", "--margin-gb", "0",
+            "--max-side", "160"]
+    run = run_cli("pillsnap_dali.prepare", args, file_limit=2500)   # every file over 2.5 kB: "disk full"
+    (line,) = error_lines(run)
+    assert run.returncode == 2 and f"cannot write the cache file {tree['cache']}/" in line, run.stderr[-2000:]
+    assert "File too large" in line and "rerun to resume" in line
+    assert not list(tree["cache"].rglob("*.tmp")) and not (tree["cache"] / "manifest_train.csv").exists()
+    assert not P.skipped_csv(tree["cache"], tree["manifest"]).exists()       # no row was written off as bad
+    again = P.prepare_cache(tree["manifest"], tree["cache"], _opts(quality=95))
+    assert again.cached + again.skipped == tree["n"] and again.skipped == len(_skipped(tree["cache"],
+                                                                                        tree["manifest"]))
+    run = run_cli("pillsnap_dali.prepare", [*args[:2], "--cache-dir", READ_ONLY / "cache", "--margin-gb", "0"])
+    (line,) = error_lines(run)
+    assert run.returncode == 2 and line == (f"error: cannot write the cache dir {READ_ONLY / 'cache'} (in /sys): "
+                                            "Operation not permitted"), line
+    run = run_cli("pillsnap_dali.prepare", ["--manifest", tmp_path / "nowhere.csv", "--cache-dir", tree["cache"]])
+    assert run.returncode == 2 and error_lines(run) == [f"error: {tmp_path / 'nowhere.csv'}: No such file or directory"]

@@ -31,7 +31,7 @@ from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import Config, ConfigError, ManifestConfig, load_config, stage_name
 from pillsnap_dali.data.checks import check_manifests
-from pillsnap_dali.data.manifest import Manifest, ManifestError, read_manifest, split_missing, write_manifest
+from pillsnap_dali.data.manifest import Manifest, ManifestError, os_error_text, read_manifest, split_missing, write_manifest
 from pillsnap_dali.data.scan import ScanResult, missing_codes, scan_tree, tree_fingerprint
 from pillsnap_dali.data.verify import CACHE_NAME, MODES as VERIFY_MODES, Verifier, VerifySettings
 
@@ -509,8 +509,11 @@ def main(argv=None) -> int:
             cfg.data.root = args.data_root
         root = Path(cfg.data.root) if cfg.data.root else _data_root(cfg)
         report = build_manifests(cfg, root, out, verify=args.verify, seed=args.seed, force=args.force)
-    except (ConfigError, ManifestError, OSError) as e:
+    except (ConfigError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full output disk, a missing permission: the path and the words
+        print(f"error: {os_error_text(e)}", file=sys.stderr)
         return 2
     acc = report["accounting"]
     print(f"{out}: train {report['splits']['train']}, val {report['splits']['val']}, "

@@ -33,6 +33,13 @@ class ManifestError(ValueError):
     pass
 
 
+def os_error_text(e: OSError) -> str:
+    """One line for an operating-system error (read-only or full disk, no permission, no such file): the
+    path(s) it concerns and the system's words, without the errno noise."""
+    where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"{where}: {e.strerror}" if where and e.strerror else str(e)
+
+
 @dataclass
 class Manifest:
     """Column-wise rows of one split. ``len(m)`` rows, indexed ``0..len(m)-1``; ``file_rows`` keeps each one's
