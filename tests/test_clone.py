@@ -36,3 +36,21 @@ def test_a_clone_without_shared_tests_on_the_generated_corpus(tmp_path):
     assert run.returncode == 0, tail
     assert " error" not in tail and "passed" in tail, tail
     assert int(tail.rsplit(" passed", 1)[0].split()[-1]) >= 4, tail
+
+
+def test_no_machine_path_in_the_repo_and_the_data_format_doc_is_there():
+    """Nothing names one machine's folders (a workspace, a home dir); docs/aihub_format.md, which the code
+    and config cite, exists and describes every defect the scanner counts."""
+    import re
+
+    from pillsnap_dali.data.scan import DEFECTS
+    machine = re.compile(r"(?<![\w.])/(?:work|home/\w+|Users/\w+|root)/|\b[A-Z]:\\\\")
+    hits = []
+    for f in _repo_files():
+        if f.endswith((".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".cfg", ".txt")) or f.startswith(".ci/"):
+            text = (REPO / f).read_text(encoding="utf-8", errors="replace")
+            hits += [f"{f}: {m.group(0)}" for m in machine.finditer(text)]
+    assert not hits, hits
+    doc = (REPO / "docs" / "aihub_format.md").read_text(encoding="utf-8")
+    assert [d for d in DEFECTS if f"`{d}`" not in doc] == []
+    assert "docs/aihub_format.md" in (REPO / "pillsnap_dali" / "data" / "scan.py").read_text(encoding="utf-8")

@@ -14,7 +14,7 @@ from pillsnap_dali.config import load_config
 from pillsnap_dali.data.synth import (COMPLETE_MARKER, DEFECT_KINDS, SynthError, SynthSummary, ensure_demo_data,
                                  generate, main)
 
-# aihub_format.md, written out here independently of the generator's own constant
+# docs/aihub_format.md, written out here independently of the generator's own constant
 IMAGE_KEYS = """file_name width height imgfile drug_N drug_S back_color drug_dir light_color camera_la camera_lo size
 dl_idx dl_mapping_code dl_name dl_name_en img_key dl_material dl_material_en dl_custom_shape dl_company dl_company_en
 di_company_mf di_company_mf_en item_seq di_item_permit_date di_class_no di_etc_otc_code di_edi_code chart drug_shape

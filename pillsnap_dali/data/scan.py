@@ -1,5 +1,7 @@
 """Scan an AI Hub oral-drug tree: pair images with their label JSONs, one record per image.
 
+The layouts, names, label keys and defects it handles are described in docs/aihub_format.md.
+
 Reads both layouts (the raw Korean release, with spaces or underscores in folder names, and the existing
 project's English rename). Source folders are found by name anywhere under the root:
 ``TS_n_단일`` / ``TL_n_조합`` / ``VS_n_single`` / ``VL_n_combo``... (T = AI Hub Training, V = Validation;
