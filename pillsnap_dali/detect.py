@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.geometry import cxcywh_to_ltrb as _xywh_to_ltrb, letterbox_geometry
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 from pillsnap_dali.loaders.common import SkipLog
 
@@ -124,10 +125,6 @@ class _Item:
     boxes: np.ndarray                 # (n, 4) ltrb normalized to the original image
 
 
-def _xywh_to_ltrb(b: np.ndarray) -> np.ndarray:
-    return np.concatenate([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], axis=1).astype(np.float32)
-
-
 def _read_ahead(chunks, read, threads: int, depth: int = 2):
     """``[read(x) for x in chunk]`` for each chunk in order; with ``threads`` > 0 the next ``depth`` chunks
     are being read by a thread pool while the caller works on the current one (0: read in place)."""
@@ -213,8 +210,6 @@ class DaliDetectLoader:
             _logger.warning("skipped %s: %s", path, reason)
 
     def _read(self, i: int) -> _Item | None:
-        from pipelines.detect import letterbox_geometry
-
         from pillsnap_dali.loaders.common import read_encoded_upright
         # one header parse: the pixel limit and the upright (h, w) as DALI decodes it (EXIF orientation
         # applied, the frame Ultralytics keeps labels in); a header PIL cannot read is "unreadable header: ..."
