@@ -1,16 +1,9 @@
 """Combination images -> YOLO detection dataset (one class, ``pill``).
 
 One label file per IMAGE holding every pill box of all its pill JSONs (the existing project wrote one
-label file per JSON, so a 4-pill image kept one box: precision 0.28, mAP50 0.33). Each raw box is checked:
-
-- ``bad_length``: the bbox is not a list of exactly 4 values            -> dropped
-- ``not_numeric``: a value is not a finite number                      -> dropped
-- ``non_positive_size``: width or height <= 0                          -> dropped
-- ``outside_image``: the box reaches further outside the image than ``clip_tolerance`` (a fraction of the
-  image side: 0.02 on a 976 x 1280 image is 19.5 px horizontally, 25.6 px vertically), or nothing is
-  left after clipping                                                   -> dropped
-- ``clipped``: the box sticks out by at most ``clip_tolerance``        -> clipped to the image, kept
-- ``merged``: two boxes (two drugs labelled on one pill) with IoU >= ``merge_iou`` -> one box (the mean)
+label file per JSON, so a 4-pill image kept one box: precision 0.28, mAP50 0.33). Each raw box goes through
+the box rules of ``pillsnap_dali.geometry.clean_boxes`` (dropped: ``bad_length``, ``not_numeric``,
+``non_positive_size``, ``outside_image``; kept: ``clipped``, ``merged``).
 
 Images: ``*_index.png`` layout pictures are skipped; an image that cannot be read, or that has no valid
 box left, is skipped; every skip and every box event is logged and counted in ``convert_report.json``.
