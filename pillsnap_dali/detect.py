@@ -35,7 +35,7 @@ import torch
 
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.geometry import cxcywh_to_ltrb as _xywh_to_ltrb, letterbox_geometry
-from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
+from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, read_encoded_upright
 from pillsnap_dali.loaders.common import SkipLog
 
 _logger = logging.getLogger(__name__)
@@ -210,7 +210,6 @@ class DaliDetectLoader:
             _logger.warning("skipped %s: %s", path, reason)
 
     def _read(self, i: int) -> _Item | None:
-        from pillsnap_dali.loaders.common import read_encoded_upright
         # one header parse: the pixel limit and the upright (h, w) as DALI decodes it (EXIF orientation
         # applied, the frame Ultralytics keeps labels in); a header PIL cannot read is "unreadable header: ..."
         data, reason, shape = read_encoded_upright(self.dataset.im_files[i], self.options.max_pixels)

@@ -2,7 +2,7 @@
 
 ``build(folder)`` writes every entry of ``ENTRIES`` into ``folder`` and returns ``{name: path}``; the
 session fixtures ``odd_corpus`` / ``odd_images`` of ``conftest.py`` call it once per test session. Each
-entry names what the header check (``pillsnap_dali.data.verify.check_header``) says about it: ``None`` for a
+entry names what the header check (``pillsnap_dali.imageio.check_header``) says about it: ``None`` for a
 file the header accepts, else the start of the reason. Whether a file then decodes (in PIL, in DALI) is
 left to the tests to find at run time, as with the shared corpus.
 

@@ -290,7 +290,7 @@ def test_an_epoch_left_early_leaves_nothing_for_the_next(converted):
 def test_png_header_and_exif_are_read_without_decoding_the_pixels(tmp_path, monkeypatch):
     from PIL import PngImagePlugin
 
-    from pillsnap_dali.loaders.common import read_encoded_upright
+    from pillsnap_dali.imageio import read_encoded_upright
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.new("RGB", (40, 80), (10, 20, 30)).save(tmp_path / "rot.png", exif=exif.tobytes())
@@ -402,7 +402,7 @@ def test_ultralytics_import_leaves_pil_open_alone(tmp_path):
     import PIL.Image
 
     from pillsnap_dali.detect import ultralytics_offline
-    from pillsnap_dali.loaders.common import read_encoded
+    from pillsnap_dali.imageio import read_encoded
 
     ultralytics_offline()
     importlib.import_module("ultralytics")  # its import patches PIL.Image.open

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from pillsnap_dali.bench.scan import tiny_png
-from pillsnap_dali.data.verify import Verifier, VerifySettings, check_full, check_header
+from pillsnap_dali.data.verify import Verifier, VerifySettings
+from pillsnap_dali.imageio import (check_full, check_header, open_rgb, pixel_problem, read_encoded,
+                                   read_encoded_upright)
 
 from corpus import header_verdicts, png_claiming
 
@@ -42,10 +44,8 @@ def test_header_reasons(files):
 
 
 def test_one_size_reason_for_verify_loaders_and_open_rgb(tmp_path):
-    """verify.check_header, the loaders' read_encoded (and detect's read_encoded_upright) and imageio.open_rgb
-    share imageio.pixel_problem / bomb_problem: the same reason text for the same file."""
-    from pillsnap_dali.imageio import open_rgb, pixel_problem
-    from pillsnap_dali.loaders.common import read_encoded, read_encoded_upright
+    """imageio's check_header (verify), read_encoded (the DALI loaders), read_encoded_upright (detection) and
+    open_rgb (pil, predict, prepare) share pixel_problem / bomb_problem: the same reason for the same file."""
 
     over, bomb, sliver = tmp_path / "over.png", tmp_path / "bomb.png", tmp_path / "sliver.png"
     Image.new("RGB", (16, 10), "red").save(over)

@@ -16,7 +16,8 @@ import torch
 
 from pillsnap_dali.config import Config
 from pillsnap_dali.data.manifest import Manifest
-from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderSpec, SkipLog, read_encoded, steps_for
+from pillsnap_dali.imageio import read_encoded
+from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderSpec, SkipLog, steps_for
 from pillsnap_dali.loaders.pil_loader import PilLoader, PilTrainTransform, open_rgb, pil_eval_transform
 
 if TYPE_CHECKING:

@@ -21,7 +21,8 @@ import torch
 from pipelines import (ENCODED, ROWS, BatchColour, EvalSpec, OutputSpec, PipelineOptions, TrainSpec,
                        classify_pipeline)
 
-from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderBase, LoaderSpec, SkipLog, read_encoded, to_device, to_device_batch
+from pillsnap_dali.imageio import read_encoded
+from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderBase, LoaderSpec, SkipLog, to_device, to_device_batch
 
 _logger = logging.getLogger(__name__)
 
