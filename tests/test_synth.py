@@ -301,9 +301,10 @@ def test_ensure_demo_data_generates_once(tmp_path):
 
 def test_thousands_of_classes_keep_every_look_unique_but_the_injected_pair():
     from pillsnap_dali.data.scan import count_near_identical
-    from pillsnap_dali.data.synth import SynthSpec, _make_catalog
+    from pillsnap_dali.data.synth import SynthSpec
+    from pillsnap_dali.data.synth.looks import make_catalog
 
     for defects, want in ((False, 0), (True, 1)):  # Stage 4 size: the shape/colour triples repeat
-        cat = _make_catalog(SynthSpec(classes=4523, images_per_class=1, combos=0, defects=defects),
+        cat = make_catalog(SynthSpec(classes=4523, images_per_class=1, combos=0, defects=defects),
                             np.random.default_rng(0))
         assert count_near_identical(cat.meta) == want == len(cat.pairs)
