@@ -1,8 +1,9 @@
 """Checks of a manifest's content, for ours and for the existing project's (legacy) format alike.
 
 A built manifest passes them by construction; an imported or hand-made one may not. Each finding is an
-error (the run stops before anything is written: ``ManifestChecks.raise_errors``) or a warning (logged and
-stated in the run's report: ``ManifestChecks.lines`` for report.md, ``as_dict`` for report.json):
+error (the import or the training stops before it starts: ``ManifestChecks.raise_errors``) or a warning (logged and
+stated in the run's report: each ``Finding`` has a level, a check name and a one-line message; ``as_dict``
+for report.json):
 
 - error ``kcode_format``: a K-code that is not ``K-`` + six digits (an invisible character such as a
   zero-width space, lower case, spaces inside, a path, two codes in one cell): it would silently become a
@@ -78,12 +79,6 @@ class ManifestChecks:
 
     def as_dict(self) -> list:
         return [asdict(f) for f in self.findings]
-
-    def lines(self) -> list:
-        """Markdown lines for a run's report (nothing when every check passed)."""
-        if not self.findings:
-            return []
-        return ["## Manifest checks", ""] + [f"- {f.level}: `{f.path}`: {f.message}" for f in self.findings] + [""]
 
 
 def _where(i: int) -> str:
