@@ -28,9 +28,11 @@ def atomic_open(path: str | Path, mode: str = "w", **open_kw) -> Iterator[IO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno:  # a write or fsync (full disk): name it
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 from pillsnap_dali.config import DEVICE_RE, STAGES, Config, config_default, load_config, set_nested
 from pillsnap_dali.data.scan import COMBO_RE, KCODE_RE, SOURCE_RE, find_sources
-from pillsnap_dali.errors import PillsnapError, UsageError
+from pillsnap_dali.errors import PillsnapError, UsageError, os_error_line
 
 EXIT_ERROR = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -178,8 +178,8 @@ def setup_logging(level: int = logging.INFO, rank: int | None = None, log_file: 
 
 def error_line(e: BaseException) -> str:
     """The line a user sees for an expected error: its message (an OS error: the path, then what happened)."""
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, OSError) and (e.filename is not None or e.errno is not None):
+        return os_error_line(e)
     return str(e).strip() or type(e).__name__
 
 

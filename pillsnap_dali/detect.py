@@ -23,7 +23,6 @@ as they are found, not retried by a rerun in the same dir), Ultralytics' ``resul
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import json
 import logging
@@ -36,7 +35,7 @@ import torch
 
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.device import DeviceError, DevicePlan, native_bf16, select_device
-from pillsnap_dali.errors import PillsnapError
+from pillsnap_dali.errors import PillsnapError, os_error_line
 from pillsnap_dali.cli import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_main, \
     setup_logging
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS
@@ -209,13 +208,6 @@ def _write_outputs(run: DetectRun, trainer, backend: str) -> dict:
 
 class OutputError(PillsnapError, ValueError):
     """The run cannot write its outputs (read-only or full disk, no permission): one line naming the path."""
-
-
-def os_error_line(e: OSError, where: Path) -> str:
-    """``<path>: <what the OS said>`` for an OSError, the path being the file it names, else ``where``."""
-    path = e.filename or where
-    what = e.strerror or str(e) or type(e).__name__
-    return f"{path}: {what}" + (" (disk full?)" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "")
 
 
 def check_writable(folder: Path) -> None:

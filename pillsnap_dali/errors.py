@@ -8,6 +8,8 @@ is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import errno
+
 
 class PillsnapError(Exception):
     """An expected fault the user can fix; its message names what and where (one line)."""
@@ -21,3 +23,12 @@ class UsageError(PillsnapError, ValueError):
 class InputError(PillsnapError, ValueError):
     """A file the user gave that cannot be used as it is (a class map, a YOLO dataset, a folder without
     images); the message names the file."""
+
+
+def os_error_line(e: OSError, where=None) -> str:
+    """One line for an operating-system error (read-only or full disk, no permission, no such file): the path(s)
+    it concerns (else ``where``) and the system's words, without the errno noise; a full disk says so."""
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None] or ([str(where)] if where else [])
+    what = e.strerror or str(e) or type(e).__name__
+    full = " (disk full?)" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+    return (f"{' -> '.join(paths)}: {what}" if paths else what) + full

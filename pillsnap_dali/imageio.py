@@ -1,21 +1,40 @@
-"""Opening images safely, without torch (the JPEG-cache workers use it too, and must stay light).
+"""Images on disk: is a file usable, and opening it safely, without torch (the JPEG-cache workers use it too,
+and must stay light).
 
-Also the one home of what every image reader shares: the image suffixes, the default pixel limit
-(``data.max_pixels``) and the reason strings of the header size check (``pixel_problem``, ``bomb_problem``),
-used by ``verify``, ``loaders.common.read_encoded`` and ``open_rgb`` alike. PIL and numpy are imported where
-an image is opened, so ``config``, ``scan`` and ``verify`` can import the constants without them.
+The one home of what every image reader shares: the image suffixes and formats, the default pixel limit
+(``data.max_pixels``) and the "is this file usable" checks with their reason strings:
+
+- ``check_header`` (verify's ``header`` mode): magic bytes, the formats the loaders take, a PNG's IEND
+  (truncation), the size from the header (``pixel_problem``: zero sides, more than ``max_pixels``, an
+  aspect ratio beyond ``MAX_ASPECT``:1; ``bomb_problem`` past PIL's own limit); ``check_full`` adds a decode;
+- ``read_encoded`` / ``read_encoded_upright`` (the DALI loaders, the detection loader): the file's bytes
+  with the same size check from one header parse (and the upright size for the letterbox);
+- ``open_rgb`` (the ``pil`` backend, prediction, the JPEG cache): the same size check, then a decode.
 """
 from __future__ import annotations
 
+import io
+import os
 import re
-from typing import TYPE_CHECKING, Optional
+import struct
+import warnings
+from typing import Optional
 
-if TYPE_CHECKING:
-    from PIL import Image
+import numpy as np
+from PIL import Image
 
 DEFAULT_MAX_PIXELS = 40_000_000   # the decompression-bomb guard's default (config data.max_pixels)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")   # what both DALI's decoder and PIL read
 _SIXTEEN_BIT = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+# ---------------------------------------------------------------------- is this file usable?
+SUPPORTED = ("PNG", "JPEG", "BMP", "WEBP")   # the formats of IMAGE_SUFFIXES, as sniff_format names them
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"), (b"GIF8", "GIF"),
+          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x00\x0cjP  ", "JPEG2000"),
+          (b"\xff\x4f\xff\x51", "JPEG2000"), (b"DDS ", "DDS"), (b"8BPS", "PSD"), (b"\x00\x00\x01\x00", "ICO"),
+          (b"P1", "PNM"), (b"P2", "PNM"), (b"P3", "PNM"), (b"P4", "PNM"), (b"P5", "PNM"), (b"P6", "PNM"))
+_TAIL = 4096   # a truncated PNG has no IEND chunk in its last bytes (a valid one may have trailing junk)
 
 
 # no photo of a pill is this elongated; past it, the evaluation graph's "shorter side to S / crop_pct" resize
@@ -46,6 +65,127 @@ def bomb_problem(err: BaseException, max_pixels: int) -> str:
     return f"too many pixels: {counts[0]} > PIL's decompression-bomb limit {counts[1]}"
 
 
+def sniff_format(head: bytes) -> str | None:
+    """The image format from the first bytes, or None when they are no image we know."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    return None
+
+
+def check_header(path: str, max_pixels: int) -> str | None:
+    """Reason the file is unusable, judged without decoding pixels; None when it looks fine."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+            fmt = sniff_format(head)
+            if fmt is None:
+                return "not an image"
+            if fmt not in SUPPORTED:
+                return f"unsupported format: {fmt}"
+            if fmt == "PNG":
+                fh.seek(max(0, size - _TAIL))
+                if b"IEND" not in fh.read():
+                    return "truncated png"
+    except FileNotFoundError:
+        return "missing file"
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+    return _check_size(path, max_pixels)
+
+
+def _check_size(path: str, max_pixels: int) -> str | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: we apply our own limit
+            with Image.open(path) as img:
+                w, h = img.size
+    except Image.DecompressionBombError as e:
+        return bomb_problem(e, max_pixels)
+    except Exception as e:  # noqa: BLE001 - any header parse error makes the file unusable
+        return f"bad header: {type(e).__name__}: {str(e)[:60]}"
+    return pixel_problem(w, h, max_pixels)
+
+
+def check_full(path: str, max_pixels: int) -> str | None:
+    """The header check, then a full decode; reason or None."""
+    reason = check_header(path, max_pixels)
+    if reason:
+        return reason
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                img.load()
+    except Exception as e:  # noqa: BLE001 - decoders raise many types; every one means "skip this image"
+        return f"decode failed: {type(e).__name__}: {str(e)[:80]}"
+    return None
+
+
+def read_encoded(path: str, max_pixels: int) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """The file's bytes, or ``(None, reason)`` when it is missing, empty, or claims too many pixels.
+
+    The size check reads the header only (PIL), so a file claiming an absurd size never reaches a
+    decoder. A header PIL does not understand is passed on: the decoder decides.
+    """
+    buf, reason = _read_bytes(path)
+    if reason is not None:
+        return None, reason
+    return (None, reason) if (reason := header_problem(buf, max_pixels)) else (buf, None)
+
+
+def read_encoded_upright(path: str, max_pixels: int
+                         ) -> tuple[Optional[np.ndarray], Optional[str], Optional[tuple[int, int]]]:
+    """``read_encoded`` plus the upright ``(h, w)`` of the image as DALI decodes it (EXIF orientation 5-8
+    swaps the sides), from the same one header parse: ``(buf, None, (h, w))`` or ``(None, reason, None)``.
+
+    No pixel is decoded (the EXIF block is the one PIL reads with the header). Unlike ``read_encoded``, a
+    header PIL cannot parse is a reason, ``"unreadable header: ..."``: the caller needs the size.
+    """
+    buf, reason = _read_bytes(path)
+    if reason is not None:
+        return None, reason, None
+    reason, size = _check_header(buf, max_pixels, upright_size=True)
+    return (None, reason, None) if reason else (buf, None, size[::-1])
+
+
+def _read_bytes(path: str) -> tuple[Optional[np.ndarray], Optional[str]]:
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    return (None, "empty file") if buf.size == 0 else (buf, None)
+
+
+def header_problem(buf: np.ndarray, max_pixels: int) -> Optional[str]:
+    """``imageio.pixel_problem``'s reason for the header's size (``bomb_problem``'s past PIL's own limit); None
+    when it is fine or when PIL cannot parse the header (the decoder decides)."""
+    return _check_header(buf, max_pixels, upright_size=False)[0]
+
+
+def _check_header(buf: np.ndarray, max_pixels: int, *, upright_size: bool
+                  ) -> tuple[Optional[str], Optional[tuple[int, int]]]:
+    """(reason or None, (width, height)) from one header parse. ``upright_size``: the size as the decoder
+    delivers it (EXIF orientation read, even from a PNG's late eXIf chunk), and a header PIL cannot parse is a
+    reason; otherwise such a header passes (the decoder decides) and the orientation is not looked for."""
+    try:
+        w, h, exif = header_info(io.BytesIO(buf.data), orientation=upright_size)
+    except Image.DecompressionBombError as e:
+        return bomb_problem(e, max_pixels), None
+    except Exception as e:  # any header PIL cannot read (or a third-party Image.open patch failing)
+        text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", " the file", str(e))  # no object address: stable reasons
+        return (f"unreadable header: {type(e).__name__}: {text}" if upright_size else None), None
+    if reason := pixel_problem(w, h, max_pixels):
+        return reason, None
+    return None, upright(w, h, exif) if upright_size else (w, h)
+
+
+# ---------------------------------------------------------------------- orientation and opening
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -65,8 +205,6 @@ def header_info(source, orientation: bool = True) -> tuple[int, int, Optional[by
     """(width, height, EXIF block the decoder honours or None) of a path or file object, from the header alone;
     raises what ``Image.open`` raises. The EXIF block is the one PIL reads with the header (``im.getexif()``
     would decode a whole PNG to look further)."""
-    from PIL import Image
-
     with Image.open(source) as im:
         w, h, exif, fmt = im.size[0], im.size[1], decoder_exif(im), im.format
     if exif is None and fmt == "PNG" and orientation:  # an eXIf chunk after the image data (PIL sees it only
@@ -77,8 +215,6 @@ def header_info(source, orientation: bool = True) -> tuple[int, int, Optional[by
 
 def _png_late_exif(source) -> Optional[bytes]:
     """The eXIf chunk of a PNG found by walking its chunk headers (no pixel is decoded), or None."""
-    import struct
-
     fh = open(source, "rb") if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else source
     try:
         fh.seek(8)  # the PNG signature
@@ -104,8 +240,6 @@ def exif_orientation(raw: Optional[bytes]) -> int:
     """The EXIF orientation tag (1-8) of a raw EXIF block; 1 when there is none or the block is broken."""
     if not raw:
         return 1
-    from PIL import Image
-
     try:
         exif = Image.Exif()
         exif.load(raw)
@@ -133,9 +267,6 @@ def open_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     (``decoder_exif``). Grayscale, palette (with transparency),
     alpha (dropped, as the DALI decoder does), 16-bit (scaled to 8 bits), float and CMYK become RGB.
     """
-    import numpy as np
-    from PIL import Image
-
     try:
         im = Image.open(path)
     except Image.DecompressionBombError as e:

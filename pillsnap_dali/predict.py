@@ -30,6 +30,8 @@ import torch
 
 from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_main, setup_logging
 from pillsnap_dali.errors import UsageError
+from pillsnap_dali.geometry import (PAD_VALUE, BoxRules, clean_boxes, iou_xyxy as iou, letterbox_geometry, on_image,
+                                    unletterbox)
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 
 _logger = logging.getLogger(__name__)
@@ -129,8 +131,6 @@ def letterbox(image, imgsz: int) -> tuple[torch.Tensor, tuple[int, int, int, int
     """
     import torch.nn.functional as F
 
-    from pipelines.detect import PAD_VALUE, letterbox_geometry
-
     geometry = letterbox_geometry(image.height, image.width, imgsz)
     new_h, new_w, top, left = geometry
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).float()
@@ -140,24 +140,6 @@ def letterbox(image, imgsz: int) -> tuple[torch.Tensor, tuple[int, int, int, int
     out = torch.full((1, 3, imgsz, imgsz), float(PAD_VALUE))
     out[:, :, top:top + new_h, left:left + new_w] = x
     return out.div_(255.0), geometry
-
-
-def unletterbox(xyxy: np.ndarray, geometry: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:
-    """Boxes (N x 4 xyxy) from the letterboxed frame back to the original image's pixels, clipped to it."""
-    new_h, new_w, top, left = geometry
-    out = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4).copy()
-    out[:, [0, 2]] = (out[:, [0, 2]] - left) * (width / new_w)
-    out[:, [1, 3]] = (out[:, [1, 3]] - top) * (height / new_h)
-    out[:, [0, 2]] = out[:, [0, 2]].clip(0, width)
-    out[:, [1, 3]] = out[:, [1, 3]].clip(0, height)
-    return out
-
-
-def on_image(xyxy: np.ndarray) -> np.ndarray:
-    """Which mapped-back boxes cover at least a pixel of the image (one lying in the letterbox padding is
-    clipped to nothing: there is no pill to crop)."""
-    xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
-    return ((xyxy[:, 2] - xyxy[:, 0]) >= 1.0) & ((xyxy[:, 3] - xyxy[:, 1]) >= 1.0)
 
 
 def _detect(detector, image, opts: PredictOptions, imgsz: int, device) -> list[tuple[list[float], float]]:
@@ -250,8 +232,6 @@ def bench_predict(paths, classifier, detector, opts: PredictOptions, *, warmup: 
 
 def _ground_truth(raw_boxes: list, width: int, height: int, cfg) -> list[tuple[list[float], set]]:
     """[(xyxy, accepted K-codes)]: the converter's clean boxes, each with the codes labelled on it."""
-    from pillsnap_dali.data.yolo import BoxRules, clean_boxes, iou
-
     rules = BoxRules.from_config(cfg)
     boxes, _ = clean_boxes(raw_boxes, width, height, rules)
     out = []
@@ -264,8 +244,6 @@ def _ground_truth(raw_boxes: list, width: int, height: int, cfg) -> list[tuple[l
 
 def _score_image(result: dict, truth: list[tuple[list[float], set]]) -> tuple[int, int]:
     """(pills found by a detection, pills whose matched detection has the right top-1 code)."""
-    from pillsnap_dali.data.yolo import iou
-
     free = list(range(len(truth)))
     found = right = 0
     for pill in result["pills"]:  # best detection first

@@ -22,6 +22,7 @@ import torch
 from pillsnap_dali.cli import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_main
 from pillsnap_dali.cli import setup_logging as cli_logging
 from pillsnap_dali.config import Config, ConfigError, dump_config, stage_name
+from pillsnap_dali.data.checks import check_manifests
 from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest, split_missing
 
 _logger = logging.getLogger("pillsnap_dali.train")
@@ -148,7 +149,8 @@ def _manifests_once(cfg: Config) -> Path:
 
 
 def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
-    """Manifests -> TrainData. Class identity is the K-code; unknown val classes are reported, not remapped."""
+    """Manifests -> (TrainData, ManifestChecks). Class identity is the K-code; unknown val classes are reported,
+    not remapped; a manifest failing a check (data/checks.py) is an error, its warnings go to the report."""
     from pillsnap_dali.training.engine import TrainData
     if args.manifest:
         train_path = Path(args.manifest)
@@ -157,6 +159,8 @@ def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
         d = _manifests_once(cfg)
         train_path, val_path = d / "manifest_train.csv", d / "manifest_val.csv"
     train, val = read_manifest(train_path), read_manifest(val_path)
+    checks = check_manifests(train, val)
+    checks.raise_errors()
     class_map = class_map_for(train_path, train)
     train, bad_t = split_missing(train)
     val, bad_v = split_missing(val)
@@ -174,7 +178,7 @@ def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
     if not len(train) or not len(val):
         raise ManifestError(f"empty split: {len(train)} training and {len(val)} validation rows")
     _logger.info("data: %d train rows, %d val rows, %d classes (%s)", len(train), len(val), len(class_map), train_path)
-    return TrainData(class_map, train, val, train.labels(class_map), val.labels(class_map))
+    return TrainData(class_map, train, val, train.labels(class_map), val.labels(class_map)), checks
 
 
 def run_dir_path(cfg: Config) -> Path:
@@ -251,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
     run_dir = None if args.dry_run else prepare_run_dir(cfg, continuing, rank == 0)
     setup_logging(run_dir, rank)
     quarantine: list = []
-    data = load_data(cfg, args, quarantine)
+    data, checks = load_data(cfg, args, quarantine)
     resume_path = resume_state = None
     if resume:
         resume_path = (Path(args.resume) if args.resume != "__last__"
@@ -277,7 +281,8 @@ def run(args: argparse.Namespace) -> dict:
     if run_dir and rank == 0 and not args.dry_run:
         header = {"stage": cfg.stage, "model": cfg.model.name, "classes": len(data.class_map),
                   "image size": f"{cfg.preprocess.img_size} ({cfg.preprocess.resize_mode})", "backend": trainer.backend,
-                  "device": str(device), "ranks": world, "train rows": len(data.train), "val rows": len(data.val)}
+                  "device": str(device), "ranks": world, "train rows": len(data.train), "val rows": len(data.val),
+                  "manifest checks": "; ".join(f"{f.level} {f.check}: {f.message}" for f in checks.findings) or "passed"}
         summary["report"] = str(write_report(run_dir, summary, header))
     summary["run_dir"] = str(run_dir) if run_dir else None
     if world > 1:

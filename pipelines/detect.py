@@ -28,27 +28,16 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline
 
+from pillsnap_dali.geometry import PAD_VALUE, letterbox_geometry  # noqa: F401  (letterbox_geometry: re-exported)
+
 from .classify import ENCODED, ROWS
 from .common import Input, PipelineOptions, build_pipeline, decoder_device
 
-PAD_VALUE = 114
 # ltrb -> center xywh, as the 4x4 matrix coord_transform applies to each box row
 _LTRB_TO_CXYWH = [0.5, 0.0, 0.5, 0.0,
                   0.0, 0.5, 0.0, 0.5,
                   -1.0, 0.0, 1.0, 0.0,
                   0.0, -1.0, 0.0, 1.0]
-
-
-def letterbox_geometry(height: int, width: int, imgsz: int) -> tuple[int, int, int, int]:
-    """(new_h, new_w, top, left): scale the long side to ``imgsz`` keeping the aspect, centre the rest.
-
-    Rounds like Ultralytics' LetterBox (each side rounded, padding split with the smaller half first).
-    """
-    gain = min(imgsz / height, imgsz / width)
-    new_h, new_w = max(int(round(height * gain)), 1), max(int(round(width * gain)), 1)
-    top = int(round((imgsz - new_h) / 2 - 0.1))
-    left = int(round((imgsz - new_w) / 2 - 0.1))
-    return new_h, new_w, top, left
 
 
 def _box_affine(geometry, imgsz: int):

@@ -1,11 +1,18 @@
-"""Where the shared real-world test images are: ``$PILLSNAP_REAL_IMAGES``, else ``shared/`` beside the
-checkout (as CI lays it), else the workspace copy. Missing images are an error, never a silent skip."""
+"""The optional extra corpus: the shared real-world images (``shared/testdata/real_images``, see its README),
+at ``$PILLSNAP_REAL_IMAGES`` or at ``../shared/testdata/real_images`` beside the checkout (as CI lays it).
+
+``REAL_IMAGES`` is None when neither exists: the tests then run on the generated corpus alone
+(``tests/corpus.py``). A ``PILLSNAP_REAL_IMAGES`` naming no folder is an error, never a silent fallback.
+"""
+from __future__ import annotations
+
 import os
 from pathlib import Path
+from typing import Optional
 
-_CANDIDATES = [os.environ.get("PILLSNAP_REAL_IMAGES", ""),
-               Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real_images",
-               Path("/work/shared/testdata/real_images")]
-REAL_IMAGES = next((Path(c) for c in _CANDIDATES if c and Path(c).is_dir()), None)
-if REAL_IMAGES is None:
-    raise RuntimeError(f"shared/testdata/real_images not found (tried {_CANDIDATES}); set PILLSNAP_REAL_IMAGES")
+_ENV = os.environ.get("PILLSNAP_REAL_IMAGES", "")
+_BESIDE = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "real_images"
+
+if _ENV and not Path(_ENV).is_dir():
+    raise RuntimeError(f"PILLSNAP_REAL_IMAGES={_ENV} is not a folder")
+REAL_IMAGES: Optional[Path] = Path(_ENV) if _ENV else (_BESIDE if _BESIDE.is_dir() else None)

@@ -233,16 +233,16 @@ def test_corrupt_image_is_skipped_and_logged(converted, tmp_path):
     assert rerun.skipped == [] and len(SkipLog(log_path)) == 1
 
 
-def test_every_real_world_file_is_yielded_once_or_skipped(tmp_path):
-    """All of shared/testdata/real_images (valid, odd, broken; each with one box) through the detection
-    loader: nothing stops an epoch, each file is yielded once or skipped with a reason, none is retried."""
+def test_every_real_world_file_is_yielded_once_or_skipped(tmp_path, odd_images):
+    """All of the odd-image corpus (tests/corpus.py, plus shared/testdata/real_images when present; valid, odd,
+    broken; each with one box) through the detection loader: nothing stops an epoch, each file is yielded
+    once or skipped with a reason, none is retried."""
     import shutil
 
-    from _paths import REAL_IMAGES
     images, labels = tmp_path / "images" / "train", tmp_path / "labels" / "train"
     images.mkdir(parents=True)
     labels.mkdir(parents=True)
-    real = sorted(p for p in REAL_IMAGES.iterdir() if p.suffix.lower() not in (".txt", ".md"))
+    real = [p for p in odd_images if p.suffix.lower() not in (".txt", ".md")]
     for i, p in enumerate(real):
         dst = images / f"r{i:04d}.png"  # Ultralytics lists images by extension; the bytes stay what they are
         shutil.copy(p, dst)
@@ -291,7 +291,7 @@ def test_an_epoch_left_early_leaves_nothing_for_the_next(converted):
 def test_png_header_and_exif_are_read_without_decoding_the_pixels(tmp_path, monkeypatch):
     from PIL import PngImagePlugin
 
-    from pillsnap_dali.loaders.common import read_encoded_upright
+    from pillsnap_dali.imageio import read_encoded_upright
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.new("RGB", (40, 80), (10, 20, 30)).save(tmp_path / "rot.png", exif=exif.tobytes())
@@ -406,7 +406,7 @@ def test_ultralytics_import_leaves_pil_open_alone(tmp_path):
     import PIL.Image
 
     from pillsnap_dali.detect import ultralytics_offline
-    from pillsnap_dali.loaders.common import read_encoded
+    from pillsnap_dali.imageio import read_encoded
 
     ultralytics_offline()
     importlib.import_module("ultralytics")  # its import patches PIL.Image.open

@@ -17,7 +17,6 @@ from pillsnap_dali.loaders.common import shard_order
 from pillsnap_dali.data.manifest import Manifest
 from pillsnap_dali.skiplog import SkipLog
 
-from _paths import REAL_IMAGES  # noqa: E402
 BACKENDS = ("dali-cpu", "pil")
 CPU = torch.device("cpu")
 
@@ -130,11 +129,12 @@ def test_drop_last_follows_the_config_in_training_only(split, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_corrupt_files_never_stop_an_epoch(tmp_path, split, backend):
-    """Every file of shared/testdata/real_images (valid, odd and broken) mixed into a synthetic split:
-    each row is yielded exactly once or written to skipped.csv, and skipped files are not retried."""
-    real = sorted(p for p in REAL_IMAGES.iterdir() if p.suffix.lower() != ".txt")
-    assert len(real) > 300
+def test_corrupt_files_never_stop_an_epoch(tmp_path, split, backend, odd_images):
+    """Every file of the odd-image corpus (tests/corpus.py, plus shared/testdata/real_images when present;
+    valid, odd and broken) mixed into a synthetic split: each row is yielded exactly once or written to
+    skipped.csv, and skipped files are not retried."""
+    real = [p for p in odd_images if p.suffix.lower() != ".txt"]
+    assert len(real) > 60
     paths = [p for pair in zip(split, real) for p in pair] + real[len(split):]
     n = len(paths)
     cfg = _cfg("train.batch_size=16", "loader.workers=2", "data.max_pixels=4000000")
@@ -149,7 +149,7 @@ def test_corrupt_files_never_stop_an_epoch(tmp_path, split, backend):
     with open(log.path, newline="", encoding="utf-8") as fh:
         recs = list(csv.DictReader(fh))
     assert len(recs) == stats["skipped"] and all(r["reason"] and r["backend"] == backend for r in recs)
-    assert any("bmp__b__reallybig" in r["path"] for r in recs)  # absurd claimed size: skipped from the header
+    assert any(r["path"].endswith("huge.bmp") and "too many pixels" in r["reason"] for r in recs)  # from the header
     # a second epoch (and a new loader reading the log back, as a resumed run does) retries none of them
     again = build_loader(_manifest(paths), [0] * n, cfg, train=True, device=CPU, backend=backend,
                          skip_log=SkipLog(log.path))
@@ -159,10 +159,10 @@ def test_corrupt_files_never_stop_an_epoch(tmp_path, split, backend):
     assert st2["yielded"] + st2["skipped"] + st2["excluded"] + st2["dropped"] == n
 
 
-def test_read_ahead_changes_nothing_but_timing(tmp_path, split):
+def test_read_ahead_changes_nothing_but_timing(tmp_path, split, odd_images):
     """loader.readers > 0 reads the next batch in threads: the same batches in the same order and the same
     skips (with pipeline failures and recoveries on the real broken files) as reading in place."""
-    real = sorted(p for p in REAL_IMAGES.iterdir() if p.suffix.lower() != ".txt")[:120]
+    real = [p for p in odd_images if p.suffix.lower() != ".txt"][:120]
     paths = [p for pair in zip(split, real) for p in pair] + real[len(split):]
     n = len(paths)
     runs = {}
@@ -378,8 +378,7 @@ def test_weighted_draws_of_one_row_advance_the_position_by_each_draw(split):
         assert loader.position == 4, (backend, loader.position)
 
 
-@pytest.mark.skipif(not REAL_IMAGES.is_dir(), reason="shared real_images not present")
-def test_every_path_turns_exif_and_xmp_oriented_files_as_the_dali_decoder_does():
+def test_every_path_turns_exif_and_xmp_oriented_files_as_the_dali_decoder_does(odd_images):
     """JPEG/PNG/WebP EXIF orientation, a WebP EXIF chunk with the JPEG-style prefix (DALI ignores it) and an
     XMP-only orientation (DALI ignores it): the pil path, prediction and the detection geometry agree."""
     import nvidia.dali.fn as fn
@@ -388,8 +387,8 @@ def test_every_path_turns_exif_and_xmp_oriented_files_as_the_dali_decoder_does()
 
     from pillsnap_dali.imageio import upright_size
 
-    files = sorted(p for p in REAL_IMAGES.iterdir() if "orientation" in p.name or p.name.startswith("exif"))
-    assert len(files) >= 20
+    files = [p for p in odd_images if "orientation" in p.name or p.name.startswith("exif")]
+    assert len(files) >= 20 and any(upright_size(str(f)) == (64, 40) for f in files)  # some sides swapped
     pipe = Pipeline(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
     with pipe:
         pipe.set_outputs(fn.decoders.image(fn.external_source(name="x", dtype=types.UINT8), device="cpu",

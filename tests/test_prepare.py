@@ -15,7 +15,8 @@ from pillsnap_dali.data.classmap import ClassMap, ClassMapMismatch
 from pillsnap_dali.config import load_config
 from pillsnap_dali.data.manifest import Manifest, class_map_for, read_manifest, write_manifest
 
-from _paths import REAL_IMAGES as REAL  # noqa: E402
+from corpus import header_verdicts, picture
+from oslimits import READ_ONLY, error_lines, run_cli
 CODES = ["K-000114", "K-000250", "K-000573"]
 W, H = 244, 320          # the real 976x1280 shape, a quarter of the side
 BOX = [24, 32, 80, 96]
@@ -30,14 +31,14 @@ def _photo(rng: np.random.Generator, w: int = W, h: int = H) -> Image.Image:
     return Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
 
 
-def _real_sample(n: int) -> list[Path]:
-    """A spread of the shared real-world edge cases (whichever of them decode is decided at run time)."""
-    files = sorted(p for p in REAL.iterdir() if p.suffix in (".png", ".jpg", ".bmp", ".webp"))
+def _odd_sample(odd_images: list, n: int) -> list[Path]:
+    """A spread of the odd-image corpus (whichever of them decode is decided at run time)."""
+    files = [p for p in odd_images if p.suffix in (".png", ".jpg", ".bmp", ".webp")]
     return files[:: max(1, len(files) // n)][:n]
 
 
 @pytest.fixture()
-def tree(tmp_path: Path) -> dict:
+def tree(tmp_path: Path, odd_images) -> dict:
     """A source manifest (ours, with a class map and a combination row with a box) over a small tree."""
     rng = np.random.default_rng(0)
     src = tmp_path / "src"
@@ -55,7 +56,7 @@ def tree(tmp_path: Path) -> dict:
     truncated, empty = src / "truncated.png", src / "empty.png"
     truncated.write_bytes(Path(paths[0]).read_bytes()[:3000])
     empty.write_bytes(b"")
-    extra = [str(truncated), str(empty)] + [str(p) for p in _real_sample(10)]
+    extra = [str(truncated), str(empty)] + [str(p) for p in _odd_sample(odd_images, 10)]
     paths += extra
     codes += [CODES[2]] * len(extra)
     types += ["single"] * len(extra)
@@ -200,20 +201,34 @@ def test_gpu_decodes_the_cache(tree):
     assert [a.shape for a in arrays] == [(h, w, 3) for w, h in out.sizes]
 
 
-def test_open_rgb_matches_the_loaders():
-    """prepare keeps a torch-free copy of loaders.open_rgb: same pixels, same failures, on real edge cases."""
-    from pillsnap_dali.loaders import open_rgb
-    for path in _real_sample(40):
-        outcomes = []
-        for fn in (lambda p: P.open_rgb(p, 10**7), lambda p: open_rgb(p, 10**7)):
-            try:
-                outcomes.append(np.asarray(fn(str(path))))
-            except Exception as e:  # noqa: BLE001 -- comparing failure types
-                outcomes.append(type(e).__name__)
-        if isinstance(outcomes[0], str) or isinstance(outcomes[1], str):
-            assert outcomes[0] == outcomes[1], path
-        else:
-            assert np.array_equal(outcomes[0], outcomes[1]), path
+def test_open_rgb_gives_the_stored_pixels_upright_in_8_bit_rgb(odd_corpus):
+    """imageio.open_rgb (prepare's reader, and the pil backend's): an odd but valid file gives the pixels it
+    holds, turned by the EXIF orientation the DALI decoder honours, as 8-bit RGB; a broken one raises."""
+    pic = np.asarray(picture())
+    grey = np.repeat(np.asarray(picture().convert("L"))[..., None], 3, -1)
+
+    def rgb(name: str) -> np.ndarray:
+        im = P.open_rgb(str(odd_corpus[name]), 10**7)
+        assert im.mode == "RGB", name
+        return np.asarray(im)
+    for name in ("rgb.png", "rgba.png", "orientation_1.png", "png_named.jpg", "orientation_6_exif_prefix.webp"):
+        assert np.array_equal(rgb(name), pic), name          # alpha dropped; a prefixed WebP EXIF ignored
+    assert np.array_equal(rgb("sixteen_bit.png"), grey) and np.array_equal(rgb("grey_alpha.png"), grey)
+    with Image.open(odd_corpus["palette_transparency.png"]) as im:
+        assert np.array_equal(rgb("palette_transparency.png"), np.asarray(im.convert("RGB")))
+    assert np.array_equal(rgb("orientation_2.png"), pic[:, ::-1]) and np.array_equal(rgb("orientation_3.png"),
+                                                                                      pic[::-1, ::-1])
+    for name in ("orientation_6.png", "orientation_6_late_exif.png", "orientation_6.webp"):
+        assert np.array_equal(rgb(name), np.rot90(pic, -1)), name   # 6: turned 90 degrees clockwise
+    assert np.array_equal(rgb("orientation_8.png"), np.rot90(pic, 1))
+    assert np.abs(rgb("orientation_xmp_only.jpg").astype(int) - pic).mean() < 3      # XMP alone: not turned
+    assert np.abs(rgb("cmyk.jpg").astype(int) - pic).mean() < 8
+    broken = [n for n, v in header_verdicts().items() if v and not v.startswith("unsupported")]
+    broken += ["png_bad_pixel_data.png", "jpeg_cut_in_scan.jpg", "jpeg_cut_before_eoi.jpg"]
+    for name in broken:
+        if name != "png_cut_before_iend.png":              # only IEND missing: every pixel is there
+            with pytest.raises((ValueError, OSError)):
+                P.open_rgb(str(odd_corpus[name]), 10**7)
 
 
 def test_legacy_manifest_keeps_the_source_class_ids(tmp_path):
@@ -283,3 +298,25 @@ def test_busy_cache_dir_is_refused(tree):
     (tree["cache"] / P.LOCK_FILE).write_text("999999999")          # a dead one: stale, taken over
     assert P.prepare_cache(tree["manifest"], tree["cache"], _opts()).remaining == 0
     assert not (tree["cache"] / P.LOCK_FILE).exists()
+
+
+def test_a_full_disk_or_an_unwritable_dir_is_one_line_naming_the_path(tree, tmp_path):
+    """A cache file that cannot be written stops the run (it says nothing about the source: skipping every row
+    would lose them all) with one line naming it; nothing half-written is left; a rerun with room resumes."""
+    args = ["--manifest", tree["manifest"], "--cache-dir", tree["cache"], "--workers", "1", "--margin-gb", "0",
+            "--max-side", "160"]
+    run = run_cli("pillsnap_dali.prepare", args, file_limit=2500)   # every file over 2.5 kB: "disk full"
+    (line,) = error_lines(run)
+    assert run.returncode == 2 and f"cannot write the cache file {tree['cache']}/" in line, run.stderr[-2000:]
+    assert "File too large" in line and "rerun to resume" in line
+    assert not list(tree["cache"].rglob("*.tmp")) and not (tree["cache"] / "manifest_train.csv").exists()
+    assert not P.skipped_csv(tree["cache"], tree["manifest"]).exists()       # no row was written off as bad
+    again = P.prepare_cache(tree["manifest"], tree["cache"], _opts(quality=95))
+    assert again.cached + again.skipped == tree["n"] and again.skipped == len(_skipped(tree["cache"],
+                                                                                        tree["manifest"]))
+    run = run_cli("pillsnap_dali.prepare", [*args[:2], "--cache-dir", READ_ONLY / "cache", "--margin-gb", "0"])
+    (line,) = error_lines(run)
+    assert run.returncode == 2 and line == (f"error: cannot write the cache dir {READ_ONLY / 'cache'} (in /sys): "
+                                            "Operation not permitted"), line
+    run = run_cli("pillsnap_dali.prepare", ["--manifest", tmp_path / "nowhere.csv", "--cache-dir", tree["cache"]])
+    assert run.returncode == 2 and error_lines(run) == [f"error: {tmp_path / 'nowhere.csv'}: No such file or directory"]

@@ -14,7 +14,7 @@ from pillsnap_dali.config import load_config
 from pillsnap_dali.data.synth import (COMPLETE_MARKER, DEFECT_KINDS, SynthError, SynthSummary, ensure_demo_data,
                                  generate, main)
 
-# aihub_format.md, written out here independently of the generator's own constant
+# docs/aihub_format.md, written out here independently of the generator's own constant
 IMAGE_KEYS = """file_name width height imgfile drug_N drug_S back_color drug_dir light_color camera_la camera_lo size
 dl_idx dl_mapping_code dl_name dl_name_en img_key dl_material dl_material_en dl_custom_shape dl_company dl_company_en
 di_company_mf di_company_mf_en item_seq di_item_permit_date di_class_no di_etc_otc_code di_edi_code chart drug_shape
@@ -301,9 +301,10 @@ def test_ensure_demo_data_generates_once(tmp_path):
 
 def test_thousands_of_classes_keep_every_look_unique_but_the_injected_pair():
     from pillsnap_dali.data.scan import count_near_identical
-    from pillsnap_dali.data.synth import SynthSpec, _make_catalog
+    from pillsnap_dali.data.synth import SynthSpec
+    from pillsnap_dali.data.synth.looks import make_catalog
 
     for defects, want in ((False, 0), (True, 1)):  # Stage 4 size: the shape/colour triples repeat
-        cat = _make_catalog(SynthSpec(classes=4523, images_per_class=1, combos=0, defects=defects),
+        cat = make_catalog(SynthSpec(classes=4523, images_per_class=1, combos=0, defects=defects),
                             np.random.default_rng(0))
         assert count_near_identical(cat.meta) == want == len(cat.pairs)

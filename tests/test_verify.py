@@ -2,24 +2,16 @@
 import json
 import os
 import shutil
-import struct
-import zlib
 
 import pytest
 from PIL import Image
 
 from pillsnap_dali.bench.scan import tiny_png
-from pillsnap_dali.data.verify import Verifier, VerifySettings, check_full, check_header
+from pillsnap_dali.data.verify import Verifier, VerifySettings
+from pillsnap_dali.imageio import (check_full, check_header, open_rgb, pixel_problem, read_encoded,
+                                   read_encoded_upright)
 
-from _paths import REAL_IMAGES as REAL  # noqa: E402
-
-
-def _png_with_size(w: int, h: int) -> bytes:
-    """A PNG whose header claims w x h (the pixel data is a few bytes: a decompression-bomb shape)."""
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))
+from corpus import header_verdicts, png_claiming
 
 
 @pytest.fixture
@@ -32,7 +24,7 @@ def files(tmp_path):
     f["empty"].write_bytes(b"")
     f["text"].write_text("not an image at all", encoding="utf-8")
     Image.new("RGB", (8, 8), "red").save(f["gif"], format="GIF")
-    f["bomb"].write_bytes(_png_with_size(20000, 20000))
+    f["bomb"].write_bytes(png_claiming(20000, 20000))
     data = bytearray(tiny_png(64, (10, 200, 30)))
     f["trunc"].write_bytes(bytes(data[: len(data) // 2]))
     i = data.index(b"IDAT") + 8          # corrupt the compressed pixels, keep IEND: only a decode sees it
@@ -52,14 +44,12 @@ def test_header_reasons(files):
 
 
 def test_one_size_reason_for_verify_loaders_and_open_rgb(tmp_path):
-    """verify.check_header, the loaders' read_encoded (and detect's read_encoded_upright) and imageio.open_rgb
-    share imageio.pixel_problem / bomb_problem: the same reason text for the same file."""
-    from pillsnap_dali.imageio import open_rgb, pixel_problem
-    from pillsnap_dali.loaders.common import read_encoded, read_encoded_upright
+    """imageio's check_header (verify), read_encoded (the DALI loaders), read_encoded_upright (detection) and
+    open_rgb (pil, predict, prepare) share pixel_problem / bomb_problem: the same reason for the same file."""
 
     over, bomb, sliver = tmp_path / "over.png", tmp_path / "bomb.png", tmp_path / "sliver.png"
     Image.new("RGB", (16, 10), "red").save(over)
-    bomb.write_bytes(_png_with_size(20000, 20000))
+    bomb.write_bytes(png_claiming(20000, 20000))
     Image.new("RGB", (20000, 2), "red").save(sliver)  # 40 k pixels; eval crop mode would resize it to 1.9 G
     for path, max_pixels, want in ((over, 100, "too many pixels: 16x10 = 160 > max_pixels 100"),
                                    (bomb, 40_000_000, "too many pixels: 400000000 > max_pixels 40000000"),
@@ -104,17 +94,21 @@ def test_none_mode_checks_nothing(files):
         Verifier(VerifySettings("fast"))
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="shared real_images not present")
-def test_real_odd_images_get_a_verdict_never_a_crash():
-    paths = sorted(str(p) for p in REAL.iterdir())
+def test_odd_images_get_a_verdict_never_a_crash(odd_corpus, odd_images):
+    """The generated corpus gets exactly the header verdicts it was made for; it and the shared real images
+    (when present): full never accepts what the header rejects, and what full accepts really decodes."""
+    for name, want in header_verdicts().items():
+        got = check_header(str(odd_corpus[name]), 40_000_000)
+        assert got is None if want is None else (got or "").startswith(want), (name, got)
+    paths = [str(p) for p in odd_images]
     v = Verifier(VerifySettings("full", 40_000_000, workers=2))
     bad = v.bad(paths)
     header_bad = {p for p in paths if check_header(p, 40_000_000)}
     assert header_bad <= set(bad)                       # full never accepts what the header rejects
-    assert bad[str(REAL / "LICENSE-Pillow.txt")] == "not an image"
-    assert any(r.startswith("too many pixels") for r in bad.values())
-    assert any(r.startswith("decode failed") for r in bad.values())
-    assert 300 < len(paths) - len(bad) < len(paths)     # most are fine, some are not
+    assert bad[str(odd_corpus["notes.txt"])] == "not an image"
+    for name in ("png_bad_pixel_data.png", "jpeg_cut_in_scan.jpg", "jpeg_cut_before_eoi.jpg"):
+        assert bad[str(odd_corpus[name])].startswith("decode failed"), name   # only a decode sees these
+    assert 0 < len(bad) < len(paths) / 2                # most are fine, some are not
     for p in set(paths) - set(bad):                     # what passes really decodes
         with Image.open(p) as im:
             im.load()

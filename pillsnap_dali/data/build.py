@@ -30,7 +30,9 @@ from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_main, setup_logging
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import Config, ManifestConfig, stage_name
-from pillsnap_dali.data.manifest import Manifest, ManifestError, read_manifest, split_missing, write_manifest
+from pillsnap_dali.data.checks import check_manifests
+from pillsnap_dali.data.manifest import (Manifest, ManifestError, read_manifest, split_missing,
+                                         write_manifest)
 from pillsnap_dali.data.scan import ScanResult, missing_codes, scan_tree, tree_fingerprint
 from pillsnap_dali.data.verify import CACHE_NAME, MODES as VERIFY_MODES, Verifier, VerifySettings
 
@@ -438,6 +440,8 @@ def import_legacy(paths: list, cfg: Config, out_dir: str | Path, *, verify: str 
     verifier = Verifier(VerifySettings(verify or cfg.data.verify, cfg.data.max_pixels, cfg.loader.workers,
                                        out_dir / CACHE_NAME))
     manifests = [read_manifest(p) for p in paths]
+    checks = check_manifests(manifests[0], manifests[1] if len(manifests) > 1 else None)
+    checks.raise_errors()
     codes = sorted(set(manifests[0].codes))
     code_set = set(codes)
     qrows, counts = [], {}
@@ -455,7 +459,7 @@ def import_legacy(paths: list, cfg: Config, out_dir: str | Path, *, verify: str 
     write_quarantine(qrows, out_dir / "quarantine.csv")
     leaks = split_leaks(dict(zip(SPLITS, manifests)))
     report = {"inputs": {"legacy": [str(Path(p).resolve()) for p in paths], "verify": verifier.s.mode},
-              "splits": counts, "classes": len(codes), "leaks": leaks,
+              "splits": counts, "classes": len(codes), "leaks": leaks, "checks": checks.as_dict(),
               "quarantine": {"rows": len(qrows), "by_reason": _reason_counts(qrows)},
               "accounting": {"rows_in": sum(len(m) for m in manifests), "rows_out": sum(counts.values()),
                              "quarantined": len(qrows)}}
@@ -492,6 +496,8 @@ _FLAG_KEYS = {"data_root": "data.root", "seed": "manifest.seed", "verify": "data
 
 def _print_legacy(out: Path, report: dict) -> None:
     print(f"{out}: {report['splits']} rows kept, {report['quarantine']['rows']} quarantined")
+    for f in report["checks"]:
+        print(f"{f['level']}: {f['path']}: {f['message']}")
     for split, leak in report["leaks"].items():
         if leak["same_image"] or leak["same_combination"]:
             print(f"warning: {split} shares {leak['same_image']} image(s) and {leak['same_combination']} "

@@ -39,6 +39,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,28 +252,39 @@ def _reuse(src: str, dst: str) -> Optional[_Outcome]:
 
 
 def _transcode(src: str, dst: str, enc: _Encode) -> _Outcome:
-    """One source to its cache file (temp + rename); a cache file already there is reused."""
+    """One source to its cache file (temp + rename); a cache file already there is reused. A source that
+    cannot be used is a skipped outcome; a cache file that cannot be written (full disk, no permission) is a
+    PrepareError naming it: it says nothing about the source, so the run stops rather than skip every row."""
     if os.path.exists(dst):
         done = _reuse(src, dst)
         if done is not None:
             return done
-    tmp = f"{dst}.{os.getpid()}.tmp"
     try:
         st = os.stat(src)
         src_bytes = st.st_size
         if src_bytes == 0:
             raise ValueError("empty file")
         im = open_rgb(src, enc.max_pixels)
+        buf = io.BytesIO()
+        out_wh = _encode(im, enc, buf, _source_stamp(st))
+    except Exception as e:  # noqa: BLE001 -- per-file isolation: any decoder failure is a logged skip
+        return _Outcome(src, dst, False, reason=f"{type(e).__name__}: {e}"[:300])
+    _write_cache_file(dst, buf.getbuffer())
+    return _Outcome(src, dst, True, src_wh=im.size, out_wh=out_wh, src_bytes=src_bytes, out_bytes=buf.tell())
+
+
+def _write_cache_file(dst: str, data) -> None:
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    try:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         with open(tmp, "wb") as fh:
-            out_wh = _encode(im, enc, fh, _source_stamp(st))
+            fh.write(data)
         os.replace(tmp, dst)
-    except Exception as e:  # noqa: BLE001 -- per-file isolation: any decoder failure is a logged skip
+    except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        return _Outcome(src, dst, False, reason=f"{type(e).__name__}: {e}"[:300])
-    return _Outcome(src, dst, True, src_wh=im.size, out_wh=out_wh, src_bytes=src_bytes,
-                    out_bytes=os.path.getsize(dst))
+        raise PrepareError(f"cannot write the cache file {dst}: {e.strerror or e}; the files done so far are "
+                           "kept, rerun to resume") from None
 
 
 def _transcode_chunk(pairs: list[tuple[str, str]], enc: _Encode) -> list[_Outcome]:
@@ -320,6 +332,18 @@ def _free_bytes(path: Path) -> int:
     while not p.exists() and p != p.parent:
         p = p.parent
     return shutil.disk_usage(p).free
+
+
+def check_writable(cache_dir: Path) -> None:
+    """PrepareError naming ``cache_dir`` when it cannot be created or written (a read-only disk, no
+    permission), found before any work by making and removing a temp folder in its nearest existing folder."""
+    p = cache_dir
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".pillsnap-write-check-", dir=p))
+    except OSError as e:
+        raise PrepareError(f"cannot write the cache dir {cache_dir} (in {p}): {e.strerror or e}") from None
 
 
 def check_space(cache_dir: Path, estimate_bytes: int, margin_gb: float) -> int:
@@ -569,6 +593,7 @@ def prepare_cache(manifest_path: str | Path, cache_dir: str | Path, opts: Prepar
     enc = _Encode(opts.quality, opts.max_side, opts.subsampling, opts.max_pixels)
     report = PrepareReport(rows_in=len(m), dry_run=opts.dry_run)
     _check_stamp(cache_dir, enc, write=False)
+    check_writable(cache_dir)
     class_map = _class_map_to_write(manifest_path, m, cache_dir)  # a mismatch stops us before any work
     pairs = _pending_pairs(m, cache_dir)
     run_pairs, todo = _select(pairs, opts.limit)

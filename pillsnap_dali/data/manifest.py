@@ -84,9 +84,36 @@ def _combo_id(path: str, image_type: str) -> str:
     return Path(path).stem
 
 
+def guess_encoding(raw: bytes) -> str:
+    """The encoding a manifest that is not UTF-8 is probably in: UTF-16 (a BOM), cp949 (Korean Windows
+    tools: the users' Excel) when it decodes to Hangul, else a Western 8-bit code page."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    text = raw.decode("cp949", errors="replace")
+    if sum("\uac00" <= ch <= "\ud7a3" for ch in text) > text.count("\ufffd"):
+        return "cp949"
+    return "cp1252"
+
+
+def _not_utf8(path: str, err: UnicodeDecodeError) -> ManifestError:
+    with open(path, "rb") as fh:
+        enc = guess_encoding(fh.read(1 << 20))
+    return ManifestError(f"{path} is not UTF-8 (byte 0x{err.object[err.start]:02x} cannot be decoded); it is "
+                         f"probably {enc}: save it as UTF-8 (e.g. iconv -f {enc} -t UTF-8 IN > OUT, or Excel's "
+                         f"\"CSV UTF-8\")")
+
+
 def read_manifest(path: str | Path) -> Manifest:
-    """Read either manifest format; the format is detected from the header."""
+    """Read either manifest format; the format is detected from the header. A file that is not UTF-8 is an
+    error naming the encoding it probably is."""
     path = str(path)
+    try:
+        return _read(path)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+
+
+def _read(path: str) -> Manifest:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []

@@ -1,5 +1,7 @@
 """Scan an AI Hub oral-drug tree: pair images with their label JSONs, one record per image.
 
+The layouts, names, label keys and defects it handles are described in docs/aihub_format.md.
+
 Reads both layouts (the raw Korean release, with spaces or underscores in folder names, and the existing
 project's English rename). Source folders are found by name anywhere under the root:
 ``TS_n_단일`` / ``TL_n_조합`` / ``VS_n_single`` / ``VL_n_combo``... (T = AI Hub Training, V = Validation;
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pillsnap_dali.data.classmap import META_KEYS
+from pillsnap_dali.geometry import iou_xywh
 from pillsnap_dali.imageio import IMAGE_SUFFIXES
 
 _logger = logging.getLogger(__name__)
@@ -434,24 +437,10 @@ def _convention(tally: Counter) -> str:
     return "k" if tally["k"] else "unknown"
 
 
-def iou_xyxy(a, b) -> float:
-    """IoU of two [x1, y1, x2, y2] boxes (the one IoU of the project; the detection converter uses it too)."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def iou(a, b) -> float:
-    """IoU of two [x, y, w, h] boxes (COCO, as the label JSONs hold them)."""
-    return iou_xyxy([a[0], a[1], a[0] + a[2], a[1] + a[3]], [b[0], b[1], b[0] + b[2], b[1] + b[3]])
-
-
 def _has_double_label(bboxes: list) -> bool:
     good = [b for b in bboxes if isinstance(b, list) and len(b) == 4 and all(_is_num(v) for v in b)
             and b[2] > 0 and b[3] > 0]
-    return any(iou(good[i], good[j]) >= DOUBLE_LABEL_IOU for i in range(len(good)) for j in range(i + 1, len(good)))
+    return any(iou_xywh(good[i], good[j]) >= DOUBLE_LABEL_IOU for i in range(len(good)) for j in range(i + 1, len(good)))
 
 
 def _filled(meta: dict) -> int:

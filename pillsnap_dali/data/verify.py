@@ -1,37 +1,29 @@
 """Image verification before an image enters a manifest.
 
-- ``header``: magic bytes and the size from the header, no decoding. Rejects empty files, non-images,
-  formats the loaders do not take, images over the pixel limit (decompression-bomb guard), zero sizes and
-  PNGs whose IEND chunk is missing (truncated: cheap to see from the last bytes).
-- ``full``: the header check, then a full PIL decode (``img.load()``) in a process pool. Results are cached
-  in a JSON file keyed by path + size + mtime_ns, so a rerun only decodes what changed.
+- ``header``: ``imageio.check_header`` (magic bytes, the formats the loaders take, a PNG's IEND, the size
+  from the header), no decoding.
+- ``full``: ``imageio.check_full`` (the header check, then a full PIL decode) in a process pool. Results are
+  cached in a JSON file keyed by path + size + mtime_ns, so a rerun only decodes what changed.
 
-A failure is a short stable reason string ("empty file", "not an image", "unsupported format: GIF",
-"too many pixels: WxH = N > max_pixels M", "invalid size WxH", "truncated png", "decode failed: ..."; the size
-reasons are ``imageio.pixel_problem``'s, shared with the loaders); success is ``None``.
+A failure is the checks' short stable reason string ("empty file", "not an image", "unsupported format: GIF",
+"too many pixels: WxH = N > max_pixels M", "invalid size WxH", "truncated png", "decode failed: ..."), shared
+with the loaders; success is ``None``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from pillsnap_dali.atomic import atomic_write_text
-from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, bomb_problem, pixel_problem
+from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, check_full, check_header
 
 _logger = logging.getLogger(__name__)
 
 MODES = ("none", "header", "full")
-SUPPORTED = ("PNG", "JPEG", "BMP", "WEBP")   # what both DALI's decoder and PIL read
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"), (b"GIF8", "GIF"),
-          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x00\x0cjP  ", "JPEG2000"),
-          (b"\xff\x4f\xff\x51", "JPEG2000"), (b"DDS ", "DDS"), (b"8BPS", "PSD"), (b"\x00\x00\x01\x00", "ICO"),
-          (b"P1", "PNM"), (b"P2", "PNM"), (b"P3", "PNM"), (b"P4", "PNM"), (b"P5", "PNM"), (b"P6", "PNM"))
-_TAIL = 4096   # a truncated PNG has no IEND chunk in its last bytes (a valid one may have trailing junk)
 CACHE_NAME = "verify_cache.json"
 # bumped when the reason texts change, so a cache never serves another version's wording (2: imageio's)
 CACHE_VERSION = 2
@@ -43,70 +35,6 @@ class VerifySettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 2              # processes for the full decode; <= 1 decodes in this process
     cache_path: Path | None = None
-
-
-def sniff_format(head: bytes) -> str | None:
-    """The image format from the first bytes, or None when they are no image we know."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    for magic, fmt in _MAGIC:
-        if head.startswith(magic):
-            return fmt
-    return None
-
-
-def check_header(path: str, max_pixels: int) -> str | None:
-    """Reason the file is unusable, judged without decoding pixels; None when it looks fine."""
-    try:
-        size = os.path.getsize(path)
-        if size == 0:
-            return "empty file"
-        with open(path, "rb") as fh:
-            head = fh.read(64)
-            fmt = sniff_format(head)
-            if fmt is None:
-                return "not an image"
-            if fmt not in SUPPORTED:
-                return f"unsupported format: {fmt}"
-            if fmt == "PNG":
-                fh.seek(max(0, size - _TAIL))
-                if b"IEND" not in fh.read():
-                    return "truncated png"
-    except FileNotFoundError:
-        return "missing file"
-    except OSError as e:
-        return f"unreadable: {e.strerror}"
-    return _check_size(path, max_pixels)
-
-
-def _check_size(path: str, max_pixels: int) -> str | None:
-    from PIL import Image  # lazily: scanning without verification never needs PIL
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning: we apply our own limit
-            with Image.open(path) as img:
-                w, h = img.size
-    except Image.DecompressionBombError as e:
-        return bomb_problem(e, max_pixels)
-    except Exception as e:  # noqa: BLE001 - any header parse error makes the file unusable
-        return f"bad header: {type(e).__name__}: {str(e)[:60]}"
-    return pixel_problem(w, h, max_pixels)
-
-
-def check_full(path: str, max_pixels: int) -> str | None:
-    """The header check, then a full decode; reason or None."""
-    reason = check_header(path, max_pixels)
-    if reason:
-        return reason
-    from PIL import Image
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                img.load()
-    except Exception as e:  # noqa: BLE001 - decoders raise many types; every one means "skip this image"
-        return f"decode failed: {type(e).__name__}: {str(e)[:80]}"
-    return None
 
 
 def _full_job(args: tuple) -> str | None:

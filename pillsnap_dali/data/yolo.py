@@ -1,16 +1,9 @@
 """Combination images -> YOLO detection dataset (one class, ``pill``).
 
 One label file per IMAGE holding every pill box of all its pill JSONs (the existing project wrote one
-label file per JSON, so a 4-pill image kept one box: precision 0.28, mAP50 0.33). Each raw box is checked:
-
-- ``bad_length``: the bbox is not a list of exactly 4 values            -> dropped
-- ``not_numeric``: a value is not a finite number                      -> dropped
-- ``non_positive_size``: width or height <= 0                          -> dropped
-- ``outside_image``: the box reaches further outside the image than ``clip_tolerance`` (a fraction of the
-  image side: 0.02 on a 976 x 1280 image is 19.5 px horizontally, 25.6 px vertically), or nothing is
-  left after clipping                                                   -> dropped
-- ``clipped``: the box sticks out by at most ``clip_tolerance``        -> clipped to the image, kept
-- ``merged``: two boxes (two drugs labelled on one pill) with IoU >= ``merge_iou`` -> one box (the mean)
+label file per JSON, so a 4-pill image kept one box: precision 0.28, mAP50 0.33). Each raw box goes through
+the box rules of ``pillsnap_dali.geometry.clean_boxes`` (dropped: ``bad_length``, ``not_numeric``,
+``non_positive_size``, ``outside_image``; kept: ``clipped``, ``merged``).
 
 Images: ``*_index.png`` layout pictures are skipped; an image that cannot be read, or that has no valid
 box left, is skipped; every skip and every box event is logged and counted in ``convert_report.json``.
@@ -22,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from collections import Counter
@@ -33,34 +25,12 @@ from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.errors import InputError
 from pillsnap_dali.imageio import upright_size
 from pillsnap_dali.data.manifest import Manifest, read_manifest
-from pillsnap_dali.data.scan import iou_xyxy as iou  # boxes here are [x1, y1, x2, y2]
+from pillsnap_dali.geometry import DROP_REASONS, KEEP_REASONS, BoxRules, clean_boxes
 
 _logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-DROP_REASONS = ("bad_length", "not_numeric", "non_positive_size", "outside_image")
-KEEP_REASONS = ("clipped", "merged")
 
-
-@dataclass
-class BoxRules:
-    clip_tolerance: float = 0.02  # fraction of the image side a box may stick out and still be clipped
-    merge_iou: float = 0.9        # boxes with IoU >= this are one pill labelled twice
-    drop_incomplete: bool = False  # leave out combination images with fewer boxes than drugs in their name
-
-    @classmethod
-    def from_config(cls, cfg) -> "BoxRules":
-        d = cfg.detect
-        return cls(clip_tolerance=d.clip_tolerance, merge_iou=d.merge_iou, drop_incomplete=d.drop_incomplete)
-
-
-@dataclass
-class BoxEvent:
-    image: str
-    reason: str
-    bbox: object
-    code: str = ""
-    detail: str = ""
 
 
 @dataclass
@@ -83,65 +53,6 @@ class ConvertReport:
                 "fewer_boxes_than_codes": self.fewer_boxes_than_codes,
                 "events": [vars(e) for e in self.box_events],
                 "skipped": [{"image": p, "reason": r} for p, r in self.skipped_images]}
-
-
-def _as_numbers(bbox) -> list[float] | None:
-    try:
-        vals = [float(v) for v in bbox]
-    except (TypeError, ValueError):
-        return None
-    if any(isinstance(v, bool) for v in bbox) or not all(math.isfinite(v) for v in vals):
-        return None
-    return vals
-
-
-def _check_box(bbox, width: int, height: int, rules: BoxRules) -> tuple[list[float] | None, str, str]:
-    """(xyxy or None, reason, detail): reason "" for a clean box, "clipped" for a kept clipped one."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        n = len(bbox) if isinstance(bbox, (list, tuple)) else "not a list"
-        return None, "bad_length", f"{n} values"
-    vals = _as_numbers(bbox)
-    if vals is None:
-        return None, "not_numeric", "non-numeric or non-finite value"
-    x, y, w, h = vals
-    if w <= 0 or h <= 0:
-        return None, "non_positive_size", f"w={w:g} h={h:g}"
-    tol_x, tol_y = rules.clip_tolerance * width, rules.clip_tolerance * height
-    out = max(-x / width, -y / height, (x + w - width) / width, (y + h - height) / height)
-    if x < -tol_x or y < -tol_y or x + w > width + tol_x or y + h > height + tol_y:
-        return None, "outside_image", f"{out:.3f} of the image side outside (tolerance {rules.clip_tolerance})"
-    x1, y1 = max(x, 0.0), max(y, 0.0)
-    x2, y2 = min(x + w, float(width)), min(y + h, float(height))
-    if x2 - x1 < 1 or y2 - y1 < 1:
-        return None, "outside_image", "less than 1 px left inside the image"
-    if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-        return [x1, y1, x2, y2], "clipped", f"{out:.4f} of the image side outside, clipped"
-    return [x1, y1, x2, y2], "", ""
-
-
-def clean_boxes(raw: list, width: int, height: int, rules: BoxRules,
-                image: str = "") -> tuple[list[list[float]], list[BoxEvent]]:
-    """Validate, clip and merge the raw boxes of one image; returns (xyxy pixel boxes, events)."""
-    kept: list[list[float]] = []
-    kept_codes: list[str] = []
-    events: list[BoxEvent] = []
-    for item in raw:
-        bbox = item.get("bbox") if isinstance(item, dict) else item
-        code = str(item.get("code", "")) if isinstance(item, dict) else ""
-        box, reason, detail = _check_box(bbox, width, height, rules)
-        if reason:
-            events.append(BoxEvent(image, reason, bbox, code, detail))
-        if box is None:
-            continue
-        twin = next((i for i, k in enumerate(kept) if iou(k, box) >= rules.merge_iou), None)
-        if twin is not None:
-            events.append(BoxEvent(image, "merged", bbox, code, f"IoU {iou(kept[twin], box):.3f} with the box "
-                                                                 f"of {kept_codes[twin] or '?'}: one pill"))
-            kept[twin] = [(p + q) / 2 for p, q in zip(kept[twin], box)]
-            continue
-        kept.append(box)
-        kept_codes.append(code)
-    return kept, events
 
 
 def yolo_lines(boxes: list[list[float]], width: int, height: int) -> list[str]:

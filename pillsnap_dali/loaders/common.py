@@ -1,18 +1,14 @@
 """What every backend shares: the batch contract, the skip log, the per-epoch row plan, the header check."""
 from __future__ import annotations
 
-import io
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pillsnap_dali.config import AugmentConfig, Config, LoaderConfig, PreprocessConfig
-from pillsnap_dali.imageio import bomb_problem, header_info, pixel_problem, upright
 from pillsnap_dali.skiplog import SkipLog
 
 _logger = logging.getLogger(__name__)
@@ -175,64 +171,6 @@ class LoaderBase:
 
     def close(self) -> None:
         pass
-
-
-def read_encoded(path: str, max_pixels: int) -> tuple[Optional[np.ndarray], Optional[str]]:
-    """The file's bytes, or ``(None, reason)`` when it is missing, empty, or claims too many pixels.
-
-    The size check reads the header only (PIL, lazily), so a file claiming an absurd size never reaches a
-    decoder. A header PIL does not understand is passed on: the decoder decides.
-    """
-    buf, reason = _read_bytes(path)
-    if reason is not None:
-        return None, reason
-    return (None, reason) if (reason := header_problem(buf, max_pixels)) else (buf, None)
-
-
-def read_encoded_upright(path: str, max_pixels: int
-                         ) -> tuple[Optional[np.ndarray], Optional[str], Optional[tuple[int, int]]]:
-    """``read_encoded`` plus the upright ``(h, w)`` of the image as DALI decodes it (EXIF orientation 5-8
-    swaps the sides), from the same one header parse: ``(buf, None, (h, w))`` or ``(None, reason, None)``.
-
-    No pixel is decoded (the EXIF block is the one PIL reads with the header). Unlike ``read_encoded``, a
-    header PIL cannot parse is a reason, ``"unreadable header: ..."``: the caller needs the size.
-    """
-    buf, reason = _read_bytes(path)
-    if reason is not None:
-        return None, reason, None
-    reason, size = _check_header(buf, max_pixels, upright_size=True)
-    return (None, reason, None) if reason else (buf, None, size[::-1])
-
-
-def _read_bytes(path: str) -> tuple[Optional[np.ndarray], Optional[str]]:
-    try:
-        buf = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        return None, f"unreadable: {e.strerror or e}"
-    return (None, "empty file") if buf.size == 0 else (buf, None)
-
-
-def header_problem(buf: np.ndarray, max_pixels: int) -> Optional[str]:
-    """``imageio.pixel_problem``'s reason for the header's size (``bomb_problem``'s past PIL's own limit); None
-    when it is fine or when PIL cannot parse the header (the decoder decides)."""
-    return _check_header(buf, max_pixels, upright_size=False)[0]
-
-
-def _check_header(buf: np.ndarray, max_pixels: int, *, upright_size: bool
-                  ) -> tuple[Optional[str], Optional[tuple[int, int]]]:
-    """(reason or None, (width, height)) from one header parse. ``upright_size``: the size as the decoder
-    delivers it (EXIF orientation read, even from a PNG's late eXIf chunk), and a header PIL cannot parse is a
-    reason; otherwise such a header passes (the decoder decides) and the orientation is not looked for."""
-    try:
-        w, h, exif = header_info(io.BytesIO(buf.data), orientation=upright_size)
-    except Image.DecompressionBombError as e:
-        return bomb_problem(e, max_pixels), None
-    except Exception as e:  # any header PIL cannot read (or a third-party Image.open patch failing)
-        text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", " the file", str(e))  # no object address: stable reasons
-        return (f"unreadable header: {type(e).__name__}: {text}" if upright_size else None), None
-    if reason := pixel_problem(w, h, max_pixels):
-        return reason, None
-    return None, upright(w, h, exif) if upright_size else (w, h)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

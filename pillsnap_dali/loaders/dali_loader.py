@@ -18,9 +18,9 @@ from pipelines import (AUG, AUG_FIELDS, ENCODED, BatchColour, EvalSpec, OutputSp
                        classify_pipeline)
 from pipelines.classify import classify_inputs, eval_graph, train_graph
 
+from pillsnap_dali.imageio import read_encoded, read_encoded_upright
 from pillsnap_dali.loaders.augment import draw_augment
-from pillsnap_dali.loaders.common import (Batch, EpochPlan, LoaderBase, LoaderSpec, read_encoded, read_encoded_upright,
-                                          to_device, to_device_batch)
+from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderBase, LoaderSpec, to_device, to_device_batch
 from pillsnap_dali.loaders.runner import DaliRunner, Feed, to_torch
 from pillsnap_dali.skiplog import SkipLog
 

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from pipelines import ENCODED, PipelineOptions
-from pipelines.detect import BOXES, DETECT_INPUTS, GEOMETRY, DetectSpec, detect_pipeline, letterbox_geometry
+from pipelines.detect import BOXES, DETECT_INPUTS, GEOMETRY, DetectSpec, detect_pipeline
 
 from pillsnap_dali.errors import InputError
-from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
-from pillsnap_dali.loaders.common import read_encoded_upright, shard_order
+from pillsnap_dali.geometry import cxcywh_to_ltrb, letterbox_geometry
+from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, read_encoded_upright
+from pillsnap_dali.loaders.common import shard_order
 from pillsnap_dali.loaders.runner import DaliRunner, Feed, to_torch
 from pillsnap_dali.skiplog import SkipLog
 
@@ -66,10 +67,6 @@ def read_yolo_split(images_dir: str | Path) -> DetectSamples:
         samples.labels.append({"im_file": f, "cls": lab[:, :1].copy(), "bboxes": lab[:, 1:].copy()})
     _logger.info("%s: %d images, %d boxes", images_dir, len(files), sum(len(lb["cls"]) for lb in samples.labels))
     return samples
-
-
-def _xywh_to_ltrb(b: np.ndarray) -> np.ndarray:
-    return np.concatenate([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], axis=1).astype(np.float32)
 
 
 class DaliDetectLoader:
@@ -139,7 +136,7 @@ class DaliDetectLoader:
         if reason is not None:
             return None, reason
         geometry = letterbox_geometry(*shape, self.imgsz)
-        return {ENCODED: data, BOXES: _xywh_to_ltrb(self.dataset.labels[i]["bboxes"]),
+        return {ENCODED: data, BOXES: cxcywh_to_ltrb(self.dataset.labels[i]["bboxes"]),
                 GEOMETRY: np.array(geometry, np.int32), "shape": tuple(shape), "letterbox": geometry}, None
 
     def __iter__(self):
