@@ -21,6 +21,7 @@ from pillsnap_dali.data.cache import InsufficientSpaceError, PrepareError
 from pillsnap_dali.data.classmap import ClassMapMismatch
 from pillsnap_dali.data.manifest import ManifestError
 from pillsnap_dali.data.synth import SynthError
+from pillsnap_dali.data.synth import cli as synth_cli
 from pillsnap_dali.errors import PillsnapError, UsageError
 from pillsnap_dali.training.checkpoint import CheckpointError
 
@@ -46,7 +47,7 @@ def _data_dir(root: Path) -> Path:
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
-    return {"train": train.build_parser(), "manifest": build._parser(), "synth": synth._parser(),
+    return {"train": train.build_parser(), "manifest": build._parser(), "synth": synth_cli._parser(),
             "prepare": cache._parser(), "detect": detect.build_parser(), "predict": predict.build_parser(),
             **{f"bench {k}": p for k, p in bench.parsers().items()}}
 

@@ -319,4 +319,4 @@ def test_a_full_disk_or_an_unwritable_dir_is_one_line_naming_the_path(tree, tmp_
     assert run.returncode == 2 and line == (f"error: cannot write the cache dir {READ_ONLY / 'cache'} (in /sys): "
                                             "Operation not permitted"), line
     run = run_cli("pillsnap_dali.prepare", ["--manifest", tmp_path / "nowhere.csv", "--cache-dir", tree["cache"]])
-    assert run.returncode == 2 and error_lines(run) == [f"error: {tmp_path / 'nowhere.csv'}: No such file or directory"]
+    assert run.returncode == 2 and error_lines(run) == [f"error: --manifest {tmp_path / 'nowhere.csv'} does not exist"]
