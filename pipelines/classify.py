@@ -5,12 +5,17 @@ The reader is not part of the graph: each pipeline factory takes a ``source`` ca
 (the loader owns file reading, sharding and corrupt-file recovery). The row id travels through the graph
 untouched so every output sample stays traceable to its manifest row.
 
-Training: ``decoders.image_random_crop`` (decode fused with a random-resized crop) -> resize to
-``img_size`` x ``img_size`` (linear, antialiased) -> then, with ``TrainSpec.colour="graph"``,
-``color_twist`` (brightness, contrast, saturation, hue) -> ``crop_mirror_normalize`` (random horizontal flip,
-ImageNet normalization, float16/32, CHW or HWC); with ``colour="batch"`` the graph ends with the random flip
-to uint8 CHW and ``pipelines.colour.BatchColour`` applies jitter + normalization to the batch on the
-training device (one per-sample affine: ~10x less CPU than the two DALI ops, see that module).
+Training: the graph draws nothing. A third external input, ``AUG``, carries each sample's augmentation drawn
+on the host from (seed, epoch, row) (``pillsnap_dali.loaders.augment.draw_augment``; layout
+``pipelines.colour.AUG_FIELDS``), fed to the ops as per-sample argument inputs, so a pipeline can live
+across epochs and a resumed epoch gives the same pixels: ``decoders.image_slice`` (decodes the crop window
+only, where the decoder can) -> resize to ``img_size`` x ``img_size`` (linear, antialiased) ->
+``crop_mirror_normalize`` with the drawn flip, to uint8 CHW; ``pipelines.colour.BatchColour`` applies the
+drawn jitter + normalization to the batch on the training device (one per-sample affine: ~10x less CPU than
+DALI's colour ops, see that module). ``TrainSpec.colour="graph"`` is a benchmark arm only (what the batch
+step saves): ``color_twist`` with the same drawn factors + normalization in the graph.
+Every decoder upsamples JPEG chroma the same way (``jpeg_fancy_upsampling``, as libjpeg-turbo and PIL do):
+``mixed`` decodes the pixels of ``cpu`` and of PIL.
 Evaluation: ``squash`` = decode -> resize to (S, S); ``crop`` = decode -> resize the shorter side to
 ``round(S / crop_pct)`` -> centre crop S x S; then the same normalization.
 """
@@ -23,14 +28,16 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline
 
+from .colour import AUG_INDEX
 from .common import (AIHUB_HEIGHT, AIHUB_WIDTH, IMAGENET_MEAN, IMAGENET_STD, PipelineOptions, dali_dtype,
                      dali_layout, decoder_device)
 
 # Names of the external-source outputs when a pipeline is fed with ``feed_input`` instead of a callable.
 ENCODED = "encoded"
 ROWS = "rows"
+AUG = "aug"  # training graph: (len(AUG_FIELDS),) float32 per sample
 RESIZE_MODES = ("squash", "crop")
-COLOUR_MODES = ("graph", "batch")
+COLOUR_MODES = ("batch", "graph")
 
 
 @dataclass(frozen=True)
@@ -44,17 +51,11 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
+    """The training graph: the augmentation itself comes per sample through the ``AUG`` input."""
     img_size: int
-    random_area: tuple = (0.25, 1.0)
-    random_aspect_ratio: tuple = (0.75, 4 / 3)
-    hflip: float = 0.5
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.02  # fraction of a full turn
     output: OutputSpec = OutputSpec()
     hw_decoder_load: float = 0.65
-    colour: str = "graph"  # "graph": jitter + normalize in DALI; "batch": the graph ends at uint8 CHW
+    colour: str = "batch"  # "batch": the graph ends at uint8 CHW; "graph": jitter + normalize in DALI (benchmark)
 
     def __post_init__(self):
         if self.colour not in COLOUR_MODES:
@@ -80,7 +81,8 @@ Spec = Union[TrainSpec, EvalSpec]
 
 
 def _decoder_kwargs(device: str, hw_decoder_load: float) -> dict:
-    kw = {"device": decoder_device(device), "output_type": types.RGB}
+    # fancy (smooth) chroma upsampling on every device: the mixed decoder's default is off, unlike the CPU's
+    kw = {"device": decoder_device(device), "output_type": types.RGB, "jpeg_fancy_upsampling": True}
     if device == "gpu":
         kw.update(hw_decoder_load=hw_decoder_load, preallocate_width_hint=AIHUB_WIDTH,
                   preallocate_height_hint=AIHUB_HEIGHT)
@@ -95,42 +97,33 @@ def _normalize(images, out: OutputSpec, mirror=None, crop: Optional[int] = None)
                                     mean=[m * 255.0 for m in out.mean], std=[s * 255.0 for s in out.std], **kw)
 
 
-def _uniform_around_one(amount: float):
-    return fn.random.uniform(range=[1.0 - amount, 1.0 + amount])
+def _field(aug, name: str):
+    return aug[AUG_INDEX[name]]
 
 
-def _colour_jitter(images, spec: TrainSpec):
-    """Brightness, contrast, saturation and hue in one pass (``fn.color_twist``): one op instead of
-    ``hsv`` + ``brightness_contrast`` saves a full pass over every image (measured ~3-5 % on 2 CPU cores)."""
-    if not any((spec.hue, spec.saturation, spec.brightness, spec.contrast)):
-        return images
-    kw = {}
-    if spec.hue > 0:
-        kw["hue"] = fn.random.uniform(range=[-spec.hue * 360.0, spec.hue * 360.0])
-    for name in ("saturation", "brightness", "contrast"):
-        amount = getattr(spec, name)
-        if amount > 0:
-            kw[name] = _uniform_around_one(amount)
-    return fn.color_twist(images, **kw)
+def _colour_jitter(images, aug):
+    """The benchmark arm's colour step in the graph: ``fn.color_twist`` with the drawn factors."""
+    return fn.color_twist(images, hue=_field(aug, "hue") * 360.0, saturation=_field(aug, "saturation"),
+                          brightness=_field(aug, "brightness"), contrast=_field(aug, "contrast"))
 
 
-def train_graph(encoded, spec: TrainSpec, device: str = "cpu"):
-    """Training images from encoded bytes: fused decode + random crop, resize, colour jitter, flip, normalize.
+def train_graph(encoded, spec: TrainSpec, device: str = "cpu", aug=None):
+    """Training images from encoded bytes and the samples' draws ``aug``: decode of the drawn crop window,
+    resize, drawn flip, uint8 CHW (the jitter and the normalization are ``BatchColour``'s, on the batch).
 
-    With ``spec.colour == "batch"``: fused decode + random crop, resize, flip, uint8 CHW (the colour jitter
-    and the normalization are ``pipelines.colour.BatchColour``'s, on the batch)."""
-    images = fn.decoders.image_random_crop(encoded, random_area=list(spec.random_area),
-                                           random_aspect_ratio=list(spec.random_aspect_ratio),
-                                           **_decoder_kwargs(device, spec.hw_decoder_load))
+    With ``spec.colour == "graph"`` (benchmark arm): drawn ``color_twist``, flip and normalization in DALI."""
+    if aug is None:
+        raise ValueError(f"the training graph needs the per-sample draws (external input {AUG!r})")
+    crop = AUG_INDEX["crop_x"]
+    images = fn.decoders.image_slice(encoded, aug[crop:crop + 2], aug[crop + 2:crop + 4],
+                                     **_decoder_kwargs(device, spec.hw_decoder_load))
     images = fn.resize(images, resize_x=spec.img_size, resize_y=spec.img_size, antialias=True,
                        interp_type=types.INTERP_LINEAR)
-    mirror = fn.random.coin_flip(probability=spec.hflip) if spec.hflip > 0 else None
+    mirror = fn.cast(_field(aug, "flip"), dtype=types.INT32)
     if spec.colour == "batch":
-        kw = {"mirror": mirror} if mirror is not None else {}
-        return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mean=[0.0], std=[1.0],
-                                        **kw)
-    images = _colour_jitter(images, spec)
-    return _normalize(images, spec.output, mirror=mirror)
+        return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.UINT8, output_layout="CHW",
+                                        mean=[0.0], std=[1.0])
+    return _normalize(_colour_jitter(images, aug), spec.output, mirror=mirror)
 
 
 def eval_resize_shorter(spec: EvalSpec) -> int:
@@ -155,13 +148,13 @@ def decode_graph(encoded, spec: Spec, device: str = "cpu"):
     return fn.decoders.image(encoded, **_decoder_kwargs(device, spec.hw_decoder_load))
 
 
-def _external_inputs(source: Optional[Callable]):
-    kw = {"dtype": [types.UINT8, types.INT64], "batch": True}
+def _external_inputs(source: Optional[Callable], with_aug: bool = False):
+    """(encoded, rows) or, ``with_aug``, (encoded, rows, aug): from ``source()`` or named for ``feed_input``."""
+    dtypes = [types.UINT8, types.INT64] + ([types.FLOAT] if with_aug else [])
     if source is not None:
-        return fn.external_source(source=source, num_outputs=2, **kw)
-    encoded = fn.external_source(name=ENCODED, dtype=types.UINT8, batch=True)
-    rows = fn.external_source(name=ROWS, dtype=types.INT64, batch=True)
-    return encoded, rows
+        return fn.external_source(source=source, num_outputs=len(dtypes), dtype=dtypes, batch=True)
+    names = [ENCODED, ROWS] + ([AUG] if with_aug else [])
+    return tuple(fn.external_source(name=n, dtype=t, batch=True) for n, t in zip(names, dtypes))
 
 
 def classify_pipeline(source: Optional[Callable], spec: Spec, opts: PipelineOptions,
@@ -169,15 +162,18 @@ def classify_pipeline(source: Optional[Callable], spec: Spec, opts: PipelineOpti
     """A built pipeline whose outputs are ``(images, rows)``.
 
     ``source()`` returns one batch ``([uint8 arrays], int64 array of row ids)`` (it may be shorter than
-    ``opts.batch_size``) or raises ``StopIteration`` at the end of the epoch. With ``source=None`` the
-    inputs are named ``ENCODED`` and ``ROWS`` for ``pipe.feed_input``. ``graph`` defaults to
-    ``train_graph`` for a ``TrainSpec`` and ``eval_graph`` for an ``EvalSpec``.
+    ``opts.batch_size``), and for the training graph a third item, the samples' draws (a (n, 9) float32
+    array or a list of (9,) arrays), or raises ``StopIteration`` at the end of the epoch. With
+    ``source=None`` the inputs are named ``ENCODED``, ``ROWS`` (and ``AUG``) for ``pipe.feed_input``.
+    ``graph`` defaults to ``train_graph`` for a ``TrainSpec`` and ``eval_graph`` for an ``EvalSpec``.
     """
     if graph is None:
         graph = train_graph if isinstance(spec, TrainSpec) else eval_graph
+    with_aug = graph is train_graph
     pipe = opts.new_pipeline()
     with pipe:
-        encoded, rows = _external_inputs(source)
-        pipe.set_outputs(graph(encoded, spec, opts.device), rows)
+        inputs = _external_inputs(source, with_aug)
+        kw = {"aug": inputs[2]} if with_aug else {}
+        pipe.set_outputs(graph(inputs[0], spec, opts.device, **kw), inputs[1])
     pipe.build()
     return pipe

@@ -1,5 +1,6 @@
-"""The batch colour step (pipelines.colour.BatchColour): torchvision's jitter semantics + normalization, and
-the dali-cpu loader giving the same batches with the colour step on the batch or in the graph."""
+"""The batch colour step (pipelines.colour.BatchColour): torchvision's jitter semantics + normalization with the
+factors of the host-side draws, and the dali-cpu loader giving the same batches with the colour step on the
+batch or in the graph (the benchmark arm)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,7 @@ from PIL import Image
 from pillsnap_dali.config import load_config
 from pillsnap_dali.loaders import build_loader
 from pillsnap_dali.data.manifest import Manifest
-from pipelines import IMAGENET_MEAN, IMAGENET_STD, BatchColour
+from pipelines import AUG_FIELDS, AUG_INDEX, IMAGENET_MEAN, IMAGENET_STD, BatchColour
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -23,9 +24,13 @@ def _images(b=4, h=12, w=10, seed=0) -> torch.Tensor:
     return torch.randint(30, 220, (b, 3, h, w), dtype=torch.uint8, generator=g)
 
 
-def _factors(b, hue=0.0, saturation=1.0, brightness=1.0, contrast=1.0) -> dict:
-    return {k: np.full(b, v, dtype=np.float64) for k, v in
-            (("hue", hue), ("saturation", saturation), ("brightness", brightness), ("contrast", contrast))}
+def _factors(b, hue=0.0, saturation=1.0, brightness=1.0, contrast=1.0) -> np.ndarray:
+    """(b, 9) draws: the whole image, no flip, these jitter factors."""
+    aug = np.zeros((b, len(AUG_FIELDS)), dtype=np.float32)
+    aug[:, AUG_INDEX["crop_w"]] = aug[:, AUG_INDEX["crop_h"]] = 1.0
+    for name, v in (("hue", hue), ("saturation", saturation), ("brightness", brightness), ("contrast", contrast)):
+        aug[:, AUG_INDEX[name]] = v
+    return aug
 
 
 def _pixels(y: torch.Tensor) -> torch.Tensor:
@@ -39,7 +44,7 @@ def _colour(**kw) -> BatchColour:
 
 def test_no_jitter_is_exactly_the_imagenet_normalization():
     x = _images()
-    y = _colour()(x)
+    y = _colour()(x, _factors(len(x)))
     expected = (x.float() / 255.0 - MEAN) / STD
     assert y.dtype == torch.float32 and y.shape == x.shape
     assert torch.allclose(y, expected, atol=1e-5)
@@ -79,20 +84,20 @@ def test_output_is_clamped_to_the_normalized_pixel_range():
     assert torch.allclose(y, torch.full_like(y, 255.0), atol=0.01)
 
 
-def test_draws_are_seeded_within_the_amounts_and_dtype_layout_follow():
-    a = _colour(hue=0.02, saturation=0.2, brightness=0.2, contrast=0.2, seed=[3, 1, 0])
-    b = _colour(hue=0.02, saturation=0.2, brightness=0.2, contrast=0.2, seed=[3, 1, 0])
-    da, db = a.draw(64), b.draw(64)
-    assert all(np.array_equal(da[k], db[k]) for k in da)
-    assert np.abs(da["hue"]).max() <= 0.02 and np.abs(da["brightness"] - 1).max() <= 0.2
-    assert da["saturation"].std() > 0.05  # really drawn per sample
-    y = _colour(dtype="float16", layout="NHWC", brightness=0.2)(_images(2, 8, 8))
+def test_the_factors_are_the_draws_own_and_dtype_layout_follow():
+    """The colour step draws nothing: per sample it applies the jitter columns of the draws it is given."""
+    x = _images(2, 8, 8)
+    aug = np.concatenate([_factors(1, brightness=1.2), _factors(1, brightness=0.8)])
+    y = _pixels(_colour()(x, aug))
+    assert torch.allclose(y[0], (x[0].float() * 1.2).clamp(0, 255), atol=0.05)
+    assert torch.allclose(y[1], x[1].float() * 0.8, atol=0.05)
+    y = _colour(dtype="float16", layout="NHWC")(x, _factors(2, brightness=1.1))
     assert y.dtype == torch.float16 and y.shape == (2, 3, 8, 8)
     assert y.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="uint8"):
-        _colour()(torch.zeros(1, 3, 4, 4))
-    with pytest.raises(ValueError, match="hue"):
-        _colour(hue=0.7)
+        _colour()(torch.zeros(1, 3, 4, 4), _factors(1))
+    with pytest.raises(ValueError, match="one draw"):
+        _colour()(x, _factors(3))
 
 
 def _manifest(paths) -> Manifest:

@@ -286,18 +286,18 @@ class _SlowStorage:
 
     def __enter__(self):
         from pillsnap_dali.loaders import dali_loader
-        self._module, self._orig = dali_loader, dali_loader.read_encoded
+        self._module, self._orig = dali_loader, dali_loader.read_row
         latency, orig = self.latency_s, self._orig
 
-        def slow(path, max_pixels):
+        def slow(*args):
             time.sleep(latency)
-            return orig(path, max_pixels)
+            return orig(*args)
         if latency > 0:
-            dali_loader.read_encoded = slow
+            dali_loader.read_row = slow
         return self
 
     def __exit__(self, *exc):
-        self._module.read_encoded = self._orig
+        self._module.read_row = self._orig
 
 
 def bench_readers(source: str | Path | Manifest, *, readers: Sequence[int] = (0, 4), latency_ms: float = 0.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,7 +318,9 @@ def _check_header(buf: np.ndarray, max_pixels: int, *, upright_size: bool
     except Image.DecompressionBombError as e:
         return bomb_problem(e, max_pixels), None
     except Exception as e:  # any header PIL cannot read (or a third-party Image.open patch failing)
-        return (f"unreadable header: {type(e).__name__}: {e}" if upright_size else None), None
+        # PIL names the in-memory file by its address: not a reason that can be compared across runs
+        why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file", str(e))
+        return (f"unreadable header: {type(e).__name__}: {why}" if upright_size else None), None
     if reason := pixel_problem(w, h, max_pixels):
         return reason, None
     return None, upright(w, h, exif) if upright_size else (w, h)

@@ -10,6 +10,7 @@ on where it was: every row is yielded exactly once or logged as skipped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +19,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from pipelines import (ENCODED, ROWS, BatchColour, EvalSpec, OutputSpec, PipelineOptions, TrainSpec,
+from pipelines import (AUG, ENCODED, ROWS, BatchColour, EvalSpec, OutputSpec, PipelineOptions, TrainSpec,
                        classify_pipeline)
 
-from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderBase, LoaderSpec, SkipLog, read_encoded, to_device, to_device_batch
+from pillsnap_dali.loaders.augment import draw_augment
+from pillsnap_dali.loaders.common import (Batch, EpochPlan, LoaderBase, LoaderSpec, SkipLog, read_encoded,
+                                          read_encoded_upright, to_device, to_device_batch)
 
 _logger = logging.getLogger(__name__)
 
@@ -32,23 +35,33 @@ MAX_BLIND_FAILURES = 2
 
 def graph_spec(spec: LoaderSpec):
     """The pipelines' TrainSpec/EvalSpec for a loader spec (config unpacked here, once)."""
-    pre, aug, ld = spec.preprocess, spec.augment, spec.loader
+    pre, ld = spec.preprocess, spec.loader
     out = OutputSpec(mean=tuple(pre.mean), std=tuple(pre.std), dtype=ld.dtype, layout=ld.layout)
     if not spec.train:
         return EvalSpec(img_size=pre.img_size, resize_mode=pre.resize_mode, crop_pct=pre.crop_pct, output=out,
                         hw_decoder_load=ld.hw_decoder_load)
-    return TrainSpec(img_size=pre.img_size, random_area=tuple(aug.random_area),
-                     random_aspect_ratio=tuple(aug.random_aspect_ratio), hflip=aug.hflip,
-                     brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue,
-                     output=out, hw_decoder_load=ld.hw_decoder_load, colour=ld.colour)
+    return TrainSpec(img_size=pre.img_size, output=out, hw_decoder_load=ld.hw_decoder_load, colour=ld.colour)
 
 
-def batch_colour(graph: TrainSpec, seed: int, epoch: int, rank: int) -> BatchColour:
-    """The batch colour step of a ``colour="batch"`` training graph, seeded by (seed, epoch, rank)."""
+def batch_colour(graph: TrainSpec) -> BatchColour:
+    """The colour step of a ``colour="batch"`` training graph (its factors are the samples' draws)."""
     out = graph.output
-    return BatchColour(hue=graph.hue, saturation=graph.saturation, brightness=graph.brightness,
-                       contrast=graph.contrast, mean=out.mean, std=out.std, dtype=out.dtype, layout=out.layout,
-                       seed=[seed, epoch, rank, 0xC0])
+    return BatchColour(mean=out.mean, std=out.std, dtype=out.dtype, layout=out.layout)
+
+
+def augment_draws(spec: LoaderSpec, epoch: int):
+    """``draws(rows, sizes) -> (n, 9) float32`` for a training loader's epoch (None for evaluation)."""
+    if not spec.train:
+        return None
+    return functools.partial(draw_augment, spec.augment, spec.seed, epoch)
+
+
+def read_row(path: str, max_pixels: int, with_size: bool):
+    """``(bytes, reason, upright (w, h))``; the size only ``with_size`` (the training graph's crop window)."""
+    if not with_size:
+        return (*read_encoded(path, max_pixels), None)
+    buf, reason, hw = read_encoded_upright(path, max_pixels)
+    return buf, reason, (hw[1], hw[0]) if hw else None
 
 
 def is_dead_pipeline(err: BaseException) -> bool:
@@ -77,12 +90,18 @@ class RowReader:
     source in the thread that runs the pipeline). The order, the skips and the accounting are exactly those
     of reading in place: a skip is logged when its batch is handed out, and on a pipeline failure the rows
     read ahead go back to the queue behind the rows that were in flight.
+
+    Training (``spec.train``): each batch also carries its samples' augmentation draws (``draw_augment`` of
+    (seed, ``epoch``, row) and the upright size read from the header), the graph's ``AUG`` input; ``complete``
+    gives them back for the batch colour step.
     """
 
     def __init__(self, order: Sequence[int], paths: Sequence[str], spec: LoaderSpec, on_skip,
-                 readers: int = 0):
+                 readers: int = 0, epoch: int = 0):
         self.queue = deque(int(r) for r in order)
         self.in_flight: deque = deque()
+        self._in_flight_aug: deque = deque()
+        self.draw = augment_draws(spec, epoch)
         self.paths, self.on_skip = paths, on_skip
         self.batch_size, self.drop_last, self.max_pixels = spec.batch_size, spec.drop_last, spec.max_pixels
         self.dropped = 0
@@ -90,22 +109,24 @@ class RowReader:
         self._ahead: Optional[list] = None  # [(row, future of read_encoded)] of the next batch
 
     def _read(self, row: int):
-        return read_encoded(self.paths[row], self.max_pixels)
+        """(bytes, reason, upright (w, h) or None): training needs the size for the crop window."""
+        return read_row(self.paths[row], self.max_pixels, self.draw is not None)
 
     def _start_ahead(self) -> None:
         rows = [self.queue.popleft() for _ in range(min(self.batch_size, len(self.queue)))]
         self._ahead = [(r, self._pool.submit(self._read, r)) for r in rows] or None
 
     def __call__(self):
-        rows, bufs = [], []
+        rows, bufs, sizes = [], [], []
 
         def take(row, result):
-            buf, reason = result
+            buf, reason, size = result
             if reason is not None:
                 self.on_skip(row, reason)
             else:
                 rows.append(row)
                 bufs.append(buf)
+                sizes.append(size)
         if self._pool is not None:
             if self._ahead is None:
                 self._start_ahead()
@@ -121,12 +142,21 @@ class RowReader:
             self.dropped += len(rows)
             raise StopIteration
         self.in_flight.append(rows)
-        return bufs, np.asarray(rows, dtype=np.int64)
+        row_ids = np.asarray(rows, dtype=np.int64)
+        if self.draw is None:
+            self._in_flight_aug.append(None)
+            return bufs, row_ids
+        aug = self.draw(row_ids, sizes)
+        self._in_flight_aug.append(aug)
+        return bufs, row_ids, aug
 
-    def complete(self, rows: np.ndarray) -> None:
+    def complete(self, rows: np.ndarray) -> Optional[np.ndarray]:
+        """Check a batch's rows against the oldest batch fed; its augmentation draws (training) or None."""
         expected = self.in_flight.popleft()
+        aug = self._in_flight_aug.popleft()
         if rows.tolist() != expected:
             raise RuntimeError(f"DALI returned rows {rows.tolist()[:8]}... for a batch fed as {expected[:8]}...")
+        return aug
 
     def take_in_flight(self) -> list[list[int]]:
         """The batches DALI holds, for recovery; rows read ahead go back to the head of the queue (they
@@ -134,6 +164,7 @@ class RowReader:
         self._return_ahead()
         batches = list(self.in_flight)
         self.in_flight.clear()
+        self._in_flight_aug.clear()
         return batches
 
     def _return_ahead(self) -> None:
@@ -154,16 +185,17 @@ class RowReader:
 
 
 class RowProbe:
-    """Runs one file at a time through a batch-1 pipeline of the same graph and device."""
+    """Runs one file at a time through a batch-1 pipeline of the same graph and device (training: with the
+    row's own augmentation draw, ``draw`` being the reader's)."""
 
-    def __init__(self, spec, opts: PipelineOptions):
-        self.spec = spec
+    def __init__(self, spec, opts: PipelineOptions, draw=None):
+        self.spec, self.draw = spec, draw
         self.opts = dataclasses.replace(opts, batch_size=1, num_threads=1, prefetch=1)
         self._pipe = None
 
-    def problem(self, path: str, max_pixels: int) -> Optional[str]:
+    def problem(self, path: str, max_pixels: int, row: int = 0) -> Optional[str]:
         """None if the file goes through the graph, else the reason it does not."""
-        buf, reason = read_encoded(path, max_pixels)
+        buf, reason, size = read_row(path, max_pixels, self.draw is not None)
         if reason is not None:
             return reason
         if self._pipe is None:
@@ -171,6 +203,8 @@ class RowProbe:
         try:
             self._pipe.feed_input(ENCODED, [buf])
             self._pipe.feed_input(ROWS, [np.zeros((), dtype=np.int64)])
+            if self.draw is not None:
+                self._pipe.feed_input(AUG, self.draw(np.array([row]), [size]))
             self._pipe.run()
         except RuntimeError as e:
             self._pipe = None  # dead: rebuilt on the next probe
@@ -222,14 +256,13 @@ class _Epoch:
     def __init__(self, loader: DaliLoader, plan: EpochPlan):
         self.loader, self.plan = loader, plan
         self.reader = RowReader(plan.order, loader.paths, loader.spec, lambda r, why: loader.skip(plan, r, why),
-                                readers=loader.spec.loader.readers)
+                                readers=loader.spec.loader.readers, epoch=loader.epoch)
         self.restarts = self.blind_failures = self.consumed = 0
         self.probe: Optional[RowProbe] = None
         self.probed_good: set[int] = set()
         self.pipe = None
         graph = loader.graph
-        self.colour = (batch_colour(graph, loader.spec.seed, loader.epoch, loader.spec.rank)
-                       if isinstance(graph, TrainSpec) and graph.colour == "batch" else None)
+        self.colour = batch_colour(graph) if isinstance(graph, TrainSpec) and graph.colour == "batch" else None
 
     def _new_pipeline(self):
         self.pipe = classify_pipeline(self.reader, self.loader.graph, self.loader._options(self.restarts))
@@ -253,11 +286,11 @@ class _Epoch:
 
     def _batch(self, images, rows) -> Batch:
         row_ids = torch.from_numpy(np.array(rows.as_tensor(), dtype=np.int64).reshape(-1))
-        self.reader.complete(row_ids.numpy())
+        aug = self.reader.complete(row_ids.numpy())
         self.plan.stats["yielded"] += len(row_ids)
         self.blind_failures = 0  # "in a row": a batch that went through ends a run of unexplained failures
         self._advance(row_ids.tolist())
-        return dali_to_batch(images, row_ids, self.loader.label_table, self.loader.spec.loader, self.colour)
+        return dali_to_batch(images, row_ids, self.loader.label_table, self.loader.spec.loader, self.colour, aug)
 
     def _advance(self, rows: list[int]) -> None:
         """Move the consumed count past the yielded ``rows``: they come out in plan order (recovery requeues in
@@ -291,12 +324,12 @@ class _Epoch:
     def _probe(self, rows: list[int]) -> dict:
         ld = self.loader
         if self.probe is None:
-            self.probe = RowProbe(ld.graph, ld._options(self.restarts))
+            self.probe = RowProbe(ld.graph, ld._options(self.restarts), self.reader.draw)
         bad = {}
         for row in rows:
             if row in self.probed_good:
                 continue
-            why = self.probe.problem(ld.paths[row], ld.spec.max_pixels)
+            why = self.probe.problem(ld.paths[row], ld.spec.max_pixels, row)
             if why is None:
                 self.probed_good.add(row)
             else:
@@ -305,13 +338,13 @@ class _Epoch:
 
 
 def dali_to_batch(images, rows: torch.Tensor, label_table: torch.Tensor, ld,
-                  colour: Optional[BatchColour] = None) -> Batch:
+                  colour: Optional[BatchColour] = None, aug: Optional[np.ndarray] = None) -> Batch:
     """DALI output (CPU or GPU TensorList) -> Batch on the label table's device.
 
     The DALI buffer is reused by later iterations, so it is copied (``feed_ndarray``): into a new CPU tensor,
     or for GPU output straight into a CUDA tensor on the current stream (no host round trip). With
     ``colour`` the output is uint8 CHW: it moves to the training device as uint8 (a quarter of the float32
-    bytes) and ``colour`` turns it into the normalized batch there.
+    bytes) and ``colour`` turns it into the normalized batch there, with the samples' draws ``aug``.
     """
     from nvidia.dali.backend import TensorGPU
     from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -328,7 +361,7 @@ def dali_to_batch(images, rows: torch.Tensor, label_table: torch.Tensor, ld,
     else:
         feed_ndarray(dense, out)
     if colour is not None:
-        out = colour(to_device(out, device))  # uint8 travels; normalized, ld.dtype, channels_last for NHWC
+        out = colour(to_device(out, device), aug)  # uint8 travels; normalized, ld.dtype, channels_last for NHWC
     elif ld.layout == "NHWC":
         out = out.permute(0, 3, 1, 2)  # logical NCHW, channels_last memory
     return to_device_batch(out, rows, label_table, ld.layout == "NHWC")
