@@ -101,7 +101,8 @@ def detect_pipeline(*, device: str = "gpu", imgsz: int = 640, augment: dict | No
     encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
     boxes = fn.external_source(name="boxes", dtype=types.FLOAT, ndim=2)
     geometry = fn.external_source(name="geometry", dtype=types.INT32, ndim=1)
-    images = fn.decoders.image(encoded, device=decoder_device(device), output_type=types.RGB)
+    images = fn.decoders.image(encoded, device=decoder_device(device), output_type=types.RGB,
+                               jpeg_fancy_upsampling=True)  # mixed decodes the pixels of cpu and PIL
     images = _letterbox_image(images, geometry, imgsz)
     m, t = _box_affine(geometry, imgsz)
     boxes = fn.coord_transform(boxes, M=m, T=t)
