@@ -99,7 +99,6 @@ class LoaderConfig:
     dtype: str = "float32"
     layout: str = "NCHW"
     hw_decoder_load: float = 0.65
-    colour: str = "batch"
     readers: int = 4
 
 
@@ -199,7 +198,6 @@ _CHOICES = {
     "loader.backend": ("auto", "dali", "dali-cpu", "pil"),
     "loader.dtype": ("float16", "float32"),
     "loader.layout": ("NCHW", "NHWC"),
-    "loader.colour": ("batch", "graph"),
     "train.optimizer": ("adamw", "sgd"),
     "train.class_weights": ("none", "inv_freq", "effective_num"),
     "detect.backend": ("dali", "dali-cpu", "ultralytics"),
@@ -218,6 +216,20 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
+
+
+# keys that are gone, with what to do instead
+_REMOVED = {
+    "loader.colour": "training has one colour step (jitter + normalization on the batch, pipelines/colour.py); "
+                     "the colour-in-the-DALI-graph variant is a benchmark arm only: python -m pillsnap_dali.bench "
+                     "decode ... (arm dali-cpu:colour-graph)",
+}
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    if key in _REMOVED:
+        return ConfigError(f"config key '{key}' was removed: {_REMOVED[key]}; delete it from the config")
+    return ConfigError(f"unknown config key '{key}'{_suggest(key, valid)}")
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -285,7 +297,7 @@ def _build(cls, data: dict, prefix: str = ""):
     for k in data:
         if k not in names:
             full = f"{prefix}{k}"
-            raise ConfigError(f"unknown config key '{full}'{_suggest(full, all_keys(Config))}")
+            raise _unknown_key(full, all_keys(Config))
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
@@ -347,7 +359,7 @@ def parse_set(pairs: list[str] | None) -> dict:
         key, raw = pair.split("=", 1)
         key = key.strip()
         if key not in valid:
-            raise ConfigError(f"unknown config key '{key}'{_suggest(key, valid)}")
+            raise _unknown_key(key, valid)
         if _is_text_key(key) and raw.strip().lower() not in ("null", "none", "~", ""):
             value = raw  # a name or a path stays as typed (YAML would read --set train.name=010 as 8)
         else:

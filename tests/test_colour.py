@@ -11,7 +11,8 @@ import torch
 import torchvision.transforms.functional as F
 from PIL import Image
 
-from pillsnap_dali.config import load_config
+from pillsnap_dali.bench.loaders import colour_in_graph
+from pillsnap_dali.config import ConfigError, load_config
 from pillsnap_dali.loaders import build_loader
 from pillsnap_dali.data.manifest import Manifest
 from pipelines import AUG_FIELDS, AUG_INDEX, IMAGENET_MEAN, IMAGENET_STD, BatchColour
@@ -117,16 +118,27 @@ def test_dali_cpu_loader_gives_the_same_batches_with_colour_on_the_batch_or_in_t
     out = {}
     for mode in ("batch", "graph"):
         cfg = load_config(stage="demo", sets=[
-            "preprocess.img_size=32", "train.batch_size=3", "loader.threads=1", f"loader.colour={mode}",
+            "preprocess.img_size=32", "train.batch_size=3", "loader.threads=1",
             "augment.random_area=[1.0,1.0]", "augment.random_aspect_ratio=[0.8,0.8]", "augment.hflip=0",
             "augment.brightness=0", "augment.contrast=0", "augment.saturation=0", "augment.hue=0"])
         loader = build_loader(_manifest(paths), [0] * 6, cfg, train=True, device=torch.device("cpu"),
                               backend="dali-cpu")
+        if mode == "graph":
+            colour_in_graph(loader)
         batches = list(loader)
         order = torch.cat([b.rows for b in batches]).argsort()
         out[mode] = torch.cat([b.images for b in batches])[order]
     assert out["batch"].shape == (6, 3, 32, 32)
     assert (out["batch"] - out["graph"]).abs().max() < 1e-4
+
+
+def test_colour_in_the_graph_is_no_training_option():
+    """``loader.colour`` is gone (one colour step for training): a config that sets it is told what to do."""
+    for sets in (["loader.colour=graph"], ["loader.colour=batch"]):
+        with pytest.raises(ConfigError, match="loader.colour' was removed: .*benchmark arm"):
+            load_config(stage="demo", sets=sets)
+    with pytest.raises(ConfigError, match="was removed"):
+        load_config(stage="demo", overrides={"loader": {"colour": "graph"}})
 
 
 def test_dali_cpu_training_batches_in_float16_channels_last_with_jitter(tmp_path):

@@ -89,12 +89,16 @@ def test_gpu_training_without_jitter_matches_dali_cpu_for_both_colour_modes(phot
     plain = ["augment.random_area=[1.0,1.0]", f"augment.random_aspect_ratio=[{976 / 1280},{976 / 1280}]",
              "augment.hflip=0", "augment.brightness=0", "augment.contrast=0", "augment.saturation=0",
              "augment.hue=0"]
+    from pillsnap_dali.bench.loaders import colour_in_graph
     for mode in ("batch", "graph"):
-        cfg = _cfg(f"loader.colour={mode}", *plain)
+        cfg = _cfg(*plain)
         out = {}
         for backend, dev in (("dali", "cuda"), ("dali-cpu", "cpu")):
-            b = next(iter(build_loader(_manifest(photos), [0] * 4, cfg, train=True, device=torch.device(dev),
-                                       backend=backend)))
+            loader = build_loader(_manifest(photos), [0] * 4, cfg, train=True, device=torch.device(dev),
+                                  backend=backend)
+            if mode == "graph":
+                colour_in_graph(loader)
+            b = next(iter(loader))
             out[backend] = b.images.float().cpu()[b.rows.cpu().argsort()]
         assert float((out["dali"] - out["dali-cpu"]).abs().mean(dim=(1, 2, 3)).max()) <= 0.03
 
@@ -116,8 +120,11 @@ def test_no_host_round_trip_between_decode_and_model(photos, colour):
     images, rows = pipe.run()
     assert isinstance(images.as_tensor(), dali_backend.TensorGPU)
     assert isinstance(rows.as_tensor(), dali_backend.TensorCPU)  # row ids stay on the host, tiny
-    loader = build_loader(_manifest(photos), [0] * 4, _cfg(f"loader.colour={colour}"), train=True,
-                          device=torch.device("cuda"), backend="dali")
+    from pillsnap_dali.bench.loaders import colour_in_graph
+    loader = build_loader(_manifest(photos), [0] * 4, _cfg(), train=True, device=torch.device("cuda"),
+                          backend="dali")
+    if colour == "graph":
+        colour_in_graph(loader)
     assert next(iter(loader)).images.is_cuda
 
 

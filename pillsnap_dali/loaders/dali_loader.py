@@ -40,7 +40,7 @@ def graph_spec(spec: LoaderSpec):
     if not spec.train:
         return EvalSpec(img_size=pre.img_size, resize_mode=pre.resize_mode, crop_pct=pre.crop_pct, output=out,
                         hw_decoder_load=ld.hw_decoder_load)
-    return TrainSpec(img_size=pre.img_size, output=out, hw_decoder_load=ld.hw_decoder_load, colour=ld.colour)
+    return TrainSpec(img_size=pre.img_size, output=out, hw_decoder_load=ld.hw_decoder_load)
 
 
 def batch_colour(graph: TrainSpec) -> BatchColour:
