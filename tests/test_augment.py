@@ -15,7 +15,7 @@ from PIL import Image
 from pillsnap_dali.config import AugmentConfig, load_config
 from pillsnap_dali.data.manifest import Manifest
 from pillsnap_dali.loaders import build_loader
-from pillsnap_dali.loaders.augment import crop_box, draw_augment, random_resized_crop_box
+from pillsnap_dali.loaders.augment import central_crop, crop_box, crop_windows, draw_augment
 from pipelines import AUG_FIELDS, AUG_INDEX
 
 CPU = torch.device("cpu")
@@ -71,14 +71,23 @@ def test_zero_amounts_draw_the_centre_and_bad_amounts_are_refused():
 def test_the_crop_window_is_torchvisions_box_in_whole_pixels():
     """The relative window maps back to the integer box of torchvision's sampling (with its central fallback
     when 10 tries fail), which is the box both the PIL crop and DALI's ROI decoder take."""
+    # the first try that fits is taken: here try 0 asks for more than the image (area 1, aspect 4/3 of a
+    # square image), try 1 for half of it at aspect 1
+    u = np.zeros((1, 27))
+    u[0, 5:9] = (1.0, 1.0, 1 / 3, 0.5)  # (area, aspect) uniforms of tries 0 and 1: shares 1 and 0.5
+    u[0, 25:27] = (0.5, 0.0)  # top, left
+    win = crop_windows(np.array([[100.0, 100.0]]), (0.25, 1.0), (0.75, 4 / 3), u)
+    assert win.tolist() == [[0.0, 15.0, 71.0, 71.0]]  # sqrt(5000) -> 71; top floor(0.5 * 30)
     for r, (w, h) in enumerate(SIZES):
         d = _draws(rows=[r])[0]
         top, left, ch, cw = crop_box(d, w, h)
         assert 0 <= left and left + cw <= w and 0 <= top and top + ch <= h and cw > 0 and ch > 0
         assert np.allclose(d[:4], [left / w, top / h, cw / w, ch / h], atol=1e-6)
-    # no aspect in [3, 4] fits a 100 x 100 image with area <= 1: 10 failed tries, then the central crop
-    rng = np.random.default_rng(0)
-    assert random_resized_crop_box(100, 100, (1.0, 1.0), (3.0, 4.0), rng) == (33, 0, 33, 100)
+    # no aspect in [3, 4] fits a 100 x 100 image with the whole area: 10 failed tries, then the central crop
+    # of the clamped aspect, as torchvision falls back
+    wide = AugmentConfig(random_area=[1.0, 1.0], random_aspect_ratio=[3.0, 4.0])
+    d = draw_augment(wide, 0, 0, np.arange(3), [(100, 100)] * 3)
+    assert all(crop_box(x, 100, 100) == central_crop(100, 100, (3.0, 4.0)) == (33, 0, 33, 100) for x in d)
 
 
 def _manifest(paths) -> Manifest:
