@@ -213,8 +213,8 @@ class RowProbe:
 
 
 class DaliLoader(LoaderBase):
-    """``dali`` / ``dali-cpu`` backend. The pipeline is rebuilt each epoch with a seed from
-    (seed, epoch, rank), so an epoch is reproducible after a restart. A file found bad mid-epoch may make
+    """``dali`` / ``dali-cpu`` backend. The training graph draws nothing itself: each sample's augmentation
+    comes from (seed, epoch, row) through the reader, so an epoch is reproducible after a restart. A file found bad mid-epoch may make
     the epoch one batch shorter than ``len()``."""
 
     def __init__(self, paths: Sequence[str], labels: torch.Tensor, spec: LoaderSpec, skip_log: SkipLog,
