@@ -29,7 +29,7 @@ import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline
 
 from .classify import ENCODED, ROWS
-from .common import Input, PipelineOptions, build_pipeline, decoder_device
+from .common import Input, PipelineOptions, build_pipeline, decoder_kwargs
 
 PAD_VALUE = 114
 # ltrb -> center xywh, as the 4x4 matrix coord_transform applies to each box row
@@ -113,7 +113,7 @@ class DetectSpec:
 def detect_graph(nodes: dict, spec: DetectSpec, device: str):
     """``(images, boxes, rows)`` from the inputs of ``DETECT_INPUTS``."""
     aug = dict(NO_AUGMENT, **(spec.augment or {}))
-    images = fn.decoders.image(nodes[ENCODED], device=decoder_device(device), output_type=types.RGB)
+    images = fn.decoders.image(nodes[ENCODED], **decoder_kwargs(device))  # the pixels of cpu and PIL
     geometry = nodes[GEOMETRY]
     images = _letterbox_image(images, geometry, spec.imgsz)
     m, t = _box_affine(geometry, spec.imgsz)
