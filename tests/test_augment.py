@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from pillsnap_dali.bench.loaders import bench_manifest
 from pillsnap_dali.config import AugmentConfig, load_config
-from pillsnap_dali.data.manifest import Manifest
 from pillsnap_dali.loaders import build_loader
 from pillsnap_dali.loaders.augment import central_crop, crop_box, crop_windows, draw_augment
 from pipelines import AUG_FIELDS, AUG_INDEX
@@ -90,11 +89,6 @@ def test_the_crop_window_is_torchvisions_box_in_whole_pixels():
     assert all(crop_box(x, 100, 100) == central_crop(100, 100, (3.0, 4.0)) == (33, 0, 33, 100) for x in d)
 
 
-def _manifest(paths) -> Manifest:
-    n = len(paths)
-    return Manifest(None, [str(p) for p in paths], ["K-000001"] * n, ["single"] * n, ["test"] * n,
-                    [Path(p).stem for p in paths], [[] for _ in range(n)], [""] * n)
-
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
@@ -130,13 +124,13 @@ def test_pil_and_dali_cpu_make_near_identical_training_batches(photos):
     Bound: mean absolute difference per image <= 0.01 of the normalized range (about 0.6 grey levels; the
     two resize kernels differ slightly), on every image, with the default augmentation."""
     cfg = _cfg()
-    out = {b: _by_row(build_loader(_manifest(photos), [0] * len(photos), cfg, train=True, device=CPU, backend=b,
+    out = {b: _by_row(build_loader(bench_manifest(photos), [0] * len(photos), cfg, train=True, device=CPU, backend=b,
                                    seed=11), 0) for b in BACKENDS}
     assert sorted(out["pil"]) == sorted(out["dali-cpu"]) == list(range(len(photos)))
     diffs = [float((out["pil"][r] - out["dali-cpu"][r]).abs().mean()) for r in range(len(photos))]
     assert max(diffs) <= 0.01, diffs  # measured 0.0017-0.0030
     # what the bound separates: the same row in another epoch (another draw) is far off
-    other = _by_row(build_loader(_manifest(photos), [0] * len(photos), cfg, train=True, device=CPU,
+    other = _by_row(build_loader(bench_manifest(photos), [0] * len(photos), cfg, train=True, device=CPU,
                                  backend="pil", seed=11), 1)
     assert min(float((other[r] - out["dali-cpu"][r]).abs().mean()) for r in range(len(photos))) > 0.1
 
@@ -146,7 +140,7 @@ def test_same_rows_differ_across_epochs_and_repeat_in_a_rebuilt_or_resumed_epoch
     """Epochs 0 and 1 give each row other pixels; epoch 0 again from a new loader (new pipelines), and epoch 0
     resumed mid-way, give each of its rows exactly the pixels of the first run."""
     def loader():
-        return build_loader(_manifest(photos), [0] * len(photos), _cfg(), train=True, device=CPU,
+        return build_loader(bench_manifest(photos), [0] * len(photos), _cfg(), train=True, device=CPU,
                             backend=backend, seed=5)
     first = loader()
     e0, e1 = _by_row(first, 0), _by_row(first, 1)

@@ -3,18 +3,15 @@ factors of the host-side draws, and the dali-cpu loader giving the same batches 
 batch or in the graph (the benchmark arm)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as F
 from PIL import Image
 
-from pillsnap_dali.bench.loaders import colour_in_graph
+from pillsnap_dali.bench.loaders import bench_manifest, colour_in_graph
 from pillsnap_dali.config import ConfigError, load_config
 from pillsnap_dali.loaders import build_loader
-from pillsnap_dali.data.manifest import Manifest
 from pipelines import AUG_FIELDS, AUG_INDEX, IMAGENET_MEAN, IMAGENET_STD, BatchColour
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -101,11 +98,6 @@ def test_the_factors_are_the_draws_own_and_dtype_layout_follow():
         _colour()(x, _factors(3))
 
 
-def _manifest(paths) -> Manifest:
-    n = len(paths)
-    return Manifest(None, [str(p) for p in paths], ["K-000001"] * n, ["single"] * n, ["test"] * n,
-                    [Path(p).stem for p in paths], [[] for _ in range(n)], [""] * n)
-
 
 def test_dali_cpu_loader_gives_the_same_batches_with_colour_on_the_batch_or_in_the_graph(tmp_path):
     """No jitter, full-image crop, no flip: the batch colour step and the graph's normalization agree."""
@@ -121,7 +113,7 @@ def test_dali_cpu_loader_gives_the_same_batches_with_colour_on_the_batch_or_in_t
             "preprocess.img_size=32", "train.batch_size=3", "loader.threads=1",
             "augment.random_area=[1.0,1.0]", "augment.random_aspect_ratio=[0.8,0.8]", "augment.hflip=0",
             "augment.brightness=0", "augment.contrast=0", "augment.saturation=0", "augment.hue=0"])
-        loader = build_loader(_manifest(paths), [0] * 6, cfg, train=True, device=torch.device("cpu"),
+        loader = build_loader(bench_manifest(paths), [0] * 6, cfg, train=True, device=torch.device("cpu"),
                               backend="dali-cpu")
         if mode == "graph":
             colour_in_graph(loader)
@@ -151,7 +143,7 @@ def test_dali_cpu_training_batches_in_float16_channels_last_with_jitter(tmp_path
         paths.append(path)
     cfg = load_config(stage="demo", sets=["preprocess.img_size=32", "train.batch_size=4", "loader.threads=1",
                                           "loader.dtype=float16", "loader.layout=NHWC"])
-    loader = build_loader(_manifest(paths), [0] * 5, cfg, train=True, device=torch.device("cpu"),
+    loader = build_loader(bench_manifest(paths), [0] * 5, cfg, train=True, device=torch.device("cpu"),
                           backend="dali-cpu")
     batches = list(loader)
     assert [len(b.rows) for b in batches] == [4, 1]

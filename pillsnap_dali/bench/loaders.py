@@ -86,9 +86,9 @@ def _paths_of(source: str | Path | Manifest) -> list[str]:
 
 
 def bench_manifest(paths: Sequence[str]) -> Manifest:
-    """A one-class manifest of these files."""
+    """A one-class manifest of these files (also the tests' one-class manifest)."""
     n = len(paths)
-    return Manifest(None, list(paths), ["K-000001"] * n, ["single"] * n, ["bench"] * n,
+    return Manifest(None, [str(p) for p in paths], ["K-000001"] * n, ["single"] * n, ["bench"] * n,
                     [Path(p).stem for p in paths], [[] for _ in range(n)], [""] * n)
 
 
