@@ -2,9 +2,9 @@
 
 ``bench_decode`` is called by ``python -m pillsnap_dali.bench decode``. ``dali-cpu:colour-graph`` (and
 ``dali:colour-graph``) is the training loader with the drawn jitter + normalization in the DALI graph
-instead of on the batch (``colour_in_graph``; a benchmark arm, not a training option). Every variant reads the same files
-in the same process, side by side; each repetition is one full epoch (startup included) over at least
-``min_rows`` rows (the image list repeated), and the reported figure is the median of ``reps`` after one
+instead of on the batch (``colour_in_graph``; a benchmark arm, not a training option). Every variant reads
+the same files in the same process, side by side; each repetition is one full epoch (startup included) over
+at least ``min_rows`` rows (the image list repeated), and the reported figure is the median of ``reps`` after one
 warm-up epoch. Ceilings: ``dali-decode`` = ``fn.decoders.image`` alone with the same reader and threads;
 ``pil-decode`` = ``open_rgb`` (decode + RGB) alone in a pool of ``threads`` processes.
 """

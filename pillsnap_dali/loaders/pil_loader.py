@@ -3,8 +3,9 @@
 Training samples use the draws of ``loaders.augment.draw_augment`` (from seed, epoch and row only, so a
 sample's augmentation does not depend on which worker process handles it): the same crop window, flip and
 jitter factors as the DALI backends, and the same colour step (``pipelines.colour.BatchColour``, applied to
-the batch in the worker's collate), so ``pil`` and ``dali-cpu`` give near-identical training batches. A file that fails to open or decode becomes a skip marker; the collate keeps the good
-samples and the main process writes the skipped rows to the skip log.
+the batch in the worker's collate), so ``pil`` and ``dali-cpu`` give near-identical training batches. A file
+that fails to open or decode becomes a skip marker; the collate keeps the good samples and the main process
+writes the skipped rows to the skip log.
 """
 from __future__ import annotations
 
