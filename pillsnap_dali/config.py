@@ -104,7 +104,6 @@ class LoaderConfig:
     dtype: str = "float32"
     layout: str = "auto"
     hw_decoder_load: float = 0.65
-    colour: str = "batch"
     readers: int = 4
 
 
@@ -203,7 +202,6 @@ _CHOICES = {
     "loader.backend": ("auto", "dali", "dali-cpu", "pil"),
     "loader.dtype": ("float16", "float32"),
     "loader.layout": ("auto", "NCHW", "NHWC"),
-    "loader.colour": ("batch", "graph"),
     "train.optimizer": ("adamw", "sgd"),
     "train.class_weights": ("none", "inv_freq", "effective_num"),
     "detect.backend": ("dali", "dali-cpu", "ultralytics"),
@@ -307,9 +305,14 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
     return keys
 
 
-# keys that were merged into another: the error names the new one
-_REPLACED = {"train.channels_last": "the memory format is one setting now: loader.layout (auto = NHWC, i.e. "
-                                    "channels_last, on CUDA and NCHW on the CPU; or NHWC | NCHW)"}
+# keys that are gone (merged into another, or removed), with what to do instead: the error says it
+_GONE = {
+    "train.channels_last": "the memory format is one setting now: loader.layout (auto = NHWC, i.e. channels_last, "
+                           "on CUDA and NCHW on the CPU; or NHWC | NCHW)",
+    "loader.colour": "training has one colour step (jitter + normalization on the batch, pipelines/colour.py); "
+                     "the colour-in-the-DALI-graph variant is a benchmark arm only: python -m pillsnap_dali.bench "
+                     "decode ... (arm dali-cpu:colour-graph); delete it from the config",
+}
 
 
 def memory_layout(layout: str, device_type: str) -> str:
@@ -320,9 +323,13 @@ def memory_layout(layout: str, device_type: str) -> str:
     return layout
 
 
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    if key in _GONE:
+        return ConfigError(f"config key '{key}' was removed: {_GONE[key]}")
+    return ConfigError(f"unknown config key '{key}'{_suggest(key, valid)}")
+
+
 def _suggest(key: str, valid: list[str]) -> str:
-    if key in _REPLACED:
-        return f"; {_REPLACED[key]}"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if not close:  # try the last component against the last components
         leaf = key.rsplit(".", 1)[-1]
@@ -387,7 +394,7 @@ def _build(cls, data: dict, prefix: str = ""):
     for k in data:
         if k not in names:
             full = f"{prefix}{k}"
-            raise ConfigError(f"unknown config key '{full}'{_suggest(full, all_keys(Config))}")
+            raise _unknown_key(full, all_keys(Config))
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
@@ -450,7 +457,7 @@ def parse_set(pairs: list[str] | None) -> dict:
         key, raw = pair.split("=", 1)
         key = key.strip()
         if key not in valid:
-            raise ConfigError(f"unknown config key '{key}'{_suggest(key, valid)}")
+            raise _unknown_key(key, valid)
         if _is_text_key(key) and raw.strip().lower() not in ("null", "none", "~", ""):
             value = raw  # a name or a path stays as typed (YAML would read --set train.name=010 as 8)
         else:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from pillsnap_dali.atomic import atomic_write_text
-from pillsnap_dali.device import DeviceError, DevicePlan, native_bf16, select_device
+from pillsnap_dali.device import DeviceMismatch, DevicePlan, native_bf16, select_device
 from pillsnap_dali.errors import PillsnapError, os_error_line
 from pillsnap_dali.cli import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_main, \
     setup_logging
@@ -78,8 +78,9 @@ def check_same_gpu(model_device, options) -> None:
         return
     dev = torch.device(model_device)
     if dev.type != "cuda" or (dev.index or 0) != (options.device_id or 0):
-        raise DeviceError(f"Ultralytics put the detector on {dev} but DALI decodes on cuda:{options.device_id or 0}: "
-                           f"install ultralytics>=8.4.138 (earlier releases remap CUDA_VISIBLE_DEVICES)")
+        raise DeviceMismatch(f"Ultralytics put the detector on {dev} but DALI decodes on "
+                             f"cuda:{options.device_id or 0}: install ultralytics>=8.4.138 (earlier releases "
+                             "remap CUDA_VISIBLE_DEVICES)")
 
 
 @functools.cache

@@ -27,6 +27,11 @@ class DeviceError(PillsnapError, ValueError):
     """A ``--device`` this machine cannot give: one line naming the request and what exists."""
 
 
+class DeviceMismatch(DeviceError, RuntimeError):
+    """Two parts of one run on different GPUs (the detector and DALI): a DeviceError (one line, exit status 2)
+    that is still the RuntimeError it was raised as before."""
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     """Where the run's tensors, DALI graphs and Ultralytics model go. ``index`` counts CUDA devices as CUDA

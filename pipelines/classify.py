@@ -5,12 +5,17 @@ The reader is not part of the graph: each pipeline factory takes a ``source`` ca
 (the loader owns file reading, sharding and corrupt-file recovery). The row id travels through the graph
 untouched so every output sample stays traceable to its manifest row.
 
-Training: ``decoders.image_slice`` (decode fused with the crop window drawn on the host, input ``AUG``) -> resize to
-``img_size`` x ``img_size`` (linear, antialiased) -> then, with ``TrainSpec.colour="graph"``,
-``color_twist`` (brightness, contrast, saturation, hue) -> ``crop_mirror_normalize`` (random horizontal flip,
-ImageNet normalization, float16/32, CHW or HWC); with ``colour="batch"`` the graph ends with the random flip
-to uint8 CHW and ``pipelines.colour.BatchColour`` applies jitter + normalization to the batch on the
-training device (one per-sample affine: ~10x less CPU than the two DALI ops, see that module).
+Training: the graph draws nothing. A third external input, ``AUG``, carries each sample's augmentation drawn
+on the host from (seed, epoch, row) (``pillsnap_dali.loaders.augment.draw_augment``; layout
+``pipelines.colour.AUG_FIELDS``), fed to the ops as per-sample argument inputs, so a pipeline can live
+across epochs and a resumed epoch gives the same pixels: ``decoders.image_slice`` (decodes the crop window
+only, where the decoder can) -> resize to ``img_size`` x ``img_size`` (linear, antialiased) ->
+``crop_mirror_normalize`` with the drawn flip, to uint8 CHW; ``pipelines.colour.BatchColour`` applies the
+drawn jitter + normalization to the batch on the training device (one per-sample affine: ~10x less CPU than
+DALI's colour ops, see that module). ``TrainSpec.colour="graph"`` is a benchmark arm only (what the batch
+step saves): ``color_twist`` with the same drawn factors + normalization in the graph.
+Every decoder upsamples JPEG chroma the same way (``jpeg_fancy_upsampling``, as libjpeg-turbo and PIL do):
+``mixed`` decodes the pixels of ``cpu`` and of PIL (``common.decoder_kwargs``).
 Evaluation: ``squash`` = decode -> resize to (S, S); ``crop`` = decode -> resize the shorter side to
 ``round(S / crop_pct)`` -> centre crop S x S; then the same normalization.
 """
@@ -23,19 +28,16 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline
 
+from .colour import AUG_INDEX
 from .common import (AIHUB_HEIGHT, AIHUB_WIDTH, IMAGENET_MEAN, IMAGENET_STD, Input, PipelineOptions,
-                     build_pipeline, dali_dtype, dali_layout, decoder_device)
+                     build_pipeline, dali_dtype, dali_layout, decoder_kwargs)
 
 # Names of the external-source outputs when a pipeline is fed with ``feed_input`` instead of a callable.
 ENCODED = "encoded"
 ROWS = "rows"
-# The training graph's per-sample augmentation, drawn on the host (``pillsnap_dali.loaders.augment``): float32
-# [crop_x, crop_y, crop_w, crop_h] relative to the upright image, flip (0/1), then the colour factors
-# (brightness, contrast, saturation: 1 = unchanged; hue: a fraction of a full turn, 0 = unchanged).
-AUG = "aug"
-AUG_FIELDS = ("crop_x", "crop_y", "crop_w", "crop_h", "flip", "brightness", "contrast", "saturation", "hue")
+AUG = "aug"  # training graph: (len(AUG_FIELDS),) float32 per sample
 RESIZE_MODES = ("squash", "crop")
-COLOUR_MODES = ("graph", "batch")
+COLOUR_MODES = ("batch", "graph")
 
 
 @dataclass(frozen=True)
@@ -49,17 +51,11 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
+    """The training graph: the augmentation itself comes per sample through the ``AUG`` input."""
     img_size: int
-    random_area: tuple = (0.25, 1.0)
-    random_aspect_ratio: tuple = (0.75, 4 / 3)
-    hflip: float = 0.5
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.02  # fraction of a full turn
     output: OutputSpec = OutputSpec()
     hw_decoder_load: float = 0.65
-    colour: str = "graph"  # "graph": jitter + normalize in DALI; "batch": the graph ends at uint8 CHW
+    colour: str = "batch"  # "batch": the graph ends at uint8 CHW; "graph": jitter + normalize in DALI (benchmark)
 
     def __post_init__(self):
         if self.colour not in COLOUR_MODES:
@@ -85,7 +81,7 @@ Spec = Union[TrainSpec, EvalSpec]
 
 
 def _decoder_kwargs(device: str, hw_decoder_load: float) -> dict:
-    kw = {"device": decoder_device(device), "output_type": types.RGB}
+    kw = decoder_kwargs(device)
     if device == "gpu":
         kw.update(hw_decoder_load=hw_decoder_load, preallocate_width_hint=AIHUB_WIDTH,
                   preallocate_height_hint=AIHUB_HEIGHT)
@@ -100,38 +96,33 @@ def _normalize(images, out: OutputSpec, mirror=None, crop: Optional[int] = None)
                                     mean=[m * 255.0 for m in out.mean], std=[s * 255.0 for s in out.std], **kw)
 
 
-def _colour_jitter(images, spec: TrainSpec, aug):
-    """Brightness, contrast, saturation and hue in one pass (``fn.color_twist``), with the sample's factors
-    from ``aug`` (hue in turns): one op instead of ``hsv`` + ``brightness_contrast`` saves a full pass over
-    every image (measured ~3-5 % on 2 CPU cores)."""
-    if not any((spec.hue, spec.saturation, spec.brightness, spec.contrast)):
-        return images
-    return fn.color_twist(images, brightness=aug[AUG_FIELDS.index("brightness")],
-                          contrast=aug[AUG_FIELDS.index("contrast")],
-                          saturation=aug[AUG_FIELDS.index("saturation")],
-                          hue=aug[AUG_FIELDS.index("hue")] * 360.0)
+def _field(aug, name: str):
+    return aug[AUG_INDEX[name]]
+
+
+def _colour_jitter(images, aug):
+    """The benchmark arm's colour step in the graph: ``fn.color_twist`` with the drawn factors."""
+    return fn.color_twist(images, hue=_field(aug, "hue") * 360.0, saturation=_field(aug, "saturation"),
+                          brightness=_field(aug, "brightness"), contrast=_field(aug, "contrast"))
 
 
 def train_graph(encoded, spec: TrainSpec, device: str = "cpu", aug=None):
-    """Training images from encoded bytes and each sample's host-drawn augmentation ``aug`` (``AUG_FIELDS``):
-    fused decode + crop of the drawn window, resize, colour jitter, flip, normalize. No random op: the same
-    draws give the same pixels in any pipeline, rebuilt or not.
+    """Training images from encoded bytes and the samples' draws ``aug``: decode of the drawn crop window,
+    resize, drawn flip, uint8 CHW (the jitter and the normalization are ``BatchColour``'s, on the batch).
 
-    With ``spec.colour == "batch"``: decode + crop, resize, flip, uint8 CHW (the colour jitter and the
-    normalization are ``pipelines.colour.BatchColour``'s, on the batch, with the same drawn factors)."""
+    With ``spec.colour == "graph"`` (benchmark arm): drawn ``color_twist``, flip and normalization in DALI."""
     if aug is None:
-        raise ValueError("the training graph needs the per-sample augmentation input (AUG)")
-    images = fn.decoders.image_slice(encoded, rel_start=aug[0:2], rel_shape=aug[2:4],
+        raise ValueError(f"the training graph needs the per-sample draws (external input {AUG!r})")
+    crop = AUG_INDEX["crop_x"]
+    images = fn.decoders.image_slice(encoded, aug[crop:crop + 2], aug[crop + 2:crop + 4],
                                      **_decoder_kwargs(device, spec.hw_decoder_load))
     images = fn.resize(images, resize_x=spec.img_size, resize_y=spec.img_size, antialias=True,
                        interp_type=types.INTERP_LINEAR)
-    mirror = fn.cast(aug[AUG_FIELDS.index("flip")], dtype=types.INT32) if spec.hflip > 0 else None
+    mirror = fn.cast(_field(aug, "flip"), dtype=types.INT32)
     if spec.colour == "batch":
-        kw = {"mirror": mirror} if mirror is not None else {}
-        return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mean=[0.0], std=[1.0],
-                                        **kw)
-    images = _colour_jitter(images, spec, aug)
-    return _normalize(images, spec.output, mirror=mirror)
+        return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.UINT8, output_layout="CHW",
+                                        mean=[0.0], std=[1.0])
+    return _normalize(_colour_jitter(images, aug), spec.output, mirror=mirror)
 
 
 def eval_resize_shorter(spec: EvalSpec) -> int:

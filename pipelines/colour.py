@@ -1,15 +1,16 @@
 """Training colour jitter + normalization as one per-sample affine on the batch, on the training device.
 
-With ``TrainSpec(colour="batch")`` the DALI training graph stops at uint8 CHW (decode + random crop,
-resize, flip) and ``BatchColour`` finishes the batch where it lands: hue, saturation, brightness and
+The DALI training graph stops at uint8 CHW (decode of the crop window, resize, flip), as does the ``pil``
+backend's transform, and ``BatchColour`` finishes the batch where it lands, with the jitter factors of the
+samples' host-side draws (``AUG_FIELDS``): hue, saturation, brightness and
 contrast are all linear in RGB, so together with the ImageNet normalization they are one 3x3 matrix and
 one offset per sample, applied to the whole batch by a single ``torch.baddbmm`` (then a clamp to the
 normalized [0, 255] range, the dtype and the memory layout). On 2 CPU cores this costs ~0.4 ms per
 384 px image where DALI's ``color_twist`` + ``crop_mirror_normalize`` cost ~4.6 ms, and the DALI output
 copied out of the pipeline is uint8, a quarter of the float32 bytes. On a GPU it is one small kernel.
 
-Semantics (torchvision's, as the ``pil`` backend applies them, in its order): hue shift by ``h`` of a turn,
-as a rotation of the chroma plane in YIQ: exactly DALI's ``color_twist`` hue (``colour="graph"``, tested),
+Semantics (torchvision's, in its order): hue shift by ``h`` of a turn,
+as a rotation of the chroma plane in YIQ: exactly DALI's ``color_twist`` hue (the benchmark arm, tested),
 turning the way torchvision's ``adjust_hue`` does (red towards yellow for h > 0) but by less on saturated
 colours (torchvision shifts HSV hue: red at h = 0.1 becomes (255, 153, 0) there, (196, 64, 0) here); saturation ``s``:
 ``s * x + (1 - s) * gray(x)``; brightness ``b``: ``b * x``; contrast ``c``: ``c * x + (1 - c) * mean gray``
@@ -25,6 +26,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+# The per-sample augmentation vector every training backend applies (``pipelines.AUG``, made on the host by
+# ``pillsnap_dali.loaders.augment.draw_augment``): the crop window relative to the upright image, the flip,
+# then the jitter factors (brightness, contrast, saturation around 1; hue in turns).
+AUG_FIELDS = ("crop_x", "crop_y", "crop_w", "crop_h", "flip", "brightness", "contrast", "saturation", "hue")
+AUG_INDEX = {name: i for i, name in enumerate(AUG_FIELDS)}
+JITTER_FIELDS = ("brightness", "contrast", "saturation", "hue")
 # ITU-R 601 luma weights (PIL's "L" conversion, torchvision's rgb_to_grayscale)
 LUMA = np.array([0.299, 0.587, 0.114])
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114],
@@ -49,37 +56,23 @@ def hue_saturation_matrices(hue: np.ndarray, saturation: np.ndarray) -> np.ndarr
 
 
 class BatchColour:
-    """Draws each sample's jitter and applies jitter + normalization to a uint8 (B, 3, H, W) batch.
+    """Applies each sample's jitter + the normalization to a uint8 (B, 3, H, W) batch.
 
-    ``hue`` is a fraction of a full turn, the others are amounts around 1 (factor drawn from
-    ``[1 - a, 1 + a]``); 0 disables one. Draws come from ``np.random.default_rng(seed)``: one generator per
-    epoch and rank makes an epoch's jitter reproducible. ``dtype`` float32/float16, ``layout`` NCHW or NHWC
-    (channels_last memory, logical NCHW shape, like every Batch).
+    The factors are the samples' augmentation draws (``AUG_FIELDS`` vectors, one row per sample, made on the
+    host by ``pillsnap_dali.loaders.augment.draw_augment``): this step draws nothing itself, so the ``dali``
+    and ``pil`` backends apply the same jitter to the same rows. ``dtype`` float32/float16, ``layout`` NCHW
+    or NHWC (channels_last memory, logical NCHW shape, like every Batch).
     """
 
-    def __init__(self, *, hue: float = 0.0, saturation: float = 0.0, brightness: float = 0.0,
-                 contrast: float = 0.0, mean: Sequence[float], std: Sequence[float], dtype: str = "float32",
-                 layout: str = "NCHW", seed=0):
-        self.amounts = {"hue": hue, "saturation": saturation, "brightness": brightness, "contrast": contrast}
-        for name, a in self.amounts.items():
-            if not 0 <= a <= (0.5 if name == "hue" else 1.0):
-                raise ValueError(f"{name} jitter must be in [0, {0.5 if name == 'hue' else 1}], got {a}")
+    def __init__(self, *, mean: Sequence[float], std: Sequence[float], dtype: str = "float32",
+                 layout: str = "NCHW"):
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layout must be NCHW or NHWC, got {layout!r}")
         self.mean, self.std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
         self.dtype, self.layout = getattr(torch, dtype), layout
-        self.rng = np.random.default_rng(seed)
         self._lo, self._hi = (-self.mean / self.std).tolist(), ((1.0 - self.mean) / self.std).tolist()
         self._consts: dict = {}
         self._buf: Optional[torch.Tensor] = None
-
-    def draw(self, n: int) -> dict[str, np.ndarray]:
-        """Per-sample factors: ``hue`` in turns, the others multiplicative (1 = unchanged)."""
-        out = {}
-        for name, a in self.amounts.items():
-            centre = 0.0 if name == "hue" else 1.0
-            out[name] = self.rng.uniform(centre - a, centre + a, size=n) if a > 0 else np.full(n, centre)
-        return out
 
     def _float_input(self, u8: torch.Tensor) -> torch.Tensor:
         """The uint8 batch as float32 in a buffer kept between batches (it never leaves this object):
@@ -106,9 +99,15 @@ class BatchColour:
             return t.to(device)
         return t.pin_memory().to(device, non_blocking=True)
 
-    def __call__(self, images: torch.Tensor, factors: Optional[dict] = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, aug: np.ndarray) -> torch.Tensor:
+        """``images`` uint8 (B, 3, H, W); ``aug`` the B samples' draws, (B, len(AUG_FIELDS)) on the host."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"BatchColour takes uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        aug = np.asarray(aug, dtype=np.float64)
+        if aug.shape != (images.shape[0], len(AUG_FIELDS)):
+            raise ValueError(f"BatchColour needs one draw of {len(AUG_FIELDS)} values per image, got {aug.shape} "
+                             f"for {images.shape[0]} images")
+        factors = {name: aug[:, AUG_INDEX[name]] for name in JITTER_FIELDS}
         if images.device.type != "cpu" or torch.get_num_threads() == 1:
             return self._apply(images, factors)
         # On the CPU this runs beside DALI's worker threads: torch's own intra-op threads would only
@@ -120,9 +119,8 @@ class BatchColour:
         finally:
             torch.set_num_threads(threads)
 
-    def _apply(self, images: torch.Tensor, factors: Optional[dict]) -> torch.Tensor:
+    def _apply(self, images: torch.Tensor, f: dict) -> torch.Tensor:
         b, _, h, w = images.shape
-        f = factors if factors is not None else self.draw(b)
         dev = images.device
         luma, scale, shift = self._device_consts(dev)
         x = self._float_input(images.reshape(b, 3, h * w))

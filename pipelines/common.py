@@ -57,6 +57,13 @@ def decoder_device(device: str) -> str:
     return "mixed" if device == "gpu" else "cpu"
 
 
+def decoder_kwargs(device: str) -> dict:
+    """What every graph's image decoder is given: its device, RGB output, and fancy (smooth) chroma upsampling
+    on every device, as libjpeg-turbo and PIL do (the ``mixed`` decoder's default is off, unlike the CPU's), so
+    ``mixed`` decodes the pixels of ``cpu`` and of PIL."""
+    return {"device": decoder_device(device), "output_type": types.RGB, "jpeg_fancy_upsampling": True}
+
+
 def dali_dtype(name: str):
     try:
         return _DTYPES[name]

@@ -31,7 +31,7 @@ from nvidia.dali.pipeline import Pipeline
 from pillsnap_dali.geometry import PAD_VALUE, letterbox_geometry  # noqa: F401  (letterbox_geometry: re-exported)
 
 from .classify import ENCODED, ROWS
-from .common import Input, PipelineOptions, build_pipeline, decoder_device
+from .common import Input, PipelineOptions, build_pipeline, decoder_kwargs
 
 # ltrb -> center xywh, as the 4x4 matrix coord_transform applies to each box row
 _LTRB_TO_CXYWH = [0.5, 0.0, 0.5, 0.0,
@@ -102,7 +102,7 @@ class DetectSpec:
 def detect_graph(nodes: dict, spec: DetectSpec, device: str):
     """``(images, boxes, rows)`` from the inputs of ``DETECT_INPUTS``."""
     aug = dict(NO_AUGMENT, **(spec.augment or {}))
-    images = fn.decoders.image(nodes[ENCODED], device=decoder_device(device), output_type=types.RGB)
+    images = fn.decoders.image(nodes[ENCODED], **decoder_kwargs(device))  # the pixels of cpu and PIL
     geometry = nodes[GEOMETRY]
     images = _letterbox_image(images, geometry, spec.imgsz)
     m, t = _box_affine(geometry, spec.imgsz)

@@ -1,8 +1,7 @@
-"""The batch colour step (pipelines.colour.BatchColour): torchvision's jitter semantics + normalization, and
-the dali-cpu loader giving the same batches with the colour step on the batch or in the graph."""
+"""The batch colour step (pipelines.colour.BatchColour): torchvision's jitter semantics + normalization with the
+factors of the host-side draws, and the dali-cpu loader giving the same batches with the colour step on the
+batch or in the graph (the benchmark arm)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +9,10 @@ import torch
 import torchvision.transforms.functional as F
 from PIL import Image
 
-from pillsnap_dali.config import load_config
+from pillsnap_dali.bench.loaders import bench_manifest, colour_in_graph
+from pillsnap_dali.config import ConfigError, load_config
 from pillsnap_dali.loaders import build_loader
-from pillsnap_dali.data.manifest import Manifest
-from pipelines import IMAGENET_MEAN, IMAGENET_STD, BatchColour
+from pipelines import AUG_FIELDS, AUG_INDEX, IMAGENET_MEAN, IMAGENET_STD, BatchColour
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -23,9 +22,13 @@ def _images(b=4, h=12, w=10, seed=0) -> torch.Tensor:
     return torch.randint(30, 220, (b, 3, h, w), dtype=torch.uint8, generator=g)
 
 
-def _factors(b, hue=0.0, saturation=1.0, brightness=1.0, contrast=1.0) -> dict:
-    return {k: np.full(b, v, dtype=np.float64) for k, v in
-            (("hue", hue), ("saturation", saturation), ("brightness", brightness), ("contrast", contrast))}
+def _factors(b, hue=0.0, saturation=1.0, brightness=1.0, contrast=1.0) -> np.ndarray:
+    """(b, 9) draws: the whole image, no flip, these jitter factors."""
+    aug = np.zeros((b, len(AUG_FIELDS)), dtype=np.float32)
+    aug[:, AUG_INDEX["crop_w"]] = aug[:, AUG_INDEX["crop_h"]] = 1.0
+    for name, v in (("hue", hue), ("saturation", saturation), ("brightness", brightness), ("contrast", contrast)):
+        aug[:, AUG_INDEX[name]] = v
+    return aug
 
 
 def _pixels(y: torch.Tensor) -> torch.Tensor:
@@ -39,7 +42,7 @@ def _colour(**kw) -> BatchColour:
 
 def test_no_jitter_is_exactly_the_imagenet_normalization():
     x = _images()
-    y = _colour()(x)
+    y = _colour()(x, _factors(len(x)))
     expected = (x.float() / 255.0 - MEAN) / STD
     assert y.dtype == torch.float32 and y.shape == x.shape
     assert torch.allclose(y, expected, atol=1e-5)
@@ -79,26 +82,21 @@ def test_output_is_clamped_to_the_normalized_pixel_range():
     assert torch.allclose(y, torch.full_like(y, 255.0), atol=0.01)
 
 
-def test_draws_are_seeded_within_the_amounts_and_dtype_layout_follow():
-    a = _colour(hue=0.02, saturation=0.2, brightness=0.2, contrast=0.2, seed=[3, 1, 0])
-    b = _colour(hue=0.02, saturation=0.2, brightness=0.2, contrast=0.2, seed=[3, 1, 0])
-    da, db = a.draw(64), b.draw(64)
-    assert all(np.array_equal(da[k], db[k]) for k in da)
-    assert np.abs(da["hue"]).max() <= 0.02 and np.abs(da["brightness"] - 1).max() <= 0.2
-    assert da["saturation"].std() > 0.05  # really drawn per sample
-    y = _colour(dtype="float16", layout="NHWC", brightness=0.2)(_images(2, 8, 8))
+def test_the_factors_are_the_draws_own_and_dtype_layout_follow():
+    """The colour step draws nothing: per sample it applies the jitter columns of the draws it is given."""
+    x = _images(2, 8, 8)
+    aug = np.concatenate([_factors(1, brightness=1.2), _factors(1, brightness=0.8)])
+    y = _pixels(_colour()(x, aug))
+    assert torch.allclose(y[0], (x[0].float() * 1.2).clamp(0, 255), atol=0.05)
+    assert torch.allclose(y[1], x[1].float() * 0.8, atol=0.05)
+    y = _colour(dtype="float16", layout="NHWC")(x, _factors(2, brightness=1.1))
     assert y.dtype == torch.float16 and y.shape == (2, 3, 8, 8)
     assert y.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="uint8"):
-        _colour()(torch.zeros(1, 3, 4, 4))
-    with pytest.raises(ValueError, match="hue"):
-        _colour(hue=0.7)
+        _colour()(torch.zeros(1, 3, 4, 4), _factors(1))
+    with pytest.raises(ValueError, match="one draw"):
+        _colour()(x, _factors(3))
 
-
-def _manifest(paths) -> Manifest:
-    n = len(paths)
-    return Manifest(None, [str(p) for p in paths], ["K-000001"] * n, ["single"] * n, ["test"] * n,
-                    [Path(p).stem for p in paths], [[] for _ in range(n)], [""] * n)
 
 
 def test_dali_cpu_loader_gives_the_same_batches_with_colour_on_the_batch_or_in_the_graph(tmp_path):
@@ -112,16 +110,27 @@ def test_dali_cpu_loader_gives_the_same_batches_with_colour_on_the_batch_or_in_t
     out = {}
     for mode in ("batch", "graph"):
         cfg = load_config(stage="demo", sets=[
-            "preprocess.img_size=32", "train.batch_size=3", "loader.threads=1", f"loader.colour={mode}",
+            "preprocess.img_size=32", "train.batch_size=3", "loader.threads=1",
             "augment.random_area=[1.0,1.0]", "augment.random_aspect_ratio=[0.8,0.8]", "augment.hflip=0",
             "augment.brightness=0", "augment.contrast=0", "augment.saturation=0", "augment.hue=0"])
-        loader = build_loader(_manifest(paths), [0] * 6, cfg, train=True, device=torch.device("cpu"),
+        loader = build_loader(bench_manifest(paths), [0] * 6, cfg, train=True, device=torch.device("cpu"),
                               backend="dali-cpu")
+        if mode == "graph":
+            colour_in_graph(loader)
         batches = list(loader)
         order = torch.cat([b.rows for b in batches]).argsort()
         out[mode] = torch.cat([b.images for b in batches])[order]
     assert out["batch"].shape == (6, 3, 32, 32)
     assert (out["batch"] - out["graph"]).abs().max() < 1e-4
+
+
+def test_colour_in_the_graph_is_no_training_option():
+    """``loader.colour`` is gone (one colour step for training): a config that sets it is told what to do."""
+    for sets in (["loader.colour=graph"], ["loader.colour=batch"]):
+        with pytest.raises(ConfigError, match="loader.colour' was removed: .*benchmark arm"):
+            load_config(stage="demo", sets=sets)
+    with pytest.raises(ConfigError, match="was removed"):
+        load_config(stage="demo", overrides={"loader": {"colour": "graph"}})
 
 
 def test_dali_cpu_training_batches_in_float16_channels_last_with_jitter(tmp_path):
@@ -134,7 +143,7 @@ def test_dali_cpu_training_batches_in_float16_channels_last_with_jitter(tmp_path
         paths.append(path)
     cfg = load_config(stage="demo", sets=["preprocess.img_size=32", "train.batch_size=4", "loader.threads=1",
                                           "loader.dtype=float16", "loader.layout=NHWC"])
-    loader = build_loader(_manifest(paths), [0] * 5, cfg, train=True, device=torch.device("cpu"),
+    loader = build_loader(bench_manifest(paths), [0] * 5, cfg, train=True, device=torch.device("cpu"),
                           backend="dali-cpu")
     batches = list(loader)
     assert [len(b.rows) for b in batches] == [4, 1]

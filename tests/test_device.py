@@ -87,12 +87,13 @@ def test_detect_train_args_on_the_cpu_have_amp_off(tmp_path):
 
 
 def test_dali_and_the_detector_must_share_the_gpu():
-    from pillsnap_dali.detect import DaliOptions, check_same_gpu
+    from pillsnap_dali.detect import check_same_gpu
+    from pipelines import PipelineOptions
 
-    check_same_gpu(torch.device("cuda", 1), DaliOptions(device="gpu", device_id=1))
-    check_same_gpu("cpu", DaliOptions(device="cpu"))
+    check_same_gpu(torch.device("cuda", 1), PipelineOptions(device="gpu", device_id=1))
+    check_same_gpu("cpu", PipelineOptions(device="cpu"))
     with pytest.raises(RuntimeError, match="cuda:0 but DALI decodes on cuda:1"):
-        check_same_gpu(torch.device("cuda", 0), DaliOptions(device="gpu", device_id=1))
+        check_same_gpu(torch.device("cuda", 0), PipelineOptions(device="gpu", device_id=1))
 
 
 @pytest.mark.gpu

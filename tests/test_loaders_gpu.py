@@ -11,19 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+from pillsnap_dali.bench.loaders import bench_manifest
 from pillsnap_dali.config import load_config
 from pillsnap_dali.loaders import build_loader, resolve_backend
 from pillsnap_dali.skiplog import SkipLog
-from pillsnap_dali.data.manifest import Manifest
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-
-def _manifest(paths) -> Manifest:
-    n = len(paths)
-    return Manifest(None, [str(p) for p in paths], ["K-000001"] * n, ["single"] * n, ["test"] * n,
-                    [Path(p).stem for p in paths], [[] for _ in range(n)], [""] * n)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def test_auto_picks_dali_on_cuda():
 @pytest.mark.parametrize("dtype,layout", [("float32", "NCHW"), ("float16", "NHWC")])
 def test_gpu_batch_contract(photos, dtype, layout):
     cuda = torch.device("cuda")
-    loader = build_loader(_manifest(photos), [0, 1, 2, 3], _cfg(f"loader.dtype={dtype}", f"loader.layout={layout}"),
+    loader = build_loader(bench_manifest(photos), [0, 1, 2, 3], _cfg(f"loader.dtype={dtype}", f"loader.layout={layout}"),
                           train=True, device=cuda, backend="dali")
     assert loader.backend == "dali" and len(loader) == 1
     b = next(iter(loader))
@@ -62,7 +57,7 @@ def test_gpu_batch_contract(photos, dtype, layout):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pil_backend_on_cuda_yields_cuda_batches_pinned_off_the_loop(photos, workers):
     cuda = torch.device("cuda")
-    loader = build_loader(_manifest(photos), [0, 1, 2, 3], _cfg("loader.dtype=float16", f"loader.workers={workers}"),
+    loader = build_loader(bench_manifest(photos), [0, 1, 2, 3], _cfg("loader.dtype=float16", f"loader.workers={workers}"),
                           train=True, device=cuda, backend="pil")
     dl = loader._data_loader([[0, 1, 2, 3]])
     assert dl.pin_memory  # the DataLoader's thread pins; to_device then copies without pinning again
@@ -77,9 +72,9 @@ def test_gpu_eval_matches_dali_cpu(photos):
     """Bound: mean absolute difference of the normalized eval tensors <= 0.03 (the GPU JPEG decoder and
     resampling differ slightly from the CPU ones)."""
     cfg = _cfg()
-    gpu = next(iter(build_loader(_manifest(photos), [0] * 4, cfg, train=False, device=torch.device("cuda"),
+    gpu = next(iter(build_loader(bench_manifest(photos), [0] * 4, cfg, train=False, device=torch.device("cuda"),
                                  backend="dali"))).images.float().cpu()
-    cpu = next(iter(build_loader(_manifest(photos), [0] * 4, cfg, train=False, device=torch.device("cpu"),
+    cpu = next(iter(build_loader(bench_manifest(photos), [0] * 4, cfg, train=False, device=torch.device("cpu"),
                                  backend="dali-cpu"))).images
     assert float((gpu - cpu).abs().mean(dim=(1, 2, 3)).max()) <= 0.03
 
@@ -90,12 +85,16 @@ def test_gpu_training_without_jitter_matches_dali_cpu_for_both_colour_modes(phot
     plain = ["augment.random_area=[1.0,1.0]", f"augment.random_aspect_ratio=[{976 / 1280},{976 / 1280}]",
              "augment.hflip=0", "augment.brightness=0", "augment.contrast=0", "augment.saturation=0",
              "augment.hue=0"]
+    from pillsnap_dali.bench.loaders import colour_in_graph
     for mode in ("batch", "graph"):
-        cfg = _cfg(f"loader.colour={mode}", *plain)
+        cfg = _cfg(*plain)
         out = {}
         for backend, dev in (("dali", "cuda"), ("dali-cpu", "cpu")):
-            b = next(iter(build_loader(_manifest(photos), [0] * 4, cfg, train=True, device=torch.device(dev),
-                                       backend=backend)))
+            loader = build_loader(bench_manifest(photos), [0] * 4, cfg, train=True, device=torch.device(dev),
+                                  backend=backend)
+            if mode == "graph":
+                colour_in_graph(loader)
+            b = next(iter(loader))
             out[backend] = b.images.float().cpu()[b.rows.cpu().argsort()]
         assert float((out["dali"] - out["dali-cpu"]).abs().mean(dim=(1, 2, 3)).max()) <= 0.03
 
@@ -106,20 +105,22 @@ def test_no_host_round_trip_between_decode_and_model(photos, colour):
     device-to-device into the CUDA tensor it yields (the batch colour step then runs on that tensor)."""
     import nvidia.dali.backend as dali_backend
 
-    from pipelines import PipelineOptions, TrainSpec, classify_pipeline
-
     from pillsnap_dali.config import AugmentConfig
     from pillsnap_dali.loaders.augment import draw_augment
+    from pipelines import PipelineOptions, TrainSpec, classify_pipeline
     bufs = [np.fromfile(p, dtype=np.uint8) for p in photos]
     rows = np.arange(len(bufs), dtype=np.int64)
-    fed = iter([(bufs, rows, list(draw_augment(AugmentConfig(), 0, 0, rows, [(976, 1280)] * len(rows))))])
+    fed = iter([(bufs, rows, draw_augment(AugmentConfig(), 0, 0, rows, [(976, 1280)] * len(bufs)))])
     pipe = classify_pipeline(lambda: next(fed), TrainSpec(img_size=64, colour=colour),
                              PipelineOptions(batch_size=4, device="gpu", device_id=torch.cuda.current_device()))
     images, rows = pipe.run()
     assert isinstance(images.as_tensor(), dali_backend.TensorGPU)
     assert isinstance(rows.as_tensor(), dali_backend.TensorCPU)  # row ids stay on the host, tiny
-    loader = build_loader(_manifest(photos), [0] * 4, _cfg(f"loader.colour={colour}"), train=True,
-                          device=torch.device("cuda"), backend="dali")
+    from pillsnap_dali.bench.loaders import colour_in_graph
+    loader = build_loader(bench_manifest(photos), [0] * 4, _cfg(), train=True, device=torch.device("cuda"),
+                          backend="dali")
+    if colour == "graph":
+        colour_in_graph(loader)
     assert next(iter(loader)).images.is_cuda
 
 
@@ -128,7 +129,7 @@ def test_gpu_epoch_survives_a_corrupt_file(photos, tmp_path):
     bad.write_bytes(Path(photos[0]).read_bytes()[:5000])
     paths = list(photos) + [bad]
     log = SkipLog(None)
-    loader = build_loader(_manifest(paths), [0] * 5, _cfg(), train=True, device=torch.device("cuda"),
+    loader = build_loader(bench_manifest(paths), [0] * 5, _cfg(), train=True, device=torch.device("cuda"),
                           backend="dali", skip_log=log)
     rows = [r for b in loader for r in b.rows.tolist()]
     assert sorted(rows) == [0, 1, 2, 3] and log.rows == {4}
@@ -137,18 +138,20 @@ def test_gpu_epoch_survives_a_corrupt_file(photos, tmp_path):
 def test_colour_step_and_dali_batches_make_no_host_device_sync(photos):
     """Past the first batch (which makes per-device constants and pinned buffers), neither the batch colour
     step nor the loader's hand-over waits for the GPU: torch's sync debug mode turns any sync into an error."""
+    from pillsnap_dali.config import AugmentConfig
+    from pillsnap_dali.loaders.augment import draw_augment
     from pipelines import IMAGENET_MEAN, IMAGENET_STD, BatchColour
-    colour = BatchColour(hue=0.02, saturation=0.2, brightness=0.2, contrast=0.2, mean=IMAGENET_MEAN,
-                         std=IMAGENET_STD)
+    colour = BatchColour(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    aug = draw_augment(AugmentConfig(), 0, 0, np.arange(4), [(64, 64)] * 4)
     x = torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8, device="cuda")
-    colour(x)
-    loader = build_loader(_manifest(list(photos) * 3), [0] * 12, _cfg(), train=True, device=torch.device("cuda"),
+    colour(x, aug)
+    loader = build_loader(bench_manifest(list(photos) * 3), [0] * 12, _cfg(), train=True, device=torch.device("cuda"),
                           backend="dali")
     it = iter(loader)
     next(it)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        y = colour(x)
+        y = colour(x, aug)
         rest = list(it)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -168,7 +171,7 @@ def test_gpu_monitor_watches_the_cuda_device_it_is_given():
 def test_gpu_pipelines_live_across_epochs_with_flat_device_memory(photos):
     """One pipeline per loader for every epoch, and the device's free memory (what NVML sees, DALI's pool
     included) does not shrink from epoch 1 on: the per-epoch rebuilds that leaked are gone."""
-    loader = build_loader(_manifest(list(photos) * 4), [0] * 16, _cfg(), train=True, device=torch.device("cuda"),
+    loader = build_loader(bench_manifest(list(photos) * 4), [0] * 16, _cfg(), train=True, device=torch.device("cuda"),
                           backend="dali")
     free = []
     for epoch in range(4):

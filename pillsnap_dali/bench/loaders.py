@@ -1,10 +1,10 @@
 """Loader benchmark: images/s of the ``pil`` and ``dali-cpu`` loaders and their decode-only ceilings.
 
 ``bench_decode`` is called by ``python -m pillsnap_dali.bench decode``. ``dali-cpu:colour-graph`` (and
-``dali:colour-graph``) is the loader with ``loader.colour=graph``: jitter + normalization in the DALI graph
-instead of on the batch. Every variant reads the same files
-in the same process, side by side; each repetition is one full epoch (startup included) over at least
-``min_rows`` rows (the image list repeated), and the reported figure is the median of ``reps`` after one
+``dali:colour-graph``) is the training loader with the drawn jitter + normalization in the DALI graph
+instead of on the batch (``colour_in_graph``; a benchmark arm, not a training option). Every variant reads
+the same files in the same process, side by side; each repetition is one full epoch (startup included) over
+at least ``min_rows`` rows (the image list repeated), and the reported figure is the median of ``reps`` after one
 warm-up epoch. Ceilings: ``dali-decode`` = ``fn.decoders.image`` alone with the same reader and threads;
 ``pil-decode`` = ``open_rgb`` (decode + RGB) alone in a pool of ``threads`` processes.
 """
@@ -86,9 +86,9 @@ def _paths_of(source: str | Path | Manifest) -> list[str]:
 
 
 def bench_manifest(paths: Sequence[str]) -> Manifest:
-    """A one-class manifest of these files."""
+    """A one-class manifest of these files (also the tests' one-class manifest)."""
     n = len(paths)
-    return Manifest(None, list(paths), ["K-000001"] * n, ["single"] * n, ["bench"] * n,
+    return Manifest(None, [str(p) for p in paths], ["K-000001"] * n, ["single"] * n, ["bench"] * n,
                     [Path(p).stem for p in paths], [[] for _ in range(n)], [""] * n)
 
 
@@ -158,11 +158,18 @@ def _make_runner(name: str, paths: Sequence[str], cfg: Config, threads: int):
     if backend not in ("pil", "dali-cpu", "dali") or variant not in ("", "colour-graph"):
         raise ValueError(f"unknown benchmark variant {name!r}; choose from {list(BENCH_BACKENDS)}, dali, "
                          "dali:colour-graph, dali-cpu:colour-graph")
-    if variant:
-        cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, colour="graph"))
     device = torch.device("cuda" if backend == "dali" else "cpu")
     loader = build_loader(bench_manifest(paths), [0] * len(paths), cfg, train=True, device=device, backend=backend)
+    if variant:
+        colour_in_graph(loader)
     return lambda epoch: _time_loader(loader, epoch)
+
+
+def colour_in_graph(loader) -> None:
+    """The benchmark arm ``:colour-graph``: the DALI training loader with the drawn jitter + normalization in
+    its graph (``color_twist`` + ``crop_mirror_normalize``) instead of the batch colour step. Not a training
+    option: it shows what the batch step saves."""
+    loader.graph = dataclasses.replace(loader.graph, colour="graph")
 
 
 def _bench_config(size: int, batch: int, threads: int) -> Config:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from pipelines import (AUG, AUG_FIELDS, ENCODED, BatchColour, EvalSpec, OutputSpec, PipelineOptions, TrainSpec,
+from pipelines import (AUG, ENCODED, BatchColour, EvalSpec, OutputSpec, PipelineOptions, TrainSpec,
                        classify_pipeline)
 from pipelines.classify import classify_inputs, eval_graph, train_graph
 
@@ -29,28 +29,18 @@ _logger = logging.getLogger(__name__)
 
 def graph_spec(spec: LoaderSpec):
     """The pipelines' TrainSpec/EvalSpec for a loader spec (config unpacked here, once)."""
-    pre, aug, ld = spec.preprocess, spec.augment, spec.loader
+    pre, ld = spec.preprocess, spec.loader
     out = OutputSpec(mean=tuple(pre.mean), std=tuple(pre.std), dtype=ld.dtype, layout=ld.layout)
     if not spec.train:
         return EvalSpec(img_size=pre.img_size, resize_mode=pre.resize_mode, crop_pct=pre.crop_pct, output=out,
                         hw_decoder_load=ld.hw_decoder_load)
-    return TrainSpec(img_size=pre.img_size, random_area=tuple(aug.random_area),
-                     random_aspect_ratio=tuple(aug.random_aspect_ratio), hflip=aug.hflip,
-                     brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue,
-                     output=out, hw_decoder_load=ld.hw_decoder_load, colour=ld.colour)
+    return TrainSpec(img_size=pre.img_size, output=out, hw_decoder_load=ld.hw_decoder_load)
 
 
 def batch_colour(graph: TrainSpec) -> BatchColour:
-    """The batch colour step of a ``colour="batch"`` training graph (its factors are the fed ``AUG`` draws)."""
+    """The colour step of a ``colour="batch"`` training graph (its factors are the samples' ``AUG`` draws)."""
     out = graph.output
-    return BatchColour(hue=graph.hue, saturation=graph.saturation, brightness=graph.brightness,
-                       contrast=graph.contrast, mean=out.mean, std=out.std, dtype=out.dtype, layout=out.layout)
-
-
-def colour_factors(samples: list) -> dict:
-    """BatchColour's per-sample factors out of the samples' ``AUG`` draws."""
-    aug = np.stack([s[AUG] for s in samples]).astype(np.float64)
-    return {name: aug[:, AUG_FIELDS.index(name)] for name in ("hue", "saturation", "brightness", "contrast")}
+    return BatchColour(mean=out.mean, std=out.std, dtype=out.dtype, layout=out.layout)
 
 
 def dali_device_id(device: torch.device) -> int:
@@ -68,10 +58,10 @@ class DaliLoader(LoaderBase):
                  backend: str, file_rows: Optional[Sequence[int]] = None):
         super().__init__(paths, labels, spec, skip_log, file_rows)
         self.backend = backend
-        self.graph = graph_spec(spec)
+        self.graph = graph_spec(spec)  # read when a pipeline is built and the colour step chosen (bench arms set it)
         gpu = backend == "dali"
         self.device_id = dali_device_id(labels.device) if gpu else None
-        self.colour = batch_colour(self.graph) if spec.train and self.graph.colour == "batch" else None
+        self._colour: Optional[BatchColour] = None
         ld = spec.loader
         opts = PipelineOptions(batch_size=spec.batch_size, device="gpu" if gpu else "cpu", device_id=self.device_id,
                                num_threads=ld.threads, prefetch=ld.prefetch, seed=spec.seed)
@@ -96,6 +86,15 @@ class DaliLoader(LoaderBase):
         sizes = [(s["size"][1], s["size"][0]) for s in samples]  # upright (w, h)
         return {AUG: draw_augment(self.spec.augment, self.spec.seed, epoch, rows, sizes)}
 
+    @property
+    def colour(self) -> Optional[BatchColour]:
+        """The batch colour step of a training graph that ends at uint8 (``colour="batch"``), else None."""
+        if not isinstance(self.graph, TrainSpec) or self.graph.colour != "batch":
+            return None
+        if self._colour is None:
+            self._colour = batch_colour(self.graph)
+        return self._colour
+
     def _skip(self, row: int, reason: str) -> None:
         self._epoch_plan.stats["skipped"] += 1
         self.log_skip(row, reason)
@@ -113,8 +112,9 @@ class DaliLoader(LoaderBase):
         row_ids = torch.from_numpy(np.asarray([s["row"] for s in samples], dtype=np.int64))
         self._epoch_plan.stats["yielded"] += len(row_ids)
         self._advance(row_ids.tolist())
-        factors = colour_factors(samples) if self.colour is not None else None
-        return dali_to_batch(outs[0], row_ids, self.label_table, self.spec.loader, self.colour, factors)
+        colour = self.colour
+        aug = np.stack([s[AUG] for s in samples]) if colour is not None else None
+        return dali_to_batch(outs[0], row_ids, self.label_table, self.spec.loader, colour, aug)
 
     def _advance(self, rows: list[int]) -> None:
         """Move the consumed count past the yielded ``rows``: they come out in plan order (recovery requeues in
@@ -133,16 +133,16 @@ class DaliLoader(LoaderBase):
 
 
 def dali_to_batch(images, rows: torch.Tensor, label_table: torch.Tensor, ld,
-                  colour: Optional[BatchColour] = None, factors: Optional[dict] = None) -> Batch:
+                  colour: Optional[BatchColour] = None, aug: Optional[np.ndarray] = None) -> Batch:
     """DALI output (CPU or GPU TensorList) -> Batch on the label table's device (``runner.to_torch`` copies).
 
     With ``colour`` the output is uint8 CHW: it moves to the training device as uint8 (a quarter of the
-    float32 bytes) and ``colour`` turns it into the normalized batch there, with the samples' ``factors``.
+    float32 bytes) and ``colour`` turns it into the normalized batch there, with the samples' draws ``aug``.
     """
     device = label_table.device
     out = to_torch(images, torch.uint8 if colour is not None else getattr(torch, ld.dtype), device)
     if colour is not None:
-        out = colour(to_device(out, device), factors)  # uint8 travels; normalized, ld.dtype, channels_last for NHWC
+        out = colour(to_device(out, device), aug)  # uint8 travels; normalized, ld.dtype, channels_last for NHWC
     elif ld.layout == "NHWC":
         out = out.permute(0, 3, 1, 2)  # logical NCHW, channels_last memory
     return to_device_batch(out, rows, label_table, ld.layout == "NHWC")

@@ -1,15 +1,16 @@
 """The ``pil`` backend: a torch DataLoader that opens images safely and applies the graph's transforms.
 
-Augmentation parameters are drawn from ``np.random.default_rng([seed, epoch, row])``, so a sample's
-augmentation does not depend on which worker process handles it: an epoch is reproducible with any
-number of workers. A file that fails to open or decode becomes a skip marker; the collate keeps the good
-samples and the main process writes the skipped rows to the skip log.
+Training samples use the draws of ``loaders.augment.draw_augment`` (from seed, epoch and row only, so a
+sample's augmentation does not depend on which worker process handles it): the same crop window, flip and
+jitter factors as the DALI backends, and the same colour step (``pipelines.colour.BatchColour``, applied to
+the batch in the worker's collate), so ``pil`` and ``dali-cpu`` give near-identical training batches. A file
+that fails to open or decode becomes a skip marker; the collate keeps the good samples and the main process
+writes the skipped rows to the skip log.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -19,9 +20,11 @@ import torchvision.transforms.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pillsnap_dali.config import AugmentConfig, PreprocessConfig
+from pillsnap_dali.config import PreprocessConfig
 from pillsnap_dali.imageio import open_rgb  # noqa: F401  (re-exported as loaders.open_rgb)
+from pillsnap_dali.loaders.augment import crop_box, draw_augment
 from pillsnap_dali.loaders.common import EpochPlan, LoaderBase, LoaderSpec, to_device_batch
+from pipelines.colour import AUG_INDEX, BatchColour
 
 _logger = logging.getLogger(__name__)
 
@@ -51,57 +54,31 @@ def pil_eval_transform(pre: PreprocessConfig) -> Callable[[Image.Image], torch.T
     return crop
 
 
-def random_resized_crop_box(width: int, height: int, area: Sequence[float], ratio: Sequence[float],
-                            rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """(top, left, h, w) as torchvision's RandomResizedCrop draws it, from an explicit generator."""
-    total = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = total * rng.uniform(area[0], area[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 @dataclass(frozen=True)
 class PilTrainTransform:
-    """The training graph in PIL: random-resized crop, resize, hue/saturation, brightness/contrast, flip."""
+    """The training graph in PIL, for one sample's draw (``AUG_FIELDS``): crop window, resize to S x S
+    (bilinear, antialiased), flip -> uint8 CHW. The jitter and the normalization are ``BatchColour``'s."""
     pre: PreprocessConfig
-    aug: AugmentConfig
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        a, size = self.aug, self.pre.img_size
-        top, left, h, w = random_resized_crop_box(img.width, img.height, a.random_area, a.random_aspect_ratio, rng)
+    def __call__(self, img: Image.Image, aug: np.ndarray) -> torch.Tensor:
+        size = self.pre.img_size
+        top, left, h, w = crop_box(aug, img.width, img.height)
         img = F.resized_crop(img, top, left, h, w, [size, size], _BILINEAR, antialias=True)
-        if a.hue > 0:
-            img = F.adjust_hue(img, float(rng.uniform(-a.hue, a.hue)))
-        if a.saturation > 0:
-            img = F.adjust_saturation(img, float(rng.uniform(1 - a.saturation, 1 + a.saturation)))
-        if a.brightness > 0:
-            img = F.adjust_brightness(img, float(rng.uniform(1 - a.brightness, 1 + a.brightness)))
-        if a.contrast > 0:
-            img = F.adjust_contrast(img, float(rng.uniform(1 - a.contrast, 1 + a.contrast)))
-        if rng.random() < a.hflip:
+        if aug[AUG_INDEX["flip"]]:
             img = F.hflip(img)
-        return _normalize(img, self.pre)
+        return F.pil_to_tensor(img)
 
 
 class _RowDataset(Dataset):
-    """Row id -> (image tensor, row, None) or (None, row, reason) for a file that cannot be used."""
+    """Row id -> (image tensor, row, None, draw) or (None, row, reason, None) for a file that cannot be used.
+
+    Training: the image is uint8 CHW and ``draw`` its augmentation vector; evaluation: normalized float32,
+    ``draw`` None."""
 
     def __init__(self, paths: Sequence[str], spec: LoaderSpec, epoch: int):
-        self.paths, self.epoch, self.seed = paths, epoch, spec.seed
+        self.paths, self.epoch, self.seed, self.augment = paths, epoch, spec.seed, spec.augment
         self.max_pixels = spec.max_pixels
-        self.train_tf = PilTrainTransform(spec.preprocess, spec.augment) if spec.train else None
+        self.train_tf = PilTrainTransform(spec.preprocess) if spec.train else None
         self.eval_tf = None if spec.train else pil_eval_transform(spec.preprocess)
 
     def __len__(self) -> int:
@@ -111,10 +88,11 @@ class _RowDataset(Dataset):
         try:
             img = open_rgb(self.paths[row], self.max_pixels)
             if self.train_tf is not None:
-                return self.train_tf(img, np.random.default_rng([self.seed, self.epoch, row])), row, None
-            return self.eval_tf(img), row, None
+                aug = draw_augment(self.augment, self.seed, self.epoch, np.array([row]), [img.size])[0]
+                return self.train_tf(img, aug), row, None, aug
+            return self.eval_tf(img), row, None, None
         except Exception as e:  # any failure on one file is that file's skip, with its reason
-            return None, row, f"{type(e).__name__}: {e}"
+            return None, row, f"{type(e).__name__}: {e}", None
 
 
 @dataclass
@@ -131,12 +109,16 @@ class _Collated:
         return self
 
 
-def _collate(samples, dtype: torch.dtype = torch.float32) -> _Collated:
-    """In the worker: the good samples stacked in the output dtype, the bad ones as (row, reason)."""
-    good = [(x, r) for x, r, why in samples if why is None]
-    skipped = [(r, why) for x, r, why in samples if why is not None]
-    images = torch.stack([x for x, _ in good]).to(dtype) if good else None
-    return _Collated(images, torch.tensor([r for _, r in good], dtype=torch.int64), skipped)
+def _collate(samples, dtype: torch.dtype = torch.float32, colour: Optional[BatchColour] = None) -> _Collated:
+    """In the worker: the good samples stacked in the output dtype (training: uint8 through ``colour``, the
+    jitter + normalization of the dali backends), the bad ones as (row, reason)."""
+    good = [(x, r, aug) for x, r, why, aug in samples if why is None]
+    skipped = [(r, why) for _, r, why, _ in samples if why is not None]
+    images = None
+    if good:
+        images = torch.stack([x for x, _, _ in good])
+        images = colour(images, np.stack([a for _, _, a in good])) if colour is not None else images.to(dtype)
+    return _Collated(images, torch.tensor([r for _, r, _ in good], dtype=torch.int64), skipped)
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -158,11 +140,14 @@ class PilLoader(LoaderBase):
     def _data_loader(self, batches: list[list[int]]) -> DataLoader:
         """Workers decode, transform, stack and cast; for a CUDA device the DataLoader's own thread pins
         each batch, so the training loop only starts its non-blocking copy."""
-        workers = self.spec.loader.workers
+        ld, pre = self.spec.loader, self.spec.preprocess
         cuda = self.label_table.device.type == "cuda"
+        colour = (BatchColour(mean=pre.mean, std=pre.std, dtype=ld.dtype, layout=ld.layout)
+                  if self.spec.train else None)
+        workers = ld.workers
         return DataLoader(_RowDataset(self.paths, self.spec, self.epoch), batch_sampler=batches,
                           num_workers=workers,
-                          collate_fn=functools.partial(_collate, dtype=getattr(torch, self.spec.loader.dtype)),
+                          collate_fn=functools.partial(_collate, dtype=getattr(torch, ld.dtype), colour=colour),
                           worker_init_fn=_worker_init, prefetch_factor=self.spec.loader.prefetch if workers else None,
                           pin_memory=cuda)
 
