@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_models(args, cfg):
-    from pillsnap_dali.training.checkpoint import load_classifier
+    from pillsnap_dali.training.model import load_classifier
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # a plain state dict carries no preprocessing: the users' Stage 3 model's (384 px, squash) unless the

@@ -53,7 +53,7 @@ def _emit(rows: dict | list, result: dict, json_path: str | None) -> int:
 
 
 def _predict(argv) -> int:
-    from pillsnap_dali.training.checkpoint import load_classifier
+    from pillsnap_dali.training.model import load_classifier
     from pillsnap_dali.predict import PredictOptions, bench_predict, collect_images, load_detector
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench predict",
                                 description="latency per image, file to top-k (p50/p95), one image at a time")
