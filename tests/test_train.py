@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -224,6 +225,11 @@ def test_gpu_training_on_the_dali_backend(manifests, tmp_path):
     assert "gpu_mem_peak_gb" in hist[-1] or "gpu_util_mean" in hist[-1] or hist[-1]["steps"] < 2
     ck = load_checkpoint(tmp_path / "gpu/checkpoints/last.pt")
     assert ck["backend"] == "dali"
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in hist)
+    # the same run on the CPU graph: the GPU path learns as much (a tiny val split: a loose bound)
+    assert train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "cpu", "--backend", "dali-cpu",
+                            "--device", "cpu")) == 0
+    assert abs(hist[-1]["val_top1"] - _history(tmp_path / "cpu")[-1]["val_top1"]) <= 0.25
 
 
 def test_manifest_without_stage_never_gets_the_demo_model(tmp_path, manifests):
@@ -474,24 +480,35 @@ def _weights_diff(a: dict, b: dict) -> list[str]:
 @pytest.mark.parametrize("backend", ["pil", pytest.param("dali-cpu", marks=pytest.mark.xfail(
     strict=False, reason="needs augment branch (DALI augmentation drawn per sample from seed, epoch, row)"))])
 def test_resume_after_a_stop_at_any_step_ends_with_bit_identical_weights(manifests, tmp_path, backend):
-    """Dropout on, a broken file in the split (the fixture's), a schedule whose step count the skipped file
-    would change (41 rows, batch 4: 11 steps, 10 once the file is excluded): stopped mid-epoch and resumed,
-    the weights equal an uninterrupted run's bit for bit."""
+    """Dropout on, a broken training file, a schedule whose step count the skipped file would change (41 rows,
+    batch 4: 11 steps, 10 once the file is excluded): stopped twice mid-epoch and resumed, the weights equal
+    an uninterrupted run's bit for bit."""
+    legacy = _write_legacy(manifests, tmp_path / "legacy")
+    rows = list(csv.reader(open(legacy / "manifest_train.csv")))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows[-1] = [str(tmp_path / "broken.png"), *rows[-1][1:]]  # 41 rows, one of them broken
+    with open(legacy / "manifest_train.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
     # 64 px: a last batch of one image still has 2x2 values per channel for batch norm
-    common = [*_args(manifests, tmp_path, "--epochs", "2", "--backend", backend), "--batch-size", "4",
+    common = ["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY, "--epochs", "2",
+              "--backend", backend, "--batch-size", "4",
               "--img-size", "64", "--set", "loader.workers=0", "--set", "model.drop_rate=0.3",
               "--set", "train.warmup_epochs=0.5", "--set", "train.log_interval=1"]
     assert train.main([*common, "--name", "whole"]) == 0
     assert _interrupted([*common, "--name", "cut"], "epoch 0/2 step 6/") == 128 + signal.SIGTERM
     cut = load_checkpoint(tmp_path / "cut/checkpoints/last.pt")
     assert not cut["epoch_complete"] and cut["step"] == 6
+    # stopped again after the broken file is in the skip log (the loader then has 10 steps per epoch)
+    assert _interrupted([*common, "--name", "cut", "--resume"], "epoch 1/2 step 3/") == 128 + signal.SIGTERM
+    cut = load_checkpoint(tmp_path / "cut/checkpoints/last.pt")
+    assert cut["epoch"] == 1 and not cut["epoch_complete"] and cut["step"] == 11 + 3
     assert train.main([*common, "--name", "cut", "--resume"]) == 0
     whole = load_checkpoint(tmp_path / "whole/checkpoints/last.pt")
     resumed = load_checkpoint(tmp_path / "cut/checkpoints/last.pt")
     assert whole["steps_per_epoch"] == resumed["steps_per_epoch"] == 11 and resumed["step"] == whole["step"]
     assert _weights_diff(whole["model"], resumed["model"]) == []
     skipped = {r["path"] for r in csv.DictReader(open(tmp_path / "cut/skipped.csv"))}
-    assert skipped  # the broken file was met (and excluded after the resume)
+    assert str(tmp_path / "broken.png") in skipped  # met in epoch 0, excluded after the resume
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(manifests, tmp_path, capsys):
