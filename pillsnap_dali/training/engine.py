@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -256,7 +257,6 @@ class Progress:
 def all_reduce(values: list, device: torch.device, op: str = "sum") -> list[float]:
     """Sum (or max) of ``values`` over the ranks; the values themselves without torch.distributed."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
@@ -466,7 +466,7 @@ class Trainer:
                 "model": self.model.state_dict(), "ema": o.ema.module.state_dict() if o.ema else None,
                 "optimizer": o.optimizer.state_dict(), "scheduler": o.scheduler.state_dict(),
                 "scaler": o.scaler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
-                "class_map": self.spec.data.class_map.to_dict(), "preprocess": cfg.to_dict()["preprocess"],
+                "class_map": self.spec.data.class_map.to_dict(), "preprocess": ckpt.preprocess_dict(cfg.preprocess),
                 "backend": self.backend, "world_size": self.spec.world_size,
                 "skipped": [dict(e) for e in self.skip_log.entries], **run}
 
