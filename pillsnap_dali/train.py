@@ -223,7 +223,7 @@ def check_inputs(cfg: Config, args: argparse.Namespace, device: torch.device, ru
         resume_path = resume.resume_path(args.resume, run_dir)
         resume_state = resume.check_resume(resume_path, cfg, data.class_map)
     resolve_backend(cfg.loader.backend, device)
-    if not timm.is_model(cfg.model.name):
+    if ":" not in cfg.model.name and not timm.is_model(cfg.model.name):  # (hf-hub:/local: names: timm resolves)
         raise ConfigError(f"model.name {cfg.model.name!r} is not a timm model (timm.list_models() lists them)")
     return data, quarantine, resume_path, resume_state
 

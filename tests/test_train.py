@@ -575,6 +575,9 @@ def test_inputs_are_checked_before_a_run_is_moved_and_resume_says_where_it_went(
     assert train.main([*_args(manifests, tmp_path, "--epochs", "1", "--name", "fresh")[2:],
                        "--manifest", str(tmp_path / "nope.csv")]) == 2
     assert not (tmp_path / "fresh").exists()  # a failed start leaves no run dir
+    capsys.readouterr()
+    assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--name", "a", "--model", "resnet_typo")) == 2
+    assert "'resnet_typo' is not a timm model" in capsys.readouterr().err and not list(tmp_path.glob("a.*"))
     # a new run in a's dir moves a aside; if that run never saved, --resume names where a went
     assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--name", "a")) == 0
     (aside,) = tmp_path.glob("a.*")
