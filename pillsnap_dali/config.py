@@ -135,6 +135,7 @@ class TrainConfig:
     patience: int = 0
     log_interval: int = 20
     save_every: int = 0
+    max_skipped: float = 0.05
     seed: int = 0
     device: str = "auto"
     out: str = "runs"

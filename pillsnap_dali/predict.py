@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_models(args, cfg):
     from pillsnap_dali.device import select_device
-    from pillsnap_dali.training.checkpoint import load_classifier
+    from pillsnap_dali.training.model import load_classifier
 
     device = select_device(args.device or "auto").torch  # the detector follows the classifier's device
     # a plain state dict carries no preprocessing: the users' Stage 3 model's (384 px, squash) unless the

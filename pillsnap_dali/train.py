@@ -24,6 +24,10 @@ from pillsnap_dali.cli import setup_logging as cli_logging
 from pillsnap_dali.config import Config, ConfigError, dump_config, stage_name
 from pillsnap_dali.data.checks import check_manifests
 from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest, split_missing
+from pillsnap_dali.training import resume
+from pillsnap_dali.training.checkpoint import remove_orphan_temps
+from pillsnap_dali.training.engine import TrainData, TrainingError
+from pillsnap_dali.training.report import write_report
 
 _logger = logging.getLogger("pillsnap_dali.train")
 
@@ -151,7 +155,6 @@ def _manifests_once(cfg: Config) -> Path:
 def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
     """Manifests -> (TrainData, ManifestChecks). Class identity is the K-code; unknown val classes are reported,
     not remapped; a manifest failing a check (data/checks.py) is an error, its warnings go to the report."""
-    from pillsnap_dali.training.engine import TrainData
     if args.manifest:
         train_path = Path(args.manifest)
         val_path = Path(args.val_manifest) if args.val_manifest else _val_path(train_path)
@@ -186,15 +189,19 @@ def run_dir_path(cfg: Config) -> Path:
     return Path(cfg.train.out) / (cfg.train.name or stage_name(cfg.stage))
 
 
-def prepare_run_dir(cfg: Config, resume: bool, is_main: bool) -> Path:
-    run_dir = run_dir_path(cfg)
-    if is_main and not resume and (run_dir / "checkpoints").exists():
+def start_run_dir(run_dir: Path, continuing: bool) -> bool:
+    """Make the run dir ready once every input was checked: an earlier run in it is moved aside (a new run
+    there), temp files of a write killed midway are removed (a continued one). True when the dir is new."""
+    if not continuing and (run_dir / "checkpoints").exists():
         old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(run_dir.stat().st_mtime))}")
         shutil.move(str(run_dir), old)
-        _logger.info("an earlier run was in %s: moved to %s (use --resume to continue a run)", run_dir, old)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+        _logger.info("an earlier run was in %s: moved to %s (use --resume %s to continue it)", run_dir, old,
+                     old / "checkpoints" / "last.pt")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "checkpoints").is_dir():
+        remove_orphan_temps(run_dir / "checkpoints")
+    return created
 
 
 def setup_logging(run_dir: Path | None, rank: int) -> None:
@@ -203,112 +210,101 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
                 log_file=run_dir / "train.log" if run_dir is not None and rank == 0 else None)
 
 
-# settings a resumed run must share with its checkpoint (the weights, the classes, what one step and one
-# epoch are); the others are the checkpoint's from then on (the optimizer and schedule states are restored)
-RESUME_MUST_MATCH = ("model.name", "preprocess.img_size", "preprocess.resize_mode", "preprocess.crop_pct",
-                     "preprocess.mean", "preprocess.std", "train.batch_size", "train.optimizer")
-# restored with the optimizer state: the command line's values do not apply
-RESUME_TAKEN_FROM_CHECKPOINT = ("train.lr", "train.weight_decay", "train.momentum")
-# rebuilt from the config: the new values apply from the resumed step on
-RESUME_APPLIED = ("train.warmup_epochs", "train.epochs", "train.ema_decay")
+def check_inputs(cfg: Config, args: argparse.Namespace, device: torch.device, run_dir: Path):
+    """Everything a run reads, checked before anything is written or moved: the manifests, the resume
+    checkpoint (against the class map and settings), the loader backend and the model name."""
+    import timm
+
+    from pillsnap_dali.loaders import resolve_backend
+
+    quarantine: list = []
+    data, checks = load_data(cfg, args, quarantine)
+    resume_path = resume_state = None
+    if args.resume is not None:
+        resume_path = resume.resume_path(args.resume, run_dir)
+        resume_state = resume.check_resume(resume_path, cfg, data.class_map)
+    resolve_backend(cfg.loader.backend, device)
+    if ":" not in cfg.model.name and not timm.is_model(cfg.model.name):  # (hf-hub:/local: names: timm resolves)
+        raise ConfigError(f"model.name {cfg.model.name!r} is not a timm model (timm.list_models() lists them)")
+    return data, checks, quarantine, resume_path, resume_state
 
 
-def _get(d: dict, key: str):
-    for part in key.split("."):
-        d = d.get(part, {}) if isinstance(d, dict) else {}
-    return d
-
-
-def check_resume(path: Path, cfg: Config, class_map) -> dict:
-    """The checkpoint to resume from (loaded once, handed to the trainer). Refused when its class map, model,
-    preprocessing, batch size or optimizer differs, naming what differs; settings the checkpoint's optimizer
-    overrides are warned about."""
-    from pillsnap_dali.training import checkpoint as ckpt
-    st = ckpt.load_training_state(path, class_map)
-    old, new = st.get("config") or {}, cfg.to_dict()
-    diff = [f"{k} {_get(old, k)!r} -> {_get(new, k)!r}" for k in RESUME_MUST_MATCH if _get(old, k) != _get(new, k)]
-    if diff:
-        raise ConfigError(f"--resume {path}: the checkpoint was trained with other settings ({'; '.join(diff)}); "
-                          "resume with the same ones, or start a new run (--pretrained to start from its weights)")
-    for k in RESUME_TAKEN_FROM_CHECKPOINT:
-        if _get(old, k) != _get(new, k):
-            _logger.warning("--resume: %s %r is ignored, the checkpoint's optimizer goes on with %r",
-                            k, _get(new, k), _get(old, k))
-    for k in RESUME_APPLIED:
-        if _get(old, k) != _get(new, k) and (k != "train.ema_decay" or cfg.train.ema):
-            _logger.info("--resume: %s is now %r (was %r): the schedule / EMA follow it from here", k,
-                         _get(new, k), _get(old, k))
-    return st
+def write_run_inputs(run_dir: Path, cfg: Config, data, quarantine: list) -> None:
+    dump_config(cfg, run_dir / "config.yaml")
+    data.class_map.save(run_dir / "class_map.json")
+    if quarantine:
+        import csv
+        with open(run_dir / "quarantine.csv", "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows([("path", "reason"), *quarantine])
 
 
 def run(args: argparse.Namespace) -> dict:
     from pillsnap_dali.training.engine import RunSpec, Trainer
-    from pillsnap_dali.training.report import write_report
     cfg = resolve_config(args)
     rank, world, device = init_distributed(cfg)
     setup_logging(None, rank)
-    resume = args.resume is not None
+    run_dir = run_dir_path(cfg)
+    data, checks, quarantine, resume_path, resume_state = check_inputs(cfg, args, device, run_dir)
     # resuming another run's checkpoint into this run dir starts a new run there: an earlier run in it is moved
     # aside as for any new run (its metrics.jsonl must not mix with this one's)
-    continuing = resume and (args.resume == "__last__"
-                             or Path(args.resume).resolve().is_relative_to(run_dir_path(cfg).resolve()))
-    run_dir = None if args.dry_run else prepare_run_dir(cfg, continuing, rank == 0)
-    setup_logging(run_dir, rank)
-    quarantine: list = []
-    data, checks = load_data(cfg, args, quarantine)
-    resume_path = resume_state = None
-    if resume:
-        resume_path = (Path(args.resume) if args.resume != "__last__"
-                       else (run_dir or run_dir_path(cfg)) / "checkpoints" / "last.pt")  # dry runs make no dir
-        if not resume_path.exists():
-            raise ConfigError(f"--resume: {resume_path} does not exist")
-        resume_state = check_resume(resume_path, cfg, data.class_map)  # before the run dir is rewritten
-    if run_dir and rank == 0:
-        dump_config(cfg, run_dir / "config.yaml")
-        data.class_map.save(run_dir / "class_map.json")
-        if quarantine:
-            import csv
-            with open(run_dir / "quarantine.csv", "w", newline="", encoding="utf-8") as fh:
-                csv.writer(fh).writerows([("path", "reason"), *quarantine])
+    continuing = resume_path is not None and resume_path.resolve().is_relative_to(run_dir.resolve())
+    created = False
+    if rank == 0 and not args.dry_run:  # the run really starts: only now is anything moved or written
+        created = start_run_dir(run_dir, continuing)
+        setup_logging(run_dir, rank)
+        write_run_inputs(run_dir, cfg, data, quarantine)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()  # the other ranks open their skip logs in the run dir once rank 0 has prepared it
     spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,
-                   dry_run=args.dry_run, resume=resume_path, resume_state=resume_state,
-                   max_steps=2 if args.dry_run else None)
-    trainer = Trainer(spec)
+                   dry_run=args.dry_run, resume=resume_path, resume_state=resume_state)
+    try:
+        trainer = Trainer(spec)
+    except BaseException:
+        if created:  # a failed start leaves no run dir behind
+            setup_logging(None, rank)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     del resume_state  # restored: the loaded checkpoint is not kept through the training
     _logger.info("model %s, %d classes, %d px (%s), backend %s, device %s, %d rank(s)", cfg.model.name,
                  len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, device, world)
     summary = trainer.fit()
-    if run_dir and rank == 0 and not args.dry_run:
+    if rank == 0 and not args.dry_run:
         header = {"stage": cfg.stage, "model": cfg.model.name, "classes": len(data.class_map),
                   "image size": f"{cfg.preprocess.img_size} ({cfg.preprocess.resize_mode})", "backend": trainer.backend,
                   "device": str(device), "ranks": world, "train rows": len(data.train), "val rows": len(data.val),
                   "manifest checks": "; ".join(f"{f.level} {f.check}: {f.message}" for f in checks.findings) or "passed"}
         summary["report"] = str(write_report(run_dir, summary, header))
-    summary["run_dir"] = str(run_dir) if run_dir else None
+    summary["run_dir"] = None if args.dry_run else str(run_dir)
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
     return summary
 
 
-def check_inputs(args: argparse.Namespace) -> None:
+def check_paths(args: argparse.Namespace) -> None:
     """The files the command line names exist (before anything is built, moved or written)."""
     existing_file(args.manifest, "--manifest")
     existing_file(args.val_manifest, "--val-manifest")
     existing_file(args.pretrained, "--pretrained")
-    if args.resume not in (None, "__last__"):
+    if args.resume not in (None, resume.LAST):
         existing_file(args.resume, "--resume")
 
 
 def _main(args: argparse.Namespace) -> int:
-    check_inputs(args)
-    summary = run(args)
+    check_paths(args)
+    try:
+        summary = run(args)
+    except TrainingError as e:  # the run started and failed (nothing learnt, a non-finite loss): status 1
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best_top1"]
         print(f"{summary['reason']}; best val top-1 {best:.4f}" if best >= 0 else summary["reason"])
         if summary.get("report"):
             print(f"report: {summary['report']}")
-    return 0
+    # interrupted: 128 + the signal, as a shell reports a process the signal ended (130 SIGINT, 143 SIGTERM)
+    return 128 + summary["signal"] if summary.get("signal") else 0
 
 
 def main(argv=None) -> int:

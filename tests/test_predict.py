@@ -73,7 +73,7 @@ def test_cli_combo_json_gives_boxes_and_topk_with_metadata(stage, capsys):
 
 
 def test_single_mode_classifies_the_whole_image_with_the_checkpoint_preprocessing(stage):
-    from pillsnap_dali.training.checkpoint import load_classifier
+    from pillsnap_dali.training.model import load_classifier
     from pillsnap_dali.loaders import open_rgb, pil_eval_transform
 
     image = _combo_images(stage)[0]
@@ -123,7 +123,7 @@ def test_combo_without_detector_is_refused(stage, capsys):
 
 
 def test_two_stage_accuracy_scores_every_labelled_pill(stage):
-    from pillsnap_dali.training.checkpoint import load_classifier
+    from pillsnap_dali.training.model import load_classifier
 
     clf = load_classifier(stage["classifier"], device="cpu")
     det = predict.load_detector(stage["detector"])
@@ -145,7 +145,7 @@ def test_padded_box_and_matching():
 
 
 def test_bench_predict_times_each_image_with_four_crops(stage):
-    from pillsnap_dali.training.checkpoint import load_classifier
+    from pillsnap_dali.training.model import load_classifier
 
     clf = load_classifier(stage["classifier"], device="cpu")
     det = predict.load_detector(stage["detector"])

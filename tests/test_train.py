@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,13 +18,15 @@ import pytest
 import torch
 
 from pillsnap_dali import train
-from pillsnap_dali.training.checkpoint import load_checkpoint, load_classifier
+from pillsnap_dali.training.checkpoint import load_checkpoint
+from pillsnap_dali.training.model import load_classifier
 from pillsnap_dali.config import load_config
 from pillsnap_dali.data.build import build_manifests
 
 TINY = ["--model", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--lr", "0.003",
         "--set", "train.warmup_epochs=0", "--set", "loader.threads=1", "--set", "loader.workers=1",
-        "--set", "train.log_interval=2"]
+        "--set", "train.log_interval=2",
+        "--set", "train.max_skipped=0.1"]  # the fixture's 12 validation rows hold one broken file (8 %)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +180,7 @@ def test_sigterm_saves_last_and_resume_continues(manifests, tmp_path):
             break
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # saved, and the exit status says interrupted
     ck = load_checkpoint(tmp_path / "sig/checkpoints/last.pt")
     assert "SIGTERM" in err
     done_epochs = ck["epoch"] + (1 if ck["epoch_complete"] else 0)
@@ -219,6 +225,11 @@ def test_gpu_training_on_the_dali_backend(manifests, tmp_path):
     assert "gpu_mem_peak_gb" in hist[-1] or "gpu_util_mean" in hist[-1] or hist[-1]["steps"] < 2
     ck = load_checkpoint(tmp_path / "gpu/checkpoints/last.pt")
     assert ck["backend"] == "dali"
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in hist)
+    # the same run on the CPU graph: the GPU path learns as much (a tiny val split: a loose bound)
+    assert train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "cpu", "--backend", "dali-cpu",
+                            "--device", "cpu")) == 0
+    assert abs(hist[-1]["val_top1"] - _history(tmp_path / "cpu")[-1]["val_top1"]) <= 0.25
 
 
 def test_manifest_without_stage_never_gets_the_demo_model(tmp_path, manifests):
@@ -238,11 +249,10 @@ def test_manifest_without_stage_never_gets_the_demo_model(tmp_path, manifests):
     assert train.stage_of_manifest(str(manifests / "manifest_train.csv")) == "demo"  # from its report.json
 
 
-def test_an_epoch_whose_every_file_is_broken_is_logged_not_a_crash(manifests, tmp_path):
-    """Training rows that all fail (e.g. an unmounted disk): the epoch yields nothing, every row is in
-    skipped.csv and the run ends normally (it used to die on the step count)."""
+def _all_broken_manifest(manifests: Path, legacy: Path) -> Path:
+    """20 training rows whose files are all broken (e.g. an unmounted disk), with the good val rows of their
+    classes."""
     src = list(csv.DictReader(open(manifests / "manifest_train.csv")))[:20]
-    legacy = tmp_path / "m"
     legacy.mkdir()
     with open(legacy / "manifest_train.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -257,13 +267,33 @@ def test_an_epoch_whose_every_file_is_broken_is_logged_not_a_crash(manifests, tm
         w.writerow(["image_path", "mapping_code", "image_type", "source"])
         w.writerows([r["image_path"], r["mapping_code"], r["image_type"], r["source"]]
                     for r in csv.DictReader(open(manifests / "manifest_val.csv")) if r["mapping_code"] in codes)
+    return legacy
+
+
+def test_an_epoch_whose_every_file_is_broken_is_logged_not_a_crash(manifests, tmp_path):
+    """Training rows that all fail, allowed by train.max_skipped=1: the epoch yields nothing, every row is in
+    skipped.csv and the loop does not crash (it used to die on the step count)."""
+    legacy = _all_broken_manifest(manifests, tmp_path / "m")
     assert train.main(["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY,
-                       "--epochs", "1", "--name", "bad"]) == 0
+                       "--epochs", "1", "--name", "bad", "--set", "train.max_skipped=1"]) == 0
     (h,) = _history(tmp_path / "bad")
     assert h["steps"] == 0 and h["train_images"] == 0
     with open(tmp_path / "bad" / "skipped.csv", newline="") as fh:
         logged = {r["path"] for r in csv.DictReader(fh)}
     assert {str(legacy / f"bad{i}.png") for i in range(20)} <= logged  # (the fixture's own defects come too)
+
+
+def test_a_run_on_unreadable_files_fails_with_the_top_reasons(manifests, tmp_path, capsys):
+    """The default train.max_skipped (5 %): a manifest whose files are all broken is an error, not a run that
+    'succeeds' with loss nan; nothing is deployed."""
+    legacy = _all_broken_manifest(manifests, tmp_path / "m")
+    rc = train.main(["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY[:-2],
+                     "--epochs", "2", "--name", "bad", "--backend", "pil"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "20 of the 20 training rows (100%) could not be read" in err, err[-1500:]
+    assert "train.max_skipped=5%" in err and "top reasons:" in err and "(20)" in err
+    assert not (tmp_path / "bad" / "checkpoints" / "best.pt").exists()
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()  # stopped before any epoch was recorded
 
 
 def test_resume_keeps_counting_patience(manifests, tmp_path):
@@ -306,11 +336,11 @@ def test_sigterm_mid_epoch_then_resume_trains_each_row_once(manifests, tmp_path,
     proc = subprocess.Popen(_cmd(*common, "--name", "cut", "--set", "train.log_interval=1"), stderr=subprocess.PIPE,
                             text=True, env=env)
     for line in proc.stderr:
-        if "epoch 0 step 3/" in line:
+        if "epoch 0/2 step 3/" in line:
             proc.send_signal(signal.SIGTERM)
             break
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     cut = load_checkpoint(tmp_path / "cut/checkpoints/last.pt")
     assert cut["epoch"] == 0 and not cut["epoch_complete"] and 0 < cut["epoch_position"] and "SIGTERM" in err
     assert train.main([*common, "--name", "cut", "--resume"]) == 0
@@ -333,7 +363,7 @@ def test_pretrained_head_rows_follow_the_k_codes_never_the_positions(tmp_path):
 
     from pillsnap_dali.training.checkpoint import FORMAT, save_checkpoint
     from pillsnap_dali.data.classmap import ClassMap
-    from pillsnap_dali.training.engine import _load_pretrained
+    from pillsnap_dali.training.model import load_pretrained
 
     torch.manual_seed(0)
     src = timm.create_model("resnet18", num_classes=3)
@@ -349,39 +379,32 @@ def test_pretrained_head_rows_follow_the_k_codes_never_the_positions(tmp_path):
     for path, map_json in ((ours, None), (plain, tmp_path / "map.json")):
         dst = timm.create_model("resnet18", num_classes=3)
         fresh = dst.fc.weight.detach().clone()
-        _load_pretrained(dst, str(path), new_map, str(map_json) if map_json else None)
+        load_pretrained(dst, str(path), new_map, str(map_json) if map_json else None)
         assert torch.equal(dst.fc.weight[0], w[2]) and torch.equal(dst.fc.weight[2], w[0])  # by K-code
         assert torch.equal(dst.fc.bias[0], b[2]) and torch.equal(dst.fc.weight[1], fresh[1])  # the new code: fresh
         assert torch.equal(dst.conv1.weight, src.conv1.weight)
     dst = timm.create_model("resnet18", num_classes=3)
     fresh = dst.fc.weight.detach().clone()
-    _load_pretrained(dst, str(plain), new_map)  # a plain state dict, no class map: the head is left out
+    load_pretrained(dst, str(plain), new_map)  # a plain state dict, no class map: the head is left out
     assert torch.equal(dst.fc.weight, fresh) and torch.equal(dst.conv1.weight, src.conv1.weight)
 
 
 def test_each_ddp_rank_resumes_an_interrupted_epoch_at_its_own_position(tmp_path):
     """Ranks read their shards at their own pace (a skipped file is replaced by the next row): rank 1 writes
     where it stopped beside the checkpoint and resumes there; a file from another interruption is ignored."""
-    import types
+    from pillsnap_dali.training.resume import rank_position, save_rank_position
 
-    from pillsnap_dali.training.engine import RunSpec, Trainer
-
-    def trainer(rank: int, step: int, position: int) -> Trainer:
-        t = Trainer.__new__(Trainer)  # only the rank bookkeeping is exercised: no model, no data
-        t.spec = RunSpec(cfg=None, data=None, device=torch.device("cpu"), run_dir=tmp_path, rank=rank, world_size=2)
-        t.global_step, t.train_loader = step, types.SimpleNamespace(position=position)
-        return t
-    r1, r0 = trainer(1, 33, 21), trainer(0, 37, 20)  # uneven shards: the ranks ran different step counts
-    for t in (r1, r0):
-        t.interruptions = 3  # restored from the same checkpoint, then counted up once each
-    r1._save_rank_position(epoch=2)
-    r0._save_rank_position(epoch=2)  # rank 0's position lives in the checkpoint itself
-    assert [f.name for f in (tmp_path / "checkpoints").iterdir()] == ["epoch_position.rank1.json"]
-    ck = tmp_path / "checkpoints" / "last.pt"
+    d = tmp_path / "checkpoints"
+    # uneven shards: the ranks ran different step counts; both were restored from the same checkpoint, then
+    # counted the interruption up once each (3)
+    save_rank_position(d, 1, epoch=2, interruption=3, step=33, position=21)
+    save_rank_position(d, 0, epoch=2, interruption=3, step=37, position=20)  # rank 0's lives in the checkpoint
+    assert [f.name for f in d.iterdir()] == ["epoch_position.rank1.json"]
+    ck = d / "last.pt"
     st = {"epoch": 2, "step": 37, "interruptions": 3}
-    assert trainer(1, 0, 0)._rank_position(ck, st, fallback=20) == 21
-    assert trainer(0, 0, 0)._rank_position(ck, st, fallback=20) == 20
-    assert trainer(1, 0, 0)._rank_position(ck, {**st, "interruptions": 4}, fallback=20) == 20  # a stale file
+    assert rank_position(ck, 1, st, fallback=20) == 21
+    assert rank_position(ck, 0, st, fallback=20) == 20
+    assert rank_position(ck, 1, {**st, "interruptions": 4}, fallback=20) == 20  # a stale file
 
 
 def test_clean_run_has_an_empty_skipped_csv_and_a_dry_run_finds_the_run_to_resume(manifests, tmp_path):
@@ -422,3 +445,227 @@ def test_report_counts_the_skip_logs_of_every_rank_but_not_an_old_format_one(tmp
     (tmp_path / "skipped.old.csv").write_text("image_path,reason\n/c.png,bad\n")  # moved aside by SkipLog
     report = write_report(tmp_path, {"reason": "done", "best_top1": 0.5, "history": [], "total_time": 1.0}, {})
     assert "Skipped files (not decodable, logged in `skipped.csv`, `skipped.rank1.csv`): 2" in report.read_text()
+
+
+class _SignalAt(logging.Handler):
+    """Sends this process ``signum`` when a log line contains ``text``: the real signal path (StopFlag's
+    handler in the main thread), at a chosen step, without a subprocess."""
+
+    def __init__(self, text: str, signum: int = signal.SIGTERM):
+        super().__init__()
+        self.text, self.signum, self.fired = text, signum, False
+
+    def emit(self, record):
+        if not self.fired and self.text in record.getMessage():
+            self.fired = True
+            os.kill(os.getpid(), self.signum)
+
+
+def _interrupted(argv: list, text: str, signum: int = signal.SIGTERM) -> int:
+    handler = _SignalAt(text, signum)
+    log = logging.getLogger("pillsnap_dali.training.engine")
+    log.addHandler(handler)
+    try:
+        rc = train.main(argv)
+    finally:
+        log.removeHandler(handler)
+    assert handler.fired, f"no log line with {text!r}"
+    return rc
+
+
+def _weights_diff(a: dict, b: dict) -> list[str]:
+    return [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.parametrize("backend", ["pil", "dali-cpu"])
+def test_resume_after_a_stop_at_any_step_ends_with_bit_identical_weights(manifests, tmp_path, backend):
+    """Dropout on, a broken training file, a schedule whose step count the skipped file would change (41 rows,
+    batch 4: 11 steps, 10 once the file is excluded): stopped twice mid-epoch and resumed, the weights equal
+    an uninterrupted run's bit for bit."""
+    legacy = _write_legacy(manifests, tmp_path / "legacy")
+    rows = list(csv.reader(open(legacy / "manifest_train.csv")))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows[-1] = [str(tmp_path / "broken.png"), *rows[-1][1:]]  # 41 rows, one of them broken
+    with open(legacy / "manifest_train.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    # 64 px: a last batch of one image still has 2x2 values per channel for batch norm
+    common = ["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY, "--epochs", "2",
+              "--backend", backend, "--batch-size", "4",
+              "--img-size", "64", "--set", "loader.workers=0", "--set", "model.drop_rate=0.3",
+              "--set", "train.warmup_epochs=0.5", "--set", "train.log_interval=1"]
+    assert train.main([*common, "--name", "whole"]) == 0
+    assert _interrupted([*common, "--name", "cut"], "epoch 0/2 step 6/") == 128 + signal.SIGTERM
+    cut = load_checkpoint(tmp_path / "cut/checkpoints/last.pt")
+    assert not cut["epoch_complete"] and cut["step"] == 6
+    # stopped again after the broken file is in the skip log (the loader then has 10 steps per epoch)
+    assert _interrupted([*common, "--name", "cut", "--resume"], "epoch 1/2 step 3/") == 128 + signal.SIGTERM
+    cut = load_checkpoint(tmp_path / "cut/checkpoints/last.pt")
+    assert cut["epoch"] == 1 and not cut["epoch_complete"] and cut["step"] == 11 + 3
+    assert train.main([*common, "--name", "cut", "--resume"]) == 0
+    whole = load_checkpoint(tmp_path / "whole/checkpoints/last.pt")
+    resumed = load_checkpoint(tmp_path / "cut/checkpoints/last.pt")
+    assert whole["steps_per_epoch"] == resumed["steps_per_epoch"] == 11 and resumed["step"] == whole["step"]
+    assert _weights_diff(whole["model"], resumed["model"]) == []
+    skipped = {r["path"] for r in csv.DictReader(open(tmp_path / "cut/skipped.csv"))}
+    assert str(tmp_path / "broken.png") in skipped  # met in epoch 0, excluded after the resume
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(manifests, tmp_path, capsys):
+    from pillsnap_dali.training.checkpoint import save_checkpoint
+
+    base = _args(manifests, tmp_path, "--name", "nan")
+    assert train.main([*base, "--epochs", "1"]) == 0
+    last = tmp_path / "nan/checkpoints/last.pt"
+    good = last.read_bytes()
+    st = load_checkpoint(last)  # the same run, its learning rate blown up to 1e30 from epoch 1 on
+    st["scheduler"]["base_lrs"] = [1e30 for _ in st["scheduler"]["base_lrs"]]
+    for g in st["optimizer"]["param_groups"]:
+        g["lr"] = g["initial_lr"] = 1e30
+    save_checkpoint(tmp_path / "nan/checkpoints/inject.pt", st)
+    capsys.readouterr()
+    rc = train.main([*base, "--epochs", "3", "--resume", str(tmp_path / "nan/checkpoints/inject.pt")])
+    err = capsys.readouterr().err
+    m = re.search(r"became non-finite at step (\d+) \(epoch 1\)", err)
+    assert rc == 1 and m and st["step"] < int(m.group(1)) <= 2 * st["step"], err[-1500:]
+    assert last.read_bytes() == good and "last.pt keeps the last good" in err
+    # a checkpoint whose weights are not finite is refused on resume, naming a tensor
+    name = next(k for k, v in st["model"].items() if v.is_floating_point())
+    st["model"][name] = torch.full_like(st["model"][name], float("nan"))
+    save_checkpoint(tmp_path / "nan/checkpoints/bad.pt", st)
+    rc = train.main([*base, "--epochs", "3", "--resume", str(tmp_path / "nan/checkpoints/bad.pt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "weights are not finite" in err and name in err
+
+
+def test_a_full_disk_is_one_line_with_the_path_and_orphaned_temps_go(manifests, tmp_path):
+    """A checkpoint that cannot be written (file size limit: the write fails as on a full disk) ends the run
+    with one line naming the file, status 1, the earlier last.pt intact; a temp file a kill left behind is
+    removed when the run dir is next started."""
+    import resource
+
+    base = _args(manifests, tmp_path, "--name", "disk")
+    assert train.main([*base, "--epochs", "1"]) == 0
+    last = tmp_path / "disk/checkpoints/last.pt"
+    good = last.read_bytes()
+    limit = len(good) // 2
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    r = subprocess.run(_cmd(*base, "--epochs", "2", "--resume"), capture_output=True, text=True, timeout=300,
+                       preexec_fn=small_files)
+    assert r.returncode == 1, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write the checkpoint") and str(last) in line and "Traceback" not in r.stderr
+    assert last.read_bytes() == good and not list(last.parent.glob(".*.tmp*"))
+    orphan = last.parent / ".last.pt.tmp999999999"  # a pid no process has: its writer was killed
+    orphan.write_bytes(b"x" * 1000)
+    assert train.main([*base, "--epochs", "2", "--resume"]) == 0
+    assert not orphan.exists() and load_checkpoint(last)["epoch"] == 1
+
+
+def test_inputs_are_checked_before_a_run_is_moved_and_resume_says_where_it_went(manifests, tmp_path, capsys):
+    assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--name", "a")) == 0
+    for typo in (["--manifest", str(tmp_path / "nope" / "manifest_train.csv")],
+                 ["--stage", "demo", "--data-root", str(tmp_path / "nope")]):
+        argv = [*_args(manifests, tmp_path, "--epochs", "1", "--name", "a")[2:], *typo]
+        assert train.main(argv) == 2
+        assert (tmp_path / "a/checkpoints/last.pt").exists() and not list(tmp_path.glob("a.*"))
+    assert train.main([*_args(manifests, tmp_path, "--epochs", "1", "--name", "fresh")[2:],
+                       "--manifest", str(tmp_path / "nope.csv")]) == 2
+    assert not (tmp_path / "fresh").exists()  # a failed start leaves no run dir
+    capsys.readouterr()
+    assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--name", "a", "--model", "resnet_typo")) == 2
+    assert "'resnet_typo' is not a timm model" in capsys.readouterr().err and not list(tmp_path.glob("a.*"))
+    # a new run in a's dir moves a aside; if that run never saved, --resume names where a went
+    assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--name", "a")) == 0
+    (aside,) = tmp_path.glob("a.*")
+    shutil.rmtree(tmp_path / "a" / "checkpoints")
+    capsys.readouterr()
+    assert train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "a", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert f"moved to {aside}" in err and str(aside / "checkpoints" / "last.pt") in err
+
+
+def test_sessions_add_up_in_the_report_and_an_interrupted_dry_run_saves_nothing(manifests, tmp_path, capsys):
+    base = _args(manifests, tmp_path, "--name", "s", "--set", "train.log_interval=1")
+    assert train.main([*base, "--epochs", "1"]) == 0
+    first = load_checkpoint(tmp_path / "s/checkpoints/last.pt")
+    assert first["sessions"] == 1 and first["elapsed"] > 0
+    assert train.main([*base, "--epochs", "2", "--resume"]) == 0
+    report = (tmp_path / "s/report.md").read_text()
+    total = float(re.search(r"total time: ([\d.]+) s over 2 sessions \(this one ([\d.]+) s\)", report).group(1))
+    assert total >= first["elapsed"] and f"`{tmp_path / 's/checkpoints/best.pt'}`" in report
+    capsys.readouterr()
+    rc = _interrupted([*base, "--epochs", "2", "--name", "d", "--dry-run"], "epoch 0/2 step 1/", signal.SIGINT)
+    assert rc == 130 and "dry run: nothing saved" in capsys.readouterr().out and not (tmp_path / "d").exists()
+
+
+def test_progress_names_the_epoch_of_the_run_and_an_eta_between_log_intervals(manifests, tmp_path, monkeypatch):
+    from pillsnap_dali.training import engine
+
+    monkeypatch.setattr(engine, "PROGRESS_SECONDS", 0.0)  # "long epoch": every step is past the time limit
+    records: list = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("pillsnap_dali.training.engine").addHandler(handler)
+    try:
+        assert train.main(_args(manifests, tmp_path, "--epochs", "2", "--name", "p", "--set",
+                                "train.log_interval=1000")) == 0
+    finally:
+        logging.getLogger("pillsnap_dali.training.engine").removeHandler(handler)
+    lines = [r.getMessage() for r in records if " step " in r.getMessage()]
+    assert any(m.startswith("epoch 1/2 step 2/3 ") for m in lines), lines
+    assert all(re.search(r"ETA=\d+s \(run \d+s\)", m) for m in lines)
+
+
+def test_bf16_only_where_the_gpu_has_it_natively():
+    from pillsnap_dali.training.engine import amp_settings, bf16_native
+
+    cfg = load_config("demo")
+    cuda = torch.device("cuda")
+    assert amp_settings(cfg, cuda, bf16=True) == (True, torch.bfloat16, False)
+    assert amp_settings(cfg, cuda, bf16=False) == (True, torch.float16, True)  # V100/T4: fp16 + GradScaler
+    assert amp_settings(cfg, torch.device("cpu"), bf16=True) == (False, None, False)
+    if not torch.cuda.is_available():
+        assert bf16_native() is False
+
+
+def test_a_class_map_in_another_order_is_refused_on_resume_naming_the_moved_codes(manifests, tmp_path, capsys):
+    assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--name", "a")) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(manifests, moved)
+    cm = json.loads((manifests / "class_map.json").read_text())
+    cm["codes"] = [cm["codes"][1], cm["codes"][0], *cm["codes"][2:]]  # the same K-codes, two swapped
+    (moved / "class_map.json").write_text(json.dumps(cm))
+    capsys.readouterr()
+    rc = train.main(["--manifest", str(moved / "manifest_train.csv"), "--out", str(tmp_path), *TINY, "--epochs", "2",
+                     "--name", "a", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "same K-codes at different class ids" in err
+    # named with their class ids (checkpoint vs manifest)
+    assert f"{cm['codes'][1]} (0 vs 1)" in err and f"{cm['codes'][0]} (1 vs 0)" in err
+
+
+def test_target_accuracy_never_reached_runs_every_epoch_and_one_reached_later_stops_there(manifests, tmp_path,
+                                                                                          capsys):
+    base = _args(manifests, tmp_path, "--epochs", "4", "--backend", "pil", "--set", "loader.workers=0")
+    assert train.main([*base, "--name", "free"]) == 0
+    top1 = [h["val_top1"] for h in _history(tmp_path / "free")]
+    later = next(k for k in range(1, len(top1)) if top1[k] > max(top1[:k]))  # first reached after epoch 0
+    assert train.main([*base, "--name", "never", "--target-accuracy", str(max(top1) + 1e-6)]) == 0
+    assert [h["epoch"] for h in _history(tmp_path / "never")] == [0, 1, 2, 3]
+    capsys.readouterr()
+    assert train.main([*base, "--name", "later", "--target-accuracy", repr(top1[later])]) == 0
+    assert [h["epoch"] for h in _history(tmp_path / "later")] == list(range(later + 1))
+    assert f"reached at epoch {later}" in capsys.readouterr().out
+
+
+def test_checkpoint_round_trip_keeps_the_whole_preprocessing(manifests, tmp_path):
+    assert train.main(_args(manifests, tmp_path, "--epochs", "1", "--name", "pp", "--set",
+                            "preprocess.resize_mode=crop", "--set", "preprocess.mean=[0.5,0.4,0.3]",
+                            "--set", "preprocess.std=[0.2,0.25,0.3]")) == 0
+    loaded = load_classifier(tmp_path / "pp/checkpoints/best.pt")
+    p = loaded.preprocess
+    assert (p.img_size, p.resize_mode) == (32, "crop")
+    assert list(p.mean) == [0.5, 0.4, 0.3] and list(p.std) == [0.2, 0.25, 0.3]

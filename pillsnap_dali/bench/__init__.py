@@ -73,7 +73,7 @@ def _predict_parser() -> argparse.ArgumentParser:
 
 
 def _predict(argv) -> int:
-    from pillsnap_dali.training.checkpoint import load_classifier
+    from pillsnap_dali.training.model import load_classifier
     from pillsnap_dali.predict import PredictOptions, bench_predict, collect_images, load_detector
     p = _predict_parser()
     a = p.parse_args(argv)

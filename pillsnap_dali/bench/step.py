@@ -8,7 +8,8 @@ import time
 import torch
 
 from pillsnap_dali.config import Config, memory_layout
-from pillsnap_dali.training.engine import amp_settings, build_model, build_optimizer
+from pillsnap_dali.training.engine import amp_settings, build_optimizer
+from pillsnap_dali.training.model import build_model
 
 _logger = logging.getLogger(__name__)
 

@@ -44,7 +44,12 @@ def write_report(run_dir: Path, summary: dict, header: dict) -> Path:
     hist = summary["history"]
     lines = [f"# Run report: {run_dir.name}", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += [f"- stop: {summary['reason']}", f"- total time: {summary['total_time']:.1f} s", ""]
+    sessions = summary.get("sessions", 1)
+    lines += [f"- stop: {summary['reason']}",
+              f"- total time: {summary['total_time']:.1f} s" + (f" over {sessions} sessions (this one "
+                                                               f"{summary['session_time']:.1f} s)" if sessions > 1 else ""),
+              f"- deployed weights: `{summary['best_checkpoint']}` (best val top-1)" if summary.get("best_checkpoint")
+              else "- deployed weights: none (no epoch completed)", ""]
     if hist:
         best = max(hist, key=lambda h: h["val_top1"])
         data_t = sum(h["data_time"] for h in hist)

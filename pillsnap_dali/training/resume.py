@@ -1,0 +1,239 @@
+"""Resuming a run, in one place: which checkpoint (``resume_path``), whether it fits this run
+(``check_resume``), the run's position and bookkeeping (``RunState``), and the RNG and per-rank state
+that make a resumed run go on exactly where it stopped.
+
+A run's schedule is fixed at its start (``RunState.steps_per_epoch``, from the split's row count, never from a
+loader whose skip log has since removed files) and stored in every checkpoint, so warmup and cosine decay
+are the same whether or not the run was interrupted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.config import Config, ConfigError
+from pillsnap_dali.data.classmap import ClassMap
+from pillsnap_dali.training.checkpoint import FORMAT, CheckpointError, load_checkpoint
+
+_logger = logging.getLogger(__name__)
+
+LAST = "__last__"  # ``--resume`` without a path: the run's own checkpoints/last.pt
+# settings a resumed run must share with its checkpoint (the weights, the classes, what one step and one
+# epoch are); the others are the checkpoint's from then on (the optimizer and schedule states are restored)
+RESUME_MUST_MATCH = ("model.name", "preprocess.img_size", "preprocess.resize_mode", "preprocess.crop_pct",
+                     "preprocess.mean", "preprocess.std", "train.batch_size", "train.optimizer")
+# restored with the optimizer state: the command line's values do not apply
+RESUME_TAKEN_FROM_CHECKPOINT = ("train.lr", "train.weight_decay", "train.momentum")
+# rebuilt from the config: the new values apply from the resumed step on
+RESUME_APPLIED = ("train.warmup_epochs", "train.epochs", "train.ema_decay")
+
+
+@dataclass
+class RunState:
+    """Where a run stands; saved in every checkpoint (its fields are checkpoint keys) and restored on resume."""
+    epoch: int = 0                 # the epoch training starts with (after a resume: the next one, or the
+    position: int = 0              # interrupted one from this position of its shard)
+    step: int = 0                  # optimizer steps taken
+    steps_per_epoch: int = 0       # the schedule's epoch length, fixed at the run's start
+    best_top1: float = -1.0
+    history: list = field(default_factory=list)
+    deploy: str = "model"          # which weights a checkpoint's user should take: "model" or "ema"
+    interruptions: int = 0         # counted alike on every rank: pairs rank r's position file with the checkpoint
+    elapsed: float = 0.0           # seconds of the run's earlier sessions (a checkpoint: up to its save)
+    sessions: int = 0              # the run's earlier sessions (a checkpoint: including the one that saved it)
+
+    def bad_epochs(self) -> int:
+        """Epochs since the last better val top-1 (patience goes on counting across a resume)."""
+        bad = 0
+        for h in self.history:
+            bad = 0 if h.get("best") else bad + 1
+        return bad
+
+    def to_checkpoint(self, epoch: int, complete: bool, position: int) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("epoch", "position", "step")}
+        return {**d, "epoch": epoch, "epoch_complete": complete, "epoch_position": 0 if complete else int(position),
+                "step": self.step}
+
+    @classmethod
+    def from_checkpoint(cls, st: dict) -> "RunState":
+        known = {f.name for f in fields(cls)} - {"epoch", "position"}
+        s = cls(**{k: st[k] for k in known if k in st})
+        s.epoch = st["epoch"] + 1 if st["epoch_complete"] else st["epoch"]
+        s.position = 0 if st["epoch_complete"] else int(st.get("epoch_position", 0))
+        s.history = [h for h in s.history if h["epoch"] < s.epoch]
+        return s
+
+
+def planned_steps(rows: int, batch_size: int, drop_last: bool, world_size: int) -> int:
+    """Steps per epoch of the split as given (every rank plans the longest shard's count)."""
+    shard = math.ceil(rows / max(1, world_size))
+    return max(1, shard // batch_size if drop_last else -(-shard // batch_size))
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    """The torch seed of one optimizer step on one rank (dropout, drop-path): the same step draws the same
+    masks whether or not the run was interrupted before it."""
+    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def resume_path(arg: str, run_dir: Path) -> Path:
+    """The checkpoint ``--resume [PATH]`` names; missing: an error that says where an earlier run of this run
+    dir was moved aside to, when one was."""
+    path = run_dir / "checkpoints" / "last.pt" if arg == LAST else Path(arg)
+    if path.exists():
+        return path
+    msg = f"--resume: {path} does not exist"
+    if arg == LAST:
+        aside = sorted((p for p in run_dir.parent.glob(f"{run_dir.name}.*") if (p / "checkpoints/last.pt").exists()),
+                       key=lambda p: p.stat().st_mtime)
+        if aside:
+            msg += (f"; the earlier run of {run_dir} was moved to {aside[-1]} when a new run started there: "
+                    f"--resume {aside[-1] / 'checkpoints' / 'last.pt'}")
+    raise ConfigError(msg)
+
+
+def load_training_state(path: str | Path, class_map: ClassMap) -> dict:
+    """A training checkpoint to resume from, on the CPU (RNG states must be CPU tensors; the weights and
+    optimizer states are copied to their device by ``load_state_dict``); refused when it is not one of ours,
+    its class map differs from ``class_map`` by K-code or position, or its weights are not finite."""
+    st = load_checkpoint(path, map_location="cpu")
+    if not isinstance(st, dict) or st.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a pillsnap_dali training checkpoint; use --pretrained for plain "
+                              "weights")
+    ClassMap.from_dict(st["class_map"]).check_same(class_map)
+    for key in ("model", "ema"):
+        bad = non_finite_tensors(st.get(key) or {})
+        if bad:
+            raise CheckpointError(f"{path}: its {key} weights are not finite ({', '.join(bad[:3])}); resume from an "
+                                  "earlier checkpoint (checkpoints/epoch_*.pt, best.pt) or start a new run")
+    return st
+
+
+def non_finite_tensors(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors holding a nan or inf (one host sync for all of them)."""
+    names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not names:
+        return []
+    ok = torch.stack([torch.isfinite(state_dict[k]).all() for k in names]).cpu()
+    return [k for k, good in zip(names, ok.tolist()) if not good]
+
+
+def _get(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d
+
+
+def check_resume(path: Path, cfg: Config, class_map: ClassMap) -> dict:
+    """The checkpoint to resume from (loaded once, handed to the trainer). Refused when its class map, model,
+    preprocessing, batch size or optimizer differs, naming what differs; settings the checkpoint's optimizer
+    overrides are warned about."""
+    st = load_training_state(path, class_map)
+    old, new = st.get("config") or {}, cfg.to_dict()
+    diff = [f"{k} {_get(old, k)!r} -> {_get(new, k)!r}" for k in RESUME_MUST_MATCH if _get(old, k) != _get(new, k)]
+    if diff:
+        raise ConfigError(f"--resume {path}: the checkpoint was trained with other settings ({'; '.join(diff)}); "
+                          "resume with the same ones, or start a new run (--pretrained to start from its weights)")
+    for k in RESUME_TAKEN_FROM_CHECKPOINT:
+        if _get(old, k) != _get(new, k):
+            _logger.warning("--resume: %s %r is ignored, the checkpoint's optimizer goes on with %r",
+                            k, _get(new, k), _get(old, k))
+    for k in RESUME_APPLIED:
+        if _get(old, k) != _get(new, k) and (k != "train.ema_decay" or cfg.train.ema):
+            _logger.info("--resume: %s is now %r (was %r): the schedule / EMA follow it from here", k,
+                         _get(new, k), _get(old, k))
+    return st
+
+
+def restore_tensors(st: dict, *, model, ema, optimizer, scheduler, scaler) -> None:
+    """The checkpoint's weights and optimizer, schedule, scaler and RNG states into the run's objects."""
+    model.load_state_dict(st["model"])
+    if ema is not None and st.get("ema"):
+        ema.module.load_state_dict(st["ema"])
+    optimizer.load_state_dict(st["optimizer"])
+    scheduler.load_state_dict(st["scheduler"])
+    scaler.load_state_dict(st["scaler"])
+    set_rng_state(st["rng"])
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "python": _to_lists(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+# ---- DDP: each rank's position in an interrupted epoch -------------------------------------------------
+def position_file(checkpoint_dir: Path, rank: int) -> Path:
+    return Path(checkpoint_dir) / f"epoch_position.rank{rank}.json"
+
+
+def save_rank_position(checkpoint_dir: Path, rank: int, *, epoch: int, interruption: int, step: int,
+                       position: int) -> None:
+    """Under DDP each rank's shard is read at its own pace (a skipped file is replaced by the next row), so
+    every rank other than 0 (whose position is in the checkpoint) writes where it stopped, without a
+    collective (ranks may stop a step apart)."""
+    if rank == 0:
+        return
+    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(position_file(checkpoint_dir, rank), json.dumps(
+        {"epoch": epoch, "interruption": interruption, "step": step, "position": int(position)}))
+
+
+def rank_position(checkpoint: Path, rank: int, st: dict, fallback: int) -> int:
+    """This rank's position in the interrupted epoch: its own file beside the checkpoint when it belongs to
+    that checkpoint (same epoch and interruption count: ranks may have run different numbers of steps),
+    else the checkpoint's (rank 0's)."""
+    if rank == 0:
+        return fallback
+    f = position_file(Path(checkpoint).parent, rank)
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        _logger.warning("rank %d: no %s; resuming at rank 0's position", rank, f.name)
+        return fallback
+    if (rec.get("epoch"), rec.get("interruption")) != (st["epoch"], st.get("interruptions")):
+        _logger.warning("rank %d: %s is from another interruption; resuming at rank 0's position", rank, f.name)
+        return fallback
+    return int(rec["position"])
+
+
+def resumed_state(path: Path, st: dict, *, rank: int, world_size: int) -> RunState:
+    """The run state a resumed run starts from, with this rank's position in an interrupted epoch."""
+    s = RunState.from_checkpoint(st)
+    if s.position and st.get("world_size", 1) != world_size:
+        _logger.warning("resumed on %d rank(s), interrupted on %s: the shards differ, so epoch %d starts over",
+                        world_size, st.get("world_size", 1), s.epoch)
+        s.position = 0
+    elif s.position and world_size > 1:
+        s.position = rank_position(path, rank, st, s.position)
+    return s
