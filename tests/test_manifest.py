@@ -402,5 +402,5 @@ def test_a_full_disk_or_an_unwritable_dir_is_one_line_naming_the_path(tree, tmp_
     assert run.returncode == 2 and error_lines(run) == [f"error: {READ_ONLY}: Operation not permitted"]
     legacy = _legacy_csv(tmp_path / "train.csv", _singles(tree, 4))
     run = run_cli("pillsnap_dali.manifest", ["--legacy", legacy, tmp_path / "val_missing.csv", "--out", out])
-    assert run.returncode == 2 and error_lines(run) == [f"error: {tmp_path / 'val_missing.csv'}: No such file or "
-                                                        "directory"]
+    assert run.returncode == 2 and error_lines(run) == [f"error: --legacy {tmp_path / 'val_missing.csv'} does not "
+                                                        "exist"]
