@@ -108,6 +108,7 @@ class ModelConfig:
     name: str = "tf_efficientnetv2_s"
     pretrained: Optional[str] = None
     pretrained_class_map: Optional[str] = None
+    pretrained_file: Optional[str] = None
     drop_rate: float = 0.2
 
 

@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float)
     p.add_argument("--img-size", type=int)
     p.add_argument("--model", help="any timm model name (default tf_efficientnetv2_s)")
-    p.add_argument("--pretrained", help="local weights file (nothing is downloaded)")
+    p.add_argument("--pretrained", help="imagenet (timm's published weights: HF cache, downloaded once when "
+                   "online) or a local weights file (head rows by K-code); default: random weights")
     p.add_argument("--backend", choices=["auto", "dali", "dali-cpu", "pil"])
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="DALI CPU threads / PIL workers")

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from pillsnap_dali.training import checkpoint as ckpt
+from pillsnap_dali.training import pretrained
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import Config
@@ -80,11 +81,8 @@ def sampler_weights(labels: list[int], cfg: Config) -> list[float] | None:
 
 
 def build_model(cfg: Config, num_classes: int, device: torch.device, class_map: ClassMap | None = None) -> nn.Module:
-    import timm
-
-    model = timm.create_model(cfg.model.name, num_classes=num_classes, pretrained=False,
-                              drop_rate=cfg.model.drop_rate)
-    if cfg.model.pretrained:
+    model = pretrained.create_model(cfg, num_classes)  # random, or timm's ImageNet weights (pretrained: imagenet)
+    if cfg.model.pretrained and not pretrained.is_imagenet(cfg.model.pretrained):
         _load_pretrained(model, cfg.model.pretrained, class_map, cfg.model.pretrained_class_map)
     model.to(device)
     if device.type == "cuda" and cfg.train.channels_last:
@@ -293,7 +291,7 @@ class Trainer:
                 "step": self.global_step, "rng": ckpt.rng_state(), "config": cfg.to_dict(),
                 "class_map": self.spec.data.class_map.to_dict(), "preprocess": cfg.to_dict()["preprocess"],
                 "best_top1": self.best_top1, "history": self.history, "backend": self.backend,
-                "deploy": self.deploy,
+                "deploy": self.deploy, "weights_origin": pretrained.weights_origin(self.model, cfg),
                 # an interrupted epoch: the rows of this rank's shard already trained on (resume starts there)
                 "epoch_position": 0 if complete else int(self.train_loader.position),
                 "world_size": self.spec.world_size, "interruptions": self.interruptions,
