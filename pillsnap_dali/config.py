@@ -132,6 +132,7 @@ class TrainConfig:
     target_accuracy: Optional[float] = None
     patience: int = 0
     log_interval: int = 20
+    tensorboard: bool = True
     save_every: int = 0
     seed: int = 0
     device: str = "auto"

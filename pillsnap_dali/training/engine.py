@@ -25,6 +25,7 @@ from pillsnap_dali.config import Config
 from pillsnap_dali.gpumon import GpuMonitor
 from pillsnap_dali.data.manifest import Manifest
 from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
+from pillsnap_dali.training.tb import TBWriter
 
 _logger = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ class Trainer:
             from timm.utils import ModelEmaV3
             self.ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay)
         self.gpu = GpuMonitor(self.device.index or 0) if self.device.type == "cuda" else None
+        self.tb = TBWriter.for_run(spec)  # runs/<name>/tb/ on rank 0 (train.tensorboard)
         self.start_epoch, self.global_step, self.best_top1, self.history = 0, 0, -1.0, []
         if spec.resume:
             self.restore(spec.resume, spec.resume_state)
@@ -408,6 +410,8 @@ class Trainer:
                                                 "data": data_t / max(data_t + compute_t, 1e-9)})
                     if self.gpu is not None and self.gpu.available:
                         self.gpu.sample()
+                    self.tb.step(self.global_step, i + 1, n, float(loss_sum.item()) / n, int(correct.item()) / n,
+                                 data_t, compute_t, self.optimizer.param_groups[0]["lr"], self.gpu)
                 stop_now = stop.reason or (self.spec.max_steps and self.global_step >= self.spec.max_steps)
                 t0 = time.perf_counter()
                 compute_t += t0 - t1  # the step and its logging: a log interval's sync waits for the GPU here
@@ -519,6 +523,7 @@ class Trainer:
                 self.history.append(row)
                 self.save(epoch, complete=True, best=improved)
                 self._log_epoch(row)
+                self.tb.epoch(row)
                 if spec.dry_run:
                     reason = "dry run"
                     break
@@ -530,6 +535,7 @@ class Trainer:
                     break
         finally:
             stop.restore()
+            self.tb.close()
             self.train_loader.close()
             self.val_loader.close()
         _logger.info("training finished: %s", reason)

@@ -63,6 +63,8 @@ def write_report(run_dir: Path, summary: dict, header: dict) -> Path:
                          f"{h['val_top1']:.4f} | {h['val_top5']:.4f} | {h['images_per_s']:.1f} | "
                          f"{100 * h['data_share']:.1f} | {h['epoch_time']:.1f} | {'*' if h.get('best') else ''} |")
         lines += ["", "Plots: `plots/curves.png` (loss, accuracy), `plots/time.png` (data vs compute time).", ""]
+        if (run_dir / "tb").is_dir():
+            lines += [f"TensorBoard: `tensorboard --logdir {run_dir / 'tb'}`", ""]
         try:
             write_plots(hist, run_dir / "plots")
         except Exception as e:  # a plotting failure must not lose the report
