@@ -165,6 +165,16 @@ class PredictConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    after_training: bool = True
+    target_top1: Optional[float] = None
+    target_top5: Optional[float] = None
+    target_class_precision: Optional[float] = None
+    target_class_recall: Optional[float] = None
+    worst_classes: int = 20
+
+
+@dataclass
 class PrepareConfig:
     quality: int = 95
     max_side: Optional[int] = 640
@@ -187,6 +197,7 @@ class Config:
     detect: DetectConfig = field(default_factory=DetectConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

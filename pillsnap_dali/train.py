@@ -243,6 +243,7 @@ def check_resume(path: Path, cfg: Config, class_map) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     from pillsnap_dali.training.engine import RunSpec, Trainer
+    from pillsnap_dali.evaluate import after_training
     from pillsnap_dali.training.report import write_report
     cfg = resolve_config(args)
     rank, world, device = init_distributed(cfg)
@@ -279,10 +280,12 @@ def run(args: argparse.Namespace) -> dict:
                  len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, device, world)
     summary = trainer.fit()
     if run_dir and rank == 0 and not args.dry_run:
+        if not summary["interrupted"]:  # the deployed weights on the test split (evaluate.after_training)
+            summary["test"] = after_training(run_dir, data.train.path, cfg, device)
         header = {"stage": cfg.stage, "model": cfg.model.name, "classes": len(data.class_map),
                   "image size": f"{cfg.preprocess.img_size} ({cfg.preprocess.resize_mode})", "backend": trainer.backend,
                   "device": str(device), "ranks": world, "train rows": len(data.train), "val rows": len(data.val)}
-        summary["report"] = str(write_report(run_dir, summary, header))
+        summary["report"] = str(write_report(run_dir, summary, header, examples=data.val))
     summary["run_dir"] = str(run_dir) if run_dir else None
     if world > 1:
         import torch.distributed as dist
@@ -301,6 +304,10 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best_top1"]
         print(f"{summary['reason']}; best val top-1 {best:.4f}" if best >= 0 else summary["reason"])
+        if summary.get("test"):
+            t = summary["test"]
+            met = "" if t["targets_met"] is None else "; stage targets " + ("met" if t["targets_met"] else "NOT met")
+            print(f"test split: top-1 {t['top1']:.4f}, top-5 {t['top5']:.4f}, macro F1 {t['macro_f1']:.4f}{met}")
         if summary.get("report"):
             print(f"report: {summary['report']}")
     return 0
