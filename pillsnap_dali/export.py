@@ -125,7 +125,8 @@ def parity(model_onnx: OnnxModel, reference: torch.Tensor, x: torch.Tensor, batc
     out = np.concatenate([model_onnx.run(x[i:i + batch].numpy()) for i in range(0, len(x), batch)])
     ref = reference.numpy()
     return {"images": len(x), "max_abs_diff": float(np.abs(out - ref).max()),
-            "top1_agreement": float((out.argmax(1) == ref.argmax(1)).mean())}
+            "top1_agreement": float((out.argmax(1) == ref.argmax(1)).mean()),
+            "max_abs_logit": float(np.abs(ref).max())}  # the scale the difference is measured against
 
 
 def check(name: str, figures: dict, atol: float, min_agreement: float) -> None:

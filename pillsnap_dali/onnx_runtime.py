@@ -119,10 +119,14 @@ def load_detector_dir(export_dir: str | Path):
     return detector
 
 
-def latency_ms(run, x, warmup: int = 3, runs: int = 30) -> dict:
-    """p50 / p95 / mean milliseconds of ``run(x)`` over ``runs`` calls after ``warmup`` untimed ones."""
+def latency_ms(run, x, warmup: int = 2, budget_s: float = 10.0, max_runs: int = 30, min_runs: int = 5) -> dict:
+    """p50 / p95 / mean milliseconds of ``run(x)`` after ``warmup`` untimed calls: ``max_runs`` calls, fewer
+    (not under ``min_runs``) when they would take longer than ``budget_s`` (a 384 px model on 2 busy cores)."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         run(x)
+    per_call = (time.perf_counter() - t0) / max(warmup, 1)
+    runs = max(min_runs, min(max_runs, int(budget_s / max(per_call, 1e-6))))
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()

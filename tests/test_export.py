@@ -10,7 +10,6 @@ import torch
 
 from pillsnap_dali import export, predict, train
 from pillsnap_dali.config import load_config
-from pillsnap_dali.data.build import build_manifests
 from pillsnap_dali.data.manifest import read_manifest
 from pillsnap_dali.training.checkpoint import load_checkpoint
 

@@ -90,15 +90,22 @@ def write_report(run_dir: Path, summary: dict, header: dict, examples=None) -> P
                 paths.update(rec["path"] for rec in csv.DictReader(fh))
         names = ", ".join(f"`{p.name}`" for p in logs)
         lines += ["", f"Skipped files (not decodable, logged in {names}): {len(paths)}"]
+    lines += _late_sections(run_dir, summary, examples)
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _late_sections(run_dir: Path, summary: dict, examples) -> list[str]:
+    """The contact sheet of skipped and quarantined files, then the test-split score."""
+    lines = []
     manifest_dir = [Path(examples.path).parent] if examples is not None and examples.path else []
     bad = bad_files(run_dir, *manifest_dir)  # the loaders' skips, train's and the manifest step's quarantine
     if bad:
         lines += ["", *_picture_section(lambda: skipped_sheet(bad, run_dir / "pictures"))]
     if summary.get("test"):
         lines += ["", *split_section(summary["test"], run_dir / "test")]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- pictures
