@@ -197,7 +197,8 @@ def bad_files(run_dir: Path, *manifest_dirs: Path) -> list[tuple[str, str, str]]
             for rec in csv.DictReader(fh):
                 if rec.get("path") and rec["path"] not in found:
                     found[rec["path"]] = (rec["path"], rec.get("reason", ""), where)
-    return list(found.values())
+    # the layout pictures (*_index.png) are quarantined by design: after the files that really failed
+    return sorted(found.values(), key=lambda b: b[1] == "index image")
 
 
 def skipped_sheet(bad: list[tuple[str, str, str]], pictures: Path, cap: int = SHEET_CAP, cols: int = 6) -> list[str]:
