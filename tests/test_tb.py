@@ -60,3 +60,16 @@ def test_tensorboard_off_and_missing_package(manifests, tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("error: TensorBoard logging (train.tensorboard) needs the tensorboard package, which is not "
                        "installed: pip install tensorboard (or turn it off: --set train.tensorboard=false)")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_gpu_run_logs_cuda_memory_and_nvml_figures(manifests, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train.main(_args(manifests, tmp_path, "--backend", "dali", "--device", "cuda")) == 0
+    acc = EventAccumulator(str(tmp_path / "r" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert "perf/cuda_mem" in tags and all(e.value > 0 for e in acc.Scalars("perf/cuda_mem"))
+    assert {"perf/gpu_util", "perf/gpu_mem", "epoch/gpu_mem_peak_gb"} <= tags  # NVML (nvidia-ml-py) on CUDA
