@@ -112,6 +112,7 @@ class ModelConfig:
     name: str = "tf_efficientnetv2_s"
     pretrained: Optional[str] = None
     pretrained_class_map: Optional[str] = None
+    pretrained_file: Optional[str] = None
     drop_rate: float = 0.2
 
 
@@ -134,6 +135,7 @@ class TrainConfig:
     target_accuracy: Optional[float] = None
     patience: int = 0
     log_interval: int = 20
+    tensorboard: bool = True
     save_every: int = 0
     max_skipped: float = 0.05
     seed: int = 0
@@ -167,6 +169,16 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    after_training: bool = True
+    target_top1: Optional[float] = None
+    target_top5: Optional[float] = None
+    target_class_precision: Optional[float] = None
+    target_class_recall: Optional[float] = None
+    worst_classes: int = 20
+
+
+@dataclass(frozen=True)
 class PrepareConfig:
     quality: int = 95
     max_side: Optional[int] = 640
@@ -189,6 +201,7 @@ class Config:
     detect: DetectConfig = field(default_factory=DetectConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

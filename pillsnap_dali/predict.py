@@ -78,6 +78,8 @@ def load_detector(weights: str | Path):
 def _detector_imgsz(detector, default: int) -> int:
     """The letterbox size the detector was trained at (stored in its weights), else ``default``; a multiple
     of the detector's stride (32), as Ultralytics' trainer rounds it."""
+    if getattr(detector, "pillsnap_imgsz", None):  # an ONNX detector: the fixed size it was exported at
+        return int(detector.pillsnap_imgsz)
     args = getattr(getattr(detector, "model", None), "args", None) or {}
     size = args.get("imgsz") if isinstance(args, dict) else getattr(args, "imgsz", None)
     size = int(size) if isinstance(size, (int, float)) else int(default)
@@ -100,7 +102,7 @@ class Classify:
 
         self.loaded, self.topk = loaded, min(topk, len(loaded.class_map))
         self.transform = pil_eval_transform(loaded.preprocess)
-        self.device = next(loaded.model.parameters()).device
+        self.device = getattr(loaded, "device", None) or next(loaded.model.parameters()).device  # ONNX: cpu
 
     @torch.inference_mode()
     def __call__(self, crops: list) -> list[list[dict]]:
@@ -327,8 +329,11 @@ def format_table(results: list[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="*", help="images or folders of images (default: none; give some, or --eval)")
-    p.add_argument("--classifier", required=True, help="classifier checkpoint, ours or the existing project's "
-                                                       "(required)")
+    p.add_argument("--classifier", default=None, help="classifier checkpoint, ours or the existing project's "
+                                                      "(default: none; give it or --onnx)")
+    p.add_argument("--onnx", default=None, metavar="DIR", help="run the models of an export dir "
+                   "(python -m pillsnap_dali.export) with onnxruntime instead: classifier.onnx, and detector.onnx "
+                   "for --mode combo unless --detector is given (default: none)")
     p.add_argument("--class-map", default=None, help="class map JSON (needed for a plain state dict; default: "
                                                      "the checkpoint's own)")
     p.add_argument("--model-name", default=None, help="timm model of a plain state dict (default: "
@@ -354,6 +359,8 @@ def _load_models(args, cfg):
     from pillsnap_dali.device import select_device
     from pillsnap_dali.training.model import load_classifier
 
+    if args.onnx:
+        return _load_onnx(args)
     device = select_device(args.device or "auto").torch  # the detector follows the classifier's device
     # a plain state dict carries no preprocessing: the users' Stage 3 model's (384 px, squash) unless the
     # command names one (--set preprocess.*, --config, --stage); our checkpoints always use their own
@@ -367,8 +374,20 @@ def _load_models(args, cfg):
     return classifier, detector
 
 
+def _load_onnx(args):
+    """The export dir's classifier (and detector, for combo mode) under onnxruntime."""
+    from pillsnap_dali.onnx_runtime import load_classifier_dir, load_detector_dir
+
+    classifier = load_classifier_dir(args.onnx, device=args.device or "cpu")
+    if args.mode != "combo":
+        return classifier, None
+    return classifier, load_detector(args.detector) if args.detector else load_detector_dir(args.onnx)
+
+
 def _run(args, cfg) -> int:
-    if args.mode == "combo" and not args.detector:
+    if bool(args.classifier) == bool(args.onnx):
+        raise UsageError("give the classifier: --classifier CKPT or --onnx EXPORT_DIR (one of them)")
+    if args.mode == "combo" and not (args.detector or args.onnx):
         raise UsageError("--mode combo needs --detector WEIGHTS")
     classifier, detector = _load_models(args, cfg)
     if args.eval:

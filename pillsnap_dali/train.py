@@ -24,7 +24,7 @@ from pillsnap_dali.cli import setup_logging as cli_logging
 from pillsnap_dali.config import Config, ConfigError, dump_config, stage_name
 from pillsnap_dali.data.checks import check_manifests
 from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest, split_missing
-from pillsnap_dali.training import resume
+from pillsnap_dali.training import pretrained, resume
 from pillsnap_dali.training.checkpoint import remove_orphan_temps
 from pillsnap_dali.training.engine import TrainData, TrainingError
 from pillsnap_dali.training.report import write_report
@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help=key_help("peak learning rate", "train.lr"))
     p.add_argument("--img-size", type=int, help=key_help("square model input in pixels", "preprocess.img_size"))
     p.add_argument("--model", help=key_help("any timm model name", "model.name"))
-    p.add_argument("--pretrained", help=key_help("local weights file (nothing is downloaded)", "model.pretrained"))
+    p.add_argument("--pretrained", help=key_help("imagenet (timm's published weights: the Hugging Face cache, "
+                                                 "downloaded once when online) or a local weights file (head rows "
+                                                 "by K-code)", "model.pretrained"))
     p.add_argument("--backend", choices=["auto", "dali", "dali-cpu", "pil"],
                    help=key_help("image loader, one of %(choices)s", "loader.backend"))
     add_shared_flags(p, ("device",))
@@ -240,6 +242,7 @@ def write_run_inputs(run_dir: Path, cfg: Config, data, quarantine: list) -> None
 
 def run(args: argparse.Namespace) -> dict:
     from pillsnap_dali.training.engine import RunSpec, Trainer
+    from pillsnap_dali.evaluate import after_training
     cfg = resolve_config(args)
     rank, world, device = init_distributed(cfg)
     setup_logging(None, rank)
@@ -270,11 +273,13 @@ def run(args: argparse.Namespace) -> dict:
                  len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, device, world)
     summary = trainer.fit()
     if rank == 0 and not args.dry_run:
+        if not summary["interrupted"]:  # the deployed weights on the test split (evaluate.after_training)
+            summary["test"] = after_training(run_dir, data.train.path, cfg, device)
         header = {"stage": cfg.stage, "model": cfg.model.name, "classes": len(data.class_map),
                   "image size": f"{cfg.preprocess.img_size} ({cfg.preprocess.resize_mode})", "backend": trainer.backend,
                   "device": str(device), "ranks": world, "train rows": len(data.train), "val rows": len(data.val),
                   "manifest checks": "; ".join(f"{f.level} {f.check}: {f.message}" for f in checks.findings) or "passed"}
-        summary["report"] = str(write_report(run_dir, summary, header))
+        summary["report"] = str(write_report(run_dir, summary, header, examples=data.val))
     summary["run_dir"] = None if args.dry_run else str(run_dir)
     if world > 1:
         import torch.distributed as dist
@@ -286,7 +291,8 @@ def check_paths(args: argparse.Namespace) -> None:
     """The files the command line names exist (before anything is built, moved or written)."""
     existing_file(args.manifest, "--manifest")
     existing_file(args.val_manifest, "--val-manifest")
-    existing_file(args.pretrained, "--pretrained")
+    if args.pretrained and not pretrained.is_imagenet(args.pretrained):  # imagenet: timm's weights, not a path
+        existing_file(args.pretrained, "--pretrained")
     if args.resume not in (None, resume.LAST):
         existing_file(args.resume, "--resume")
 
@@ -301,6 +307,10 @@ def _main(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best_top1"]
         print(f"{summary['reason']}; best val top-1 {best:.4f}" if best >= 0 else summary["reason"])
+        if summary.get("test"):
+            t = summary["test"]
+            met = "" if t["targets_met"] is None else "; stage targets " + ("met" if t["targets_met"] else "NOT met")
+            print(f"test split: top-1 {t['top1']:.4f}, top-5 {t['top5']:.4f}, macro F1 {t['macro_f1']:.4f}{met}")
         if summary.get("report"):
             print(f"report: {summary['report']}")
     # interrupted: 128 + the signal, as a shell reports a process the signal ended (130 SIGINT, 143 SIGTERM)

@@ -118,7 +118,7 @@ def test_predict_cli_refuses_a_crafted_file(tmp_path, capsys, flag):
 
 def test_classifier_loaders_use_weights_only(tmp_path):
     """--classifier, --pretrained and --resume all go through load_checkpoint (weights_only=True)."""
-    from pillsnap_dali.training.engine import _load_pretrained
+    from pillsnap_dali.training.model import load_pretrained as _load_pretrained
 
     path, marker = _payload(tmp_path)
     cm = ClassMap(codes=["K-000001", "K-000002"])

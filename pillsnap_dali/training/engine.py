@@ -36,7 +36,9 @@ from pillsnap_dali.data.manifest import Manifest
 from pillsnap_dali.gpumon import GpuMonitor
 from pillsnap_dali.training import checkpoint as ckpt
 from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
+from pillsnap_dali.training import pretrained
 from pillsnap_dali.training.model import build_model
+from pillsnap_dali.training.tb import TBWriter
 from pillsnap_dali.training.resume import (RunState, non_finite_tensors, planned_steps, restore_tensors,
                                            resumed_state, rng_state, save_rank_position, step_seed)
 
@@ -213,6 +215,7 @@ class EpochControl:
     stop: StopFlag | None = None
     show: bool = True               # this rank logs progress
     monitor: GpuMonitor | None = None
+    tb: TBWriter | None = None       # TensorBoard events at each log point (rank 0, train.tensorboard)
 
 
 def duration(seconds: float) -> str:
@@ -333,6 +336,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optim: Optim, loader
                             "img/s": n / max(data_t + compute_t, 1e-9), "data": data_t / max(data_t + compute_t, 1e-9)})
                 if control.monitor is not None and control.monitor.available:
                     control.monitor.sample()
+                if control.tb is not None:
+                    control.tb.step(step + steps, steps, n, float(loss_sum.item()) / n, int(correct.item()) / n,
+                                    data_t, compute_t, optim.optimizer.param_groups[0]["lr"], control.monitor)
             stop_now = (control.stop and control.stop.reason) or (control.max_steps and steps >= control.max_steps)
             t0 = time.perf_counter()
             compute_t += t0 - t1  # the step and its logging: a log point's sync waits for the GPU here
@@ -430,6 +436,7 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(weight=None if w is None else w.to(self.device),
                                              label_smoothing=cfg.train.label_smoothing)
         self.gpu = GpuMonitor(self.device.index or 0) if self.device.type == "cuda" else None
+        self.tb = TBWriter.for_run(spec)  # runs/<name>/tb/ on rank 0 (train.tensorboard)
         if spec.resume:
             self._restore(spec.resume_state)
             spec.resume_state = None  # its tensors are copied into the model and optimizer: not kept for the run
@@ -469,7 +476,8 @@ class Trainer:
                 "scaler": o.scaler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
                 "class_map": self.spec.data.class_map.to_dict(), "preprocess": ckpt.preprocess_dict(cfg.preprocess),
                 "backend": self.backend, "world_size": self.spec.world_size,
-                "skipped": [dict(e) for e in self.skip_log.entries], **run}
+                "skipped": [dict(e) for e in self.skip_log.entries],
+                "weights_origin": pretrained.weights_origin(self.model, cfg), **run}
 
     def save(self, epoch: int, complete: bool, best: bool) -> None:
         """last.pt (and best.pt, epoch_NNNN.pt); never weights that are not finite (the last good ones stay)."""
@@ -521,12 +529,14 @@ class Trainer:
                 run.history.append(row)
                 self.save(epoch, complete=True, best=improved)
                 self._log_epoch(row)
+                self.tb.epoch(row)
                 reason = self._stop_reason(epoch, row["selected_top1"])
                 if reason:
                     break
             reason = reason or "epochs done"
         finally:
             stop.restore()
+            self.tb.close()
             self.train_loader.close()
             self.val_loader.close()
         _logger.info("training finished: %s", reason)
@@ -558,7 +568,7 @@ class Trainer:
         self._t_epoch = time.perf_counter()
         control = EpochControl(epochs=cfg.train.epochs, seed=cfg.train.seed, rank=spec.rank,
                                log_interval=cfg.train.log_interval, start=start, max_steps=spec.max_steps,
-                               stop=stop, show=spec.is_main, monitor=self.gpu)
+                               stop=stop, show=spec.is_main, monitor=self.gpu, tb=self.tb)
         tr = train_one_epoch(self.ddp, self.criterion, self.optim, self.train_loader, self.device, epoch,
                              step=self.run.step, precision=self.precision, control=control)
         self.run.step += tr["steps"]

@@ -18,11 +18,10 @@ _logger = logging.getLogger(__name__)
 
 
 def build_model(cfg: Config, num_classes: int, device: torch.device, class_map: ClassMap | None = None) -> nn.Module:
-    import timm
+    from pillsnap_dali.training import pretrained
 
-    model = timm.create_model(cfg.model.name, num_classes=num_classes, pretrained=False,
-                              drop_rate=cfg.model.drop_rate)
-    if cfg.model.pretrained:
+    model = pretrained.create_model(cfg, num_classes)  # random, or timm's ImageNet weights (pretrained: imagenet)
+    if cfg.model.pretrained and not pretrained.is_imagenet(cfg.model.pretrained):
         load_pretrained(model, cfg.model.pretrained, class_map, cfg.model.pretrained_class_map)
     model.to(device)
     if memory_layout(cfg.loader.layout, device.type) == "NHWC":  # the loaders' batches come in this layout

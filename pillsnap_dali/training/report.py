@@ -40,7 +40,9 @@ def write_plots(history: list[dict], plots_dir: Path) -> list[Path]:
     return out
 
 
-def write_report(run_dir: Path, summary: dict, header: dict) -> Path:
+def write_report(run_dir: Path, summary: dict, header: dict, examples=None) -> Path:
+    """``report.md`` of a run; ``examples`` (a Manifest, the validation split) gives the thumbnails of the
+    most confused K-code pairs; ``summary["test"]`` (``evaluate.after_training``) adds the test-split score."""
     hist = summary["history"]
     lines = [f"# Run report: {run_dir.name}", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
@@ -68,6 +70,8 @@ def write_report(run_dir: Path, summary: dict, header: dict) -> Path:
                          f"{h['val_top1']:.4f} | {h['val_top5']:.4f} | {h['images_per_s']:.1f} | "
                          f"{100 * h['data_share']:.1f} | {h['epoch_time']:.1f} | {'*' if h.get('best') else ''} |")
         lines += ["", "Plots: `plots/curves.png` (loss, accuracy), `plots/time.png` (data vs compute time).", ""]
+        if (run_dir / "tb").is_dir():
+            lines += [f"TensorBoard: `tensorboard --logdir {run_dir / 'tb'}`", ""]
         try:
             write_plots(hist, run_dir / "plots")
         except Exception as e:  # a plotting failure must not lose the report
@@ -80,6 +84,8 @@ def write_report(run_dir: Path, summary: dict, header: dict) -> Path:
                       "|---|---|---|---|---|"]
             lines += [f"| {p['true']} | {p['true_name']} | {p['pred']} | {p['pred_name']} | {p['count']} |"
                       for p in pairs]
+            if examples is not None:
+                lines += ["", *_picture_section(lambda: confusion_pictures(pairs, examples, run_dir / "pictures"))]
     # skipped.csv (rank 0) and skipped.rank<r>.csv; not skipped.old.csv (another format, moved aside by SkipLog)
     logs = [p for p in [run_dir / "skipped.csv", *sorted(run_dir.glob("skipped.rank*.csv"))] if p.exists()]
     if logs:
@@ -89,6 +95,175 @@ def write_report(run_dir: Path, summary: dict, header: dict) -> Path:
                 paths.update(rec["path"] for rec in csv.DictReader(fh))
         names = ", ".join(f"`{p.name}`" for p in logs)
         lines += ["", f"Skipped files (not decodable, logged in {names}): {len(paths)}"]
+    lines += _late_sections(run_dir, summary, examples)
     path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _late_sections(run_dir: Path, summary: dict, examples) -> list[str]:
+    """The contact sheet of skipped and quarantined files, then the test-split score."""
+    lines = []
+    manifest_dir = [Path(examples.path).parent] if examples is not None and examples.path else []
+    bad = bad_files(run_dir, *manifest_dir)  # the loaders' skips, train's and the manifest step's quarantine
+    if bad:
+        lines += ["", *_picture_section(lambda: skipped_sheet(bad, run_dir / "pictures"))]
+    if summary.get("test"):
+        lines += ["", *split_section(summary["test"], run_dir / "test")]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+THUMB = 112          # thumbnail side in pixels
+PER_CLASS = 3        # thumbnails of each class of a confused pair
+MAX_PAIRS = 8        # confused pairs pictured
+SHEET_CAP = 24       # skipped / quarantined files pictured (the rest are counted)
+
+
+def _picture_section(make) -> list[str]:
+    """The markdown of a picture maker; a failure to draw costs the picture, never the report."""
+    try:
+        return make()
+    except Exception as e:
+        _logger.warning("pictures not drawn: %s", e)
+        return []
+
+
+def _thumb(path: str, reason: str = ""):
+    """A THUMB x THUMB tile of the image (aspect kept, on grey), or a dark tile saying it cannot be shown."""
+    from PIL import Image, ImageDraw
+
+    from pillsnap_dali.imageio import open_rgb
+
+    tile = Image.new("RGB", (THUMB, THUMB), (96, 96, 96))
+    try:
+        im = open_rgb(path)  # the header is checked before decoding: a bomb or a broken file is refused
+        im.thumbnail((THUMB, THUMB))
+        tile.paste(im, ((THUMB - im.width) // 2, (THUMB - im.height) // 2))
+    except Exception:  # the skipped files are mostly undecodable: that is what the tile shows
+        tile.paste((40, 40, 40), (0, 0, THUMB, THUMB))
+        ImageDraw.Draw(tile).text((6, THUMB // 2 - 6), "cannot decode", fill=(255, 120, 120))
+    return tile
+
+
+def _caption(canvas, xy, text: str, width: int) -> None:
+    from PIL import ImageDraw
+
+    ImageDraw.Draw(canvas).text(xy, text.encode("ascii", "replace").decode()[: max(4, width // 6)], fill=(0, 0, 0))
+
+
+def class_examples(manifest, codes: set, per_class: int = PER_CLASS) -> dict[str, list[str]]:
+    """The first ``per_class`` images of each K-code of ``codes`` in ``manifest`` (a Manifest), single-pill
+    images first (a combination image shows other drugs too)."""
+    out: dict[str, list[str]] = {}
+    order = sorted(range(len(manifest.paths)), key=lambda i: manifest.image_types[i] != "single")  # singles first
+    for i in order:
+        code = manifest.codes[i]
+        if code in codes and len(out.setdefault(code, [])) < per_class:
+            out[code].append(manifest.paths[i])
+    return out
+
+
+def confusion_pictures(pairs: list[dict], manifest, pictures: Path) -> list[str]:
+    """One PNG per confused pair (true class's thumbnails | predicted class's), and the markdown table that
+    shows them with the K-codes and drug names (names in the table: the PNG fonts have no Hangul)."""
+    from PIL import Image
+
+    pairs = pairs[:MAX_PAIRS]
+    ex = class_examples(manifest, {p["true"] for p in pairs} | {p["pred"] for p in pairs})
+    pictures.mkdir(parents=True, exist_ok=True)
+    lines = ["### What the most confused pairs look like", "",
+             f"Left: {PER_CLASS} images of the true K-code; right: of the K-code predicted for it.", "",
+             "| true | name | predicted | name | count | images (true \\| predicted) |", "|---|---|---|---|---|---|"]
+    half = PER_CLASS * THUMB
+    for k, p in enumerate(pairs, 1):
+        canvas = Image.new("RGB", (2 * half + 12, THUMB + 16), (255, 255, 255))
+        for side, code in ((0, p["true"]), (half + 12, p["pred"])):
+            _caption(canvas, (side + 2, 2), ("true " if side == 0 else "predicted ") + code, half)
+            for j, path in enumerate(ex.get(code, [])):
+                canvas.paste(_thumb(path), (side + j * THUMB, 16))
+        name = f"confused_{k:02d}.png"
+        canvas.save(pictures / name)
+        lines.append(f"| {p['true']} | {p['true_name']} | {p['pred']} | {p['pred_name']} | {p['count']} | "
+                     f"![{p['true']} vs {p['pred']}]({pictures.name}/{name}) |")
+    return lines
+
+
+def bad_files(run_dir: Path, *manifest_dirs: Path) -> list[tuple[str, str, str]]:
+    """(path, reason, where) of every skipped (skipped*.csv) and quarantined (quarantine.csv) file of a run
+    dir and of the manifest dirs (the manifest step's quarantine), each path once."""
+    found: dict[str, tuple[str, str, str]] = {}
+    sources = [(p, "skipped") for p in sorted(run_dir.glob("skipped*.csv")) if not p.name.endswith(".old.csv")]
+    sources += [(d / "quarantine.csv", "quarantined") for d in (run_dir, *manifest_dirs)]
+    for log, where in sources:
+        if not log.is_file():
+            continue
+        with open(log, newline="", encoding="utf-8") as fh:
+            for rec in csv.DictReader(fh):
+                if rec.get("path") and rec["path"] not in found:
+                    found[rec["path"]] = (rec["path"], rec.get("reason", ""), where)
+    # the layout pictures (*_index.png) are quarantined by design: after the files that really failed
+    return sorted(found.values(), key=lambda b: b[1] == "index image")
+
+
+def skipped_sheet(bad: list[tuple[str, str, str]], pictures: Path, cap: int = SHEET_CAP, cols: int = 6) -> list[str]:
+    """A contact sheet of at most ``cap`` skipped / quarantined files with their reasons, and its markdown."""
+    from PIL import Image
+
+    shown = bad[:cap]
+    rows = -(-len(shown) // cols)
+    cell_h = THUMB + 28
+    sheet = Image.new("RGB", (cols * THUMB, rows * cell_h), (255, 255, 255))
+    for i, (path, reason, where) in enumerate(shown):
+        x, y = (i % cols) * THUMB, (i // cols) * cell_h
+        sheet.paste(_thumb(path), (x, y))
+        _caption(sheet, (x + 2, y + THUMB + 1), Path(path).name, THUMB)
+        _caption(sheet, (x + 2, y + THUMB + 13), f"{where}: {reason}", THUMB)
+    pictures.mkdir(parents=True, exist_ok=True)
+    sheet.save(pictures / "skipped.png")
+    more = f" ({len(bad) - cap} more not shown)" if len(bad) > cap else ""
+    lines = [f"## Skipped and quarantined files: {len(bad)}{more}", "",
+             f"![skipped and quarantined files]({pictures.name}/skipped.png)", "", "| file | reason | |", "|---|---|---|"]
+    return lines + [f"| `{Path(p).name}` | {r} | {w} |" for p, r, w in shown]
+
+
+# ----------------------------------------------------------------------------------------- test split
+def _met(x: dict) -> str:
+    if x["met"]:
+        return "yes"
+    return f"NO ({x['classes_below']} classes below)" if x.get("classes_below") else "NO"
+
+
+def split_section(t: dict, test_dir: Path | None = None, heading: str = "## Test split") -> list[str]:
+    """The markdown of an ``evaluate`` summary: scores, targets, worst classes, absent classes."""
+    where = f" (files in `{test_dir}`)" if test_dir else ""
+    lines = [heading, "", f"`{t['checkpoint']}` on `{t['manifest']}`{where}: {t['images']} images, top-1 "
+             f"**{t['top1']:.4f}**, top-5 **{t['top5']:.4f}**, macro precision {t['macro_precision']:.4f}, recall "
+             f"{t['macro_recall']:.4f}, F1 {t['macro_f1']:.4f}; {t['skipped']} skipped.", ""]
+    if t["targets"]:
+        lines += ["| target | goal | value | met |", "|---|---|---|---|"]
+        lines += [f"| {x['target']} | {x['goal']:.0%} | {x['value']:.4f} | {_met(x)} |" for x in t["targets"]]
+        lines += ["", f"Stage targets {'met' if t['targets_met'] else 'NOT met'}.", ""]
+    if t["absent_classes"]:
+        lines += [f"{t['absent_rows']} test rows of {len(t['absent_classes'])} K-code(s) absent from training (not "
+                  "scored): " + ", ".join(f"{c} ({n})" for c, n in t["absent_classes"].items()), ""]
+    if t["worst_classes"]:
+        lines += [f"Worst {len(t['worst_classes'])} classes by recall:", "",
+                  "| K-code | name | support | precision | recall |", "|---|---|---|---|---|"]
+        lines += [f"| {w['k_code']} | {w['dl_name']} | {w['support']} | {w['precision']:.4f} | {w['recall']:.4f} |"
+                  for w in t["worst_classes"]]
+    return lines
+
+
+def write_test_report(out_dir: Path, t: dict, manifest, class_map) -> Path:
+    """``report.md`` of ``python -m pillsnap_dali.evaluate``: the test section, the confused pairs with their
+    thumbnails, the skipped and missing files' contact sheet."""
+    lines = [f"# Test report: {Path(t['checkpoint']).name}", "", *split_section(t, heading="## Scores")]
+    if t["confusions"]:
+        lines += ["", *_picture_section(lambda: confusion_pictures(t["confusions"], manifest, out_dir / "pictures"))]
+    bad = bad_files(out_dir) + [(m["path"], m["reason"], "missing") for m in t["missing_files"]]
+    if bad:
+        lines += ["", *_picture_section(lambda: skipped_sheet(bad, out_dir / "pictures"))]
+    path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
