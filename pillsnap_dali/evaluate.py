@@ -202,7 +202,7 @@ def _print(summary: dict) -> None:
 def _main(args) -> int:
     existing_file(args.checkpoint, "--checkpoint")
     existing_file(args.manifest, "--manifest")
-    check_device(args.device)
+    check_device(args.device or "auto")
     cfg = _config(args)
     dev = select_device(args.device or "auto").torch
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / "test"

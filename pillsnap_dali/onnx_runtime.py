@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pillsnap_dali.config import PreprocessConfig
+from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.optional import require
 
@@ -27,7 +28,7 @@ CLASSIFIER, DETECTOR = "classifier", "detector"  # file stems in an export dir
 INPUT, OUTPUT = "input", "output"
 
 
-class ExportDirError(ValueError):
+class ExportDirError(PillsnapError, ValueError):
     """An export dir that is missing a file or holds one that does not fit (one line, exit 2)."""
 
 

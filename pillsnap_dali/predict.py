@@ -70,9 +70,9 @@ def load_detector(weights: str | Path):
     """An Ultralytics YOLO from LOCAL weights (never downloaded), loaded with ``weights_only=True`` against
     an allow-list (``weights.load_yolo``): a crafted file is refused, never executed. Note: its CPU predictor
     sets torch threads to min(8, cores - 1)."""
-    from pillsnap_dali.weights import check_detector_weights, load_yolo
+    from pillsnap_dali.weights import load_yolo
 
-    return load_yolo(check_detector_weights(weights), task="detect")
+    return load_yolo(weights, task="detect")  # a .pt is name-checked there before Ultralytics sees it
 
 
 def _detector_imgsz(detector, default: int) -> int:

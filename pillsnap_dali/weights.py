@@ -92,7 +92,10 @@ def load_yolo(spec: str | Path, task: str = "detect"):
 
     ultralytics_offline()  # offline + force_safe_load
     spec = str(spec)
-    if not spec.lower().endswith(MODEL_SUFFIXES):
+    if spec.lower().endswith(".onnx"):  # an exported detector: a protobuf graph, no pickle, nothing to run
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"detector weights not found: {spec}")
+    elif not spec.lower().endswith(MODEL_SUFFIXES):
         check_detector_weights(spec)
         if not safe_load_supported():
             raise WeightsError(f"{spec}: the installed Ultralytics/torch cannot load weights without running code: "

@@ -27,7 +27,7 @@ from pillsnap_dali.training.checkpoint import CheckpointError
 
 # like test_train's, without a --set of loader.threads (--threads is under test here)
 TINY = ["--model", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--lr", "0.003",
-        "--set", "train.warmup_epochs=0", "--set", "train.log_interval=2"]
+        "--set", "train.warmup_epochs=0", "--set", "train.log_interval=2", "--set", "train.max_skipped=0.1"]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pillsnap_dali.training.report import SHEET_CAP, THUMB, skipped_sheet
 
 TINY = ["--model", "resnet18", "--img-size", "48", "--batch-size", "16", "--epochs", "2", "--set",
         "train.warmup_epochs=0", "--set", "loader.threads=1", "--set", "loader.workers=1", "--set",
-        "train.tensorboard=false"]
+        "train.tensorboard=false", "--set", "train.max_skipped=0.1"]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pillsnap_dali.training.checkpoint import load_checkpoint
 
 TINY = ["--model", "resnet18", "--img-size", "48", "--batch-size", "16", "--epochs", "2", "--set",
         "train.warmup_epochs=0", "--set", "loader.threads=1", "--set", "loader.workers=1", "--set", "train.ema=true",
-        "--set", "train.ema_decay=0.5", "--set", "train.tensorboard=false"]
+        "--set", "train.ema_decay=0.5", "--set", "train.tensorboard=false", "--set", "train.max_skipped=0.1"]
 
 
 @pytest.fixture(scope="module")

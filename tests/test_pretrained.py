@@ -18,7 +18,7 @@ from pillsnap_dali.training.checkpoint import load_checkpoint
 
 MODEL = "test_efficientnet"  # published as timm/test_efficientnet.r160_in1k
 TINY = ["--model", MODEL, "--img-size", "32", "--batch-size", "16", "--epochs", "1", "--set", "loader.threads=1",
-        "--set", "loader.workers=1", "--set", "train.warmup_epochs=0"]
+        "--set", "loader.workers=1", "--set", "train.warmup_epochs=0", "--set", "train.max_skipped=0.1"]
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -118,14 +118,15 @@ def test_predict_cli_refuses_a_crafted_file(tmp_path, capsys, flag):
 
 def test_classifier_loaders_use_weights_only(tmp_path):
     """--classifier, --pretrained and --resume all go through load_checkpoint (weights_only=True)."""
-    from pillsnap_dali.training.model import load_pretrained as _load_pretrained
+    from pillsnap_dali.training.model import load_classifier, load_pretrained as _load_pretrained
+    from pillsnap_dali.training.resume import load_training_state
 
     path, marker = _payload(tmp_path)
     cm = ClassMap(codes=["K-000001", "K-000002"])
     for load in (lambda: ckpt.load_checkpoint(path),
-                 lambda: ckpt.load_training_state(path, cm),
+                 lambda: load_training_state(path, cm),
                  lambda: _load_pretrained(timm.create_model("resnet18", num_classes=2), str(path), cm),
-                 lambda: ckpt.load_classifier(path, device="cpu")):
+                 lambda: load_classifier(path, device="cpu")):
         with pytest.raises(ckpt.CheckpointError) as e:
             load()
         assert "\n" not in str(e.value).strip() and str(path) in str(e.value)

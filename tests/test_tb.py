@@ -11,7 +11,7 @@ from pillsnap_dali.data.build import build_manifests
 
 TINY = ["--model", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--epochs", "2",
         "--set", "train.warmup_epochs=0", "--set", "loader.threads=1", "--set", "loader.workers=1",
-        "--set", "train.log_interval=1"]
+        "--set", "train.log_interval=1", "--set", "train.max_skipped=0.1"]
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,8 @@ def _file_keys(path: str) -> set:
 
         with safe_open(path, "pt") as fh:
             return set(fh.keys())
-    from pillsnap_dali.training.checkpoint import load_checkpoint, unwrap_state_dict
+    from pillsnap_dali.training.checkpoint import load_checkpoint
+    from pillsnap_dali.training.model import unwrap_state_dict
 
     return set(unwrap_state_dict(load_checkpoint(path)))
 
