@@ -652,10 +652,17 @@ def test_a_class_map_in_another_order_is_refused_on_resume_naming_the_moved_code
 
 def test_target_accuracy_never_reached_runs_every_epoch_and_one_reached_later_stops_there(manifests, tmp_path,
                                                                                           capsys):
-    base = _args(manifests, tmp_path, "--epochs", "4", "--backend", "pil", "--set", "loader.workers=0")
-    assert train.main([*base, "--name", "free"]) == 0
-    top1 = [h["val_top1"] for h in _history(tmp_path / "free")]
-    later = next(k for k in range(1, len(top1)) if top1[k] > max(top1[:k]))  # first reached after epoch 0
+    # a seed whose curve first reaches a new best after epoch 0 (each seed's run is deterministic; on 12 val
+    # images the curve of a given seed may also only fall)
+    for seed in range(8):
+        base = _args(manifests, tmp_path, "--epochs", "4", "--backend", "pil", "--set", "loader.workers=0",
+                     "--seed", str(seed))
+        assert train.main([*base, "--name", f"free{seed}"]) == 0
+        top1 = [h["val_top1"] for h in _history(tmp_path / f"free{seed}")]
+        later = next((k for k in range(1, len(top1)) if top1[k] > max(top1[:k])), None)  # first reached after 0
+        if later is not None:
+            break
+    assert later is not None, "no seed gave a curve that improves after epoch 0"
     assert train.main([*base, "--name", "never", "--target-accuracy", str(max(top1) + 1e-6)]) == 0
     assert [h["epoch"] for h in _history(tmp_path / "never")] == [0, 1, 2, 3]
     capsys.readouterr()
