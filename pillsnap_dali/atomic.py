@@ -39,3 +39,14 @@ def atomic_open(path: str | Path, mode: str = "w", **open_kw) -> Iterator[IO]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_open(path) as fh:
         fh.write(text)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (the writer of a temp file or a lock): a file of a dead one is stale."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

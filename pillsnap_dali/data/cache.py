@@ -48,7 +48,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from pillsnap_dali.atomic import atomic_write_text
+from pillsnap_dali.atomic import atomic_write_text, pid_alive
 from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_main, setup_logging
 from pillsnap_dali.data.classmap import ClassMap, ClassMapMismatch
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, open_rgb
@@ -369,15 +369,6 @@ def _remove_tmp(cache_dir: Path) -> int:
     return len(stale)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _take_lock(lock: Path) -> None:
     """Create the lock file exclusively; a lock whose process is gone is stale and taken over (once)."""
@@ -389,7 +380,7 @@ def _take_lock(lock: Path) -> None:
                 pid = int(lock.read_text().strip() or 0)
             except (OSError, ValueError):
                 pid = 0
-            if pid and _pid_alive(pid):
+            if pid and pid_alive(pid):
                 raise PrepareError(f"another prepare run (pid {pid}) is using {lock.parent}; wait for it to end "
                                    f"(or remove {lock} if that process is not a prepare run)") from None
             _logger.info("removing the stale lock of pid %s in %s", pid, lock.parent)

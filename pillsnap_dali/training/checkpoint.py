@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pillsnap_dali.atomic import atomic_open
+from pillsnap_dali.atomic import atomic_open, pid_alive
 from pillsnap_dali.config import PreprocessConfig
 from pillsnap_dali.weights import one_line
 from pillsnap_dali.errors import PillsnapError
@@ -78,22 +78,13 @@ def remove_orphan_temps(folder: str | Path) -> list[Path]:
     removed = []
     for p in Path(folder).glob(".*.tmp*"):
         m = re.fullmatch(r"\..+\.tmp(\d+)", p.name)
-        if m and (int(m.group(1)) == os.getpid() or not _alive(int(m.group(1)))):
+        if m and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
             p.unlink(missing_ok=True)
             removed.append(p)
     if removed:
         _logger.info("removed %d temporary file(s) left by an interrupted write in %s", len(removed), folder)
     return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def deployed_weights(ck: dict, without_key: str = "ema") -> dict:
