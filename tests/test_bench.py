@@ -57,3 +57,42 @@ def test_bench_readers_compares_read_ahead_with_reading_in_place(tmp_path, capsy
     assert res["0"]["callback_ms_per_batch"] > 5 * 8
     assert res["2"]["callback_ms_per_batch"] < res["0"]["callback_ms_per_batch"]
     assert "| 0 | 5 |" in capsys.readouterr().out
+
+
+def test_peer_arms_draw_the_same_crop_and_flip(tmp_path):
+    """OpenCV (reduced decode), torchvision and PIL draft produce the same training sample for a row: same crop
+    window and flip, so the arms differ only in how they decode and resize."""
+    import numpy as np
+
+    from pillsnap_dali.bench.loaders import write_bench_images
+    from pillsnap_dali.bench.peers import SAMPLERS, Drawer
+    path = write_bench_images(tmp_path, 1, fmt="jpeg", size=(488, 640))[0]
+    buf = np.fromfile(path, dtype=np.uint8)
+    drawer = Drawer(96, (0.5, 1.0), (0.75, 4 / 3), 0.5, seed=3)
+    d = drawer(488, 640, row=0, epoch=1)
+    assert drawer.reduction(d) >= 2  # a crop >= 2x the output: the JPEG is decoded at 1/2 (or less) in the DCT
+    outs = {name: sample(buf, drawer, 0, 1).float() for name, sample in SAMPLERS.items()}
+    assert all(o.shape == (3, 96, 96) for o in outs.values())
+    ref = outs["torchvision"]
+    for name, o in outs.items():
+        assert (o - ref).abs().mean() < 6, name  # same window and flip: only resampling differences
+    never, always = (Drawer(96, (0.5, 1.0), (0.75, 4 / 3), p, seed=3) for p in (0.0, 1.0))
+    for sample in SAMPLERS.values():
+        plain, flipped = sample(buf, never, 0, 1).float(), sample(buf, always, 0, 1).float()
+        assert (flipped - plain.flip(2)).abs().max() == 0 and (flipped - plain).abs().mean() > 1
+
+
+def test_bench_decode_peer_arms_and_best_peer_ratio(tmp_path, capsys):
+    out = tmp_path / "dec"
+    assert bench.main(["decode", "--formats", "jpeg", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
+                       "--reps", "1", "--threads", "1", "--no-model", "--arms", "dali-cpu,opencv,torchvision,pil-draft",
+                       "--out", str(out), "--workdir", str(tmp_path / "img")]) == 0
+    res = json.loads((out / "results.json").read_text())["inputs"]["jpeg"]
+    arms = res["results"]
+    assert set(arms) == {"dali-cpu", "opencv", "torchvision", "pil-draft"}
+    best = res["best_peer"]["cpu"]
+    assert best["images_per_s"] == max(arms[p]["images_per_s"] for p in ("opencv", "torchvision", "pil-draft"))
+    assert abs(res["vs_best_peer"]["dali-cpu"] - arms["dali-cpu"]["images_per_s"] / best["images_per_s"]) < 1e-9
+    assert all(a["cpu_ms_per_image"] > 0 for a in arms.values())  # the peers' workers' CPU time is counted
+    text = capsys.readouterr().out
+    assert f"jpeg: best cpu peer {best['arm']}" in text and "vs best peer" in text

@@ -105,7 +105,7 @@ def _delegate(module: str):
     return run
 
 
-HELP = {"decode": "DALI vs PIL images/s for the 384 px training loaders, with decode-only and model ceilings "
+HELP = {"decode": "DALI vs PIL and the peer loaders (OpenCV, torchvision, PIL draft) images/s at 384 px, with ceilings "
                   "(scripts/bench_decode.sh)",
         "step": "model-only training throughput on synthetic input (the ceiling a training run is held to)",
         "scan": "scan rate of an AI Hub tree (images per CPU-second)",
