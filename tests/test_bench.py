@@ -96,3 +96,19 @@ def test_bench_decode_peer_arms_and_best_peer_ratio(tmp_path, capsys):
     assert all(a["cpu_ms_per_image"] > 0 for a in arms.values())  # the peers' workers' CPU time is counted
     text = capsys.readouterr().out
     assert f"jpeg: best cpu peer {best['arm']}" in text and "vs best peer" in text
+
+
+def test_bench_epochs_reports_rss_per_epoch_and_its_slope(tmp_path, capsys):
+    out = tmp_path / "epochs.json"
+    assert bench.main(["epochs", "--epochs", "3", "--images", "4", "--size", "32", "--batch", "2", "--threads", "1",
+                       "--workdir", str(tmp_path / "img"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["backend"] == "dali-cpu" and len(res["rss_mb"]) == 3 and res["images"] == 4
+    assert res["rss"]["first"] == res["rss_mb"][0] and res["rss"]["max"] == max(res["rss_mb"]) > 50
+    assert "| RSS MB |" in capsys.readouterr().out
+
+
+def test_slope_per_epoch_sees_a_leak_and_ignores_the_warm_up():
+    from pillsnap_dali.bench.epochs import slope_per_epoch
+    assert abs(slope_per_epoch([500, 900, 901, 902, 903]) - 1.0) < 1e-9  # the first epoch left out
+    assert abs(slope_per_epoch([100, 100, 100])) < 1e-9 and slope_per_epoch([5.0]) == 0.0

@@ -97,6 +97,31 @@ def _readers(argv) -> int:
                  res, a.json)
 
 
+def _epochs(argv) -> int:
+    from pillsnap_dali.bench.epochs import bench_epochs
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench epochs",
+                                description="RSS (and NVML device memory with CUDA) after each of N short epochs "
+                                            "of the DALI classification loader: first / last / max and the slope")
+    p.add_argument("--epochs", type=int, default=30, help="epochs (30)")
+    p.add_argument("--images", type=int, default=32, help="generated 244x320 JPEGs per epoch (32)")
+    p.add_argument("--size", type=int, default=64, help="training size in pixels (64)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (16)")
+    p.add_argument("--threads", type=int, default=2, help="DALI CPU threads (2)")
+    p.add_argument("--backend", default="auto", choices=["auto", "dali", "dali-cpu", "pil"],
+                   help="loader backend (auto: dali with CUDA, else dali-cpu)")
+    p.add_argument("--workdir", default="bench_results/epochs_images", help="where the images are generated")
+    p.add_argument("--json", help="write the result here")
+    a = p.parse_args(argv)
+    res = bench_epochs(a.workdir, epochs=a.epochs, images=a.images, size=a.size, batch=a.batch, threads=a.threads,
+                       backend=a.backend)
+    rows = [{"memory": "RSS MB", **{k: f"{v:.1f}" for k, v in res["rss"].items()}}]
+    if "device_mem" in res:
+        rows.append({"memory": "device GB", **{k: f"{v:.3f}" for k, v in res["device_mem"].items()}})
+    print(f"{res['backend']}: {res['epochs']} epochs of {res['images']} images at {res['size']} px, "
+          f"median epoch {res['epoch_s_median']:.2f} s (slope: least squares from epoch 2)")
+    return _emit(rows, res, a.json)
+
+
 def _delegate(module: str):
     def run(argv) -> int:
         import importlib
@@ -110,9 +135,10 @@ HELP = {"decode": "DALI vs PIL and the peer loaders (OpenCV, torchvision, PIL dr
         "step": "model-only training throughput on synthetic input (the ceiling a training run is held to)",
         "scan": "scan rate of an AI Hub tree (images per CPU-second)",
         "predict": "prediction latency per image, p50/p95 (single or combo)",
-        "readers": "the loader with and without read-ahead threads, optionally with a storage latency per file"}
+        "readers": "the loader with and without read-ahead threads, optionally with a storage latency per file",
+        "epochs": "RSS / device memory after each of N short epochs of the DALI loader (a leak shows as a slope)"}
 COMMANDS = {"step": _step, "decode": _delegate("bench.decode"), "scan": _delegate("bench.scan"),
-            "predict": _predict, "readers": _readers}
+            "predict": _predict, "readers": _readers, "epochs": _epochs}
 
 
 def main(argv=None) -> int:
