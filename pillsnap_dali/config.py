@@ -133,6 +133,7 @@ class TrainConfig:
     log_interval: int = 20
     save_every: int = 0
     seed: int = 0
+    torch_threads: AutoInt = AUTO  # torch's intra-op CPU threads; auto: pillsnap_dali.threads
     device: str = "auto"
     out: str = "runs"
     name: Optional[str] = None

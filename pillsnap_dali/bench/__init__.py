@@ -10,7 +10,7 @@ import torch
 
 
 def _step(argv) -> int:
-    from pillsnap_dali.bench.step import bench_step
+    from pillsnap_dali.bench.step import bench_step, bench_step_threads
     from pillsnap_dali.config import load_config
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench step",
                                 description="model-only training throughput on synthetic input (the ceiling)")
@@ -22,6 +22,11 @@ def _step(argv) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed steps per repetition (10)")
     p.add_argument("--reps", type=int, default=3, help="repetitions after a warm-up; the median is reported (3)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--torch-threads", default="torch",
+                   help="comma-separated torch thread settings, each measured: torch (torch's default, one per core),"
+                        " auto (train.torch_threads=auto: the cores the stage's loader leaves), or a number (torch)")
+    p.add_argument("--busy", default="0", help="comma-separated counts of competing busy processes (Python loops, "
+                                              "one core each) started for the measurement, e.g. 0,1 (0)")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     a = p.parse_args(argv)
@@ -32,11 +37,19 @@ def _step(argv) -> int:
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     # the demo stage takes every class of its synthetic tree (manifest.classes is only an upper bound there)
     n = a.num_classes or (cfg.data.synth.classes if cfg.stage == "demo" else cfg.manifest.classes)
-    res = bench_step(cfg, device=dev, batch=a.batch_size or cfg.train.batch_size, steps=a.steps, reps=a.reps,
-                     num_classes=n)
-    return _emit({"model": res["model"], "px": res["img_size"], "batch": res["batch"], "device": res["device"],
-                  "img/s median": f"{res['images_per_s']:.1f}", "min": f"{res['min']:.1f}",
-                  "max": f"{res['max']:.1f}"}, res, a.json)
+    kw = dict(device=dev, batch=a.batch_size or cfg.train.batch_size, steps=a.steps, reps=a.reps, num_classes=n)
+    settings = [s.strip() for s in a.torch_threads.split(",") if s.strip()]
+    busy = [int(b) for b in a.busy.split(",")]
+    if settings == ["torch"] and busy == [0]:
+        res = bench_step(cfg, **kw)  # torch's own threads, nothing else running: the plain ceiling
+        return _emit({"model": res["model"], "px": res["img_size"], "batch": res["batch"], "device": res["device"],
+                      "img/s median": f"{res['images_per_s']:.1f}", "min": f"{res['min']:.1f}",
+                      "max": f"{res['max']:.1f}"}, res, a.json)
+    runs = bench_step_threads(cfg, settings=settings, busy=busy, **kw)
+    return _emit([{"model": r["model"], "px": r["img_size"], "batch": r["batch"], "device": r["device"],
+                   "busy processes": r["busy"], "torch threads": f"{r['setting']} ({r['torch_threads']})",
+                   "img/s median": f"{r['images_per_s']:.1f}", "min": f"{r['min']:.1f}", "max": f"{r['max']:.1f}"}
+                  for r in runs], {"runs": runs}, a.json)
 
 
 def _emit(rows: dict | list, result: dict, json_path: str | None) -> int:

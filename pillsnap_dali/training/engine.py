@@ -22,6 +22,7 @@ from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import Config
 from pillsnap_dali.gpumon import GpuMonitor
+from pillsnap_dali.threads import apply_torch_threads
 from pillsnap_dali.data.manifest import Manifest
 from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
 
@@ -253,6 +254,7 @@ class Trainer:
                                          sample_weights=sampler_weights(data.train_labels, cfg), **common)
         self.val_loader = build_loader(data.val, data.val_labels, train=False, **common)
         self.backend = self.train_loader.backend
+        apply_torch_threads(cfg, self.backend)  # torch's CPU threads: the cores the loader leaves (threads.py)
         self.optimizer = build_optimizer(cfg, self.model)
         steps = max(1, len(self.train_loader)) * max(1, cfg.train.epochs)
         warm = int(cfg.train.warmup_epochs * len(self.train_loader))
