@@ -112,3 +112,17 @@ def test_slope_per_epoch_sees_a_leak_and_ignores_the_warm_up():
     from pillsnap_dali.bench.epochs import slope_per_epoch
     assert abs(slope_per_epoch([500, 900, 901, 902, 903]) - 1.0) < 1e-9  # the first epoch left out
     assert abs(slope_per_epoch([100, 100, 100])) < 1e-9 and slope_per_epoch([5.0]) == 0.0
+
+
+def test_bench_ops_times_each_arm_op_by_op(tmp_path, capsys):
+    from pillsnap_dali.bench.loaders import write_bench_images
+    write_bench_images(tmp_path / "img", 2, fmt="jpeg", size=(244, 320))
+    out = tmp_path / "ops.json"
+    assert bench.main(["ops", str(tmp_path / "img"), "--size", "48", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    ops = res["ms_per_sample"]
+    assert all(v > 0 for v in ops.values()) and res["files"] == 2
+    assert {"opencv: imdecode reduced", "torchvision: decode_image", "dali: decode + random crop (ROI decode)",
+            "dali: full graph (+ flip, uint8 CHW)"} <= set(ops)
+    assert sum(res["reductions"].values()) == 2
+    assert "| opencv: imdecode full |" in capsys.readouterr().out

@@ -135,6 +135,22 @@ def _epochs(argv) -> int:
     return _emit(rows, res, a.json)
 
 
+def _ops(argv) -> int:
+    from pillsnap_dali.bench.loaders import _paths_of
+    from pillsnap_dali.bench.ops import bench_ops
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench ops",
+                                description="CPU ms per training sample, op by op on one thread, for each arm "
+                                            "of bench decode (where a peer wins, which op)")
+    p.add_argument("source", help="a folder of images or a manifest (e.g. bench_results/images/jpeg_976x1280)")
+    p.add_argument("--limit", type=int, default=16, help="files used (16)")
+    p.add_argument("--size", type=int, default=384, help="training size (384)")
+    p.add_argument("--json", help="write the result here")
+    a = p.parse_args(argv)
+    res = bench_ops(_paths_of(a.source)[:a.limit], size=a.size)
+    return _emit([{"op": k, "ms/sample (1 thread)": f"{v:.2f}"} for k, v in res["ms_per_sample"].items()],
+                 res, a.json)
+
+
 def _delegate(module: str):
     def run(argv) -> int:
         import importlib
@@ -149,9 +165,11 @@ HELP = {"decode": "DALI vs PIL and the peer loaders (OpenCV, torchvision, PIL dr
         "scan": "scan rate of an AI Hub tree (images per CPU-second)",
         "predict": "prediction latency per image, p50/p95 (single or combo)",
         "readers": "the loader with and without read-ahead threads, optionally with a storage latency per file",
+        "ops": "CPU ms per training sample, op by op on one thread, for each decode arm",
         "epochs": "RSS / device memory after each of N short epochs of the DALI loader (a leak shows as a slope)"}
 COMMANDS = {"step": _step, "decode": _delegate("bench.decode"), "scan": _delegate("bench.scan"),
-            "predict": _predict, "readers": _readers, "epochs": _epochs}
+            "predict": _predict, "readers": _readers, "epochs": _epochs,
+            "ops": _ops}
 
 
 def main(argv=None) -> int:
