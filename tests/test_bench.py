@@ -1,6 +1,8 @@
 """The benchmark CLI's subcommands run end to end (tiny sizes; figures live in docs/benchmarks.md)."""
 import json
 
+import pytest
+
 from pillsnap_dali import bench
 
 
@@ -38,8 +40,6 @@ def test_bench_scan_and_unknown_command(capsys):
 
 
 def test_bench_predict_combo_needs_a_detector(capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as e:
         bench.main(["predict", "x.png", "--classifier", "y.pt", "--mode", "combo"])
     assert e.value.code == 2 and "--mode combo needs --detector" in capsys.readouterr().err
@@ -126,3 +126,28 @@ def test_bench_ops_times_each_arm_op_by_op(tmp_path, capsys):
             "dali: full graph (+ flip, uint8 CHW)"} <= set(ops)
     assert sum(res["reductions"].values()) == 2
     assert "| opencv: imdecode full |" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_gpu_peer_arm_and_dali_against_the_best_gpu_peer(tmp_path):
+    """With CUDA: torchvision's batched GPU JPEG decode + v2 on the GPU gives the batch the CPU peers give,
+    and bench decode rates `dali` against it (skipped here without CUDA; run by scripts/gpu_check.sh)."""
+    import numpy as np
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+    from pillsnap_dali.bench.loaders import write_bench_images
+    from pillsnap_dali.bench.peers import Drawer, gpu_batch, torchvision_sample
+    path = write_bench_images(tmp_path / "img", 1, fmt="jpeg", size=(244, 320))[0]
+    buf = np.fromfile(path, dtype=np.uint8)
+    drawer = Drawer(48, (0.5, 1.0), (0.75, 4 / 3), 0.5)
+    got = gpu_batch([torch.from_numpy(buf)], torch.tensor([0]), drawer, 1, lambda x: x)
+    assert got.device.type == "cuda" and got.shape == (1, 3, 48, 48)
+    assert (got[0].cpu().float() - torchvision_sample(buf, drawer, 0, 1).float()).abs().mean() < 4
+    out = tmp_path / "dec"
+    assert bench.main(["decode", "--formats", "jpeg", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
+                       "--reps", "1", "--threads", "1", "--no-model", "--arms", "dali,torchvision-gpu",
+                       "--out", str(out), "--workdir", str(tmp_path / "img2")]) == 0
+    res = json.loads((out / "results.json").read_text())["inputs"]["jpeg"]
+    assert res["best_peer"]["gpu"]["arm"] == "torchvision-gpu" and res["vs_best_peer"]["dali"] > 0
