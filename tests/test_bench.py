@@ -82,6 +82,41 @@ def test_peer_arms_draw_the_same_crop_and_flip(tmp_path):
         assert (flipped - plain.flip(2)).abs().max() == 0 and (flipped - plain).abs().mean() > 1
 
 
+def test_peer_arms_make_the_dali_cpu_training_batch(tmp_path):
+    """Each peer arm applies the dali-cpu loader's own draws (crop window, flip, jitter, from the upright header
+    size, EXIF-turned files included) and its colour step: the same normalized batch up to resampling, where
+    another epoch's draws give a different one."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pillsnap_dali.bench.loaders import _bench_config, bench_manifest, write_bench_images
+    from pillsnap_dali.bench.peers import SAMPLERS, _colour, drawer_for
+    from pillsnap_dali.loaders import build_loader
+    paths = [str(p) for p in write_bench_images(tmp_path, 2, fmt="jpeg", size=(244, 320))]
+    for orientation in (3, 6):  # turned 180 degrees; a quarter turn (sides swapped)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.open(paths[0]).save(tmp_path / f"turned{orientation}.jpg", quality=95, exif=exif.tobytes())
+        paths.append(str(tmp_path / f"turned{orientation}.jpg"))
+    cfg = _bench_config(48, 4, 1)
+    loader = build_loader(bench_manifest(paths), [0] * 4, cfg, train=True, device=torch.device("cpu"),
+                          backend="dali-cpu", seed=cfg.train.seed)
+    loader.set_epoch(1)
+    batch = next(iter(loader))
+    rows, drawer, colour = batch.rows.tolist(), drawer_for(cfg), _colour(cfg, "cpu")
+    bufs = [np.fromfile(paths[r], dtype=np.uint8) for r in rows]
+
+    def peer_batch(sample, epoch):
+        draws = [drawer.of_file(b, r, epoch) for b, r in zip(bufs, rows)]
+        return colour(torch.stack([sample(b, drawer, r, epoch, d) for b, r, d in zip(bufs, rows, draws)]),
+                      np.stack([d.aug for d in draws]))
+    for name, sample in SAMPLERS.items():
+        diff = (peer_batch(sample, 1) - batch.images).abs().mean(dim=(1, 2, 3))
+        assert diff.max() < 0.1, (name, diff)  # normalized units: resampling differences only
+    assert ((peer_batch(SAMPLERS["torchvision"], 2) - batch.images).abs().mean(dim=(1, 2, 3)) > 0.3).all()
+
+
 def test_bench_decode_peer_arms_and_best_peer_ratio(tmp_path, capsys):
     out = tmp_path / "dec"
     assert bench.main(["decode", "--formats", "jpeg", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
@@ -142,7 +177,7 @@ def test_gpu_peer_arm_and_dali_against_the_best_gpu_peer(tmp_path):
     path = write_bench_images(tmp_path / "img", 1, fmt="jpeg", size=(244, 320))[0]
     buf = np.fromfile(path, dtype=np.uint8)
     drawer = Drawer(48, (0.5, 1.0), (0.75, 4 / 3), 0.5)
-    got = gpu_batch([torch.from_numpy(buf)], torch.tensor([0]), drawer, 1, lambda x: x)
+    got = gpu_batch([torch.from_numpy(buf)], torch.tensor([0]), drawer, 1, lambda x, _aug: x)
     assert got.device.type == "cuda" and got.shape == (1, 3, 48, 48)
     assert (got[0].cpu().float() - torchvision_sample(buf, drawer, 0, 1).float()).abs().mean() < 4
     out = tmp_path / "dec"

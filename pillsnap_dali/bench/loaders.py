@@ -162,7 +162,8 @@ def _make_runner(name: str, paths: Sequence[str], cfg: Config, threads: int):
         raise ValueError(f"unknown benchmark variant {name!r}; choose from {list(BENCH_BACKENDS)}, dali, "
                          "dali:colour-graph, dali-cpu:colour-graph")
     device = torch.device("cuda" if backend == "dali" else "cpu")
-    loader = build_loader(bench_manifest(paths), [0] * len(paths), cfg, train=True, device=device, backend=backend)
+    loader = build_loader(bench_manifest(paths), [0] * len(paths), cfg, train=True, device=device, backend=backend,
+                          seed=cfg.train.seed)  # the peer arms draw with this seed too
     if variant:
         colour_in_graph(loader)
     return lambda epoch: _time_loader(loader, epoch)

@@ -14,13 +14,15 @@ import io
 import logging
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pillsnap_dali.bench.peers import Drawer, _crop_flip_tensor, is_jpeg
+from pillsnap_dali.config import AugmentConfig
+from pillsnap_dali.loaders.augment import draw_augment
 
 _logger = logging.getLogger(__name__)
 
@@ -103,34 +105,35 @@ def pil_draft_ops(bufs: list, draws: list, drawer: Drawer) -> dict:
 
 def colour_ops(size: int, batch: int = 16) -> dict:
     from pipelines import BatchColour
-    colour = BatchColour(hue=0.02, saturation=0.2, brightness=0.2, contrast=0.2, mean=(0.485, 0.456, 0.406),
-                         std=(0.229, 0.224, 0.225))
+    colour = BatchColour(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-    return {"all arms: batch colour + normalize (per image)": _ms(lambda _: colour(x), range(3)) / batch}
+    aug = draw_augment(AugmentConfig(), 0, 0, np.arange(batch), [(size, size)] * batch)  # the default jitter
+    return {"all arms: batch colour + normalize (per image)": _ms(lambda _: colour(x, aug), range(3)) / batch}
 
 
 class _Cycle:
-    """External source: the encoded files, ``batch`` at a time, round and round."""
+    """External source: the encoded files, ``batch`` at a time, round and round (with their draws ``augs``
+    for the training graph)."""
 
-    def __init__(self, bufs: list, batch: int):
-        self.bufs, self.batch, self.pos = bufs, batch, 0
+    def __init__(self, bufs: list, batch: int, augs: Optional[np.ndarray] = None):
+        self.bufs, self.batch, self.augs, self.pos = bufs, batch, augs, 0
 
     def __call__(self):
-        out = [self.bufs[(self.pos + i) % len(self.bufs)] for i in range(self.batch)]
+        idx = [(self.pos + i) % len(self.bufs) for i in range(self.batch)]
         self.pos += self.batch
-        return out, np.arange(self.batch, dtype=np.int64)
+        out = [self.bufs[i] for i in idx], np.arange(self.batch, dtype=np.int64)
+        return out if self.augs is None else (*out, self.augs[idx])
 
 
 def _dali_graphs(size: int) -> dict:
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
-    from pipelines import TrainSpec, train_graph
-    spec = TrainSpec(img_size=size, colour="batch")
+    aug = AugmentConfig()  # the training defaults' crop settings (DALI's own random crop: the same ROI decode)
 
     def crop(enc):
-        return fn.decoders.image_random_crop(enc, random_area=list(spec.random_area),
-                                             random_aspect_ratio=list(spec.random_aspect_ratio),
+        return fn.decoders.image_random_crop(enc, random_area=list(aug.random_area),
+                                             random_aspect_ratio=list(aug.random_aspect_ratio),
                                              device="cpu", output_type=types.RGB)
 
     def resize(img, **kw):
@@ -143,7 +146,7 @@ def _dali_graphs(size: int) -> dict:
                                                                       interp_type=types.INTERP_LINEAR),
             "dali: + resize triangular minification": lambda enc: resize(
                 crop(enc), interp_type=types.INTERP_LINEAR, min_filter=types.INTERP_TRIANGULAR),
-            "dali: full graph (+ flip, uint8 CHW)": lambda enc: train_graph(enc, spec),
+            "dali: full graph (+ flip, uint8 CHW)": None,  # train_graph itself, on the peers' draws
             "dali: prototype: flip inside the resize (ROI), HWC out": lambda enc: _flip_in_resize(crop(enc), size)}
 
 
@@ -158,16 +161,16 @@ def _flip_in_resize(images, size: int):
                      roi_start=start, roi_end=end, roi_relative=True)
 
 
-def dali_ops(bufs: list, size: int, batch: int = 16, iters: int = 4) -> dict:
+def dali_ops(bufs: list, augs: np.ndarray, size: int, batch: int = 16, iters: int = 4) -> dict:
     """CPU ms per sample of each DALI graph on one thread (the process's CPU time over ``iters`` batches of
-    ``batch`` after one warm-up batch)."""
+    ``batch`` after one warm-up batch); the training graph decodes the windows of the files' draws ``augs``."""
     from pipelines import PipelineOptions, classify_pipeline
     from pipelines.classify import TrainSpec
     out = {}
     for name, graph in _dali_graphs(size).items():
-        pipe = classify_pipeline(_Cycle(bufs, batch), TrainSpec(img_size=size),
+        pipe = classify_pipeline(_Cycle(bufs, batch, augs if graph is None else None), TrainSpec(img_size=size),
                                  PipelineOptions(batch_size=batch, num_threads=1, prefetch=1),
-                                 graph=lambda enc, spec, device, g=graph: g(enc))
+                                 graph=None if graph is None else (lambda enc, spec, device, g=graph: g(enc)))
         pipe.run()
         t0 = time.process_time()
         for _ in range(iters):
@@ -186,9 +189,10 @@ def bench_ops(paths: Sequence[str], *, size: int = 384, seed: int = 0) -> dict:
     try:
         bufs = [np.fromfile(p, dtype=np.uint8) for p in paths]
         drawer = Drawer(size, (0.25, 1.0), (0.75, 4 / 3), 0.5, seed)
-        draws = [drawer(*Image.open(p).size, row, 0) for row, p in enumerate(paths)]
+        draws = [drawer.of_file(b, row, 0) for row, b in enumerate(bufs)]
         ops = {**opencv_ops(bufs, draws, drawer), **torchvision_ops(bufs, draws, drawer),
-               **pil_draft_ops(bufs, draws, drawer), **colour_ops(size), **dali_ops(bufs, size)}
+               **pil_draft_ops(bufs, draws, drawer), **colour_ops(size),
+               **dali_ops(bufs, np.stack([d.aug for d in draws]), size)}
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv_threads)
