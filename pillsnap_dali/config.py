@@ -139,6 +139,7 @@ class TrainConfig:
     save_every: int = 0
     max_skipped: float = 0.05
     seed: int = 0
+    torch_threads: AutoInt = AUTO  # torch's intra-op CPU threads; auto: pillsnap_dali.threads
     device: str = "auto"
     out: str = "runs"
     name: Optional[str] = None

@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "dali", "dali-cpu", "pil"],
                    help=key_help("image loader, one of %(choices)s", "loader.backend"))
     add_shared_flags(p, ("device",))
-    p.add_argument("--threads", type=int, help="DALI CPU threads and PIL workers (config loader.threads and "
-                                               "loader.workers; default: 'auto', the cores this process may use)")
+    p.add_argument("--threads", type=int, help="DALI CPU threads and PIL worker processes (config loader.threads "
+                                               "and loader.workers; default: 'auto', the cores this process may "
+                                               "use); torch's intra-op threads then take the cores left, at least 1 "
+                                               "(train.torch_threads: auto; --set train.torch_threads=N fixes it)")
     add_shared_flags(p, ("resume", "out", "name"))
     p.add_argument("--seed", type=int, help=key_help("model init, shuffling and augmentation seed", "train.seed"))
     p.add_argument("--dry-run", action="store_true", help="build everything, run two steps, write nothing heavy "

@@ -1,6 +1,8 @@
 """The benchmark CLI's subcommands run end to end (tiny sizes; figures live in docs/benchmarks.md)."""
 import json
 
+import pytest
+
 from pillsnap_dali import bench
 
 
@@ -38,8 +40,6 @@ def test_bench_scan_and_unknown_command(capsys):
 
 
 def test_bench_predict_combo_needs_a_detector(capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as e:
         bench.main(["predict", "x.png", "--classifier", "y.pt", "--mode", "combo"])
     assert e.value.code == 2 and "--mode combo needs --detector" in capsys.readouterr().err
@@ -57,3 +57,132 @@ def test_bench_readers_compares_read_ahead_with_reading_in_place(tmp_path, capsy
     assert res["0"]["callback_ms_per_batch"] > 5 * 8
     assert res["2"]["callback_ms_per_batch"] < res["0"]["callback_ms_per_batch"]
     assert "| 0 | 5 |" in capsys.readouterr().out
+
+
+def test_peer_arms_draw_the_same_crop_and_flip(tmp_path):
+    """OpenCV (reduced decode), torchvision and PIL draft produce the same training sample for a row: same crop
+    window and flip, so the arms differ only in how they decode and resize."""
+    import numpy as np
+
+    from pillsnap_dali.bench.loaders import write_bench_images
+    from pillsnap_dali.bench.peers import SAMPLERS, Drawer
+    path = write_bench_images(tmp_path, 1, fmt="jpeg", size=(488, 640))[0]
+    buf = np.fromfile(path, dtype=np.uint8)
+    drawer = Drawer(96, (0.5, 1.0), (0.75, 4 / 3), 0.5, seed=3)
+    d = drawer(488, 640, row=0, epoch=1)
+    assert drawer.reduction(d) >= 2  # a crop >= 2x the output: the JPEG is decoded at 1/2 (or less) in the DCT
+    outs = {name: sample(buf, drawer, 0, 1).float() for name, sample in SAMPLERS.items()}
+    assert all(o.shape == (3, 96, 96) for o in outs.values())
+    ref = outs["torchvision"]
+    for name, o in outs.items():
+        assert (o - ref).abs().mean() < 6, name  # same window and flip: only resampling differences
+    never, always = (Drawer(96, (0.5, 1.0), (0.75, 4 / 3), p, seed=3) for p in (0.0, 1.0))
+    for sample in SAMPLERS.values():
+        plain, flipped = sample(buf, never, 0, 1).float(), sample(buf, always, 0, 1).float()
+        assert (flipped - plain.flip(2)).abs().max() == 0 and (flipped - plain).abs().mean() > 1
+
+
+def test_peer_arms_make_the_dali_cpu_training_batch(tmp_path):
+    """Each peer arm applies the dali-cpu loader's own draws (crop window, flip, jitter, from the upright header
+    size, EXIF-turned files included) and its colour step: the same normalized batch up to resampling, where
+    another epoch's draws give a different one."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pillsnap_dali.bench.loaders import _bench_config, bench_manifest, write_bench_images
+    from pillsnap_dali.bench.peers import SAMPLERS, _colour, drawer_for
+    from pillsnap_dali.loaders import build_loader
+    paths = [str(p) for p in write_bench_images(tmp_path, 2, fmt="jpeg", size=(244, 320))]
+    for orientation in (3, 6):  # turned 180 degrees; a quarter turn (sides swapped)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.open(paths[0]).save(tmp_path / f"turned{orientation}.jpg", quality=95, exif=exif.tobytes())
+        paths.append(str(tmp_path / f"turned{orientation}.jpg"))
+    cfg = _bench_config(48, 4, 1)
+    loader = build_loader(bench_manifest(paths), [0] * 4, cfg, train=True, device=torch.device("cpu"),
+                          backend="dali-cpu", seed=cfg.train.seed)
+    loader.set_epoch(1)
+    batch = next(iter(loader))
+    rows, drawer, colour = batch.rows.tolist(), drawer_for(cfg), _colour(cfg, "cpu")
+    bufs = [np.fromfile(paths[r], dtype=np.uint8) for r in rows]
+
+    def peer_batch(sample, epoch):
+        draws = [drawer.of_file(b, r, epoch) for b, r in zip(bufs, rows)]
+        return colour(torch.stack([sample(b, drawer, r, epoch, d) for b, r, d in zip(bufs, rows, draws)]),
+                      np.stack([d.aug for d in draws]))
+    for name, sample in SAMPLERS.items():
+        diff = (peer_batch(sample, 1) - batch.images).abs().mean(dim=(1, 2, 3))
+        assert diff.max() < 0.1, (name, diff)  # normalized units: resampling differences only
+    assert ((peer_batch(SAMPLERS["torchvision"], 2) - batch.images).abs().mean(dim=(1, 2, 3)) > 0.3).all()
+
+
+def test_bench_decode_peer_arms_and_best_peer_ratio(tmp_path, capsys):
+    out = tmp_path / "dec"
+    assert bench.main(["decode", "--formats", "jpeg", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
+                       "--reps", "1", "--threads", "1", "--no-model", "--arms", "dali-cpu,opencv,torchvision,pil-draft",
+                       "--out", str(out), "--workdir", str(tmp_path / "img")]) == 0
+    res = json.loads((out / "results.json").read_text())["inputs"]["jpeg"]
+    arms = res["results"]
+    assert set(arms) == {"dali-cpu", "opencv", "torchvision", "pil-draft"}
+    best = res["best_peer"]["cpu"]
+    assert best["images_per_s"] == max(arms[p]["images_per_s"] for p in ("opencv", "torchvision", "pil-draft"))
+    assert abs(res["vs_best_peer"]["dali-cpu"] - arms["dali-cpu"]["images_per_s"] / best["images_per_s"]) < 1e-9
+    assert all(a["cpu_ms_per_image"] > 0 for a in arms.values())  # the peers' workers' CPU time is counted
+    text = capsys.readouterr().out
+    assert f"jpeg: best cpu peer {best['arm']}" in text and "vs best peer" in text
+
+
+def test_bench_epochs_reports_rss_per_epoch_and_its_slope(tmp_path, capsys):
+    out = tmp_path / "epochs.json"
+    assert bench.main(["epochs", "--epochs", "3", "--images", "4", "--size", "32", "--batch", "2", "--threads", "1",
+                       "--workdir", str(tmp_path / "img"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["backend"] == "dali-cpu" and len(res["rss_mb"]) == 3 and res["images"] == 4
+    assert res["rss"]["first"] == res["rss_mb"][0] and res["rss"]["max"] == max(res["rss_mb"]) > 50
+    assert "| RSS MB |" in capsys.readouterr().out
+
+
+def test_slope_per_epoch_sees_a_leak_and_ignores_the_warm_up():
+    from pillsnap_dali.bench.epochs import slope_per_epoch
+    assert abs(slope_per_epoch([500, 900, 901, 902, 903]) - 1.0) < 1e-9  # the first epoch left out
+    assert abs(slope_per_epoch([100, 100, 100])) < 1e-9 and slope_per_epoch([5.0]) == 0.0
+
+
+def test_bench_ops_times_each_arm_op_by_op(tmp_path, capsys):
+    from pillsnap_dali.bench.loaders import write_bench_images
+    write_bench_images(tmp_path / "img", 2, fmt="jpeg", size=(244, 320))
+    out = tmp_path / "ops.json"
+    assert bench.main(["ops", str(tmp_path / "img"), "--size", "48", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    ops = res["ms_per_sample"]
+    assert all(v > 0 for v in ops.values()) and res["files"] == 2
+    assert {"opencv: imdecode reduced", "torchvision: decode_image", "dali: decode + random crop (ROI decode)",
+            "dali: full graph (+ flip, uint8 CHW)"} <= set(ops)
+    assert sum(res["reductions"].values()) == 2
+    assert "| opencv: imdecode full |" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_gpu_peer_arm_and_dali_against_the_best_gpu_peer(tmp_path):
+    """With CUDA: torchvision's batched GPU JPEG decode + v2 on the GPU gives the batch the CPU peers give,
+    and bench decode rates `dali` against it (skipped here without CUDA; run by scripts/gpu_check.sh)."""
+    import numpy as np
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+    from pillsnap_dali.bench.loaders import write_bench_images
+    from pillsnap_dali.bench.peers import Drawer, gpu_batch, torchvision_sample
+    path = write_bench_images(tmp_path / "img", 1, fmt="jpeg", size=(244, 320))[0]
+    buf = np.fromfile(path, dtype=np.uint8)
+    drawer = Drawer(48, (0.5, 1.0), (0.75, 4 / 3), 0.5)
+    got = gpu_batch([torch.from_numpy(buf)], torch.tensor([0]), drawer, 1, lambda x, _aug: x)
+    assert got.device.type == "cuda" and got.shape == (1, 3, 48, 48)
+    assert (got[0].cpu().float() - torchvision_sample(buf, drawer, 0, 1).float()).abs().mean() < 4
+    out = tmp_path / "dec"
+    assert bench.main(["decode", "--formats", "jpeg", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
+                       "--reps", "1", "--threads", "1", "--no-model", "--arms", "dali,torchvision-gpu",
+                       "--out", str(out), "--workdir", str(tmp_path / "img2")]) == 0
+    res = json.loads((out / "results.json").read_text())["inputs"]["jpeg"]
+    assert res["best_peer"]["gpu"]["arm"] == "torchvision-gpu" and res["vs_best_peer"]["dali"] > 0

@@ -23,23 +23,38 @@ def _step_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps per repetition (default: %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="repetitions after a warm-up; the median is reported "
                                                        "(default: %(default)s)")
+    p.add_argument("--torch-threads", default="torch",
+                   help="comma-separated torch thread settings, each measured: torch (torch's default, one per core),"
+                        " auto (train.torch_threads=auto: the cores the stage's loader leaves), or a number "
+                        "(default: %(default)s)")
+    p.add_argument("--busy", default="0", help="comma-separated counts of competing busy processes (Python loops, "
+                                              "one core each) started for the measurement, e.g. 0,1 "
+                                              "(default: %(default)s)")
     add_shared_flags(p, ("device", "config", "set"))
     p.add_argument("--json", help="write the result here (default: not written)")
     return p
 
 
 def _step(argv) -> int:
-    from pillsnap_dali.bench.step import bench_step
+    from pillsnap_dali.bench.step import bench_step, bench_step_threads
     a = _step_parser().parse_args(argv)
     cfg = config_from_args(a, {"model": "model.name", "img_size": "preprocess.img_size"})
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device in (None, "auto") else a.device)
     # the demo stage takes every class of its synthetic tree (manifest.classes is only an upper bound there)
     n = a.num_classes or (cfg.data.synth.classes if cfg.stage == "demo" else cfg.manifest.classes)
-    res = bench_step(cfg, device=dev, batch=a.batch_size or cfg.train.batch_size, steps=a.steps, reps=a.reps,
-                     num_classes=n)
-    return _emit({"model": res["model"], "px": res["img_size"], "batch": res["batch"], "device": res["device"],
-                  "img/s median": f"{res['images_per_s']:.1f}", "min": f"{res['min']:.1f}",
-                  "max": f"{res['max']:.1f}"}, res, a.json)
+    kw = dict(device=dev, batch=a.batch_size or cfg.train.batch_size, steps=a.steps, reps=a.reps, num_classes=n)
+    settings = [s.strip() for s in a.torch_threads.split(",") if s.strip()]
+    busy = [int(b) for b in a.busy.split(",")]
+    if settings == ["torch"] and busy == [0]:
+        res = bench_step(cfg, **kw)  # torch's own threads, nothing else running: the plain ceiling
+        return _emit({"model": res["model"], "px": res["img_size"], "batch": res["batch"], "device": res["device"],
+                      "img/s median": f"{res['images_per_s']:.1f}", "min": f"{res['min']:.1f}",
+                      "max": f"{res['max']:.1f}"}, res, a.json)
+    runs = bench_step_threads(cfg, settings=settings, busy=busy, **kw)
+    return _emit([{"model": r["model"], "px": r["img_size"], "batch": r["batch"], "device": r["device"],
+                   "busy processes": r["busy"], "torch threads": f"{r['setting']} ({r['torch_threads']})",
+                   "img/s median": f"{r['images_per_s']:.1f}", "min": f"{r['min']:.1f}", "max": f"{r['max']:.1f}"}
+                  for r in runs], {"runs": runs}, a.json)
 
 
 def _emit(rows: dict | list, result: dict, json_path: str | None) -> int:
@@ -113,6 +128,47 @@ def _readers(argv) -> int:
                  res, a.json)
 
 
+def _epochs(argv) -> int:
+    from pillsnap_dali.bench.epochs import bench_epochs
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench epochs",
+                                description="RSS (and NVML device memory with CUDA) after each of N short epochs "
+                                            "of the DALI classification loader: first / last / max and the slope")
+    p.add_argument("--epochs", type=int, default=30, help="epochs (30)")
+    p.add_argument("--images", type=int, default=32, help="generated 244x320 JPEGs per epoch (32)")
+    p.add_argument("--size", type=int, default=64, help="training size in pixels (64)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (16)")
+    p.add_argument("--threads", type=int, default=2, help="DALI CPU threads (2)")
+    p.add_argument("--backend", default="auto", choices=["auto", "dali", "dali-cpu", "pil"],
+                   help="loader backend (auto: dali with CUDA, else dali-cpu)")
+    p.add_argument("--workdir", default="bench_results/epochs_images", help="where the images are generated")
+    p.add_argument("--json", help="write the result here")
+    a = p.parse_args(argv)
+    res = bench_epochs(a.workdir, epochs=a.epochs, images=a.images, size=a.size, batch=a.batch, threads=a.threads,
+                       backend=a.backend)
+    rows = [{"memory": "RSS MB", **{k: f"{v:.1f}" for k, v in res["rss"].items()}}]
+    if "device_mem" in res:
+        rows.append({"memory": "device GB", **{k: f"{v:.3f}" for k, v in res["device_mem"].items()}})
+    print(f"{res['backend']}: {res['epochs']} epochs of {res['images']} images at {res['size']} px, "
+          f"median epoch {res['epoch_s_median']:.2f} s (slope: least squares from epoch 2)")
+    return _emit(rows, res, a.json)
+
+
+def _ops(argv) -> int:
+    from pillsnap_dali.bench.loaders import _paths_of
+    from pillsnap_dali.bench.ops import bench_ops
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench ops",
+                                description="CPU ms per training sample, op by op on one thread, for each arm "
+                                            "of bench decode (where a peer wins, which op)")
+    p.add_argument("source", help="a folder of images or a manifest (e.g. bench_results/images/jpeg_976x1280)")
+    p.add_argument("--limit", type=int, default=16, help="files used (16)")
+    p.add_argument("--size", type=int, default=384, help="training size (384)")
+    p.add_argument("--json", help="write the result here")
+    a = p.parse_args(argv)
+    res = bench_ops(_paths_of(a.source)[:a.limit], size=a.size)
+    return _emit([{"op": k, "ms/sample (1 thread)": f"{v:.2f}"} for k, v in res["ms_per_sample"].items()],
+                 res, a.json)
+
+
 def _delegate(module: str):
     def run(argv) -> int:
         import importlib
@@ -121,14 +177,17 @@ def _delegate(module: str):
     return run
 
 
-HELP = {"decode": "DALI vs PIL images/s for the 384 px training loaders, with decode-only and model ceilings "
+HELP = {"decode": "DALI vs PIL and the peer loaders (OpenCV, torchvision, PIL draft) images/s at 384 px, with ceilings "
                   "(scripts/bench_decode.sh)",
         "step": "model-only training throughput on synthetic input (the ceiling a training run is held to)",
         "scan": "scan rate of an AI Hub tree (images per CPU-second)",
         "predict": "prediction latency per image, p50/p95 (single or combo)",
-        "readers": "the loader with and without read-ahead threads, optionally with a storage latency per file"}
+        "readers": "the loader with and without read-ahead threads, optionally with a storage latency per file",
+        "ops": "CPU ms per training sample, op by op on one thread, for each decode arm",
+        "epochs": "RSS / device memory after each of N short epochs of the DALI loader (a leak shows as a slope)"}
 COMMANDS = {"step": _step, "decode": _delegate("bench.decode"), "scan": _delegate("bench.scan"),
-            "predict": _predict, "readers": _readers}
+            "predict": _predict, "readers": _readers, "epochs": _epochs,
+            "ops": _ops}
 
 
 def parsers() -> dict:

@@ -1,3 +1,4 @@
 from pillsnap_dali.bench import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # guarded: the peer arms start workers from a fork server, which imports __main__
+    raise SystemExit(main())

@@ -2,7 +2,10 @@
 
 On one set of images (a manifest or a folder, or generated 976x1280 photo-like images in PNG and in JPEG)
 it measures the images/s of the PIL DataLoader (workers = cores), ``dali-cpu`` and, with CUDA, ``dali``,
-all producing the same 384 px training output with the same augmentations; the decode-only ceilings (PIL
+all producing the same 384 px training output with the same augmentations; the peer arms a user would
+pick instead of DALI (``opencv``, ``torchvision``, ``pil-draft``; ``torchvision-gpu`` with CUDA; see
+``pillsnap_dali.bench.peers``) and each DALI arm's ratio to the best of them (``vs_best_peer``,
+``best_peer`` in the JSON); the decode-only ceilings (PIL
 and DALI, same threads; DALI on the GPU too) and the model-only training throughput on synthetic input.
 Median of ``--reps`` epochs after a warm-up, with min and max, CPU utilization, peak RSS of the process tree,
 and GPU utilization / memory / decoder use where NVML exposes them. Writes ``results.json``, prints a
@@ -18,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pillsnap_dali.bench.loaders import bench_decode, machine_info, write_bench_images
+from pillsnap_dali.bench.loaders import CPU_PEER_ARMS, GPU_PEER_ARMS, bench_decode, machine_info, write_bench_images
+from pillsnap_dali.bench.peers import PEERS, missing_note
 from pillsnap_dali.config import available_cores
 
 _logger = logging.getLogger(__name__)
@@ -35,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                         "`prepare --max-side 640`, the JPEG cache) (default: %(default)s)")
     p.add_argument("--n", type=int, default=24, help="generated images per format (default: %(default)s)")
     p.add_argument("--limit", type=int, default=256, help="rows taken from --manifest (default: %(default)s)")
-    p.add_argument("--rows", type=int, default=192, help="images per timed epoch, the files repeated "
+    p.add_argument("--rows", type=int, default=128, help="images per timed epoch, the files repeated "
                                                          "(default: %(default)s)")
     p.add_argument("--size", type=int, default=384, help="output size in pixels (default: %(default)s)")
     p.add_argument("--batch", type=int, default=16, help="images per batch (default: %(default)s)")
@@ -43,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
                                                        "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=available_cores(), help="DALI threads = PIL workers "
                    "(default: the cores this process may use, %(default)s here)")
+    p.add_argument("--arms", help="comma-separated arms (default: every arm this machine can run: "
+                                  "pil, dali-cpu, dali-cpu:colour-graph, opencv, torchvision, pil-draft, "
+                                  "pil-decode, dali-decode; with CUDA also dali, dali:colour-graph, "
+                                  "torchvision-gpu, dali-gpu-decode)")
     p.add_argument("--model", help="model for the model-only ceiling (default: tf_efficientnetv2_s on a GPU, "
                                    "resnet18 on CPU)")
     p.add_argument("--no-model", action="store_true", help="skip the model-only ceiling (default: measure it)")
@@ -97,22 +105,53 @@ def _model_ceiling(a, cuda: bool) -> dict | None:
 
 
 def _table(results: dict, model: dict | None) -> str:
-    lines = ["| input | arm | img/s (median) | min | max | vs pil | of its ceiling | CPU util | peak RSS MB | GPU util |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| input | arm | img/s (median) | min | max | vs pil | vs best peer | of its ceiling | CPU util "
+             "| peak RSS MB | GPU util |", "|---" * 11 + "|"]
     for src, res in results.items():
-        r = res["results"]
+        r, ratios = res["results"], res.get("vs_best_peer", {})
         pil = r.get("pil", {}).get("images_per_s")
         for arm, v in r.items():
             vs = f"{v['images_per_s'] / pil:.2f}x" if pil and arm.startswith("dali") and "decode" not in arm else ""
+            best = f"{ratios[arm]:.2f}x" if arm in ratios else ""
             ceil = f"{v['of_ceiling']:.0%}" if "of_ceiling" in v else ""
             gpu = f"{v['gpu_util']:.0f} %" if "gpu_util" in v else ""
-            lines.append(f"| {src} | {arm} | {v['images_per_s']:.1f} | {v['min']:.1f} | {v['max']:.1f} | {vs} | {ceil} "
-                         f"| {100 * v['cpu_util']:.0f} % | {v['peak_rss_mb']:.0f} | {gpu} |")
+            lines.append(f"| {src} | {arm} | {v['images_per_s']:.1f} | {v['min']:.1f} | {v['max']:.1f} | {vs} | {best} "
+                         f"| {ceil} | {100 * v['cpu_util']:.0f} % | {v['peak_rss_mb']:.0f} | {gpu} |")
     if model:
         lines.append(f"| synthetic | model-only {model['model']} @{model['img_size']} b{model['batch']} "
                      f"({model['device']}) | {model['images_per_s']:.1f} | {model['min']:.1f} | {model['max']:.1f} "
-                     "| | | | | |")
+                     "| | | | | | |")
     return "\n".join(lines)
+
+
+def _best_peer_lines(results: dict) -> str:
+    """One line per input: its best peer per device and each DALI arm's ratio to it."""
+    lines = []
+    for src, res in results.items():
+        for device, best in res.get("best_peer", {}).items():
+            ratios = ", ".join(f"{arm} {r:.2f}x" for arm, r in res["vs_best_peer"].items()
+                               if arm.startswith("dali-cpu") == (device == "cpu"))
+            lines.append(f"{src}: best {device} peer {best['arm']} {best['images_per_s']:.1f} img/s; {ratios}")
+    return "\n".join(lines)
+
+
+def _colour_of(label: str) -> str:
+    """Bar colour of a ``"input\narm"`` label: ceilings grey, DALI blue, peers orange."""
+    src, arm = label.split("\n")
+    if "decode" in arm or src == "model-only":
+        return "#999999"
+    return "#4c72b0" if arm.startswith("dali") else "#dd8452"
+
+
+def _arms(a, cuda: bool) -> tuple[list[str], list[str]]:
+    """(arms to run, one note per peer arm that cannot run here)."""
+    if a.arms:
+        wanted = [x.strip() for x in a.arms.split(",") if x.strip()]
+    else:
+        wanted = (["pil", "dali-cpu", "dali-cpu:colour-graph", *CPU_PEER_ARMS[1:], "pil-decode", "dali-decode"]
+                  + (["dali", "dali:colour-graph", *GPU_PEER_ARMS, "dali-gpu-decode"] if cuda else []))
+    notes = [n for arm in wanted if arm in PEERS and (n := missing_note(arm))]
+    return [arm for arm in wanted if not (arm in PEERS and missing_note(arm))], notes
 
 
 def _plot(results: dict, model: dict | None, path: Path) -> None:
@@ -128,10 +167,15 @@ def _plot(results: dict, model: dict | None, path: Path) -> None:
         labels.append(f"model-only\n{model['model']}")
         vals.append(model["images_per_s"])
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(vals)), 4))
-    ax.bar(range(len(vals)), vals, color=["#4c72b0" if "dali" in lab else "#dd8452" for lab in labels])
+    ax.bar(range(len(vals)), vals, color=[_colour_of(lab) for lab in labels])
     ax.set_xticks(range(len(vals)), labels, fontsize=7)
     ax.set_ylabel("images/s (median)")
-    ax.set_title("input pipelines at 384 px, same augmentations")
+    ax.set_title("input pipelines at 384 px, same augmentations (blue: DALI, orange: peers, grey: ceilings)")
+    for i, (lab, v) in enumerate(zip(labels, vals)):
+        src, arm = lab.split("\n")
+        ratio = results.get(src, {}).get("vs_best_peer", {}).get(arm)
+        if ratio is not None:
+            ax.annotate(f"{ratio:.2f}x best peer", (i, v), ha="center", va="bottom", fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -141,8 +185,7 @@ def run(argv=None) -> str:
     """Run the benchmark; returns the text the CLI (``python -m pillsnap_dali.bench decode``) prints."""
     a = _parser().parse_args(argv)
     cuda = torch.cuda.is_available()
-    arms = (["pil", "dali-cpu", "dali-cpu:colour-graph", "pil-decode", "dali-decode"]
-            + (["dali", "dali:colour-graph", "dali-gpu-decode"] if cuda else []))
+    arms, notes = _arms(a, cuda)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -152,11 +195,12 @@ def run(argv=None) -> str:
     model = _model_ceiling(a, cuda)
     payload = {"machine": {**machine_info(), "gpu": torch.cuda.get_device_name(0) if cuda else None},
                "command": "python -m pillsnap_dali.bench decode " + " ".join(argv or []), "inputs": results,
-               "model_only": model}
+               "model_only": model, "skipped_arms": notes}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     table = _table(results, model)
     (out / "table.md").write_text(table + "\n")
     _plot(results, model, out / "bars.png")
     m = payload["machine"]
     return (f"machine: {m['cores']} cores, {m['cpu']}, GPU: {m['gpu'] or 'none'}; threads {a.threads}, "
-            f"{a.size} px, batch {a.batch}, median of {a.reps}\n{table}\nresults: {out}/results.json, {out}/bars.png")
+            f"{a.size} px, batch {a.batch}, median of {a.reps}\n" + "".join(n + "\n" for n in notes)
+            + f"{table}\n{_best_peer_lines(results)}\nresults: {out}/results.json, {out}/bars.png")

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from pillsnap_dali.bench.peers import CPU_PEERS, GPU_PEERS, PEERS, input_note, make_peer_runner
 from pillsnap_dali.config import Config, available_cores, load_config
 from pillsnap_dali.imageio import IMAGE_SUFFIXES
 from pillsnap_dali.data.manifest import Manifest, read_manifest
@@ -148,6 +149,8 @@ def _make_runner(name: str, paths: Sequence[str], cfg: Config, threads: int):
     import torch
 
     from pillsnap_dali.loaders import build_loader
+    if name in PEERS:
+        return make_peer_runner(name, paths, cfg, threads)
     if name == "pil-decode":
         return lambda epoch: _time_pil_decode(paths, threads)
     if name == "dali-decode":
@@ -159,7 +162,8 @@ def _make_runner(name: str, paths: Sequence[str], cfg: Config, threads: int):
         raise ValueError(f"unknown benchmark variant {name!r}; choose from {list(BENCH_BACKENDS)}, dali, "
                          "dali:colour-graph, dali-cpu:colour-graph")
     device = torch.device("cuda" if backend == "dali" else "cpu")
-    loader = build_loader(bench_manifest(paths), [0] * len(paths), cfg, train=True, device=device, backend=backend)
+    loader = build_loader(bench_manifest(paths), [0] * len(paths), cfg, train=True, device=device, backend=backend,
+                          seed=cfg.train.seed)  # the peer arms draw with this seed too
     if variant:
         colour_in_graph(loader)
     return lambda epoch: _time_loader(loader, epoch)
@@ -179,9 +183,18 @@ def _bench_config(size: int, batch: int, threads: int) -> Config:
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (DataLoader workers, pool processes)."""
+    """CPU time of this process, its finished children (DataLoader workers, pool processes) and its live
+    descendants (the peer arms' persistent workers, children of a fork server: never reaped by this one)."""
+    import psutil
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    live = 0.0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            t = proc.cpu_times()
+            live += t.user + t.system
+        except psutil.Error:
+            pass
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + live
 
 
 def machine_info() -> dict:
@@ -207,6 +220,10 @@ def bench_decode(source: str | Path | Manifest, *, size: int = 384, batch: int =
     files = _paths_of(source)
     paths = (files * (-(-min_rows // len(files))))[:max(min_rows, len(files))]
     cfg = _bench_config(size, batch, threads)
+    notes = {name: note for name in backends if name in PEERS and (note := input_note(name, files))}
+    for note in notes.values():
+        _logger.info("%s", note)
+    backends = [name for name in backends if name not in notes]
     runners = {name: _make_runner(name, paths, cfg, threads) for name in backends}
     runs: dict = {name: [] for name in backends}
     cpu: dict = {name: [] for name in backends}
@@ -216,7 +233,7 @@ def bench_decode(source: str | Path | Manifest, *, size: int = 384, batch: int =
     for rep in range(reps):  # interleaved, so a slow moment of a shared machine hits every variant
         for name, run in runners.items():
             c0 = _cpu_seconds()
-            with ResourceSampler(gpu=name.startswith("dali:") or name in ("dali", "dali-gpu-decode")) as sampler:
+            with ResourceSampler(gpu=name.startswith("dali:") or name in _GPU_ARMS) as sampler:
                 seconds = run(rep + 1)
             runs[name].append(len(paths) / seconds)
             cpu[name].append((_cpu_seconds() - c0) / len(paths) * 1000.0)
@@ -232,7 +249,31 @@ def bench_decode(source: str | Path | Manifest, *, size: int = 384, batch: int =
     _logger.info("bench_decode %s: %s", source,
                  ", ".join(f"{k} {v['images_per_s']:.1f} img/s" for k, v in results.items()))
     return {"images": len(paths), "files": len(files), "size": size, "batch": batch, "threads": threads,
-            "reps": reps, "machine": machine_info(), "results": results}
+            "reps": reps, "machine": machine_info(), "results": results, "skipped_arms": notes, **best_peer(results)}
+
+
+_GPU_ARMS = ("dali", "dali-gpu-decode", "torchvision-gpu")
+# the loaders a user would pick instead of DALI, per device (same training batch; not the decode-only ceilings)
+CPU_PEER_ARMS = ("pil",) + CPU_PEERS
+GPU_PEER_ARMS = GPU_PEERS
+
+
+def best_peer(results: dict) -> dict:
+    """``best_peer``: the fastest peer arm per device (``{"cpu": {"arm", "images_per_s"}, "gpu": ...}``) and
+    ``vs_best_peer``: each DALI loader arm's images/s over its device's best peer (``dali-cpu*`` against the
+    CPU peers, ``dali*`` against the GPU peers)."""
+    best: dict = {}
+    for device, peers in (("cpu", CPU_PEER_ARMS), ("gpu", GPU_PEER_ARMS)):
+        measured = [(results[p]["images_per_s"], p) for p in peers if p in results]
+        if measured:
+            rate, arm = max(measured)
+            best[device] = {"arm": arm, "images_per_s": rate}
+    ratios = {}
+    for arm, v in results.items():
+        device = "cpu" if arm.startswith("dali-cpu") else "gpu" if arm.startswith("dali") else None
+        if device in best and "decode" not in arm:
+            ratios[arm] = v["images_per_s"] / best[device]["images_per_s"]
+    return {"best_peer": best, "vs_best_peer": ratios}
 
 
 class ResourceSampler:

@@ -1,8 +1,11 @@
 """Model-only throughput on synthetic input: the ceiling a real run's data_time share is judged against."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -59,4 +62,41 @@ def bench_step(cfg: Config, *, device: torch.device, batch: int, steps: int = 10
            "steps": steps}
     _logger.info("model-only %s @%d px, batch %d on %s: %.1f img/s (median of %d)", cfg.model.name, s, batch,
                  device, out["images_per_s"], reps)
+    return out
+
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """``n`` competing processes, each a Python busy loop on one core, for the duration of the block."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+
+
+def bench_step_threads(cfg: Config, *, settings: list[str], busy: list[int], **kw) -> list[dict]:
+    """``bench_step`` under each torch thread setting (``torch``: torch's default, one per core; ``auto``:
+    ``pillsnap_dali.threads``' choice for the config's loader; or a number), idle and beside each count of
+    busy processes; one result per (busy, setting), the settings interleaved per busy level."""
+    import dataclasses
+
+    from pillsnap_dali.loaders import resolve_backend
+    from pillsnap_dali.threads import process_cores, torch_threads
+    default = torch.get_num_threads()
+    backend = resolve_backend(cfg.loader.backend, kw["device"])
+    out = []
+    for n_busy in busy:
+        with busy_processes(n_busy):
+            for setting in settings:
+                n = process_cores() if setting == "torch" else torch_threads(
+                    dataclasses.replace(cfg, train=dataclasses.replace(
+                        cfg.train, torch_threads=setting if setting == "auto" else int(setting))), backend)
+                torch.set_num_threads(n)
+                res = bench_step(cfg, **kw)
+                out.append({**res, "torch_threads": n, "setting": setting, "busy": n_busy})
+    torch.set_num_threads(default)
     return out

@@ -32,6 +32,7 @@ from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.loaders.runner import DeviceMemoryError, PipelineFailure
 from pillsnap_dali.config import Config
 from pillsnap_dali.data.classmap import ClassMap
+from pillsnap_dali.threads import apply_torch_threads
 from pillsnap_dali.data.manifest import Manifest
 from pillsnap_dali.gpumon import GpuMonitor
 from pillsnap_dali.training import checkpoint as ckpt
@@ -424,6 +425,7 @@ class Trainer:
                                          sample_weights=sampler_weights(data.train_labels, cfg), **common)
         self.val_loader = build_loader(data.val, data.val_labels, train=False, **common)
         self.backend = self.train_loader.backend
+        apply_torch_threads(cfg, self.backend)  # torch's CPU threads: the cores the loader leaves (threads.py)
         self.run = (resumed_state(spec.resume, spec.resume_state, rank=spec.rank, world_size=spec.world_size)
                     if spec.resume else RunState())
         if not self.run.steps_per_epoch:  # fixed once per run from the split as given, stored in its checkpoints
