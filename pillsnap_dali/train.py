@@ -23,7 +23,7 @@ from pillsnap_dali.cli import SHARED_KEYS, add_shared_flags, config_from_args, e
 from pillsnap_dali.cli import setup_logging as cli_logging
 from pillsnap_dali.config import Config, ConfigError, dump_config, stage_name
 from pillsnap_dali.data.checks import check_manifests
-from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest, split_missing
+from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest
 from pillsnap_dali.training import pretrained, resume
 from pillsnap_dali.training.checkpoint import remove_orphan_temps
 from pillsnap_dali.training.engine import TrainData, TrainingError
@@ -169,9 +169,8 @@ def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
     checks = check_manifests(train, val)
     checks.raise_errors()
     class_map = class_map_for(train_path, train)
-    train, bad_t = split_missing(train)
-    val, bad_v = split_missing(val)
-    quarantine += bad_t + bad_v
+    # a missing, empty or unreadable file stays in its split: the loaders log it in skipped.csv, one line per
+    # row (row, split, path, reason), like every other unusable file; quarantine.csv holds label problems only
     unknown = [i for i, c in enumerate(val.codes) if c not in class_map.index]
     if unknown:
         codes = sorted({val.codes[i] for i in unknown})

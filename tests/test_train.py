@@ -133,12 +133,14 @@ def test_legacy_manifest_with_val_only_class_and_missing_file(manifests, tmp_pat
         [first["image_path"], "K-999999", "single", "TS_9_단일"],  # the users' old bug: a validation-only class
         ["/nonexistent/K-000001_0_2_0_0_75_260_200.png", first["mapping_code"], "single", "x"]])
     assert train.main(["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY,
-                       "--epochs", "1", "--name", "l", "--dry-run"]) == 0
+                       "--epochs", "1", "--name", "l", "--dry-run", "--set", "train.max_skipped=0.2"]) == 0
     assert train.main(["--manifest", str(legacy / "manifest_train.csv"), "--out", str(tmp_path), *TINY,
-                       "--epochs", "1", "--name", "l"]) == 0
+                       "--epochs", "1", "--name", "l", "--set", "train.max_skipped=0.2"]) == 0
     q = list(csv.DictReader(open(tmp_path / "l/quarantine.csv")))
-    reasons = " ".join(r["reason"] for r in q)
-    assert "K-999999 not in the class map" in reasons and "missing file" in reasons
+    assert "K-999999 not in the class map" in " ".join(r["reason"] for r in q)
+    # the missing file is a row of the val split like any unusable file: in skipped.csv with its row and split
+    skipped = [r for r in csv.DictReader(open(tmp_path / "l/skipped.csv")) if r["path"].startswith("/nonexistent/")]
+    assert len(skipped) == 1 and skipped[0]["split"] == "val" and skipped[0]["row"].isdigit()
     assert "K-999999" not in json.loads((tmp_path / "l/class_map.json").read_text())["codes"]
 
 
