@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from pillsnap_dali import bench
 
@@ -186,3 +187,19 @@ def test_gpu_peer_arm_and_dali_against_the_best_gpu_peer(tmp_path):
                        "--out", str(out), "--workdir", str(tmp_path / "img2")]) == 0
     res = json.loads((out / "results.json").read_text())["inputs"]["jpeg"]
     assert res["best_peer"]["gpu"]["arm"] == "torchvision-gpu" and res["vs_best_peer"]["dali"] > 0
+
+
+def test_bench_step_logs_progress_at_least_every_interval(monkeypatch, caplog):
+    """A long bench step (a 384 px model on a CPU takes minutes) says where it is between results."""
+    import logging
+
+    from pillsnap_dali.bench import step as bench_step_module
+    from pillsnap_dali.config import load_config
+
+    monkeypatch.setattr(bench_step_module, "PROGRESS_SECONDS", 0.0)
+    cfg = load_config(stage="demo", sets=["model.name=test_efficientnet", "preprocess.img_size=32"])
+    with caplog.at_level(logging.INFO, logger="pillsnap_dali.bench.step"):
+        bench_step_module.bench_step(cfg, device=torch.device("cpu"), batch=2, steps=2, warmup=1, reps=2,
+                                     num_classes=4)
+    lines = [r.getMessage() for r in caplog.records if "steps" in r.getMessage() and "/" in r.getMessage()]
+    assert lines and lines[-1].endswith("5/5 steps")

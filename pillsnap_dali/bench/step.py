@@ -15,6 +15,21 @@ from pillsnap_dali.training.engine import amp_settings, build_optimizer
 from pillsnap_dali.training.model import build_model
 
 _logger = logging.getLogger(__name__)
+PROGRESS_SECONDS = 10.0   # a progress line at least this often (a 384 px model on a CPU takes minutes)
+
+
+class Ticker:
+    """Logs ``label: done/total steps`` when ``PROGRESS_SECONDS`` have passed since the last line."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done = label, total, 0
+        self.last = time.perf_counter()
+
+    def tick(self) -> None:
+        self.done += 1
+        if time.perf_counter() - self.last >= PROGRESS_SECONDS:
+            self.last = time.perf_counter()
+            _logger.info("%s: %d/%d steps", self.label, self.done, self.total)
 
 
 def bench_step(cfg: Config, *, device: torch.device, batch: int, steps: int = 10, warmup: int = 3,
@@ -47,14 +62,17 @@ def bench_step(cfg: Config, *, device: torch.device, batch: int, steps: int = 10
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # timing boundary only, not inside the measured loop
 
+    ticker = Ticker(f"bench step {cfg.model.name} @{s} px, batch {batch}", warmup + reps * steps)
     for _ in range(warmup):
         one()
+        ticker.tick()
     sync()
     rates = []
     for _ in range(reps):
         t0 = time.perf_counter()
         for _ in range(steps):
             one()
+            ticker.tick()
         sync()
         rates.append(batch * steps / (time.perf_counter() - t0))
     out = {"model": cfg.model.name, "img_size": s, "batch": batch, "device": str(device), "amp": str(dtype),
