@@ -437,12 +437,11 @@ def test_resuming_another_runs_checkpoint_moves_the_runs_own_dir_aside(manifests
     assert len(list(tmp_path.glob("b.*"))) == 1  # the earlier b, moved aside, whole
 
 
-def test_report_counts_the_skip_logs_of_every_rank_but_not_an_old_format_one(tmp_path):
+def test_report_counts_the_skip_logs_of_every_rank(tmp_path):
     from pillsnap_dali.training.report import write_report
 
     (tmp_path / "skipped.csv").write_text("row,path,reason,backend,epoch\n1,/a.png,bad,pil,0\n")
     (tmp_path / "skipped.rank1.csv").write_text("row,path,reason,backend,epoch\n2,/b.png,bad,pil,0\n")
-    (tmp_path / "skipped.old.csv").write_text("image_path,reason\n/c.png,bad\n")  # moved aside by SkipLog
     report = write_report(tmp_path, {"reason": "done", "best_top1": 0.5, "history": [], "total_time": 1.0}, {})
     assert "Skipped files (not decodable, logged in `skipped.csv`, `skipped.rank1.csv`): 2" in report.read_text()
 

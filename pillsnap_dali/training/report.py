@@ -86,7 +86,7 @@ def write_report(run_dir: Path, summary: dict, header: dict, examples=None) -> P
                       for p in pairs]
             if examples is not None:
                 lines += ["", *_picture_section(lambda: confusion_pictures(pairs, examples, run_dir / "pictures"))]
-    # skipped.csv (rank 0) and skipped.rank<r>.csv; not skipped.old.csv (another format, moved aside by SkipLog)
+    # skipped.csv (rank 0) and skipped.rank<r>.csv
     logs = [p for p in [run_dir / "skipped.csv", *sorted(run_dir.glob("skipped.rank*.csv"))] if p.exists()]
     if logs:
         paths = set()
