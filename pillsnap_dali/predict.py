@@ -30,7 +30,7 @@ import torch
 
 from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_main, setup_logging
 from pillsnap_dali.errors import UsageError
-from pillsnap_dali.geometry import (PAD_VALUE, BoxRules, clean_boxes, iou_xyxy as iou, letterbox_geometry, on_image,
+from pillsnap_dali.geometry import (PAD_VALUE, BoxRules, clean_boxes, iou_xyxy, letterbox_geometry, on_image,
                                     unletterbox)
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 
@@ -239,7 +239,7 @@ def _ground_truth(raw_boxes: list, width: int, height: int, cfg) -> list[tuple[l
     out = []
     for box in boxes:
         codes = {str(r.get("code")) for r in raw_boxes if isinstance(r, dict)
-                 and (b := clean_boxes([r], width, height, rules)[0]) and iou(b[0], box) >= MATCH_IOU}
+                 and (b := clean_boxes([r], width, height, rules)[0]) and iou_xyxy(b[0], box) >= MATCH_IOU}
         out.append((box, codes))
     return out
 
@@ -251,8 +251,8 @@ def _score_image(result: dict, truth: list[tuple[list[float], set]]) -> tuple[in
     for pill in result["pills"]:  # best detection first
         if not free:
             break
-        best = max(free, key=lambda g: iou(pill["box"], truth[g][0]))
-        if iou(pill["box"], truth[best][0]) < MATCH_IOU:
+        best = max(free, key=lambda g: iou_xyxy(pill["box"], truth[g][0]))
+        if iou_xyxy(pill["box"], truth[best][0]) < MATCH_IOU:
             continue
         free.remove(best)
         found += 1
