@@ -165,7 +165,8 @@ def test_prediction_letterbox_is_the_training_letterbox(size, imgsz):
 
     from pillsnap_dali.bench.loaders import photo_like
     from pipelines import PipelineOptions
-    from pipelines.detect import DetectSpec, detect_pipeline, letterbox_geometry
+    from pipelines.detect import DetectSpec, detect_pipeline
+    from pillsnap_dali.geometry import letterbox_geometry
 
     arr = photo_like(*size, np.random.default_rng(3))
     h, w = arr.shape[:2]

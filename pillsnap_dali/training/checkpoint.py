@@ -116,3 +116,13 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 def preprocess_dict(p: PreprocessConfig) -> dict:
     return asdict(p)
+
+
+def unwrap_state_dict(obj):
+    """The weights inside a plain checkpoint: ``model_state_dict`` / ``state_dict`` / ``model`` (nested as
+    other projects save them), or the object itself."""
+    sd = obj
+    for key in ("model_state_dict", "state_dict", "model"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd

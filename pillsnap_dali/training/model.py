@@ -12,14 +12,14 @@ import torch.nn as nn
 
 from pillsnap_dali.config import Config, PreprocessConfig, memory_layout
 from pillsnap_dali.data.classmap import ClassMap
-from pillsnap_dali.training.checkpoint import FORMAT, CheckpointError, deployed_weights, load_checkpoint
+from pillsnap_dali.training import pretrained
+from pillsnap_dali.training.checkpoint import FORMAT, CheckpointError, deployed_weights, load_checkpoint, \
+    unwrap_state_dict
 
 _logger = logging.getLogger(__name__)
 
 
 def build_model(cfg: Config, num_classes: int, device: torch.device, class_map: ClassMap | None = None) -> nn.Module:
-    from pillsnap_dali.training import pretrained
-
     model = pretrained.create_model(cfg, num_classes)  # random, or timm's ImageNet weights (pretrained: imagenet)
     if cfg.model.pretrained and not pretrained.is_imagenet(cfg.model.pretrained):
         load_pretrained(model, cfg.model.pretrained, class_map, cfg.model.pretrained_class_map)
@@ -92,16 +92,6 @@ def _head_rows(sd: dict, own: dict, heads: set, src_map: ClassMap | None, class_
     _logger.info("classifier head: %d of %d classes carried over by K-code from %s (%d new)", len(shared),
                  len(class_map), path, len(class_map) - len(shared))
     return out
-
-
-def unwrap_state_dict(obj):
-    """The weights inside a plain checkpoint: ``model_state_dict`` / ``state_dict`` / ``model`` (nested as
-    other projects save them), or the object itself."""
-    sd = obj
-    for key in ("model_state_dict", "state_dict", "model"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    return sd
 
 
 def strip_prefixes(state_dict: dict) -> dict:

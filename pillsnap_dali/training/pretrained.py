@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pillsnap_dali.training.checkpoint import CheckpointError
+from pillsnap_dali.training.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
 
 _logger = logging.getLogger(__name__)
 
@@ -109,9 +109,6 @@ def _file_keys(path: str) -> set:
 
         with safe_open(path, "pt") as fh:
             return set(fh.keys())
-    from pillsnap_dali.training.checkpoint import load_checkpoint
-    from pillsnap_dali.training.model import unwrap_state_dict
-
     return set(unwrap_state_dict(load_checkpoint(path)))
 
 
