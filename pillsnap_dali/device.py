@@ -90,13 +90,6 @@ def select_device(request: str | int | None) -> DevicePlan:
     return plan
 
 
-def physical_gpu(index: int, visible: str | None = None) -> str:
-    """The ``CUDA_VISIBLE_DEVICES`` entry CUDA device ``index`` is (its physical number or UUID), for logs."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
-    entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
-    return entries[index] if index < len(entries) else str(index)
-
-
 def bf16_from_capability(capability: tuple[int, int] | None) -> bool:
     """bf16 tensor-core math in hardware: compute capability 8.0 (Ampere) or later."""
     return capability is not None and tuple(capability) >= BF16_MIN_CAPABILITY

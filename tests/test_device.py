@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pillsnap_dali.device import (DeviceError, DevicePlan, autocast_dtype, bf16_from_capability, native_bf16,
-                                  physical_gpu, resolve_device, select_device)
+                                  resolve_device, select_device)
 
 
 @pytest.mark.parametrize("request_, count, index", [
@@ -30,11 +30,6 @@ def test_a_device_that_is_not_there_is_one_line(request_, count, words, monkeypa
     with pytest.raises(DeviceError) as e:
         resolve_device(request_, count)
     assert words in str(e.value) and "\n" not in str(e.value) and str(request_) in str(e.value)
-
-
-def test_physical_gpu_follows_cuda_visible_devices():
-    assert physical_gpu(1, "2,3") == "3" and physical_gpu(0, "GPU-ab12,GPU-cd34") == "GPU-ab12"
-    assert physical_gpu(1, "") == "1"
 
 
 def test_select_device_on_this_machine():
