@@ -41,6 +41,7 @@ from pillsnap_dali.cli import SHARED_KEYS, add_shared_flags, config_from_args, e
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS
 from pillsnap_dali.skiplog import SkipLog
 from pillsnap_dali.weights import load_yolo, ultralytics_offline
+from pillsnap_dali.data.yolo import convert_stage
 
 _logger = logging.getLogger(__name__)
 
@@ -281,8 +282,6 @@ def resolve_config(args: argparse.Namespace):
 
 
 def _main(args) -> int:
-    from pillsnap_dali.data.yolo import convert_stage  # pulls in the scanner and the manifest build: on use
-
     existing_file(args.data, "--data")
     cfg = resolve_config(args)
     data_yaml = Path(args.data) if args.data else convert_stage(cfg)

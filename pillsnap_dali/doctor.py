@@ -18,6 +18,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from pillsnap_dali.weights import one_line
+from pillsnap_dali.config import available_cores
 
 FLOORS = {"torch": "2.7", "ultralytics": "8.4.138", "timm": "0.9.12", "nvidia-dali": "1.45"}
 CU128_INDEX = "https://download.pytorch.org/whl/cu128"
@@ -259,7 +261,6 @@ def mixed_decode_works(device_id: int = 0) -> str:
     from nvidia.dali import fn, pipeline_def
     from PIL import Image
 
-    from pillsnap_dali.weights import one_line
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 120, 40)).save(buf, format="JPEG")
@@ -279,8 +280,6 @@ def mixed_decode_works(device_id: int = 0) -> str:
 
 
 def gather(disk_path: str | Path = ".") -> Facts:
-    from pillsnap_dali.config import available_cores
-
     f = Facts(cpu_cores=available_cores(), disk_path=str(Path(disk_path).resolve()))
     f.driver, f.gpus = _nvml()
     _torch_facts(f)

@@ -28,6 +28,11 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from pillsnap_dali.bench.loaders import bench_manifest
+from pillsnap_dali.config import load_config
+from pillsnap_dali.loaders import SkipLog, build_loader
+from pillsnap_dali.bench import main as bench_main
+from pillsnap_dali.data.manifest import read_manifest
 
 THRESHOLDS = {"dali_over_pil_jpeg": 5.0, "data_share_max": 0.05, "combo_p95_ms_max": 200.0,
               "nvml_growth_gb_max": 0.25, "oom_memory_fraction": 0.02}
@@ -171,9 +176,6 @@ def skipped_by(paths: dict[str, Path], backend: str) -> list[str]:
     """The names of ``paths`` the ``backend`` loader (evaluation graph, one epoch) skips."""
     import torch
 
-    from pillsnap_dali.bench.loaders import bench_manifest
-    from pillsnap_dali.config import load_config
-    from pillsnap_dali.loaders import SkipLog, build_loader
 
     names = list(paths)
     cfg = load_config("demo", sets=["train.batch_size=2", "preprocess.img_size=64", "loader.threads=2"])
@@ -226,9 +228,6 @@ def probe_oom(folder: Path, quick: bool) -> dict:
 
 def combo_latency(out: Path, images: int = 40) -> int:
     """p50/p95 per combination image (file to top-k of every pill) with the run's classifier and detector."""
-    from pillsnap_dali.bench import main as bench_main
-    from pillsnap_dali.data.manifest import read_manifest
-
     m = read_manifest(out / "artifacts" / "demo" / "detect_val.csv")
     paths = [p for p in m.paths if not p.endswith("_index.png")][:images]
     return bench_main(["predict", *paths, "--classifier", str(out / "runs" / "s3like" / "checkpoints" / "last.pt"),

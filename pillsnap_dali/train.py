@@ -26,8 +26,11 @@ from pillsnap_dali.data.checks import check_manifests
 from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest, split_missing
 from pillsnap_dali.training import pretrained, resume
 from pillsnap_dali.training.checkpoint import remove_orphan_temps
-from pillsnap_dali.training.engine import TrainData, TrainingError
+from pillsnap_dali.training.engine import RunSpec, TrainData, Trainer, TrainingError
 from pillsnap_dali.training.report import write_report
+from pillsnap_dali.data.build import ensure_manifests
+from pillsnap_dali.loaders import resolve_backend
+from pillsnap_dali.evaluate import after_training
 
 _logger = logging.getLogger("pillsnap_dali.train")
 
@@ -136,7 +139,6 @@ def _manifests_once(cfg: Config) -> Path:
     """The stage's manifest dir, built (or the synthetic tree generated) by one process: under torchrun rank 0
     builds while the other ranks wait for the dir it sends them (two builders in one dir would race on
     report.json and the verify cache, and a second reuse check would walk the whole tree again)."""
-    from pillsnap_dali.data.build import ensure_manifests
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -217,7 +219,6 @@ def check_inputs(cfg: Config, args: argparse.Namespace, device: torch.device, ru
     checkpoint (against the class map and settings), the loader backend and the model name."""
     import timm
 
-    from pillsnap_dali.loaders import resolve_backend
 
     quarantine: list = []
     data, checks = load_data(cfg, args, quarantine)
@@ -241,8 +242,6 @@ def write_run_inputs(run_dir: Path, cfg: Config, data, quarantine: list) -> None
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pillsnap_dali.training.engine import RunSpec, Trainer
-    from pillsnap_dali.evaluate import after_training
     cfg = resolve_config(args)
     rank, world, device = init_distributed(cfg)
     setup_logging(None, rank)

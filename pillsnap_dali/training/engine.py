@@ -41,6 +41,8 @@ from pillsnap_dali.training.model import build_model
 from pillsnap_dali.training.tb import TBWriter
 from pillsnap_dali.training.resume import (RunState, non_finite_tensors, planned_steps, restore_tensors,
                                            resumed_state, rng_state, save_rank_position, step_seed)
+from pillsnap_dali.loaders import build_loader
+from pillsnap_dali.skiplog import SkipLog
 
 _logger = logging.getLogger(__name__)
 
@@ -402,9 +404,6 @@ class Trainer:
     the end or a stop."""
 
     def __init__(self, spec: RunSpec):
-        from pillsnap_dali.loaders import build_loader
-        from pillsnap_dali.skiplog import SkipLog
-
         self.spec, self.cfg, self.device = spec, spec.cfg, spec.device
         cfg, data = spec.cfg, spec.data
         torch.manual_seed(cfg.train.seed)

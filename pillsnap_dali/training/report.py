@@ -5,6 +5,7 @@ import csv
 import json
 import logging
 from pathlib import Path
+from pillsnap_dali.imageio import open_rgb
 
 _logger = logging.getLogger(__name__)
 
@@ -133,7 +134,6 @@ def _thumb(path: str, reason: str = ""):
     """A THUMB x THUMB tile of the image (aspect kept, on grey), or a dark tile saying it cannot be shown."""
     from PIL import Image, ImageDraw
 
-    from pillsnap_dali.imageio import open_rgb
 
     tile = Image.new("RGB", (THUMB, THUMB), (96, 96, 96))
     try:
