@@ -261,7 +261,6 @@ def mixed_decode_works(device_id: int = 0) -> str:
     from nvidia.dali import fn, pipeline_def
     from PIL import Image
 
-
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 120, 40)).save(buf, format="JPEG")
     data = np.frombuffer(buf.getvalue(), dtype=np.uint8)

@@ -176,7 +176,6 @@ def skipped_by(paths: dict[str, Path], backend: str) -> list[str]:
     """The names of ``paths`` the ``backend`` loader (evaluation graph, one epoch) skips."""
     import torch
 
-
     names = list(paths)
     cfg = load_config("demo", sets=["train.batch_size=2", "preprocess.img_size=64", "loader.threads=2"])
     log = SkipLog(None)

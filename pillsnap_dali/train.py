@@ -219,7 +219,6 @@ def check_inputs(cfg: Config, args: argparse.Namespace, device: torch.device, ru
     checkpoint (against the class map and settings), the loader backend and the model name."""
     import timm
 
-
     quarantine: list = []
     data, checks = load_data(cfg, args, quarantine)
     resume_path = resume_state = None

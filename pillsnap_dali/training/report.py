@@ -134,7 +134,6 @@ def _thumb(path: str, reason: str = ""):
     """A THUMB x THUMB tile of the image (aspect kept, on grey), or a dark tile saying it cannot be shown."""
     from PIL import Image, ImageDraw
 
-
     tile = Image.new("RGB", (THUMB, THUMB), (96, 96, 96))
     try:
         im = open_rgb(path)  # the header is checked before decoding: a bomb or a broken file is refused
