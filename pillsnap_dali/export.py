@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -190,8 +191,6 @@ def torch_latency(model: torch.nn.Module, x: torch.Tensor) -> dict:
 
 
 def _copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
     return copy.deepcopy(model)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_main, setup_logging
 from pillsnap_dali.errors import UsageError
@@ -134,8 +135,6 @@ def letterbox(image, imgsz: int) -> tuple[torch.Tensor, tuple[int, int, int, int
     difference). Ultralytics' own letterbox (cv2 bilinear, no antialiasing) differs from what the detector saw
     in training by 0.4-0.8 grey levels on average at the users' 976x1280 -> 640 / 320 sizes.
     """
-    import torch.nn.functional as F
-
     geometry = letterbox_geometry(image.height, image.width, imgsz)
     new_h, new_w, top, left = geometry
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).float()

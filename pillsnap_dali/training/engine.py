@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.loaders.runner import DeviceMemoryError, PipelineFailure
@@ -235,7 +237,6 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
         self.bar = None
         if control.show and sys.stderr.isatty():
-            from tqdm import tqdm
             self.bar = tqdm(total=total, desc=self.desc, leave=False, dynamic_ncols=True)
 
     def due(self, step: int) -> bool:
@@ -274,7 +275,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _join(model: nn.Module):
     if not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
-    from torch.distributed.algorithms.join import Join
     return Join([model])
 
 

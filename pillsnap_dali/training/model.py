@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from pillsnap_dali.config import Config, PreprocessConfig, memory_layout
 from pillsnap_dali.data.classmap import ClassMap
@@ -44,7 +45,6 @@ def load_pretrained(model: nn.Module, path: str, class_map: ClassMap | None = No
     plain state dict without a class map leaves its head out: its rows' K-codes are unknown."""
     src_map = None
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
         sd = load_file(path)
     else:
         raw = load_checkpoint(path)
