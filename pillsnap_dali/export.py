@@ -145,7 +145,7 @@ def classifier_meta(loaded, ck: dict, checkpoint: str) -> dict:
             "k_codes": list(cm.codes), "drug_names": [cm.meta.get(c, {}).get("dl_name", "") for c in cm.codes],
             "preprocess": asdict(loaded.preprocess), "input": INPUT, "output": OUTPUT, "layout": "NCHW",
             "opset": OPSET, "dynamic_batch": True, "checkpoint": str(Path(checkpoint).resolve()),
-            "weights": (ck.get("deploy") or "model") if isinstance(ck, dict) and ck.get("format") else "state_dict",
+            "weights": ck["deploy"] if isinstance(ck, dict) and ck.get("format") else "state_dict",
             "epoch": ck.get("epoch") if isinstance(ck, dict) else None}
 
 

@@ -38,7 +38,7 @@ def stage(synth_tree, tmp_path_factory):
     model = timm.create_model("resnet18", num_classes=len(cm))
     ckpt = tmp / "classifier.pt"
     save_checkpoint(ckpt, {"format": FORMAT, "model_name": "resnet18", "num_classes": len(cm),
-                           "model": model.state_dict(), "ema": None, "class_map": cm.to_dict(),
+                           "model": model.state_dict(), "ema": None, "deploy": "model", "class_map": cm.to_dict(),
                            "preprocess": preprocess_dict(PreprocessConfig(img_size=48, resize_mode="squash"))})
     return {"cfg": cfg, "sets": sets, "manifests": data_yaml.parent.parent, "detector": run.out / "weights" / "best.pt",
             "classifier": ckpt, "model": model, "class_map": cm, "tmp": tmp}

@@ -370,7 +370,7 @@ def test_pretrained_head_rows_follow_the_k_codes_never_the_positions(tmp_path):
     src_map = ClassMap(["K-000001", "K-000002", "K-000003"])
     ours = tmp_path / "ours.pt"
     save_checkpoint(ours, {"format": FORMAT, "model_name": "resnet18", "num_classes": 3, "model": src.state_dict(),
-                           "class_map": src_map.to_dict()})
+                           "deploy": "model", "class_map": src_map.to_dict()})
     plain = tmp_path / "plain.pt"
     torch.save(src.state_dict(), plain)
     src_map.save(tmp_path / "map.json")

@@ -96,12 +96,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def deployed_weights(ck: dict, without_key: str = "ema") -> dict:
+def deployed_weights(ck: dict) -> dict:
     """The state dict a training checkpoint stands for: its EMA weights when ``deploy`` says so (the better
-    of model and EMA when it was saved), else the model's. A checkpoint from before ``deploy`` existed takes
-    ``without_key``'s ("ema": the EMA when there is one)."""
-    use_ema = ck.get("ema") and ck.get("deploy", without_key) == "ema"
-    return ck["ema"] if use_ema else ck["model"]
+    of model and EMA when it was saved), else the model's."""
+    return ck["ema"] if ck["deploy"] == "ema" else ck["model"]
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

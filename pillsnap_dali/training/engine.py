@@ -457,7 +457,7 @@ class Trainer:
         o = self.optim
         restore_tensors(st, model=self.model, ema=o.ema, optimizer=o.optimizer, scheduler=o.scheduler,
                         scaler=o.scaler)
-        for e in st.get("skipped", []):  # files skipped before the stop stay skipped, wherever the run dir is
+        for e in st["skipped"]:  # files skipped before the stop stay skipped, wherever the run dir is
             if e["path"] not in self.skip_log:
                 self.skip_log.add(int(e["row"]), e["path"], e["reason"], e["backend"], int(e["epoch"]))
         r = self.run

@@ -50,7 +50,7 @@ def load_pretrained(model: nn.Module, path: str, class_map: ClassMap | None = No
         raw = load_checkpoint(path)
         if isinstance(raw, dict) and raw.get("format") == FORMAT and raw.get("class_map"):
             src_map = ClassMap.from_dict(raw["class_map"])
-            raw = deployed_weights(raw, without_key="model")  # the weights its best top-1 was measured on
+            raw = deployed_weights(raw)  # the weights its best top-1 was measured on
         sd = unwrap_state_dict(raw)
     if pretrained_class_map:
         src_map = ClassMap.load(pretrained_class_map)
