@@ -28,6 +28,10 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
 from pillsnap_dali.bench.loaders import bench_manifest
 from pillsnap_dali.config import load_config
 from pillsnap_dali.loaders import SkipLog, build_loader
@@ -149,8 +153,6 @@ def broken_jpegs(folder: Path) -> dict[str, Path]:
     """A good JPEG and the broken or unusual ones decoders disagree on: truncated, CMYK (Adobe APP14),
     progressive, arithmetic-coded, and 12-bit (an 8-bit stream whose frame header declares 12-bit precision
     in an extended-sequential SOF1: what a decoder without 12-bit support meets first)."""
-    from PIL import Image, ImageDraw
-
     folder.mkdir(parents=True, exist_ok=True)
     im = Image.new("RGB", (96, 72), (200, 120, 40))
     ImageDraw.Draw(im).ellipse([10, 10, 80, 60], fill=(30, 160, 220))
@@ -174,8 +176,6 @@ def broken_jpegs(folder: Path) -> dict[str, Path]:
 
 def skipped_by(paths: dict[str, Path], backend: str) -> list[str]:
     """The names of ``paths`` the ``backend`` loader (evaluation graph, one epoch) skips."""
-    import torch
-
     names = list(paths)
     cfg = load_config("demo", sets=["train.batch_size=2", "preprocess.img_size=64", "loader.threads=2"])
     log = SkipLog(None)
