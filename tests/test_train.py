@@ -622,7 +622,8 @@ def test_progress_names_the_epoch_of_the_run_and_an_eta_between_log_intervals(ma
 
 
 def test_bf16_only_where_the_gpu_has_it_natively():
-    from pillsnap_dali.training.engine import amp_settings, bf16_native
+    from pillsnap_dali.device import native_bf16
+    from pillsnap_dali.training.engine import amp_settings
 
     cfg = load_config("demo")
     cuda = torch.device("cuda")
@@ -630,7 +631,7 @@ def test_bf16_only_where_the_gpu_has_it_natively():
     assert amp_settings(cfg, cuda, bf16=False) == (True, torch.float16, True)  # V100/T4: fp16 + GradScaler
     assert amp_settings(cfg, torch.device("cpu"), bf16=True) == (False, None, False)
     if not torch.cuda.is_available():
-        assert bf16_native() is False
+        assert native_bf16() is False
 
 
 def test_a_class_map_in_another_order_is_refused_on_resume_naming_the_moved_codes(manifests, tmp_path, capsys):

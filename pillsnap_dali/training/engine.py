@@ -35,6 +35,7 @@ from pillsnap_dali.loaders.runner import DeviceMemoryError, PipelineFailure
 from pillsnap_dali.config import Config
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.data.manifest import Manifest
+from pillsnap_dali.device import native_bf16
 from pillsnap_dali.gpumon import GpuMonitor
 from pillsnap_dali.training import checkpoint as ckpt
 from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
@@ -137,21 +138,12 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.train.lr)
 
 
-def bf16_native() -> bool:
-    """Whether this CUDA device computes in bf16 natively (compute capability 8.0 and later). The plain
-    ``is_bf16_supported()`` also says yes where bf16 is only emulated (V100, T4), which are faster with fp16."""
-    try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # torch before 2.3: no emulation argument, and no emulation counted
-        return bool(torch.cuda.is_bf16_supported())
-
-
 def amp_settings(cfg: Config, device: torch.device, bf16: bool | None = None) -> tuple[bool, torch.dtype | None, bool]:
     """(enabled, dtype, use_scaler): bf16 where the GPU has it natively, else fp16 with a GradScaler; fp32 on
-    the CPU or with ``train.amp`` off. ``bf16``: the device's capability (default: ``bf16_native()``)."""
+    the CPU or with ``train.amp`` off. ``bf16``: the device's capability (default: ``device.native_bf16``)."""
     if not cfg.train.amp or device.type != "cuda":
         return False, None, False
-    if bf16_native() if bf16 is None else bf16:
+    if native_bf16(device.index) if bf16 is None else bf16:
         return True, torch.bfloat16, False
     return True, torch.float16, True
 
