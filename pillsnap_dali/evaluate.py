@@ -30,7 +30,8 @@ from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.data.manifest import Manifest, ManifestError, read_manifest, split_missing
 from pillsnap_dali.device import select_device
 from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
-from pillsnap_dali.loaders import SkipLog, build_loader
+from pillsnap_dali.loaders import build_loader
+from pillsnap_dali.skiplog import SkipLog
 from pillsnap_dali.training.model import load_classifier
 from pillsnap_dali.training.report import write_test_report
 from pillsnap_dali.training.checkpoint import load_checkpoint

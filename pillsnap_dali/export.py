@@ -40,7 +40,8 @@ from pillsnap_dali.onnx_runtime import CLASSIFIER, DETECTOR, INPUT, OUTPUT, Onnx
 from pillsnap_dali.optional import require
 from pillsnap_dali.data.manifest import read_manifest
 from pillsnap_dali.predict import _detector_imgsz, collect_images, load_detector
-from pillsnap_dali.loaders import open_rgb, pil_eval_transform
+from pillsnap_dali.imageio import open_rgb
+from pillsnap_dali.loaders import pil_eval_transform
 from pillsnap_dali.training.checkpoint import load_checkpoint
 from pillsnap_dali.training.model import load_classifier
 

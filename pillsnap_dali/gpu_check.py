@@ -34,7 +34,8 @@ from PIL import Image, ImageDraw
 
 from pillsnap_dali.bench.loaders import bench_manifest
 from pillsnap_dali.config import load_config
-from pillsnap_dali.loaders import SkipLog, build_loader
+from pillsnap_dali.loaders import build_loader
+from pillsnap_dali.skiplog import SkipLog
 from pillsnap_dali.bench import main as bench_main
 from pillsnap_dali.data.manifest import read_manifest
 

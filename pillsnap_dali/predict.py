@@ -33,9 +33,9 @@ from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file,
 from pillsnap_dali.errors import UsageError
 from pillsnap_dali.geometry import (PAD_VALUE, BoxRules, clean_boxes, iou_xyxy, letterbox_geometry, on_image,
                                     unletterbox)
-from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
+from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, open_rgb
 from pillsnap_dali.weights import load_yolo
-from pillsnap_dali.loaders import open_rgb, pil_eval_transform
+from pillsnap_dali.loaders import pil_eval_transform
 from pillsnap_dali.data.yolo import image_size
 from pillsnap_dali.device import select_device
 from pillsnap_dali.training.model import load_classifier
