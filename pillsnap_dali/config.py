@@ -532,13 +532,6 @@ def _check_layer(layer: dict, where: str) -> None:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config from a resolved dict (e.g. the copy stored in a checkpoint or run dir)."""
-    cfg = resolve_auto(_build(Config, data))
-    validate(cfg)
-    return cfg
-
-
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
     try:

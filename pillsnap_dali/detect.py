@@ -40,34 +40,14 @@ from pillsnap_dali.cli import SHARED_KEYS, add_shared_flags, config_from_args, e
     setup_logging
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS
 from pillsnap_dali.skiplog import SkipLog
-from pillsnap_dali.weights import force_safe_load, load_yolo
+from pillsnap_dali.weights import load_yolo, ultralytics_offline
+from pillsnap_dali.data.yolo import convert_stage
 
 _logger = logging.getLogger(__name__)
 
 AUG_KEYS = ("fliplr", "flipud", "hsv_h", "hsv_s", "hsv_v")  # Ultralytics hyperparameters the DALI graph honours
 METRIC_KEYS = {"precision": "metrics/precision(B)", "recall": "metrics/recall(B)",
                "mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)"}
-
-
-def ultralytics_offline() -> None:
-    """Call before using Ultralytics: no update checks, hub sync, downloads or pip installs, and its restricted
-    (``weights_only``) checkpoint loading.
-
-    Importing Ultralytics also replaces ``PIL.Image.open`` process-wide with a wrapper that, on an image PIL
-    cannot identify, tries to pip-install ``pi-heif`` and then fails with ModuleNotFoundError. Our loaders
-    and verifiers rely on PIL's own ``UnidentifiedImageError`` for broken files, so the original is put back.
-    """
-    os.environ["YOLO_OFFLINE"] = "true"
-    os.environ["YOLO_AUTOINSTALL"] = "false"
-    os.environ.setdefault("YOLO_VERBOSE", "true")
-    force_safe_load()  # weights files and model yamls never run code (pillsnap_dali.weights)
-    from PIL import Image
-    try:
-        from ultralytics.utils import patches
-    except ImportError:
-        return
-    if getattr(Image, "open", None) is getattr(patches, "image_open", None) and hasattr(patches, "_image_open"):
-        Image.open = patches._image_open
 
 
 # ------------------------------------------------------------------------------------------------- trainer
@@ -302,8 +282,6 @@ def resolve_config(args: argparse.Namespace):
 
 
 def _main(args) -> int:
-    from pillsnap_dali.data.yolo import convert_stage  # pulls in the scanner and the manifest build: on use
-
     existing_file(args.data, "--data")
     cfg = resolve_config(args)
     data_yaml = Path(args.data) if args.data else convert_stage(cfg)

@@ -8,8 +8,8 @@ also makes the device the current one (``torch.cuda.set_device``), so indexless 
 
 Precision: ``native_bf16`` is bf16 in hardware (compute capability >= 8.0: Ampere and later), not
 torch's default answer, which counts software emulation and says yes on V100 / T4, where bf16 autocast
-runs slowly and fp16 + GradScaler is the right choice. ``autocast_dtype`` is the one rule for training and
-detection: bf16 where native, else fp16 on CUDA, none on the CPU.
+runs slowly and fp16 + GradScaler is the right choice. Training (``training.engine.amp_settings``) and
+detection both ask it: bf16 where native, else fp16 on CUDA, none on the CPU.
 """
 from __future__ import annotations
 
@@ -90,13 +90,6 @@ def select_device(request: str | int | None) -> DevicePlan:
     return plan
 
 
-def physical_gpu(index: int, visible: str | None = None) -> str:
-    """The ``CUDA_VISIBLE_DEVICES`` entry CUDA device ``index`` is (its physical number or UUID), for logs."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
-    entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
-    return entries[index] if index < len(entries) else str(index)
-
-
 def bf16_from_capability(capability: tuple[int, int] | None) -> bool:
     """bf16 tensor-core math in hardware: compute capability 8.0 (Ampere) or later."""
     return capability is not None and tuple(capability) >= BF16_MIN_CAPABILITY
@@ -114,12 +107,3 @@ def native_bf16(index: int | None = None) -> bool:
             return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # torch < 2.4: no including_emulation argument
         return bf16_from_capability(torch.cuda.get_device_capability(index))
-
-
-def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
-    """The mixed-precision dtype for ``device``: bf16 where native, fp16 on other CUDA devices (use a
-    GradScaler with it), None (fp32) on the CPU."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if native_bf16(device.index) else torch.float16

@@ -12,12 +12,20 @@ Exit status: 0 when this machine's path works (on a machine without a GPU: the `
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pillsnap_dali.weights import one_line
+from pillsnap_dali.config import available_cores
 
 FLOORS = {"torch": "2.7", "ultralytics": "8.4.138", "timm": "0.9.12", "nvidia-dali": "1.45"}
 CU128_INDEX = "https://download.pytorch.org/whl/cu128"
@@ -222,8 +230,6 @@ def _nvml() -> tuple[str | None, list[Gpu]]:
 
 
 def _torch_facts(f: Facts) -> None:
-    import torch
-
     f.torch_version, f.torch_cuda = torch.__version__, torch.version.cuda
     f.arch_list = list(torch.cuda.get_arch_list()) if f.torch_cuda else []
     f.cuda_available = torch.cuda.is_available()
@@ -253,13 +259,7 @@ def _dali_facts(f: Facts) -> None:
 def mixed_decode_works(device_id: int = 0) -> str:
     """"ok" when DALI's ``mixed`` decoder decodes a small JPEG on CUDA device ``device_id``, else the error's
     first line."""
-    import io
-
-    import numpy as np
     from nvidia.dali import fn, pipeline_def
-    from PIL import Image
-
-    from pillsnap_dali.weights import one_line
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 120, 40)).save(buf, format="JPEG")
@@ -279,8 +279,6 @@ def mixed_decode_works(device_id: int = 0) -> str:
 
 
 def gather(disk_path: str | Path = ".") -> Facts:
-    from pillsnap_dali.config import available_cores
-
     f = Facts(cpu_cores=available_cores(), disk_path=str(Path(disk_path).resolve()))
     f.driver, f.gpus = _nvml()
     _torch_facts(f)

@@ -25,11 +25,16 @@ import torch
 
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.cli import add_shared_flags, check_device, existing_file, run_main, setup_logging
-from pillsnap_dali.config import Config
+from pillsnap_dali.config import Config, load_config
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.data.manifest import Manifest, ManifestError, read_manifest, split_missing
 from pillsnap_dali.device import select_device
 from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
+from pillsnap_dali.loaders import build_loader
+from pillsnap_dali.skiplog import SkipLog
+from pillsnap_dali.training.model import load_classifier
+from pillsnap_dali.training.report import write_test_report
+from pillsnap_dali.training.checkpoint import load_checkpoint
 
 _logger = logging.getLogger(__name__)
 
@@ -58,8 +63,6 @@ def split_known(m: Manifest, class_map: ClassMap) -> tuple[Manifest, dict[str, i
 def score(model: torch.nn.Module, m: Manifest, class_map: ClassMap, cfg: Config, device: torch.device,
           skip_log) -> dict:
     """EvalAccumulator over the evaluation loader of ``m`` (``cfg.preprocess`` must be the model's)."""
-    from pillsnap_dali.loaders import build_loader
-
     loader = build_loader(m, m.labels(class_map), cfg, train=False, device=device, backend=cfg.loader.backend,
                           skip_log=skip_log, seed=cfg.train.seed)
     acc = EvalAccumulator(len(class_map), device)
@@ -108,10 +111,6 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, cfg: Confi
     """Score ``checkpoint``'s deployed weights on ``manifest``; write metrics.json, per_class.csv, skipped.csv
     and report.md (with pictures) into ``out_dir``; return the summary (also in metrics.json). A plain state
     dict needs ``class_map_json`` (``model_name``, ``legacy_preprocess``: as ``checkpoint.load_classifier``)."""
-    from pillsnap_dali.loaders import SkipLog
-    from pillsnap_dali.training.model import load_classifier
-    from pillsnap_dali.training.report import write_test_report
-
     loaded = load_classifier(checkpoint, class_map_json=class_map_json, model_name=model_name,
                              preprocess=legacy_preprocess, device=device)
     cfg = dataclasses.replace(cfg, preprocess=loaded.preprocess)  # the model's preprocessing, never the config's
@@ -174,9 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args) -> Config:
-    from pillsnap_dali.config import load_config
-    from pillsnap_dali.training.checkpoint import load_checkpoint
-
     stage = args.stage
     if stage is None:  # the checkpoint's stage (its targets), when it is one of ours
         ck = load_checkpoint(args.checkpoint)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -37,6 +38,12 @@ from pillsnap_dali.config import stage_name
 from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.onnx_runtime import CLASSIFIER, DETECTOR, INPUT, OUTPUT, OnnxModel, latency_ms, session
 from pillsnap_dali.optional import require
+from pillsnap_dali.data.manifest import read_manifest
+from pillsnap_dali.predict import _detector_imgsz, collect_images, load_detector
+from pillsnap_dali.imageio import open_rgb
+from pillsnap_dali.loaders import pil_eval_transform
+from pillsnap_dali.training.checkpoint import load_checkpoint
+from pillsnap_dali.training.model import load_classifier
 
 _logger = logging.getLogger(__name__)
 OPSET = 17
@@ -67,9 +74,6 @@ def val_manifest_of(ck: dict) -> Path | None:
 def parity_images(images: list[str], val_manifest: str | Path | None, limit: int) -> list[str]:
     """Image paths for the parity check: those given (folders expanded), else ``limit`` rows of the
     validation manifest spread evenly over it (so most classes are in)."""
-    from pillsnap_dali.data.manifest import read_manifest
-    from pillsnap_dali.predict import collect_images
-
     if images:
         return [str(p) for p in collect_images(images)][:limit]
     if val_manifest is None:
@@ -82,8 +86,6 @@ def parity_images(images: list[str], val_manifest: str | Path | None, limit: int
 
 def preprocess(paths: list[str], pre, max_pixels: int) -> tuple[torch.Tensor, list[str]]:
     """The classifier input of each readable image (the checkpoint's preprocessing, as predict applies it)."""
-    from pillsnap_dali.loaders import open_rgb, pil_eval_transform
-
     transform, xs, used = pil_eval_transform(pre), [], []
     for p in paths:
         try:
@@ -144,7 +146,7 @@ def classifier_meta(loaded, ck: dict, checkpoint: str) -> dict:
             "k_codes": list(cm.codes), "drug_names": [cm.meta.get(c, {}).get("dl_name", "") for c in cm.codes],
             "preprocess": asdict(loaded.preprocess), "input": INPUT, "output": OUTPUT, "layout": "NCHW",
             "opset": OPSET, "dynamic_batch": True, "checkpoint": str(Path(checkpoint).resolve()),
-            "weights": (ck.get("deploy") or "model") if isinstance(ck, dict) and ck.get("format") else "state_dict",
+            "weights": ck["deploy"] if isinstance(ck, dict) and ck.get("format") else "state_dict",
             "epoch": ck.get("epoch") if isinstance(ck, dict) else None}
 
 
@@ -190,8 +192,6 @@ def torch_latency(model: torch.nn.Module, x: torch.Tensor) -> dict:
 
 
 def _copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
     return copy.deepcopy(model)
 
 
@@ -204,8 +204,6 @@ def _write_json(path: Path, obj: dict) -> None:
 def export_detector(weights: str | Path, out_dir: Path, imgsz: int | None = None) -> dict:
     """Ultralytics' own ONNX export (opset 17, dynamic batch, no onnxslim: offline) of a copy of ``weights``
     in a temp dir inside ``out_dir``, then moved into ``detector.onnx`` (the source dir is left untouched)."""
-    from pillsnap_dali.predict import _detector_imgsz, load_detector
-
     require("onnx", "onnx", "ONNX export", "pip install 'pillsnap_dali[deploy]'")
     detector = load_detector(weights)
     size = int(imgsz) if imgsz else _detector_imgsz(detector, 640)
@@ -251,9 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args, cfg):
-    from pillsnap_dali.training.checkpoint import load_checkpoint
-    from pillsnap_dali.training.model import load_classifier
-
     given = args.config or args.stage or any(s.strip().startswith("preprocess.") for s in args.set)
     loaded = load_classifier(args.classifier, class_map_json=args.class_map, model_name=args.model_name,
                              preprocess=cfg.preprocess if given else None, device="cpu")

@@ -29,6 +29,16 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from PIL import Image, ImageDraw
+
+from pillsnap_dali.bench.loaders import bench_manifest
+from pillsnap_dali.config import load_config
+from pillsnap_dali.loaders import build_loader
+from pillsnap_dali.skiplog import SkipLog
+from pillsnap_dali.bench import main as bench_main
+from pillsnap_dali.data.manifest import read_manifest
+
 THRESHOLDS = {"dali_over_pil_jpeg": 5.0, "data_share_max": 0.05, "combo_p95_ms_max": 200.0,
               "nvml_growth_gb_max": 0.25, "oom_memory_fraction": 0.02}
 PY = sys.executable
@@ -144,8 +154,6 @@ def broken_jpegs(folder: Path) -> dict[str, Path]:
     """A good JPEG and the broken or unusual ones decoders disagree on: truncated, CMYK (Adobe APP14),
     progressive, arithmetic-coded, and 12-bit (an 8-bit stream whose frame header declares 12-bit precision
     in an extended-sequential SOF1: what a decoder without 12-bit support meets first)."""
-    from PIL import Image, ImageDraw
-
     folder.mkdir(parents=True, exist_ok=True)
     im = Image.new("RGB", (96, 72), (200, 120, 40))
     ImageDraw.Draw(im).ellipse([10, 10, 80, 60], fill=(30, 160, 220))
@@ -169,12 +177,6 @@ def broken_jpegs(folder: Path) -> dict[str, Path]:
 
 def skipped_by(paths: dict[str, Path], backend: str) -> list[str]:
     """The names of ``paths`` the ``backend`` loader (evaluation graph, one epoch) skips."""
-    import torch
-
-    from pillsnap_dali.bench.loaders import bench_manifest
-    from pillsnap_dali.config import load_config
-    from pillsnap_dali.loaders import SkipLog, build_loader
-
     names = list(paths)
     cfg = load_config("demo", sets=["train.batch_size=2", "preprocess.img_size=64", "loader.threads=2"])
     log = SkipLog(None)
@@ -226,9 +228,6 @@ def probe_oom(folder: Path, quick: bool) -> dict:
 
 def combo_latency(out: Path, images: int = 40) -> int:
     """p50/p95 per combination image (file to top-k of every pill) with the run's classifier and detector."""
-    from pillsnap_dali.bench import main as bench_main
-    from pillsnap_dali.data.manifest import read_manifest
-
     m = read_manifest(out / "artifacts" / "demo" / "detect_val.csv")
     paths = [p for p in m.paths if not p.endswith("_index.png")][:images]
     return bench_main(["predict", *paths, "--classifier", str(out / "runs" / "s3like" / "checkpoints" / "last.pt"),

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 _logger = logging.getLogger(__name__)
 
 
 def _cuda_uuid(index: int) -> str | None:
     """The NVML UUID ("GPU-...") of CUDA device ``index``, or None where torch does not expose it."""
     try:
-        import torch
         uuid = str(torch.cuda.get_device_properties(index).uuid)
     except Exception:
         return None

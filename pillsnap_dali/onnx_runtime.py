@@ -21,6 +21,7 @@ from pillsnap_dali.config import PreprocessConfig
 from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.optional import require
+from pillsnap_dali.weights import load_yolo
 
 _logger = logging.getLogger(__name__)
 
@@ -110,12 +111,10 @@ def load_classifier_dir(export_dir: str | Path, device="cpu", fp16: bool = False
 def load_detector_dir(export_dir: str | Path):
     """``detector.onnx`` through Ultralytics (onnxruntime inside), with its letterbox size from
     ``detector.json`` (an ONNX detector has a fixed input size: predict letterboxes to it)."""
-    from pillsnap_dali.predict import load_detector
-
     d = Path(export_dir)
     meta = read_meta(d / f"{DETECTOR}.json")
     ort()
-    detector = load_detector(d / f"{DETECTOR}.onnx")
+    detector = load_yolo(d / f"{DETECTOR}.onnx", task="detect")
     detector.pillsnap_imgsz = int(meta["imgsz"])
     return detector
 

@@ -27,12 +27,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_main, setup_logging
 from pillsnap_dali.errors import UsageError
-from pillsnap_dali.geometry import (PAD_VALUE, BoxRules, clean_boxes, iou_xyxy as iou, letterbox_geometry, on_image,
+from pillsnap_dali.geometry import (PAD_VALUE, BoxRules, clean_boxes, iou_xyxy, letterbox_geometry, on_image,
                                     unletterbox)
-from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
+from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, open_rgb
+from pillsnap_dali.weights import load_yolo
+from pillsnap_dali.loaders import pil_eval_transform
+from pillsnap_dali.data.yolo import image_size
+from pillsnap_dali.device import select_device
+from pillsnap_dali.training.model import load_classifier
+from pillsnap_dali.onnx_runtime import load_classifier_dir, load_detector_dir
+from pillsnap_dali.data.manifest import read_manifest
 
 _logger = logging.getLogger(__name__)
 
@@ -70,8 +78,6 @@ def load_detector(weights: str | Path):
     """An Ultralytics YOLO from LOCAL weights (never downloaded), loaded with ``weights_only=True`` against
     an allow-list (``weights.load_yolo``): a crafted file is refused, never executed. Note: its CPU predictor
     sets torch threads to min(8, cores - 1)."""
-    from pillsnap_dali.weights import load_yolo
-
     return load_yolo(weights, task="detect")  # a .pt is name-checked there before Ultralytics sees it
 
 
@@ -98,8 +104,6 @@ class Classify:
     """The classifier with its own preprocessing: PIL crops in, top-k K-codes with metadata out."""
 
     def __init__(self, loaded, topk: int):
-        from pillsnap_dali.loaders import pil_eval_transform
-
         self.loaded, self.topk = loaded, min(topk, len(loaded.class_map))
         self.transform = pil_eval_transform(loaded.preprocess)
         self.device = getattr(loaded, "device", None) or next(loaded.model.parameters()).device  # ONNX: cpu
@@ -131,8 +135,6 @@ def letterbox(image, imgsz: int) -> tuple[torch.Tensor, tuple[int, int, int, int
     difference). Ultralytics' own letterbox (cv2 bilinear, no antialiasing) differs from what the detector saw
     in training by 0.4-0.8 grey levels on average at the users' 976x1280 -> 640 / 320 sizes.
     """
-    import torch.nn.functional as F
-
     geometry = letterbox_geometry(image.height, image.width, imgsz)
     new_h, new_w, top, left = geometry
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).float()
@@ -163,8 +165,6 @@ def _detect(detector, image, opts: PredictOptions, imgsz: int, device) -> list[t
 
 def predict_one(path: str, classify: Classify, detector, opts: PredictOptions, det_imgsz: int) -> dict:
     """One image -> {"image", "mode", "pills": [{"box"?, "det_conf"?, "topk"}], "latency_ms"} or "error"."""
-    from pillsnap_dali.loaders import open_rgb
-
     t0 = time.perf_counter()
     try:
         image = open_rgb(path, opts.max_pixels)
@@ -239,7 +239,7 @@ def _ground_truth(raw_boxes: list, width: int, height: int, cfg) -> list[tuple[l
     out = []
     for box in boxes:
         codes = {str(r.get("code")) for r in raw_boxes if isinstance(r, dict)
-                 and (b := clean_boxes([r], width, height, rules)[0]) and iou(b[0], box) >= MATCH_IOU}
+                 and (b := clean_boxes([r], width, height, rules)[0]) and iou_xyxy(b[0], box) >= MATCH_IOU}
         out.append((box, codes))
     return out
 
@@ -251,8 +251,8 @@ def _score_image(result: dict, truth: list[tuple[list[float], set]]) -> tuple[in
     for pill in result["pills"]:  # best detection first
         if not free:
             break
-        best = max(free, key=lambda g: iou(pill["box"], truth[g][0]))
-        if iou(pill["box"], truth[best][0]) < MATCH_IOU:
+        best = max(free, key=lambda g: iou_xyxy(pill["box"], truth[g][0]))
+        if iou_xyxy(pill["box"], truth[best][0]) < MATCH_IOU:
             continue
         free.remove(best)
         found += 1
@@ -265,8 +265,6 @@ def two_stage_accuracy(manifest, classifier, detector, cfg) -> dict:
 
     Padded crops are scored against the converter's clean boxes (IoU >= 0.5 to count as found).
     """
-    from pillsnap_dali.data.yolo import image_size
-
     predict = make_predictor(classifier, detector, options_from(cfg, "combo", 1))
     pills = found = right = images = unreadable = 0
     for i in range(len(manifest)):
@@ -356,9 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_models(args, cfg):
-    from pillsnap_dali.device import select_device
-    from pillsnap_dali.training.model import load_classifier
-
     if args.onnx:
         return _load_onnx(args)
     device = select_device(args.device or "auto").torch  # the detector follows the classifier's device
@@ -376,8 +371,6 @@ def _load_models(args, cfg):
 
 def _load_onnx(args):
     """The export dir's classifier (and detector, for combo mode) under onnxruntime."""
-    from pillsnap_dali.onnx_runtime import load_classifier_dir, load_detector_dir
-
     classifier = load_classifier_dir(args.onnx, device=args.device or "cpu")
     if args.mode != "combo":
         return classifier, None
@@ -391,8 +384,6 @@ def _run(args, cfg) -> int:
         raise UsageError("--mode combo needs --detector WEIGHTS")
     classifier, detector = _load_models(args, cfg)
     if args.eval:
-        from pillsnap_dali.data.manifest import read_manifest
-
         if args.mode != "combo":
             raise UsageError("--eval scores the two-stage (combo) path: use --mode combo")
         print(json.dumps(two_stage_accuracy(read_manifest(args.eval), classifier, detector, cfg), indent=1))

@@ -12,6 +12,8 @@ import logging
 import threading
 from pathlib import Path
 
+from pillsnap_dali.errors import InputError
+
 _logger = logging.getLogger(__name__)
 
 SKIP_COLUMNS = ["row", "split", "path", "reason", "backend", "epoch"]
@@ -25,7 +27,8 @@ def _int_or_none(value) -> int | None:
 class SkipLog:
     """Skipped rows, appended to ``path`` as they are found (``path=None``: in memory only).
 
-    An existing file is read back, so a resumed run does not retry files it already skipped. ``.paths``: the
+    An existing file is read back, so a resumed run does not retry files it already skipped (a file with other
+    columns is refused: ``InputError``). ``.paths``: the
     skipped files (what loaders exclude); ``.keys``: the ``(split, row)`` pairs logged; ``.rows``: their row
     ids (of every split). Thread-safe.
     """
@@ -45,18 +48,11 @@ class SkipLog:
             reader = csv.DictReader(fh)
             fields = reader.fieldnames or []
             recs = list(reader)
-        if fields == SKIP_COLUMNS:
-            for rec in recs:
-                self._remember(rec)
-        else:  # another format (an earlier version's): moved aside, its files carried over
-            aside = self.path.with_name(self.path.stem + ".old.csv")
-            self.path.replace(aside)
-            _logger.warning("%s had another format: moved to %s, its files carried over", self.path, aside)
-            for i, rec in enumerate(recs):
-                path = rec.get("path") or rec.get("image_path") or next(iter(rec.values()), "")
-                if path:
-                    self.add(-1 - i, path, rec.get("reason") or "skipped by an earlier run", "earlier run", 0,
-                             split="earlier")
+        if fields != SKIP_COLUMNS:
+            raise InputError(f"{self.path}: not a skip log (columns {','.join(fields) or 'none'}, expected "
+                             f"{','.join(SKIP_COLUMNS)}); move it away or start a new run")
+        for rec in recs:
+            self._remember(rec)
         _logger.info("skip log %s: %d file(s) skipped earlier are excluded", self.path, len(self.paths))
 
     def _remember(self, rec: dict) -> None:

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
+import json
 import logging
 import os
 import shutil
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from pillsnap_dali.cli import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_main
 from pillsnap_dali.cli import setup_logging as cli_logging
@@ -26,8 +29,11 @@ from pillsnap_dali.data.checks import check_manifests
 from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest
 from pillsnap_dali.training import pretrained, resume
 from pillsnap_dali.training.checkpoint import remove_orphan_temps
-from pillsnap_dali.training.engine import TrainData, TrainingError
+from pillsnap_dali.training.engine import RunSpec, TrainData, Trainer, TrainingError
 from pillsnap_dali.training.report import write_report
+from pillsnap_dali.data.build import ensure_manifests
+from pillsnap_dali.loaders import resolve_backend
+from pillsnap_dali.evaluate import after_training
 
 _logger = logging.getLogger("pillsnap_dali.train")
 
@@ -97,7 +103,6 @@ def stage_of_manifest(manifest: str | None) -> str | None:
         return name.replace("stage", "")
     report = folder / "report.json"
     if report.exists():
-        import json
         try:
             stage = str(json.loads(report.read_text(encoding="utf-8")).get("inputs", {}).get("stage", ""))
         except (ValueError, OSError):
@@ -112,7 +117,6 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     want = cfg.train.device
     cuda = torch.cuda.is_available() and want != "cpu"
     if world > 1:
-        import torch.distributed as dist
         local = int(os.environ.get("LOCAL_RANK", "0"))
         # a long timeout: the other ranks wait at a barrier while rank 0 builds (and verifies) the manifests
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
@@ -138,9 +142,6 @@ def _manifests_once(cfg: Config) -> Path:
     """The stage's manifest dir, built (or the synthetic tree generated) by one process: under torchrun rank 0
     builds while the other ranks wait for the dir it sends them (two builders in one dir would race on
     report.json and the verify cache, and a second reuse check would walk the whole tree again)."""
-    from pillsnap_dali.data.build import ensure_manifests
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return ensure_manifests(cfg)
     box = [None]
@@ -218,8 +219,6 @@ def check_inputs(cfg: Config, args: argparse.Namespace, device: torch.device, ru
     checkpoint (against the class map and settings), the loader backend and the model name."""
     import timm
 
-    from pillsnap_dali.loaders import resolve_backend
-
     quarantine: list = []
     data, checks = load_data(cfg, args, quarantine)
     resume_path = resume_state = None
@@ -236,14 +235,11 @@ def write_run_inputs(run_dir: Path, cfg: Config, data, quarantine: list) -> None
     dump_config(cfg, run_dir / "config.yaml")
     data.class_map.save(run_dir / "class_map.json")
     if quarantine:
-        import csv
         with open(run_dir / "quarantine.csv", "w", newline="", encoding="utf-8") as fh:
             csv.writer(fh).writerows([("path", "reason"), *quarantine])
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pillsnap_dali.training.engine import RunSpec, Trainer
-    from pillsnap_dali.evaluate import after_training
     cfg = resolve_config(args)
     rank, world, device = init_distributed(cfg)
     setup_logging(None, rank)
@@ -258,7 +254,6 @@ def run(args: argparse.Namespace) -> dict:
         setup_logging(run_dir, rank)
         write_run_inputs(run_dir, cfg, data, quarantine)
     if world > 1:
-        import torch.distributed as dist
         dist.barrier()  # the other ranks open their skip logs in the run dir once rank 0 has prepared it
     spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,
                    dry_run=args.dry_run, resume=resume_path, resume_state=resume_state)
@@ -283,7 +278,6 @@ def run(args: argparse.Namespace) -> dict:
         summary["report"] = str(write_report(run_dir, summary, header, examples=data.val))
     summary["run_dir"] = None if args.dry_run else str(run_dir)
     if world > 1:
-        import torch.distributed as dist
         dist.destroy_process_group()
     return summary
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from pillsnap_dali.errors import PillsnapError
 
@@ -85,11 +86,29 @@ def check_detector_weights(path: str | Path) -> Path:
     return path
 
 
+def ultralytics_offline() -> None:
+    """Call before using Ultralytics: no update checks, hub sync, downloads or pip installs, and its restricted
+    (``weights_only``) checkpoint loading.
+
+    Importing Ultralytics also replaces ``PIL.Image.open`` process-wide with a wrapper that, on an image PIL
+    cannot identify, tries to pip-install ``pi-heif`` and then fails with ModuleNotFoundError. Our loaders
+    and verifiers rely on PIL's own ``UnidentifiedImageError`` for broken files, so the original is put back.
+    """
+    os.environ["YOLO_OFFLINE"] = "true"
+    os.environ["YOLO_AUTOINSTALL"] = "false"
+    os.environ.setdefault("YOLO_VERBOSE", "true")
+    force_safe_load()  # weights files and model yamls never run code
+    try:
+        from ultralytics.utils import patches
+    except ImportError:
+        return
+    if getattr(Image, "open", None) is getattr(patches, "image_open", None) and hasattr(patches, "_image_open"):
+        Image.open = patches._image_open
+
+
 def load_yolo(spec: str | Path, task: str = "detect"):
     """An Ultralytics YOLO from a model yaml (built from scratch, parsed without ``eval``) or a LOCAL ``.pt``
     loaded with ``weights_only=True``; never downloaded. Every failure is one WeightsError line."""
-    from pillsnap_dali.detect import ultralytics_offline
-
     ultralytics_offline()  # offline + force_safe_load
     spec = str(spec)
     if spec.lower().endswith(".onnx"):  # an exported detector: a protobuf graph, no pickle, nothing to run

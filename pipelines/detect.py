@@ -28,7 +28,7 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline
 
-from pillsnap_dali.geometry import PAD_VALUE, letterbox_geometry  # noqa: F401  (letterbox_geometry: re-exported)
+from pillsnap_dali.geometry import PAD_VALUE
 
 from .classify import ENCODED, ROWS
 from .common import Input, PipelineOptions, build_pipeline, decoder_kwargs

@@ -20,7 +20,7 @@ def test_predict_refuses_a_class_map_with_the_same_codes_in_another_order_naming
     model = timm.create_model("resnet18", num_classes=len(CODES))
     ckpt = tmp_path / "classifier.pt"
     save_checkpoint(ckpt, {"format": FORMAT, "model_name": "resnet18", "num_classes": len(CODES),
-                           "model": model.state_dict(), "ema": None, "class_map": ClassMap(CODES).to_dict(),
+                           "model": model.state_dict(), "ema": None, "deploy": "model", "class_map": ClassMap(CODES).to_dict(),
                            "preprocess": preprocess_dict(PreprocessConfig(img_size=32, resize_mode="squash"))})
     image = tmp_path / "pill.png"
     Image.new("RGB", (40, 48), (200, 180, 30)).save(image)

@@ -1,6 +1,6 @@
 import pytest
 
-from pillsnap_dali.config import CONFIG_DIR, ConfigError, all_keys, load_config, parse_set
+from pillsnap_dali.config import CONFIG_DIR, ConfigError, all_keys, available_cores, dump_config, load_config, parse_set
 
 
 def test_stage_overlays_set_stage_sizes():
@@ -56,8 +56,7 @@ def test_parse_set_rejects_malformed():
         parse_set(["train.lr"])
 
 
-def test_loader_threads_and_workers_auto_follow_the_cores_and_the_local_ranks(monkeypatch):
-    from pillsnap_dali.config import available_cores, config_from_dict
+def test_loader_threads_and_workers_auto_follow_the_cores_and_the_local_ranks(monkeypatch, tmp_path):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cores = available_cores()
     cfg = load_config("3")  # base.yaml says auto for both
@@ -67,7 +66,8 @@ def test_loader_threads_and_workers_auto_follow_the_cores_and_the_local_ranks(mo
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))  # more ranks than cores: still one thread each
     assert load_config("3").loader.threads == 1
     # a stored (resolved) config comes back as it was written
-    assert config_from_dict(cfg.to_dict()).loader.threads == min(cores, 32)
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(path=tmp_path / "config.yaml").loader.threads == min(cores, 32)
     with pytest.raises(ConfigError, match="integer or 'auto'"):
         load_config("3", sets=["loader.threads=fast"])
     with pytest.raises(ConfigError, match="loader.threads"):

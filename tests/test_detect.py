@@ -405,7 +405,7 @@ def test_ultralytics_import_leaves_pil_open_alone(tmp_path):
     junk file is PIL's UnidentifiedImageError (a logged skip) and never an install attempt or an import error."""
     import PIL.Image
 
-    from pillsnap_dali.detect import ultralytics_offline
+    from pillsnap_dali.weights import ultralytics_offline
     from pillsnap_dali.imageio import read_encoded
 
     ultralytics_offline()

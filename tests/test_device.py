@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pillsnap_dali.device import (DeviceError, DevicePlan, autocast_dtype, bf16_from_capability, native_bf16,
-                                  physical_gpu, resolve_device, select_device)
+from pillsnap_dali.config import load_config
+from pillsnap_dali.device import (DeviceError, DevicePlan, bf16_from_capability, native_bf16,
+                                  resolve_device, select_device)
+from pillsnap_dali.training.engine import amp_settings
 
 
 @pytest.mark.parametrize("request_, count, index", [
@@ -32,11 +34,6 @@ def test_a_device_that_is_not_there_is_one_line(request_, count, words, monkeypa
     assert words in str(e.value) and "\n" not in str(e.value) and str(request_) in str(e.value)
 
 
-def test_physical_gpu_follows_cuda_visible_devices():
-    assert physical_gpu(1, "2,3") == "3" and physical_gpu(0, "GPU-ab12,GPU-cd34") == "GPU-ab12"
-    assert physical_gpu(1, "") == "1"
-
-
 def test_select_device_on_this_machine():
     plan = select_device("auto")
     assert plan.cuda == torch.cuda.is_available()
@@ -51,7 +48,7 @@ def test_bf16_only_from_ampere_on(cap, native):
 
 
 def test_no_bf16_and_no_autocast_on_the_cpu():
-    assert autocast_dtype("cpu") is None
+    assert amp_settings(load_config("demo"), torch.device("cpu"))[1] is None
     if not torch.cuda.is_available():
         assert native_bf16() is False
 
@@ -101,6 +98,6 @@ def test_native_bf16_on_this_gpu_matches_its_capability():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     assert native_bf16(0) == bf16_from_capability(torch.cuda.get_device_capability(0))
-    assert autocast_dtype("cuda:0") in (torch.bfloat16, torch.float16)
+    assert amp_settings(load_config("demo"), torch.device("cuda:0"))[1] in (torch.bfloat16, torch.float16)
     plan = select_device("cuda:0")
     assert torch.cuda.current_device() == plan.index == 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pillsnap_dali.errors import InputError
 from pillsnap_dali.config import load_config
 from pillsnap_dali.loaders import Batch, build_loader, open_rgb, pil_eval_transform, resolve_backend
 from pillsnap_dali.loaders.common import shard_order
@@ -434,10 +436,12 @@ def test_png_exif_after_the_image_data_is_found_from_the_header(tmp_path):
     assert (h, w) == (20, 40) and upright_size(str(path)) == (w, h) == open_rgb(str(path)).size
 
 
-def test_a_skip_log_of_another_format_is_carried_over_not_a_crash(tmp_path):
+def test_a_skip_log_of_another_format_is_refused_naming_the_file(tmp_path):
     f = tmp_path / "skipped.csv"
-    f.write_text("image_path,reason\n/x/a.png,DALI: bad\n", encoding="utf-8")  # an older detection run's
-    log = SkipLog(f)
-    assert "/x/a.png" in log and (tmp_path / "skipped.old.csv").exists()
-    assert f.read_text(encoding="utf-8").splitlines()[0] == "row,split,path,reason,backend,epoch"
-    assert "/x/a.png" in SkipLog(f)  # read back in the new format
+    f.write_text("image_path,reason\n/x/a.png,DALI: bad\n", encoding="utf-8")
+    with pytest.raises(InputError, match=re.escape(f"{f}: not a skip log")):
+        SkipLog(f)
+    assert f.read_text(encoding="utf-8").startswith("image_path,reason")  # left as it was
+    log = SkipLog(tmp_path / "new.csv")
+    log.add(3, "/x/a.png", "DALI: bad", "dali", 0, split="train")
+    assert "/x/a.png" in SkipLog(tmp_path / "new.csv")  # our own format is read back

@@ -13,6 +13,7 @@ from pillsnap_dali.training.checkpoint import FORMAT, preprocess_dict, save_chec
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import PreprocessConfig, load_config
 from pillsnap_dali.data.manifest import read_manifest
+from pillsnap_dali.geometry import letterbox_geometry
 
 LOW_CONF = "predict.conf=0.001"  # a 1-epoch detector is unsure of everything: keep its boxes to check their form
 
@@ -37,7 +38,7 @@ def stage(synth_tree, tmp_path_factory):
     model = timm.create_model("resnet18", num_classes=len(cm))
     ckpt = tmp / "classifier.pt"
     save_checkpoint(ckpt, {"format": FORMAT, "model_name": "resnet18", "num_classes": len(cm),
-                           "model": model.state_dict(), "ema": None, "class_map": cm.to_dict(),
+                           "model": model.state_dict(), "ema": None, "deploy": "model", "class_map": cm.to_dict(),
                            "preprocess": preprocess_dict(PreprocessConfig(img_size=48, resize_mode="squash"))})
     return {"cfg": cfg, "sets": sets, "manifests": data_yaml.parent.parent, "detector": run.out / "weights" / "best.pt",
             "classifier": ckpt, "model": model, "class_map": cm, "tmp": tmp}
@@ -165,7 +166,7 @@ def test_prediction_letterbox_is_the_training_letterbox(size, imgsz):
 
     from pillsnap_dali.bench.loaders import photo_like
     from pipelines import PipelineOptions
-    from pipelines.detect import DetectSpec, detect_pipeline, letterbox_geometry
+    from pipelines.detect import DetectSpec, detect_pipeline
 
     arr = photo_like(*size, np.random.default_rng(3))
     h, w = arr.shape[:2]
@@ -197,8 +198,6 @@ def test_unletterbox_maps_detections_back_like_ultralytics(w, h, imgsz):
     import numpy as np
     from ultralytics.utils.ops import scale_boxes
 
-    from pipelines.detect import letterbox_geometry
-
     geometry = letterbox_geometry(h, w, imgsz)
     new_h, new_w, top, left = geometry
     rng = np.random.default_rng(0)
@@ -214,8 +213,6 @@ def test_unletterbox_maps_detections_back_like_ultralytics(w, h, imgsz):
 
 def test_a_detection_in_the_letterbox_padding_is_not_a_pill():
     import numpy as np
-
-    from pipelines.detect import letterbox_geometry
 
     geometry = letterbox_geometry(1280, 976, 640)  # 488 wide in the 640 frame: 76 px of padding each side
     boxes = np.array([[600.0, 300.0, 630.0, 340.0],    # entirely in the right padding

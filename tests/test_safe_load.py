@@ -97,7 +97,7 @@ def _classifier(tmp_path) -> pathlib.Path:
     model = timm.create_model("resnet18", num_classes=2)
     path = tmp_path / "clf.pt"
     ckpt.save_checkpoint(path, {"format": ckpt.FORMAT, "model_name": "resnet18", "num_classes": 2,
-                                "model": model.state_dict(), "ema": None, "class_map": cm.to_dict(),
+                                "model": model.state_dict(), "ema": None, "deploy": "model", "class_map": cm.to_dict(),
                                 "preprocess": {"img_size": 32, "resize_mode": "squash",
                                                "mean": [0.5] * 3, "std": [0.5] * 3}})
     return path

@@ -372,7 +372,7 @@ def test_pretrained_head_rows_follow_the_k_codes_never_the_positions(tmp_path):
     src_map = ClassMap(["K-000001", "K-000002", "K-000003"])
     ours = tmp_path / "ours.pt"
     save_checkpoint(ours, {"format": FORMAT, "model_name": "resnet18", "num_classes": 3, "model": src.state_dict(),
-                           "class_map": src_map.to_dict()})
+                           "deploy": "model", "class_map": src_map.to_dict()})
     plain = tmp_path / "plain.pt"
     torch.save(src.state_dict(), plain)
     src_map.save(tmp_path / "map.json")
@@ -439,12 +439,11 @@ def test_resuming_another_runs_checkpoint_moves_the_runs_own_dir_aside(manifests
     assert len(list(tmp_path.glob("b.*"))) == 1  # the earlier b, moved aside, whole
 
 
-def test_report_counts_the_skip_logs_of_every_rank_but_not_an_old_format_one(tmp_path):
+def test_report_counts_the_skip_logs_of_every_rank(tmp_path):
     from pillsnap_dali.training.report import write_report
 
     (tmp_path / "skipped.csv").write_text("row,path,reason,backend,epoch\n1,/a.png,bad,pil,0\n")
     (tmp_path / "skipped.rank1.csv").write_text("row,path,reason,backend,epoch\n2,/b.png,bad,pil,0\n")
-    (tmp_path / "skipped.old.csv").write_text("image_path,reason\n/c.png,bad\n")  # moved aside by SkipLog
     report = write_report(tmp_path, {"reason": "done", "best_top1": 0.5, "history": [], "total_time": 1.0}, {})
     assert "Skipped files (not decodable, logged in `skipped.csv`, `skipped.rank1.csv`): 2" in report.read_text()
 
@@ -625,7 +624,8 @@ def test_progress_names_the_epoch_of_the_run_and_an_eta_between_log_intervals(ma
 
 
 def test_bf16_only_where_the_gpu_has_it_natively():
-    from pillsnap_dali.training.engine import amp_settings, bf16_native
+    from pillsnap_dali.device import native_bf16
+    from pillsnap_dali.training.engine import amp_settings
 
     cfg = load_config("demo")
     cuda = torch.device("cuda")
@@ -633,7 +633,7 @@ def test_bf16_only_where_the_gpu_has_it_natively():
     assert amp_settings(cfg, cuda, bf16=False) == (True, torch.float16, True)  # V100/T4: fp16 + GradScaler
     assert amp_settings(cfg, torch.device("cpu"), bf16=True) == (False, None, False)
     if not torch.cuda.is_available():
-        assert bf16_native() is False
+        assert native_bf16() is False
 
 
 def test_a_class_map_in_another_order_is_refused_on_resume_naming_the_moved_codes(manifests, tmp_path, capsys):

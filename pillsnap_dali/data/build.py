@@ -35,6 +35,7 @@ from pillsnap_dali.data.manifest import (Manifest, ManifestError, read_manifest,
                                          write_manifest)
 from pillsnap_dali.data.scan import ScanResult, missing_codes, scan_tree, tree_fingerprint
 from pillsnap_dali.data.verify import CACHE_NAME, MODES as VERIFY_MODES, Verifier, VerifySettings
+from pillsnap_dali.data.synth import ensure_demo_data
 
 _logger = logging.getLogger(__name__)
 
@@ -337,7 +338,6 @@ def _write_all(out_dir: Path, scan: ScanResult, build: _Build, splits: dict, det
 
 
 def _demo_root(cfg: Config) -> Path:
-    from pillsnap_dali.data.synth import ensure_demo_data  # lazily: only the demo path needs the generator
     made = ensure_demo_data(cfg)
     return Path(made) if isinstance(made, (str, Path)) else Path(made.root)
 

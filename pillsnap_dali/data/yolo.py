@@ -26,6 +26,7 @@ from pillsnap_dali.errors import InputError
 from pillsnap_dali.imageio import upright_size
 from pillsnap_dali.data.manifest import Manifest, read_manifest
 from pillsnap_dali.geometry import DROP_REASONS, KEEP_REASONS, BoxRules, clean_boxes
+from pillsnap_dali.data.build import ensure_manifests
 
 _logger = logging.getLogger(__name__)
 
@@ -216,8 +217,6 @@ def detection_manifests(manifest_dir: str | Path, include_singles: bool = False)
 
 def convert_stage(cfg) -> Path:
     """Build (or reuse) the stage's manifests, convert them into ``<manifest dir>/yolo``; returns data.yaml."""
-    from pillsnap_dali.data.build import ensure_manifests  # the manifest module pulls in the scanner: import on use
-
     manifest_dir = Path(ensure_manifests(cfg))
     rules = BoxRules.from_config(cfg)
     out = manifest_dir / "yolo"

@@ -19,9 +19,9 @@ import torch
 
 from pillsnap_dali.config import Config, ConfigError, memory_layout
 from pillsnap_dali.data.manifest import Manifest
-from pillsnap_dali.imageio import read_encoded
+from pillsnap_dali.imageio import open_rgb, read_encoded
 from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderSpec, steps_for
-from pillsnap_dali.loaders.pil_loader import PilLoader, PilTrainTransform, open_rgb, pil_eval_transform
+from pillsnap_dali.loaders.pil_loader import PilLoader, PilTrainTransform, pil_eval_transform
 from pillsnap_dali.skiplog import SkipLog
 
 if TYPE_CHECKING:

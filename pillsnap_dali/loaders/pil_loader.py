@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pillsnap_dali.config import PreprocessConfig
-from pillsnap_dali.imageio import open_rgb  # noqa: F401  (re-exported as loaders.open_rgb)
+from pillsnap_dali.imageio import open_rgb
 from pillsnap_dali.loaders.augment import crop_box, draw_augment
 from pillsnap_dali.loaders.common import EpochPlan, LoaderBase, LoaderSpec, to_device_batch
 from pipelines.colour import AUG_INDEX, BatchColour

@@ -87,12 +87,10 @@ def remove_orphan_temps(folder: str | Path) -> list[Path]:
 
 
 
-def deployed_weights(ck: dict, without_key: str = "ema") -> dict:
+def deployed_weights(ck: dict) -> dict:
     """The state dict a training checkpoint stands for: its EMA weights when ``deploy`` says so (the better
-    of model and EMA when it was saved), else the model's. A checkpoint from before ``deploy`` existed takes
-    ``without_key``'s ("ema": the EMA when there is one)."""
-    use_ema = ck.get("ema") and ck.get("deploy", without_key) == "ema"
-    return ck["ema"] if use_ema else ck["model"]
+    of model and EMA when it was saved), else the model's."""
+    return ck["ema"] if ck["deploy"] == "ema" else ck["model"]
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -107,3 +105,13 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 def preprocess_dict(p: PreprocessConfig) -> dict:
     return asdict(p)
+
+
+def unwrap_state_dict(obj):
+    """The weights inside a plain checkpoint: ``model_state_dict`` / ``state_dict`` / ``model`` (nested as
+    other projects save them), or the object itself."""
+    sd = obj
+    for key in ("model_state_dict", "state_dict", "model"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd

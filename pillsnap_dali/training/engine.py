@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.loaders.runner import DeviceMemoryError, PipelineFailure
@@ -34,6 +36,7 @@ from pillsnap_dali.config import Config
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.threads import apply_torch_threads
 from pillsnap_dali.data.manifest import Manifest
+from pillsnap_dali.device import native_bf16
 from pillsnap_dali.gpumon import GpuMonitor
 from pillsnap_dali.training import checkpoint as ckpt
 from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
@@ -42,6 +45,8 @@ from pillsnap_dali.training.model import build_model
 from pillsnap_dali.training.tb import TBWriter
 from pillsnap_dali.training.resume import (RunState, non_finite_tensors, planned_steps, restore_tensors,
                                            resumed_state, rng_state, save_rank_position, step_seed)
+from pillsnap_dali.loaders import build_loader
+from pillsnap_dali.skiplog import SkipLog
 
 _logger = logging.getLogger(__name__)
 
@@ -134,21 +139,12 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.train.lr)
 
 
-def bf16_native() -> bool:
-    """Whether this CUDA device computes in bf16 natively (compute capability 8.0 and later). The plain
-    ``is_bf16_supported()`` also says yes where bf16 is only emulated (V100, T4), which are faster with fp16."""
-    try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # torch before 2.3: no emulation argument, and no emulation counted
-        return bool(torch.cuda.is_bf16_supported())
-
-
 def amp_settings(cfg: Config, device: torch.device, bf16: bool | None = None) -> tuple[bool, torch.dtype | None, bool]:
     """(enabled, dtype, use_scaler): bf16 where the GPU has it natively, else fp16 with a GradScaler; fp32 on
-    the CPU or with ``train.amp`` off. ``bf16``: the device's capability (default: ``bf16_native()``)."""
+    the CPU or with ``train.amp`` off. ``bf16``: the device's capability (default: ``device.native_bf16``)."""
     if not cfg.train.amp or device.type != "cuda":
         return False, None, False
-    if bf16_native() if bf16 is None else bf16:
+    if native_bf16(device.index) if bf16 is None else bf16:
         return True, torch.bfloat16, False
     return True, torch.float16, True
 
@@ -234,7 +230,6 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
         self.bar = None
         if control.show and sys.stderr.isatty():
-            from tqdm import tqdm
             self.bar = tqdm(total=total, desc=self.desc, leave=False, dynamic_ncols=True)
 
     def due(self, step: int) -> bool:
@@ -273,7 +268,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _join(model: nn.Module):
     if not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
-    from torch.distributed.algorithms.join import Join
     return Join([model])
 
 
@@ -403,9 +397,6 @@ class Trainer:
     the end or a stop."""
 
     def __init__(self, spec: RunSpec):
-        from pillsnap_dali.loaders import build_loader
-        from pillsnap_dali.skiplog import SkipLog
-
         self.spec, self.cfg, self.device = spec, spec.cfg, spec.device
         cfg, data = spec.cfg, spec.data
         torch.manual_seed(cfg.train.seed)
@@ -460,7 +451,7 @@ class Trainer:
         o = self.optim
         restore_tensors(st, model=self.model, ema=o.ema, optimizer=o.optimizer, scheduler=o.scheduler,
                         scaler=o.scaler)
-        for e in st.get("skipped", []):  # files skipped before the stop stay skipped, wherever the run dir is
+        for e in st["skipped"]:  # files skipped before the stop stay skipped, wherever the run dir is
             if e["path"] not in self.skip_log:
                 self.skip_log.add(int(e["row"]), e["path"], e["reason"], e["backend"], int(e["epoch"]))
         r = self.run

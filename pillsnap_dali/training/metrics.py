@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from pillsnap_dali.data.classmap import ClassMap
 
@@ -35,7 +36,6 @@ class EvalAccumulator:
         self.count += labels.numel()
 
     def all_reduce(self) -> None:
-        import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             for t in (self.confusion, self.loss_sum, self.topk_hits, self.count):
                 dist.all_reduce(t)

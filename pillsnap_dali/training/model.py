@@ -9,17 +9,18 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from pillsnap_dali.config import Config, PreprocessConfig, memory_layout
 from pillsnap_dali.data.classmap import ClassMap
-from pillsnap_dali.training.checkpoint import FORMAT, CheckpointError, deployed_weights, load_checkpoint
+from pillsnap_dali.training import pretrained
+from pillsnap_dali.training.checkpoint import FORMAT, CheckpointError, deployed_weights, load_checkpoint, \
+    unwrap_state_dict
 
 _logger = logging.getLogger(__name__)
 
 
 def build_model(cfg: Config, num_classes: int, device: torch.device, class_map: ClassMap | None = None) -> nn.Module:
-    from pillsnap_dali.training import pretrained
-
     model = pretrained.create_model(cfg, num_classes)  # random, or timm's ImageNet weights (pretrained: imagenet)
     if cfg.model.pretrained and not pretrained.is_imagenet(cfg.model.pretrained):
         load_pretrained(model, cfg.model.pretrained, class_map, cfg.model.pretrained_class_map)
@@ -44,13 +45,12 @@ def load_pretrained(model: nn.Module, path: str, class_map: ClassMap | None = No
     plain state dict without a class map leaves its head out: its rows' K-codes are unknown."""
     src_map = None
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
         sd = load_file(path)
     else:
         raw = load_checkpoint(path)
         if isinstance(raw, dict) and raw.get("format") == FORMAT and raw.get("class_map"):
             src_map = ClassMap.from_dict(raw["class_map"])
-            raw = deployed_weights(raw, without_key="model")  # the weights its best top-1 was measured on
+            raw = deployed_weights(raw)  # the weights its best top-1 was measured on
         sd = unwrap_state_dict(raw)
     if pretrained_class_map:
         src_map = ClassMap.load(pretrained_class_map)
@@ -92,16 +92,6 @@ def _head_rows(sd: dict, own: dict, heads: set, src_map: ClassMap | None, class_
     _logger.info("classifier head: %d of %d classes carried over by K-code from %s (%d new)", len(shared),
                  len(class_map), path, len(class_map) - len(shared))
     return out
-
-
-def unwrap_state_dict(obj):
-    """The weights inside a plain checkpoint: ``model_state_dict`` / ``state_dict`` / ``model`` (nested as
-    other projects save them), or the object itself."""
-    sd = obj
-    for key in ("model_state_dict", "state_dict", "model"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    return sd
 
 
 def strip_prefixes(state_dict: dict) -> dict:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pillsnap_dali.training.checkpoint import CheckpointError
+from safetensors import safe_open
+
+from pillsnap_dali.training.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
 
 _logger = logging.getLogger(__name__)
 
@@ -105,13 +107,8 @@ def create_model(cfg, num_classes: int):
 
 def _file_keys(path: str) -> set:
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
         with safe_open(path, "pt") as fh:
             return set(fh.keys())
-    from pillsnap_dali.training.checkpoint import load_checkpoint
-    from pillsnap_dali.training.model import unwrap_state_dict
-
     return set(unwrap_state_dict(load_checkpoint(path)))
 
 

@@ -6,6 +6,10 @@ import json
 import logging
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
+from pillsnap_dali.imageio import open_rgb
+
 _logger = logging.getLogger(__name__)
 
 
@@ -86,7 +90,7 @@ def write_report(run_dir: Path, summary: dict, header: dict, examples=None) -> P
                       for p in pairs]
             if examples is not None:
                 lines += ["", *_picture_section(lambda: confusion_pictures(pairs, examples, run_dir / "pictures"))]
-    # skipped.csv (rank 0) and skipped.rank<r>.csv; not skipped.old.csv (another format, moved aside by SkipLog)
+    # skipped.csv (rank 0) and skipped.rank<r>.csv
     logs = [p for p in [run_dir / "skipped.csv", *sorted(run_dir.glob("skipped.rank*.csv"))] if p.exists()]
     if logs:
         paths = set()
@@ -131,10 +135,6 @@ def _picture_section(make) -> list[str]:
 
 def _thumb(path: str, reason: str = ""):
     """A THUMB x THUMB tile of the image (aspect kept, on grey), or a dark tile saying it cannot be shown."""
-    from PIL import Image, ImageDraw
-
-    from pillsnap_dali.imageio import open_rgb
-
     tile = Image.new("RGB", (THUMB, THUMB), (96, 96, 96))
     try:
         im = open_rgb(path)  # the header is checked before decoding: a bomb or a broken file is refused
@@ -147,8 +147,6 @@ def _thumb(path: str, reason: str = ""):
 
 
 def _caption(canvas, xy, text: str, width: int) -> None:
-    from PIL import ImageDraw
-
     ImageDraw.Draw(canvas).text(xy, text.encode("ascii", "replace").decode()[: max(4, width // 6)], fill=(0, 0, 0))
 
 
@@ -167,8 +165,6 @@ def class_examples(manifest, codes: set, per_class: int = PER_CLASS) -> dict[str
 def confusion_pictures(pairs: list[dict], manifest, pictures: Path) -> list[str]:
     """One PNG per confused pair (true class's thumbnails | predicted class's), and the markdown table that
     shows them with the K-codes and drug names (names in the table: the PNG fonts have no Hangul)."""
-    from PIL import Image
-
     pairs = pairs[:MAX_PAIRS]
     ex = class_examples(manifest, {p["true"] for p in pairs} | {p["pred"] for p in pairs})
     pictures.mkdir(parents=True, exist_ok=True)
@@ -208,8 +204,6 @@ def bad_files(run_dir: Path, *manifest_dirs: Path) -> list[tuple[str, str, str]]
 
 def skipped_sheet(bad: list[tuple[str, str, str]], pictures: Path, cap: int = SHEET_CAP, cols: int = 6) -> list[str]:
     """A contact sheet of at most ``cap`` skipped / quarantined files with their reasons, and its markdown."""
-    from PIL import Image
-
     shown = bad[:cap]
     rows = -(-len(shown) // cols)
     cell_h = THUMB + 28

@@ -65,9 +65,9 @@ class RunState:
     @classmethod
     def from_checkpoint(cls, st: dict) -> "RunState":
         known = {f.name for f in fields(cls)} - {"epoch", "position"}
-        s = cls(**{k: st[k] for k in known if k in st})
+        s = cls(**{k: st[k] for k in known})
         s.epoch = st["epoch"] + 1 if st["epoch_complete"] else st["epoch"]
-        s.position = 0 if st["epoch_complete"] else int(st.get("epoch_position", 0))
+        s.position = 0 if st["epoch_complete"] else int(st["epoch_position"])
         s.history = [h for h in s.history if h["epoch"] < s.epoch]
         return s
 
@@ -110,7 +110,7 @@ def load_training_state(path: str | Path, class_map: ClassMap) -> dict:
                               "weights")
     ClassMap.from_dict(st["class_map"]).check_same(class_map)
     for key in ("model", "ema"):
-        bad = non_finite_tensors(st.get(key) or {})
+        bad = non_finite_tensors(st[key] or {})
         if bad:
             raise CheckpointError(f"{path}: its {key} weights are not finite ({', '.join(bad[:3])}); resume from an "
                                   "earlier checkpoint (checkpoints/epoch_*.pt, best.pt) or start a new run")
@@ -137,7 +137,7 @@ def check_resume(path: Path, cfg: Config, class_map: ClassMap) -> dict:
     preprocessing, batch size or optimizer differs, naming what differs; settings the checkpoint's optimizer
     overrides are warned about."""
     st = load_training_state(path, class_map)
-    old, new = st.get("config") or {}, cfg.to_dict()
+    old, new = st["config"], cfg.to_dict()
     diff = [f"{k} {_get(old, k)!r} -> {_get(new, k)!r}" for k in RESUME_MUST_MATCH if _get(old, k) != _get(new, k)]
     if diff:
         raise ConfigError(f"--resume {path}: the checkpoint was trained with other settings ({'; '.join(diff)}); "
@@ -156,7 +156,7 @@ def check_resume(path: Path, cfg: Config, class_map: ClassMap) -> dict:
 def restore_tensors(st: dict, *, model, ema, optimizer, scheduler, scaler) -> None:
     """The checkpoint's weights and optimizer, schedule, scaler and RNG states into the run's objects."""
     model.load_state_dict(st["model"])
-    if ema is not None and st.get("ema"):
+    if ema is not None and st["ema"]:
         ema.module.load_state_dict(st["ema"])
     optimizer.load_state_dict(st["optimizer"])
     scheduler.load_state_dict(st["scheduler"])
@@ -221,7 +221,7 @@ def rank_position(checkpoint: Path, rank: int, st: dict, fallback: int) -> int:
     except (OSError, ValueError):
         _logger.warning("rank %d: no %s; resuming at rank 0's position", rank, f.name)
         return fallback
-    if (rec.get("epoch"), rec.get("interruption")) != (st["epoch"], st.get("interruptions")):
+    if (rec.get("epoch"), rec.get("interruption")) != (st["epoch"], st["interruptions"]):
         _logger.warning("rank %d: %s is from another interruption; resuming at rank 0's position", rank, f.name)
         return fallback
     return int(rec["position"])
@@ -230,9 +230,9 @@ def rank_position(checkpoint: Path, rank: int, st: dict, fallback: int) -> int:
 def resumed_state(path: Path, st: dict, *, rank: int, world_size: int) -> RunState:
     """The run state a resumed run starts from, with this rank's position in an interrupted epoch."""
     s = RunState.from_checkpoint(st)
-    if s.position and st.get("world_size", 1) != world_size:
+    if s.position and st["world_size"] != world_size:
         _logger.warning("resumed on %d rank(s), interrupted on %s: the shards differ, so epoch %d starts over",
-                        world_size, st.get("world_size", 1), s.epoch)
+                        world_size, st["world_size"], s.epoch)
         s.position = 0
     elif s.position and world_size > 1:
         s.position = rank_position(path, rank, st, s.position)

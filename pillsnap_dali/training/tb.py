@@ -13,6 +13,8 @@ import logging
 import math
 from pathlib import Path
 
+import torch
+
 from pillsnap_dali.optional import require
 
 _logger = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ class TBWriter:
         self._gpu(global_step, gpu)
 
     def _gpu(self, global_step: int, gpu) -> None:
-        import torch
-
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self.writer.add_scalar("perf/cuda_mem", torch.cuda.memory_allocated() / 2**30, global_step)
         if gpu is not None and gpu.samples:

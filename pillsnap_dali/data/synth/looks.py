@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pillsnap_dali.data.synth.spec import SynthSpec
+from pillsnap_dali.data.scan import LOOK_KEYS
 
 
 COLOURS = {"하양": (236, 236, 230), "노랑": (238, 212, 64), "주황": (243, 138, 42), "분홍": (238, 158, 184),
@@ -143,8 +144,6 @@ class Catalog:
 def _make_looks_unique(codes: list, triples: dict, looks: dict, meta: dict, rng: np.random.Generator) -> None:
     """Redraw the size (and metadata) of a code whose description equals an earlier code's, so that only the
     injected ``near_identical_pair`` defect has a twin (thousands of classes reuse shape/colour triples)."""
-    from pillsnap_dali.data.scan import LOOK_KEYS
-
     taken = set()
     for code in codes:
         key = tuple(str(meta[code].get(k)) for k in LOOK_KEYS)
