@@ -150,6 +150,7 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys, monkeypatch):
     cases = [(["--classifier", str(raw), "--out", str(tmp_path / "o"), *imgs], "plain state dict: pass its class "
               "map as JSON (--class-map)"),
              (["--classifier", str(run["best"]), "--out", str(tmp_path / "o")], None)]
+    monkeypatch.chdir(tmp_path)  # the checkpoint's artifacts/demo is relative: absent here even after a demo run
     for args, msg in cases:
         rc = export.main(args)
         err = capsys.readouterr().err.strip().splitlines()
