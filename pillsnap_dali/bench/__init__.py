@@ -1,4 +1,7 @@
-"""``python -m pillsnap_dali.bench {decode,step,scan,predict,readers}``: the benchmarks behind docs/benchmarks.md."""
+"""``python -m pillsnap_dali.bench {decode,step,scan,predict,readers,epochs,ops}``: the benchmarks behind docs/benchmarks.md.
+
+Each command's module is imported when that command runs (``bench scan`` must not load torch or the loaders):
+the imports inside the ``_<command>`` functions are deliberate."""
 from __future__ import annotations
 
 import argparse

@@ -21,9 +21,13 @@ from pathlib import Path
 
 import torch
 
-from pillsnap_dali.bench.loaders import CPU_PEER_ARMS, GPU_PEER_ARMS, bench_decode, machine_info, write_bench_images
+from pillsnap_dali.bench.loaders import (CPU_PEER_ARMS, GPU_PEER_ARMS, bench_decode, bench_manifest, machine_info,
+                                         write_bench_images)
 from pillsnap_dali.bench.peers import PEERS, missing_note
-from pillsnap_dali.config import available_cores
+from pillsnap_dali.bench.step import bench_step
+from pillsnap_dali.config import available_cores, load_config
+from pillsnap_dali.data.cache import PrepareOptions, prepare_cache
+from pillsnap_dali.data.manifest import read_manifest, write_manifest
 
 _logger = logging.getLogger(__name__)
 
@@ -63,7 +67,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _sources(a) -> dict:
     if a.manifest:
-        from pillsnap_dali.data.manifest import read_manifest
         m = read_manifest(a.manifest)
         return {Path(a.manifest).name: m.subset(range(min(a.limit, len(m))))}
     if a.images:
@@ -81,9 +84,6 @@ def _sources(a) -> dict:
 
 def _jpeg_cache(workdir: Path, n: int, max_side: int, workers: int) -> Path:
     """The generated PNGs through ``prepare`` (q95, 4:4:4, long side ``max_side``): the cached manifest."""
-    from pillsnap_dali.bench.loaders import bench_manifest
-    from pillsnap_dali.data.manifest import write_manifest
-    from pillsnap_dali.data.cache import PrepareOptions, prepare_cache
     pngs = write_bench_images(workdir / "png_976x1280", n, fmt="png")
     manifest = workdir / f"png_976x1280_{n}.csv"
     write_manifest(bench_manifest([str(p) for p in pngs]), manifest)
@@ -95,8 +95,6 @@ def _jpeg_cache(workdir: Path, n: int, max_side: int, workers: int) -> Path:
 def _model_ceiling(a, cuda: bool) -> dict | None:
     if a.no_model:
         return None
-    from pillsnap_dali.bench.step import bench_step
-    from pillsnap_dali.config import load_config
     name = a.model or ("tf_efficientnetv2_s" if cuda else "resnet18")
     cfg = load_config("3", sets=[f"model.name={name}", f"preprocess.img_size={a.size}"])
     dev = torch.device("cuda" if cuda else "cpu")

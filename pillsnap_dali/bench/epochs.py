@@ -16,6 +16,8 @@ import psutil
 import torch
 
 from pillsnap_dali.bench.loaders import _bench_config, bench_manifest, write_bench_images
+from pillsnap_dali.gpumon import GpuMonitor
+from pillsnap_dali.loaders import build_loader, resolve_backend
 
 _logger = logging.getLogger(__name__)
 
@@ -49,8 +51,6 @@ def bench_epochs(workdir: str | Path, *, epochs: int = 30, images: int = 32, siz
                  threads: int = 2, backend: str = "auto") -> dict:
     """Run ``epochs`` full training epochs of ``backend`` (auto: ``dali`` with CUDA, else ``dali-cpu``) over
     ``images`` generated 244x320 JPEGs at ``size`` px; RSS (MB) and NVML device memory (GB) after each."""
-    from pillsnap_dali.gpumon import GpuMonitor
-    from pillsnap_dali.loaders import build_loader, resolve_backend
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     backend = resolve_backend(("dali" if cuda else "dali-cpu") if backend == "auto" else backend, device)

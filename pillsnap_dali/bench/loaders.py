@@ -17,11 +17,14 @@ import os
 import platform
 import resource
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import psutil
+import torch
 from PIL import Image
 
 from pillsnap_dali.bench.peers import CPU_PEERS, GPU_PEERS, PEERS, input_note, make_peer_runner
@@ -29,6 +32,10 @@ from pillsnap_dali.config import Config, available_cores, load_config
 from pillsnap_dali.imageio import IMAGE_SUFFIXES
 from pillsnap_dali.data.manifest import Manifest, read_manifest
 from pillsnap_dali.errors import InputError
+from pillsnap_dali.gpumon import GpuMonitor
+from pillsnap_dali.imageio import open_rgb
+from pillsnap_dali.loaders import build_loader
+from pillsnap_dali.loaders.runner import Reader
 
 _logger = logging.getLogger(__name__)
 
@@ -94,7 +101,6 @@ def bench_manifest(paths: Sequence[str]) -> Manifest:
 
 
 def _decode_one(path: str) -> int:
-    from pillsnap_dali.loaders import open_rgb
     return open_rgb(path).width
 
 
@@ -146,9 +152,6 @@ def _time_dali_decode(paths: Sequence[str], cfg: Config, threads: int, device: s
 
 def _make_runner(name: str, paths: Sequence[str], cfg: Config, threads: int):
     """A callable ``epoch -> seconds`` for one benchmark variant."""
-    import torch
-
-    from pillsnap_dali.loaders import build_loader
     if name in PEERS:
         return make_peer_runner(name, paths, cfg, threads)
     if name == "pil-decode":
@@ -185,7 +188,6 @@ def _bench_config(size: int, batch: int, threads: int) -> Config:
 def _cpu_seconds() -> float:
     """CPU time of this process, its finished children (DataLoader workers, pool processes) and its live
     descendants (the peer arms' persistent workers, children of a fork server: never reaped by this one)."""
-    import psutil
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     live = 0.0
     for proc in psutil.Process().children(recursive=True):
@@ -281,17 +283,14 @@ class ResourceSampler:
     and, with ``gpu=True``, NVML GPU utilization, memory and decoder use."""
 
     def __init__(self, gpu: bool = False, interval: float = 0.05):
-        import threading
         self.interval, self.peak_rss, self.gpu_samples = interval, 0, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._gpu = None
         if gpu:
-            from pillsnap_dali.gpumon import GpuMonitor
             self._gpu = GpuMonitor(0)
 
     def _loop(self):
-        import psutil
         me = psutil.Process()
         while not self._stop.is_set():
             try:
@@ -359,10 +358,6 @@ def bench_readers(source: str | Path | Manifest, *, readers: Sequence[int] = (0,
     """The dali-cpu training loader with each ``loader.readers`` value, epochs interleaved: images/s and the
     time the training thread spends in the pipeline's external source per batch (reading in place puts the
     file reads there). ``latency_ms`` adds a per-file storage wait (see ``_SlowStorage``)."""
-    import torch
-
-    from pillsnap_dali.loaders import build_loader
-    from pillsnap_dali.loaders.runner import Reader
     files = _paths_of(source)
     paths = (files * (-(-rows // len(files))))[:max(rows, len(files))]
     base = _bench_config(size, batch, threads)

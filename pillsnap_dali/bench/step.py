@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import statistics
 import subprocess
@@ -13,6 +14,8 @@ import torch
 from pillsnap_dali.config import Config, memory_layout
 from pillsnap_dali.training.engine import amp_settings, build_optimizer
 from pillsnap_dali.training.model import build_model
+from pillsnap_dali.loaders import resolve_backend
+from pillsnap_dali.threads import process_cores, torch_threads
 
 _logger = logging.getLogger(__name__)
 PROGRESS_SECONDS = 10.0   # a progress line at least this often (a 384 px model on a CPU takes minutes)
@@ -100,10 +103,7 @@ def bench_step_threads(cfg: Config, *, settings: list[str], busy: list[int], **k
     """``bench_step`` under each torch thread setting (``torch``: torch's default, one per core; ``auto``:
     ``pillsnap_dali.threads``' choice for the config's loader; or a number), idle and beside each count of
     busy processes; one result per (busy, setting), the settings interleaved per busy level."""
-    import dataclasses
 
-    from pillsnap_dali.loaders import resolve_backend
-    from pillsnap_dali.threads import process_cores, torch_threads
     default = torch.get_num_threads()
     backend = resolve_backend(cfg.loader.backend, kw["device"])
     out = []
