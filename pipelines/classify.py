@@ -107,8 +107,9 @@ def _colour_jitter(images, aug):
 
 
 def train_graph(encoded, spec: TrainSpec, device: str = "cpu", aug=None):
-    """Training images from encoded bytes and the samples' draws ``aug``: decode of the drawn crop window,
-    resize, drawn flip, uint8 CHW (the jitter and the normalization are ``BatchColour``'s, on the batch).
+    """Training images from encoded bytes and the samples' draws ``aug``: decode of the drawn crop window, one
+    resize that also applies the drawn flip, uint8 HWC (the jitter and the normalization are ``BatchColour``'s,
+    on the batch).
 
     With ``spec.colour == "graph"`` (benchmark arm): drawn ``color_twist``, flip and normalization in DALI."""
     if aug is None:
@@ -116,12 +117,17 @@ def train_graph(encoded, spec: TrainSpec, device: str = "cpu", aug=None):
     crop = AUG_INDEX["crop_x"]
     images = fn.decoders.image_slice(encoded, aug[crop:crop + 2], aug[crop + 2:crop + 4],
                                      **_decoder_kwargs(device, spec.hw_decoder_load))
+    if spec.colour == "batch":
+        # one pass fewer than resize + crop_mirror_normalize: the drawn flip is a reversed x range of the
+        # resize's ROI (DALI mirrors an axis whose ROI start is past its end) and the uint8 HWC output is the
+        # batch colour step's input as it is (dali_loader reads it as logical NCHW, no copy)
+        f = _field(aug, "flip")
+        start, end = fn.stack(f * 0.0, f), fn.stack(f * 0.0 + 1.0, 1.0 - f)  # (y, x), relative
+        return fn.resize(images, resize_x=spec.img_size, resize_y=spec.img_size, antialias=True,
+                         interp_type=types.INTERP_LINEAR, roi_start=start, roi_end=end, roi_relative=True)
     images = fn.resize(images, resize_x=spec.img_size, resize_y=spec.img_size, antialias=True,
                        interp_type=types.INTERP_LINEAR)
     mirror = fn.cast(_field(aug, "flip"), dtype=types.INT32)
-    if spec.colour == "batch":
-        return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.UINT8, output_layout="CHW",
-                                        mean=[0.0], std=[1.0])
     return _normalize(_colour_jitter(images, aug), spec.output, mirror=mirror)
 
 

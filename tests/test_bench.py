@@ -159,7 +159,7 @@ def test_bench_ops_times_each_arm_op_by_op(tmp_path, capsys):
     ops = res["ms_per_sample"]
     assert all(v > 0 for v in ops.values()) and res["files"] == 2
     assert {"opencv: imdecode reduced", "torchvision: decode_image", "dali: decode + random crop (ROI decode)",
-            "dali: full graph (+ flip, uint8 CHW)"} <= set(ops)
+            "dali: full graph (flip in the resize, uint8 HWC)"} <= set(ops)
     assert sum(res["reductions"].values()) == 2
     assert "| opencv: imdecode full |" in capsys.readouterr().out
 

@@ -73,7 +73,7 @@ def test_train_graph_outputs_normalized_batches_and_partial_last_batch(dtype, la
     pipe = classify_pipeline(_Source(encoded, 4, _draws(5)), TrainSpec(img_size=32),
                              PipelineOptions(batch_size=4, num_threads=1))
     images = _run_all(pipe)[0][0]
-    assert images.shape == (4, 3, 32, 32) and images.dtype == np.uint8 and images.std() > 10
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 10  # uint8 HWC
 
 
 def test_eval_graph_normalizes_a_flat_colour_exactly():
@@ -148,8 +148,8 @@ def test_the_training_graph_decodes_the_drawn_window_and_flips_as_drawn(fmt):
     out = _run_all(classify_pipeline(_Source(encoded, 3, aug), TrainSpec(img_size=size),
                                      PipelineOptions(batch_size=3, num_threads=1)))[0][0]
     for i, (left, top) in enumerate(boxes):
-        want = ref[top:top + size, left:left + size].transpose(2, 0, 1)
-        want = want[:, :, ::-1] if i % 2 else want
+        want = ref[top:top + size, left:left + size]  # uint8 HWC: the flip is the resize's reversed x range
+        want = want[:, ::-1] if i % 2 else want
         assert np.array_equal(out[i], want), (i, np.abs(out[i].astype(int) - want).max())
 
 

@@ -146,19 +146,8 @@ def _dali_graphs(size: int) -> dict:
                                                                       interp_type=types.INTERP_LINEAR),
             "dali: + resize triangular minification": lambda enc: resize(
                 crop(enc), interp_type=types.INTERP_LINEAR, min_filter=types.INTERP_TRIANGULAR),
-            "dali: full graph (+ flip, uint8 CHW)": None,  # train_graph itself, on the peers' draws
-            "dali: prototype: flip inside the resize (ROI), HWC out": lambda enc: _flip_in_resize(crop(enc), size)}
+            "dali: full graph (flip in the resize, uint8 HWC)": None}  # train_graph itself, on the peers' draws
 
-
-def _flip_in_resize(images, size: int):
-    """One pass fewer: the random flip as a reversed ROI of the resize (DALI flips an axis whose ROI start is
-    past its end), the uint8 HWC resize output kept as it is (no crop_mirror_normalize pass to CHW)."""
-    import nvidia.dali.fn as fn
-    import nvidia.dali.types as types
-    f = fn.cast(fn.random.coin_flip(probability=0.5), dtype=types.FLOAT)
-    start, end = fn.stack(f * 0.0, f), fn.stack(f * 0.0 + 1.0, 1.0 - f)  # (y, x), relative
-    return fn.resize(images, resize_x=size, resize_y=size, antialias=True, interp_type=types.INTERP_LINEAR,
-                     roi_start=start, roi_end=end, roi_relative=True)
 
 
 def dali_ops(bufs: list, augs: np.ndarray, size: int, batch: int = 16, iters: int = 4) -> dict:

@@ -136,13 +136,13 @@ def dali_to_batch(images, rows: torch.Tensor, label_table: torch.Tensor, ld,
                   colour: Optional[BatchColour] = None, aug: Optional[np.ndarray] = None) -> Batch:
     """DALI output (CPU or GPU TensorList) -> Batch on the label table's device (``runner.to_torch`` copies).
 
-    With ``colour`` the output is uint8 CHW: it moves to the training device as uint8 (a quarter of the
+    With ``colour`` the output is uint8 HWC: it moves to the training device as uint8 (a quarter of the
     float32 bytes) and ``colour`` turns it into the normalized batch there, with the samples' draws ``aug``.
     """
     device = label_table.device
     out = to_torch(images, torch.uint8 if colour is not None else getattr(torch, ld.dtype), device)
-    if colour is not None:
-        out = colour(to_device(out, device), aug)  # uint8 travels; normalized, ld.dtype, channels_last for NHWC
+    if colour is not None:  # uint8 HWC travels (a quarter of the float32 bytes), read as logical NCHW (a view)
+        out = colour(to_device(out, device).permute(0, 3, 1, 2), aug)  # normalized, ld.dtype, ld.layout
     elif ld.layout == "NHWC":
         out = out.permute(0, 3, 1, 2)  # logical NCHW, channels_last memory
     return to_device_batch(out, rows, label_table, ld.layout == "NHWC")
