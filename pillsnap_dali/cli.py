@@ -183,6 +183,15 @@ def error_line(e: BaseException) -> str:
     return str(e).strip() or type(e).__name__
 
 
+def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None], argv=None,
+            level: int = logging.INFO) -> int:
+    """A CLI's ``main``: parse ``argv``, the one logging setup (DEBUG with ``-v/--verbose`` where the CLI has it),
+    then ``body(args)`` under :func:`run_main`."""
+    args = parser.parse_args(argv)
+    setup_logging(level=level, verbose=bool(getattr(args, "verbose", False)))
+    return run_main(lambda: body(args))
+
+
 def run_main(fn: Callable[[], int | None]) -> int:
     """Run a CLI's body: its exit status; an expected error (:class:`PillsnapError`, or an ``OSError`` such as
     a missing file, a full disk or a permission) is one ``error: ...`` line on stderr and status 2 (its

@@ -36,8 +36,7 @@ import torch
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.device import DeviceMismatch, DevicePlan, native_bf16, select_device
 from pillsnap_dali.errors import PillsnapError, os_error_line
-from pillsnap_dali.cli import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_main, \
-    setup_logging
+from pillsnap_dali.cli import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_cli
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS
 from pillsnap_dali.skiplog import SkipLog
 from pillsnap_dali.weights import load_yolo, ultralytics_offline
@@ -294,9 +293,7 @@ def _main(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    return run_main(lambda: _main(args))
+    return run_cli(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

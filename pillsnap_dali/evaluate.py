@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pillsnap_dali.atomic import atomic_write_text
-from pillsnap_dali.cli import add_shared_flags, check_device, existing_file, run_main, setup_logging
+from pillsnap_dali.cli import add_shared_flags, check_device, existing_file, run_cli
 from pillsnap_dali.config import Config, load_config
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.data.manifest import Manifest, ManifestError, read_manifest, split_missing
@@ -210,9 +210,7 @@ def _main(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(level=logging.WARNING)
-    return run_main(lambda: _main(args))
+    return run_cli(build_parser(), _main, argv, level=logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pillsnap_dali.atomic import atomic_open
-from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, run_main, setup_logging
+from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, run_cli
 from pillsnap_dali.config import stage_name
 from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.onnx_runtime import CLASSIFIER, DETECTOR, INPUT, OUTPUT, OnnxModel, latency_ms, session
@@ -255,14 +255,22 @@ def _load(args, cfg):
     return loaded, load_checkpoint(args.classifier)
 
 
-def _run(args, cfg) -> int:
+def _run(args, cfg) -> dict:
+    """Export the classifier (and the detector) after the parity check: what was written and measured."""
     loaded, ck = _load(args, cfg)
     val = Path(args.val_manifest) if args.val_manifest else val_manifest_of(ck)
     x, used = preprocess(parity_images(args.images, val, args.max_images), loaded.preprocess, cfg.data.max_pixels)
     out = Path(args.out)
     bounds = Bounds(atol=args.atol, min_agreement=args.min_agreement)
     meta = export_classifier(loaded, ck, args.classifier, x, out, bounds, fp16=args.fp16)
-    print(f"parity on {len(used)} images ({'given' if args.images else val}):")
+    det = export_detector(args.detector, out, args.imgsz) if args.detector else None
+    return {"meta": meta, "images": len(used), "source": "given" if args.images else str(val), "out": out,
+            "detector": det}
+
+
+def _print_export(r: dict) -> None:
+    meta, out = r["meta"], r["out"]
+    print(f"parity on {r['images']} images ({r['source']}):")
     for name, f in meta["parity"].items():
         lat = meta["latency_batch1"][name]
         print(f"  {name}.onnx: max abs logit diff {f['max_abs_diff']:.3g} (bound {f['atol']:g}), top-1 agreement "
@@ -272,25 +280,24 @@ def _run(args, cfg) -> int:
     print(f"wrote {out / (CLASSIFIER + '.onnx')} and {CLASSIFIER}.json ({meta['model_name']}, {meta['num_classes']} "
           f"K-codes, {meta['preprocess']['img_size']} px {meta['preprocess']['resize_mode']}, weights: "
           f"{meta['weights']})")
-    if args.detector:
-        det = export_detector(args.detector, out, args.imgsz)
-        print(f"wrote {out / (DETECTOR + '.onnx')} and {DETECTOR}.json (Ultralytics export, {det['imgsz']} px)")
-    return 0
+    if r["detector"]:
+        print(f"wrote {out / (DETECTOR + '.onnx')} and {DETECTOR}.json (Ultralytics export, "
+              f"{r['detector']['imgsz']} px)")
 
 
 def _main(args) -> int:
     existing_file(args.classifier, "--classifier")
     try:
-        return _run(args, config_from_args(args, {}))
+        result = _run(args, config_from_args(args, {}))
     except ParityError as e:  # the export ran and did not prove parity: nothing written, status 1
         print(f"error: {e}", file=sys.stderr)
         return 1
+    _print_export(result)
+    return 0
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(level=logging.WARNING)
-    return run_main(lambda: _main(args))
+    return run_cli(build_parser(), _main, argv, level=logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_main, setup_logging
+from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_cli
 from pillsnap_dali.errors import UsageError
 from pillsnap_dali.geometry import (PAD_VALUE, BoxRules, clean_boxes, iou_xyxy, letterbox_geometry, on_image,
                                     unletterbox)
@@ -413,9 +413,7 @@ def _main(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(logging.WARNING)
-    return run_main(lambda: _main(args))
+    return run_cli(build_parser(), _main, argv, level=logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -356,7 +356,7 @@ def test_a_manifest_that_is_not_utf8_names_the_encoding_it_probably_is(tree, tmp
     assert main(["--legacy", str(korean), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(korean) in err and "cp949" in err
-    western = _legacy_csv(tmp_path / "western.csv", [["/data/café.png", "K-000001", "single", "x"]],
+    western = _legacy_csv(tmp_path / "western.csv", [[str(tmp_path / "café.png"), "K-000001", "single", "x"]],
                           encoding="cp1252")
     with pytest.raises(ManifestError, match="probably cp1252"):
         read_manifest(western)

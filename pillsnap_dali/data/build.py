@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pillsnap_dali.atomic import atomic_write_text
-from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_main, setup_logging
+from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_cli
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import Config, ManifestConfig, stage_name
 from pillsnap_dali.data.checks import check_manifests
@@ -529,9 +529,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    setup_logging(verbose=args.verbose)
-    return run_main(lambda: _main(args))
+    return run_cli(_parser(), _main, argv)
 
 
 if __name__ == "__main__":

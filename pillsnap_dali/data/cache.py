@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image
 
 from pillsnap_dali.atomic import atomic_write_text, pid_alive
-from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_main, setup_logging
+from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_cli
 from pillsnap_dali.data.classmap import ClassMap, ClassMapMismatch
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, open_rgb
 from pillsnap_dali.data.manifest import Manifest, read_manifest, write_manifest
@@ -676,9 +676,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    setup_logging()
-    return run_main(lambda: _main(args))
+    return run_cli(_parser(), _main, argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pillsnap_dali.cli import add_shared_flags, config_from_args, key_help, run_main, setup_logging
+from pillsnap_dali.cli import add_shared_flags, config_from_args, key_help, run_cli
 from pillsnap_dali.config import CUSTOM
 from pillsnap_dali.data.synth.spec import DL_IDX_MODES, LAYOUTS, parse_size
 from pillsnap_dali.data.synth.tree import generate
@@ -61,9 +61,7 @@ def _main(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    setup_logging(verbose=args.verbose)
-    return run_main(lambda: _main(args))
+    return run_cli(_parser(), _main, argv)
 
 
 if __name__ == "__main__":
