@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import pytest
 
+from pillsnap_dali.config import load_config
+from pillsnap_dali.data.build import build_manifests
 from pillsnap_dali.data.synth import generate
 
 import corpus
@@ -37,3 +39,11 @@ def odd_corpus(tmp_path_factory) -> dict:
 def odd_images(odd_corpus) -> list:
     real = sorted(REAL_IMAGES.iterdir()) if REAL_IMAGES is not None else []
     return sorted(odd_corpus.values()) + real
+
+
+@pytest.fixture(scope="module")
+def manifests(synth_tree, tmp_path_factory):
+    """The demo config's manifests of ``synth_tree``, built once per test module (tests may add files beside)."""
+    out = tmp_path_factory.mktemp("manifests")
+    build_manifests(load_config("demo"), synth_tree.root, out)
+    return out

@@ -14,9 +14,8 @@ import yaml
 from PIL import Image
 
 from pillsnap_dali import bench, cli, detect, predict, train
-from pillsnap_dali.config import STAGES, ConfigError, load_config
+from pillsnap_dali.config import STAGES, ConfigError
 from pillsnap_dali.data import build, cache, synth
-from pillsnap_dali.data.build import build_manifests
 from pillsnap_dali.data.cache import InsufficientSpaceError, PrepareError
 from pillsnap_dali.data.classmap import ClassMapMismatch
 from pillsnap_dali.data.manifest import ManifestError
@@ -28,13 +27,6 @@ from pillsnap_dali.training.checkpoint import CheckpointError
 # like test_train's, without a --set of loader.threads (--threads is under test here)
 TINY = ["--model", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--lr", "0.003",
         "--set", "train.warmup_epochs=0", "--set", "train.log_interval=2", "--set", "train.max_skipped=0.1"]
-
-
-@pytest.fixture(scope="module")
-def manifests(synth_tree, tmp_path_factory):
-    out = tmp_path_factory.mktemp("manifests")
-    build_manifests(load_config("demo"), synth_tree.root, out)
-    return out
 
 
 def _train(manifests: Path, runs: Path, *extra) -> list[str]:

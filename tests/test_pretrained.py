@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from pillsnap_dali.config import load_config
-from pillsnap_dali.data.build import build_manifests
 from pillsnap_dali.training import pretrained
 from pillsnap_dali.training.checkpoint import load_checkpoint
 
@@ -32,13 +31,6 @@ def _published_weights(path: Path) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path))
     return sd
-
-
-@pytest.fixture(scope="module")
-def manifests(synth_tree, tmp_path_factory):
-    out = tmp_path_factory.mktemp("manifests")
-    build_manifests(load_config("demo"), synth_tree.root, out)
-    return out
 
 
 def test_imagenet_weights_from_a_local_file_go_through_timm(tmp_path):

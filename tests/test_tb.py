@@ -6,19 +6,10 @@ import sys
 import pytest
 
 from pillsnap_dali import train
-from pillsnap_dali.config import load_config
-from pillsnap_dali.data.build import build_manifests
 
 TINY = ["--model", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--epochs", "2",
         "--set", "train.warmup_epochs=0", "--set", "loader.threads=1", "--set", "loader.workers=1",
         "--set", "train.log_interval=1", "--set", "train.max_skipped=0.1"]
-
-
-@pytest.fixture(scope="module")
-def manifests(synth_tree, tmp_path_factory):
-    out = tmp_path_factory.mktemp("manifests")
-    build_manifests(load_config("demo"), synth_tree.root, out)
-    return out
 
 
 def _args(manifests, out, *extra):
