@@ -2,7 +2,7 @@
 
 Every error the code raises for bad input (a config, a manifest, a class map, a checkpoint, an image tree, a
 command line) derives from :class:`PillsnapError`, keeping its older base (``ValueError``, ``RuntimeError``)
-so that ``except ValueError`` still catches it. The CLIs (``pillsnap_dali.cli.run_main``) turn exactly these,
+so that ``except ValueError`` still catches it. The CLIs (``pillsnap_dali.commands.common.run_main``) turn exactly these,
 and operating-system errors, into one ``error: ...`` line on stderr with exit status 2; any other exception
 is a bug and keeps its traceback.
 """
@@ -32,3 +32,12 @@ def os_error_line(e: OSError, where=None) -> str:
     what = e.strerror or str(e) or type(e).__name__
     full = " (disk full?)" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
     return (f"{' -> '.join(paths)}: {what}" if paths else what) + full
+
+
+def one_line(e: BaseException) -> str:
+    """The one line of an exception's text that says what went wrong (torch's weights_only refusal is a
+    page of advice around its ``WeightsUnpickler error: Unsupported global: ...`` line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "WeightsUnpickler error" in ln or "Unsupported global" in ln]
+    line = (named or lines or [type(e).__name__])[0]
+    return line.split(". Please use")[0]  # torch's "add_safe_globals" advice is the opposite of what we want

@@ -1,5 +1,5 @@
-"""``python -m pillsnap_dali.manifest``: the manifest build CLI (the code lives in ``pillsnap_dali.data.build``)."""
-from pillsnap_dali.data.build import main
+"""``python -m pillsnap_dali.manifest``: the command lives in ``pillsnap_dali.commands.manifest``."""
+from pillsnap_dali.commands.manifest import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pillsnap_dali.errors import PillsnapError
+from pillsnap_dali.errors import PillsnapError, one_line
 
 # the only module prefixes whose classes a detector checkpoint may name (layers; Ultralytics' restricted
 # loader then accepts only nn.Module subclasses among them)
@@ -127,12 +127,3 @@ def load_yolo(spec: str | Path, task: str = "detect"):
         raise
     except Exception as e:  # Ultralytics' restricted loader refused it, or the file is damaged
         raise WeightsError(f"{spec}: cannot be loaded safely ({type(e).__name__}: {one_line(e)})") from None
-
-
-def one_line(e: BaseException) -> str:
-    """The one line of an exception's text that says what went wrong (torch's weights_only refusal is a
-    page of advice around its ``WeightsUnpickler error: Unsupported global: ...`` line)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    named = [ln for ln in lines if "WeightsUnpickler error" in ln or "Unsupported global" in ln]
-    line = (named or lines or [type(e).__name__])[0]
-    return line.split(". Please use")[0]  # torch's "add_safe_globals" advice is the opposite of what we want

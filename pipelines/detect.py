@@ -28,8 +28,6 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali.pipeline import Pipeline
 
-from pillsnap_dali.geometry import PAD_VALUE
-
 from .classify import ENCODED, ROWS
 from .common import Input, PipelineOptions, build_pipeline, decoder_kwargs
 
@@ -56,14 +54,14 @@ def _box_affine(geometry, imgsz: int):
     return fn.reshape(m, shape=[4, 4]), t
 
 
-def _letterbox_image(images, geometry, imgsz: int):
+def _letterbox_image(images, geometry, imgsz: int, pad_value: int):
     """Resize to (new_h, new_w), then pad to imgsz x imgsz with the image at (top, left)."""
     size = fn.cast(geometry, dtype=types.FLOAT)
     images = fn.resize(images, resize_y=size[0], resize_x=size[1], interp_type=types.INTERP_LINEAR,
                        antialias=True)
     start = fn.stack(-geometry[2], -geometry[3])
     return fn.slice(images, start=start, shape=[imgsz, imgsz], axis_names="HW",
-                    out_of_bounds_policy="pad", fill_values=PAD_VALUE)
+                    out_of_bounds_policy="pad", fill_values=pad_value)
 
 
 def _jitter(images, boxes, aug: dict):
@@ -97,6 +95,7 @@ class DetectSpec:
     """
     imgsz: int = 640
     augment: Optional[dict] = None
+    pad_value: int = 114  # the letterbox grey; the caller passes the library's (pillsnap_dali.geometry.PAD_VALUE)
 
 
 def detect_graph(nodes: dict, spec: DetectSpec, device: str):
@@ -104,7 +103,7 @@ def detect_graph(nodes: dict, spec: DetectSpec, device: str):
     aug = dict(NO_AUGMENT, **(spec.augment or {}))
     images = fn.decoders.image(nodes[ENCODED], **decoder_kwargs(device))  # the pixels of cpu and PIL
     geometry = nodes[GEOMETRY]
-    images = _letterbox_image(images, geometry, spec.imgsz)
+    images = _letterbox_image(images, geometry, spec.imgsz, spec.pad_value)
     m, t = _box_affine(geometry, spec.imgsz)
     boxes = fn.coord_transform(nodes[BOXES], M=m, T=t)
     images, boxes = _jitter(images, boxes, aug)

@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from pillsnap_dali import bench
+from pillsnap_dali.commands import bench as bench_cmd
 
 
 def test_bench_step_reports_a_rate(tmp_path, capsys):
     out = tmp_path / "step.json"
-    assert bench.main(["step", "--stage", "demo", "--model", "test_efficientnet", "--img-size", "32",
+    assert bench_cmd.main(["step", "--stage", "demo", "--model", "test_efficientnet", "--img-size", "32",
                        "--batch-size", "4", "--steps", "1", "--reps", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["images_per_s"] > 0 and res["min"] <= res["images_per_s"] <= res["max"]
@@ -18,13 +18,13 @@ def test_bench_step_reports_a_rate(tmp_path, capsys):
 
 def test_bench_decode_table_json_and_chart(tmp_path, capsys):
     out = tmp_path / "dec"
-    assert bench.main(["decode", "--formats", "jpeg,cache640", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
+    assert bench_cmd.main(["decode", "--formats", "jpeg,cache640", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
                        "--reps", "1", "--threads", "1", "--no-model", "--out", str(out),
                        "--workdir", str(tmp_path / "img")]) == 0
     res = json.loads((out / "results.json").read_text())
     arms = res["inputs"]["jpeg"]["results"]
     assert set(arms) >= {"pil", "dali-cpu", "dali-cpu:colour-graph", "pil-decode", "dali-decode"}
-    assert all(a["images_per_s"] > 0 and a["peak_rss_mb"] > 0 for a in arms.values())
+    assert all(a["images_per_s"] > 0 and a["peak_pss_mb"] > 0 for a in arms.values())
     assert 0 < arms["dali-cpu:colour-graph"]["of_ceiling"] and "of_ceiling" not in arms["dali-decode"]
     # the cache input: the generated PNGs through prepare at 640 px, benchmarked from its manifest
     from pillsnap_dali.data.manifest import read_manifest
@@ -35,14 +35,14 @@ def test_bench_decode_table_json_and_chart(tmp_path, capsys):
 
 
 def test_bench_scan_and_unknown_command(capsys):
-    assert bench.main(["scan", "--images", "50"]) == 0
+    assert bench_cmd.main(["scan", "--images", "50"]) == 0
     assert "images/s" in capsys.readouterr().out
-    assert bench.main(["nope"]) == 2
+    assert bench_cmd.main(["nope"]) == 2
 
 
 def test_bench_predict_combo_needs_a_detector(capsys):
     with pytest.raises(SystemExit) as e:
-        bench.main(["predict", "x.png", "--classifier", "y.pt", "--mode", "combo"])
+        bench_cmd.main(["predict", "x.png", "--classifier", "y.pt", "--mode", "combo"])
     assert e.value.code == 2 and "--mode combo needs --detector" in capsys.readouterr().err
 
 
@@ -50,7 +50,7 @@ def test_bench_readers_compares_read_ahead_with_reading_in_place(tmp_path, capsy
     from pillsnap_dali.bench.loaders import write_bench_images
     write_bench_images(tmp_path / "img", 4, fmt="jpeg", size=(64, 80))
     out = tmp_path / "readers.json"
-    assert bench.main(["readers", str(tmp_path / "img"), "--readers", "0,2", "--latency-ms", "5", "--rows", "16",
+    assert bench_cmd.main(["readers", str(tmp_path / "img"), "--readers", "0,2", "--latency-ms", "5", "--rows", "16",
                        "--reps", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())["results"]
     assert set(res) == {"0", "2"} and all(v["images_per_s"] > 0 for v in res.values())
@@ -120,7 +120,7 @@ def test_peer_arms_make_the_dali_cpu_training_batch(tmp_path):
 
 def test_bench_decode_peer_arms_and_best_peer_ratio(tmp_path, capsys):
     out = tmp_path / "dec"
-    assert bench.main(["decode", "--formats", "jpeg", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
+    assert bench_cmd.main(["decode", "--formats", "jpeg", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
                        "--reps", "1", "--threads", "1", "--no-model", "--arms", "dali-cpu,opencv,torchvision,pil-draft",
                        "--out", str(out), "--workdir", str(tmp_path / "img")]) == 0
     res = json.loads((out / "results.json").read_text())["inputs"]["jpeg"]
@@ -136,7 +136,7 @@ def test_bench_decode_peer_arms_and_best_peer_ratio(tmp_path, capsys):
 
 def test_bench_epochs_reports_rss_per_epoch_and_its_slope(tmp_path, capsys):
     out = tmp_path / "epochs.json"
-    assert bench.main(["epochs", "--epochs", "3", "--images", "4", "--size", "32", "--batch", "2", "--threads", "1",
+    assert bench_cmd.main(["epochs", "--epochs", "3", "--images", "4", "--size", "32", "--batch", "2", "--threads", "1",
                        "--workdir", str(tmp_path / "img"), "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["backend"] == "dali-cpu" and len(res["rss_mb"]) == 3 and res["images"] == 4
@@ -154,7 +154,7 @@ def test_bench_ops_times_each_arm_op_by_op(tmp_path, capsys):
     from pillsnap_dali.bench.loaders import write_bench_images
     write_bench_images(tmp_path / "img", 2, fmt="jpeg", size=(244, 320))
     out = tmp_path / "ops.json"
-    assert bench.main(["ops", str(tmp_path / "img"), "--size", "48", "--json", str(out)]) == 0
+    assert bench_cmd.main(["ops", str(tmp_path / "img"), "--size", "48", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     ops = res["ms_per_sample"]
     assert all(v > 0 for v in ops.values()) and res["files"] == 2
@@ -182,7 +182,7 @@ def test_gpu_peer_arm_and_dali_against_the_best_gpu_peer(tmp_path):
     assert got.device.type == "cuda" and got.shape == (1, 3, 48, 48)
     assert (got[0].cpu().float() - torchvision_sample(buf, drawer, 0, 1).float()).abs().mean() < 4
     out = tmp_path / "dec"
-    assert bench.main(["decode", "--formats", "jpeg", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
+    assert bench_cmd.main(["decode", "--formats", "jpeg", "--n", "4", "--rows", "8", "--size", "32", "--batch", "4",
                        "--reps", "1", "--threads", "1", "--no-model", "--arms", "dali,torchvision-gpu",
                        "--out", str(out), "--workdir", str(tmp_path / "img2")]) == 0
     res = json.loads((out / "results.json").read_text())["inputs"]["jpeg"]
@@ -203,3 +203,36 @@ def test_bench_step_logs_progress_at_least_every_interval(monkeypatch, caplog):
                                      num_classes=4)
     lines = [r.getMessage() for r in caplog.records if "steps" in r.getMessage() and "/" in r.getMessage()]
     assert lines and lines[-1].endswith("5/5 steps")
+
+
+def test_tree_memory_counts_shared_pages_once():
+    """The bench's memory column: a forked child shares its parent's pages; a sum of RSS counts them twice, the
+    tree's PSS once (within the child's own small allocations)."""
+    import os
+    import signal
+
+    import numpy as np
+    import psutil
+
+    from pillsnap_dali.bench.loaders import tree_pss_bytes
+    block = np.ones(200 * 2**20, dtype=np.uint8)  # 200 MB, touched: resident in the parent
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child touches every page read-only (shared, not copied), says so, then waits
+        try:
+            os.close(r)
+            os.write(w, b"x" if int(block[::4096].sum()) == len(block[::4096]) else b"?")
+            signal.pause()
+        finally:
+            os._exit(0)
+    try:
+        os.close(w)
+        assert os.read(r, 1) == b"x"
+        me = psutil.Process()
+        rss_sum = sum(p.memory_info().rss for p in [me] + me.children(recursive=True))
+        pss = tree_pss_bytes(me)
+        assert rss_sum - pss > 150 * 2**20  # the 200 MB block is counted once, not twice
+        assert pss > 200 * 2**20
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -7,7 +7,7 @@ import timm
 import torch
 from PIL import Image
 
-from pillsnap_dali import predict
+from pillsnap_dali.commands import predict
 from pillsnap_dali.config import PreprocessConfig
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.training.checkpoint import FORMAT, preprocess_dict, save_checkpoint

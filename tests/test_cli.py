@@ -13,14 +13,16 @@ import torch
 import yaml
 from PIL import Image
 
-from pillsnap_dali import bench, cli, detect, predict, train
+from pillsnap_dali.commands import bench as bench_cmd, common as cli, detect, predict, train
+from pillsnap_dali.commands import manifest as manifest_cmd, prepare as prepare_cmd
+from pillsnap_dali.training import detector
 from pillsnap_dali.config import STAGES, ConfigError
-from pillsnap_dali.data import build, cache, synth
+from pillsnap_dali.data import synth
 from pillsnap_dali.data.cache import InsufficientSpaceError, PrepareError
 from pillsnap_dali.data.classmap import ClassMapMismatch
 from pillsnap_dali.data.manifest import ManifestError
 from pillsnap_dali.data.synth import SynthError
-from pillsnap_dali.data.synth import cli as synth_cli
+from pillsnap_dali.commands import synth as synth_cli
 from pillsnap_dali.errors import PillsnapError, UsageError
 from pillsnap_dali.training.checkpoint import CheckpointError
 
@@ -39,9 +41,9 @@ def _data_dir(root: Path) -> Path:
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
-    return {"train": train.build_parser(), "manifest": build._parser(), "synth": synth_cli._parser(),
-            "prepare": cache._parser(), "detect": detect.build_parser(), "predict": predict.build_parser(),
-            **{f"bench {k}": p for k, p in bench.parsers().items()}}
+    return {"train": train.build_parser(), "manifest": manifest_cmd._parser(), "synth": synth_cli._parser(),
+            "prepare": prepare_cmd._parser(), "detect": detect.build_parser(), "predict": predict.build_parser(),
+            **{f"bench {k}": p for k, p in bench_cmd.parsers().items()}}
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -141,7 +143,7 @@ def test_manifest_cli_shared_flags(synth_tree, tmp_path, capsys):
     f = tmp_path / "m.yaml"
     f.write_text("manifest:\n  val_fraction: 0.3\n", encoding="utf-8")
     out = tmp_path / "out"
-    assert build.main(["--data-root", str(synth_tree.root), "--stage", "demo", "--out", str(out), "--config", str(f),
+    assert manifest_cmd.main(["--data-root", str(synth_tree.root), "--stage", "demo", "--out", str(out), "--config", str(f),
                        "--set", "manifest.seed=5", "--verify", "header"]) == 0
     inputs = json.loads((out / "report.json").read_text(encoding="utf-8"))["inputs"]
     assert (inputs["seed"], inputs["sampling"]["val_fraction"], inputs["verify"], inputs["stage"]) == \
@@ -151,11 +153,11 @@ def test_manifest_cli_shared_flags(synth_tree, tmp_path, capsys):
 def test_synth_cli_takes_its_settings_from_flags_config_and_stage(tmp_path, capsys):
     f = tmp_path / "s.yaml"
     f.write_text("data:\n  synth:\n    classes: 7\n    combos: 2\n", encoding="utf-8")
-    assert synth.main(["--out", str(tmp_path / "a"), "--config", str(f), "--set", "data.synth.images_per_class=2",
+    assert synth_cli.main(["--out", str(tmp_path / "a"), "--config", str(f), "--set", "data.synth.images_per_class=2",
                        "--size", "64x80", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "7 classes, 2 + " in out and "64x80" in out
-    assert synth.main(["--out", str(tmp_path / "b"), "--stage", "demo", "--images-per-class", "1", "--combos", "1",
+    assert synth_cli.main(["--out", str(tmp_path / "b"), "--stage", "demo", "--images-per-class", "1", "--combos", "1",
                        "--size", "64x80", "--workers", "1"]) == 0
     assert "12 classes, 1 + " in capsys.readouterr().out  # the demo overlay's data.synth.classes
 
@@ -166,11 +168,11 @@ def test_prepare_cli_out_and_set(manifests, tmp_path, capsys):
     with open(m, "w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows(rows[:4])
     shutil_free = ["--set", "prepare.free_space_margin_gb=0"]
-    assert cache.main(["--manifest", str(m), "--out", str(tmp_path / "c"), "--set", "prepare.max_side=32",
+    assert prepare_cmd.main(["--manifest", str(m), "--out", str(tmp_path / "c"), "--set", "prepare.max_side=32",
                        "--workers", "1", "--sample", "1", *shutil_free]) == 0
     cached = list(csv.DictReader(open(tmp_path / "c" / "few.csv", encoding="utf-8")))
     assert len(cached) == 3 and all(max(Image.open(r["image_path"]).size) == 32 for r in cached)
-    assert cache.main(["--manifest", str(tmp_path / "none.csv"), "--out", str(tmp_path / "d")]) == 2
+    assert prepare_cmd.main(["--manifest", str(tmp_path / "none.csv"), "--out", str(tmp_path / "d")]) == 2
     assert f"--manifest {tmp_path / 'none.csv'} does not exist" in capsys.readouterr().err
 
 
@@ -183,7 +185,7 @@ def test_detect_cli_has_data_root_out_name_and_device(synth_tree, tmp_path, caps
     assert report["inputs"]["data_root"] == str(Path(synth_tree.root).resolve())
     args = detect.build_parser().parse_args(["--out", str(tmp_path / "runs"), "--name", "d1", "--device", "cpu",
                                              "--epochs", "2", "--data-root", str(synth_tree.root)])
-    run = detect.run_from_config(detect.resolve_config(args), Path("data.yaml"))
+    run = detector.run_from_config(detect.resolve_config(args), Path("data.yaml"))
     assert (run.out, run.device, run.epochs) == (tmp_path / "runs" / "detect_d1", "cpu", 2)
 
 
@@ -204,11 +206,11 @@ def test_predict_cli_checks_device_and_config_before_loading(tmp_path, capsys):
 
 
 def test_bench_step_shared_flags(tmp_path, capsys):
-    assert bench.main(["step", "--device", "cuda:99"]) == 2
+    assert bench_cmd.main(["step", "--device", "cuda:99"]) == 2
     assert "cuda:99" in capsys.readouterr().err
     f = tmp_path / "b.yaml"
     f.write_text("model:\n  name: test_efficientnet\n", encoding="utf-8")
-    assert bench.main(["step", "--stage", "demo", "--config", str(f), "--set", "preprocess.img_size=32",
+    assert bench_cmd.main(["step", "--stage", "demo", "--config", str(f), "--set", "preprocess.img_size=32",
                        "--batch-size", "2", "--steps", "1", "--reps", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "| test_efficientnet | 32 | 2 | cpu |" in out
@@ -226,7 +228,7 @@ def test_each_cli_entry_point_reports_an_expected_error_in_one_line_with_status_
              "detect": ["--data", f"{gone}.yaml"],
              "predict": ["x.png", "--classifier", f"{gone}.pt", "--mode", "single"],
              "bench": ["step", "--device", "cuda:99"]}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parent.parent),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parent.parent.parent),
                                                         os.environ.get("PYTHONPATH", "")])}
     procs = {name: subprocess.Popen([sys.executable, "-m", f"pillsnap_dali.{name}", *args], env=env, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name, args in cases.items()}
@@ -242,8 +244,8 @@ def test_stage_accepts_only_the_existing_stages_in_every_cli(capsys):
     for name, p in _parsers().items():
         stage = [a for a in p._actions if "--stage" in a.option_strings]
         assert not stage or list(stage[0].choices) == list(STAGES), name
-    mains = {"train": train.main, "manifest": build.main, "synth": synth.main, "prepare": cache.main,
-             "detect": detect.main, "predict": predict.main, "bench": lambda a: bench.main(["step", *a])}
+    mains = {"train": train.main, "manifest": manifest_cmd.main, "synth": synth_cli.main, "prepare": prepare_cmd.main,
+             "detect": detect.main, "predict": predict.main, "bench": lambda a: bench_cmd.main(["step", *a])}
     for name, main in mains.items():
         with pytest.raises(SystemExit) as e:
             main(["--stage", "9"])
@@ -262,7 +264,7 @@ def test_a_missing_manifest_is_named_not_guessed_beside(tmp_path, capsys):
 def test_a_data_root_inside_the_tree_names_the_tree_root(synth_tree, tmp_path, capsys):
     data = _data_dir(Path(synth_tree.root))
     for deep in (data / "1.Training", data / "1.Training" / "원천데이터"):
-        assert build.main(["--data-root", str(deep), "--out", str(tmp_path / "o")]) == 2
+        assert manifest_cmd.main(["--data-root", str(deep), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert f"pass --data-root {data.resolve()}" in err, err
         (tmp_path / "demo" / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -300,8 +302,8 @@ def test_every_flag_of_every_cli_has_help_with_its_default():
 
 
 def test_every_cli_prints_its_help(capsys):
-    for main in (train.main, build.main, synth.main, cache.main, detect.main, predict.main):
+    for main in (train.main, manifest_cmd.main, synth_cli.main, prepare_cmd.main, detect.main, predict.main):
         with pytest.raises(SystemExit) as e:
             main(["--help"])
         assert e.value.code == 0 and "default" in capsys.readouterr().out
-    assert bench.main(["--help"]) == 0 and "step" in capsys.readouterr().out
+    assert bench_cmd.main(["--help"]) == 0 and "step" in capsys.readouterr().out

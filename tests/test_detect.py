@@ -321,7 +321,7 @@ def test_label_frame_of_an_exif_rotated_image_without_a_manifest_size_is_upright
 
 # ------------------------------------------------------------------------------------------ training
 def test_dali_fed_ultralytics_training_completes_offline(converted, tmp_path, monkeypatch):
-    from pillsnap_dali.detect import DetectRun, train_detector
+    from pillsnap_dali.training.detector import DetectRun, train_detector
 
     yolo, _ = converted
     monkeypatch.setenv("HOME", str(tmp_path))  # any download or settings write would land here: none may
@@ -335,13 +335,13 @@ def test_dali_fed_ultralytics_training_completes_offline(converted, tmp_path, mo
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("precision", "recall", "mAP50", "mAP50-95"))
     assert metrics["backend"] == "dali-cpu" and (out / "skipped.csv").read_text().startswith("row,split,path,reason,backend,epoch")
     assert not list(tmp_path.glob("*.pt")) and not list(Path.cwd().glob("yolo*.pt"))  # nothing fetched
-    from pillsnap_dali.predict import load_detector  # our own checkpoint passes the weights_only loader
+    from pillsnap_dali.inference import load_detector  # our own checkpoint passes the weights_only loader
     assert type(load_detector(out / "weights" / "best.pt").model).__name__ == "DetectionModel"
 
 
 
 def test_cli_ultralytics_backend_trains_from_an_existing_data_yaml(converted, tmp_path, capsys):
-    from pillsnap_dali import detect
+    from pillsnap_dali.commands import detect
 
     yolo, _ = converted
     rc = detect.main(["--data", str(yolo / "data.yaml"), "--model", "yolo11n.yaml", "--epochs", "1", "--imgsz", "160",
@@ -355,7 +355,7 @@ def test_cli_ultralytics_backend_trains_from_an_existing_data_yaml(converted, tm
 
 
 def test_cli_refuses_a_missing_weights_file(converted, tmp_path, capsys):
-    from pillsnap_dali import detect
+    from pillsnap_dali.commands import detect
 
     yolo, _ = converted
     rc = detect.main(["--data", str(yolo / "data.yaml"), "--model", str(tmp_path / "nope.pt"),
@@ -390,7 +390,7 @@ def test_gpu_graph_matches_the_cpu_graph(converted):
 
 @pytest.mark.gpu
 def test_gpu_dali_training_completes(converted, tmp_path):
-    from pillsnap_dali.detect import DetectRun, train_detector
+    from pillsnap_dali.training.detector import DetectRun, train_detector
 
     _needs_cuda()
     yolo, _ = converted
@@ -421,7 +421,7 @@ def test_ultralytics_import_leaves_pil_open_alone(tmp_path):
 
 def test_detect_flipud_comes_from_the_config(tmp_path):
     from pillsnap_dali.config import load_config
-    from pillsnap_dali.detect import _train_args, run_from_config
+    from pillsnap_dali.training.detector import _train_args, run_from_config
 
     run = run_from_config(load_config("demo", sets=["detect.flipud=0.2"]), tmp_path / "data.yaml")
     assert run.flipud == 0.2 and _train_args(run, "cpu")["flipud"] == 0.2
@@ -435,7 +435,7 @@ def _last_line_error(err: str, path) -> None:
 
 
 def test_an_output_dir_that_cannot_be_created_is_one_line(converted, tmp_path, capsys):
-    from pillsnap_dali import detect
+    from pillsnap_dali.commands import detect
 
     yolo, _ = converted
     blocker = tmp_path / "a_file"
@@ -448,7 +448,7 @@ def test_an_output_dir_that_cannot_be_created_is_one_line(converted, tmp_path, c
 
 
 def test_a_permission_error_names_the_path(converted, capsys):
-    from pillsnap_dali import detect
+    from pillsnap_dali.commands import detect
 
     yolo, _ = converted
     rc = detect.main(["--data", str(yolo / "data.yaml"), "--model", "yolo11n.yaml", "--set", "train.out=/sys/pillsnap"])
@@ -465,7 +465,7 @@ def test_a_full_disk_during_training_is_one_line(converted, tmp_path):
     yolo, _ = converted
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20)); "
-            "from pillsnap_dali import detect; sys.exit(detect.main(sys.argv[1:]))")
+            "from pillsnap_dali.commands import detect; sys.exit(detect.main(sys.argv[1:]))")
     res = subprocess.run([sys.executable, "-c", code, "--data", str(yolo / "data.yaml"), "--model", "yolo11n.yaml",
                           "--epochs", "1", "--imgsz", "64", "--batch-size", "4", "--backend", "dali-cpu",
                           "--set", f"train.out={tmp_path}", "--set", "train.device=cpu"],

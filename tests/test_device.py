@@ -54,7 +54,7 @@ def test_no_bf16_and_no_autocast_on_the_cpu():
 
 
 def test_ultralytics_amp_follows_hardware_and_the_installed_release():
-    from pillsnap_dali.detect import accepts_bf16, amp_setting
+    from pillsnap_dali.training.detector import accepts_bf16, amp_setting
 
     assert accepts_bf16() is True  # the installed 8.4 release validates amp and knows "bf16"
 
@@ -72,7 +72,7 @@ def test_ultralytics_amp_follows_hardware_and_the_installed_release():
 
 def test_detect_train_args_on_the_cpu_have_amp_off(tmp_path):
     from pillsnap_dali.config import load_config
-    from pillsnap_dali.detect import _train_args, resolve_device, run_from_config
+    from pillsnap_dali.training.detector import _train_args, resolve_device, run_from_config
 
     run = run_from_config(load_config("demo"), tmp_path / "data.yaml")
     assert _train_args(run, "cpu")["amp"] is False and _train_args(run, "cpu")["device"] == "cpu"
@@ -84,7 +84,7 @@ def test_detect_train_args_on_the_cpu_have_amp_off(tmp_path):
 
 
 def test_dali_and_the_detector_must_share_the_gpu():
-    from pillsnap_dali.detect import check_same_gpu
+    from pillsnap_dali.training.detector import check_same_gpu
     from pipelines import PipelineOptions
 
     check_same_gpu(torch.device("cuda", 1), PipelineOptions(device="gpu", device_id=1))

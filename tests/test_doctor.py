@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from pillsnap_dali import doctor
-from pillsnap_dali.doctor import FAIL, OK, WARN, Facts, Gpu, has_kernels, judge, verdict
+from pillsnap_dali.commands import doctor
+from pillsnap_dali.commands.doctor import FAIL, OK, WARN, Facts, Gpu, has_kernels, judge, verdict
 
 ARCH_CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]       # torch 2.7 cu126: no Blackwell
 ARCH_CU128 = ARCH_CU126 + ["sm_100", "sm_120"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pillsnap_dali import evaluate, train
+from pillsnap_dali.commands import evaluate, train
+from pillsnap_dali.training import evaluation
 from pillsnap_dali.config import load_config
 from pillsnap_dali.data.build import build_manifests
 from pillsnap_dali.training.checkpoint import load_checkpoint
@@ -90,7 +91,7 @@ def test_stage3_targets_come_from_the_config(run, tmp_path):
     cfg = load_config("3")
     assert (cfg.evaluate.target_top1, cfg.evaluate.target_top5) == (0.85, 0.95)
     assert (cfg.evaluate.target_class_precision, cfg.evaluate.target_class_recall) == (0.80, 0.80)
-    t = evaluate.evaluate_checkpoint(run["dir"] / "checkpoints" / "best.pt", run["m"] / "manifest_test.csv",
+    t = evaluation.evaluate_checkpoint(run["dir"] / "checkpoints" / "best.pt", run["m"] / "manifest_test.csv",
                                      load_config("3", sets=["loader.threads=1"]), torch.device("cpu"), tmp_path)
     assert [x["target"] for x in t["targets"]] == ["top-1", "top-5", "every class precision", "every class recall"]
     assert [x["goal"] for x in t["targets"]] == [0.85, 0.95, 0.80, 0.80]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pillsnap_dali import export, predict, train
+from pillsnap_dali import onnx_export
+from pillsnap_dali.commands import export, predict, train
 from pillsnap_dali.config import load_config
 from pillsnap_dali.data.manifest import read_manifest
 from pillsnap_dali.training.checkpoint import load_checkpoint
@@ -21,7 +22,7 @@ TINY = ["--model", "resnet18", "--img-size", "48", "--batch-size", "16", "--epoc
 @pytest.fixture(scope="module")
 def run(synth_tree, tmp_path_factory):
     """A trained classifier (best.pt), its manifests, a 1-epoch detector, and an export dir of both."""
-    from pillsnap_dali.detect import DetectRun, train_detector
+    from pillsnap_dali.training.detector import DetectRun, train_detector
     from pillsnap_dali.data.yolo import convert_stage
 
     tmp = tmp_path_factory.mktemp("export")
@@ -87,7 +88,7 @@ def test_the_exported_weights_are_the_deployed_ones(run):
 
     ck = load_checkpoint(run["best"])
     assert ck["ema"] is not None
-    x, _ = export.preprocess(_val_images(run, 8), load_classifier(run["best"]).preprocess, 10**8)
+    x, _ = onnx_export.preprocess(_val_images(run, 8), load_classifier(run["best"]).preprocess, 10**8)
     onnx_logits = load_classifier_dir(run["out"]).model(x).numpy()
     import timm
     for which in ("model", "ema"):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pillsnap_dali import gpu_check
-from pillsnap_dali.gpu_check import Step, judge, plan, run_steps, summarize
+from pillsnap_dali.commands import gpu_check
+from pillsnap_dali.commands.gpu_check import Step, judge, plan, run_steps, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_the_plan_starts_with_doctor_and_fits_the_lease(tmp_path):
 
 def test_the_training_step_arguments_run(tmp_path):
     """The Stage 3 training step's flags and --set keys are valid (run as a dry run, small, on the CPU)."""
-    from pillsnap_dali import train
+    from pillsnap_dali.commands import train
 
     argv = gpu_check.stage3_train_argv(tmp_path, True)
     small = {"976x1280": "96x128", "data.synth.images_per_class=100": "data.synth.images_per_class=3", "dali": "dali-cpu",

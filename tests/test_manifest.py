@@ -9,7 +9,8 @@ import pytest
 from pillsnap_dali.bench.scan import TreeSpec, label_json, make_tree, source_dirs
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import ManifestConfig, load_config
-from pillsnap_dali.data.build import build_manifests, import_legacy, main, plan_quotas
+from pillsnap_dali.commands.manifest import main
+from pillsnap_dali.data.build import build_manifests, import_legacy, plan_quotas
 from pillsnap_dali.data.checks import check_manifests, kcode_problem
 from pillsnap_dali.data.manifest import ManifestError, guess_encoding, read_manifest
 
@@ -364,7 +365,7 @@ def test_a_manifest_that_is_not_utf8_names_the_encoding_it_probably_is(tree, tmp
 
 
 def test_manifest_checks_reach_the_manifest_cli_and_the_trainings_report(synth_tree, tree, tmp_path, capsys):
-    from pillsnap_dali import train
+    from pillsnap_dali.commands import train
     rows = _singles(tree, 12)
     bad = _legacy_csv(tmp_path / "bad.csv", rows[:-1] + [[rows[-1][0], "K-000003 ", "single", "TS_1"],
                                                         [rows[0][0], "K-12345", "single", "TS_1"]])

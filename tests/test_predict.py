@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from pillsnap_dali import predict
+from pillsnap_dali import inference
+from pillsnap_dali.commands import predict
 from pillsnap_dali.training.checkpoint import FORMAT, preprocess_dict, save_checkpoint
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import PreprocessConfig, load_config
@@ -23,7 +24,7 @@ def stage(synth_tree, tmp_path_factory):
     """Manifests + YOLO dataset of the synthetic tree, a 1-epoch detector and a classifier checkpoint."""
     import timm
 
-    from pillsnap_dali.detect import DetectRun, train_detector
+    from pillsnap_dali.training.detector import DetectRun, train_detector
     from pillsnap_dali.data.yolo import convert_stage
 
     tmp = tmp_path_factory.mktemp("predict")
@@ -79,7 +80,7 @@ def test_single_mode_classifies_the_whole_image_with_the_checkpoint_preprocessin
 
     image = _combo_images(stage)[0]
     clf = load_classifier(stage["classifier"], device="cpu")
-    (res,) = predict.predict_images([image], clf, None, "single", 2, stage["cfg"])
+    (res,) = inference.predict_images([image], clf, None, "single", 2, stage["cfg"])
     assert res["mode"] == "single" and len(res["pills"]) == 1 and "box" not in res["pills"][0]
     _check_topk(res["pills"][0]["topk"], stage["class_map"], 2)
     x = pil_eval_transform(PreprocessConfig(img_size=48))(open_rgb(image))[None]  # the stored preprocessing
@@ -127,31 +128,31 @@ def test_two_stage_accuracy_scores_every_labelled_pill(stage):
     from pillsnap_dali.training.model import load_classifier
 
     clf = load_classifier(stage["classifier"], device="cpu")
-    det = predict.load_detector(stage["detector"])
+    det = inference.load_detector(stage["detector"])
     m = read_manifest(stage["manifests"] / "detect_val.csv")
-    score = predict.two_stage_accuracy(m, clf, det, stage["cfg"])
+    score = inference.two_stage_accuracy(m, clf, det, stage["cfg"])
     assert score["images"] == len(_combo_images(stage)) and score["pills"] >= 3 * score["images"]
     assert score["unreadable"] == 0
     assert 0 <= score["top1_right"] <= score["detected"] <= score["pills"]
 
 
 def test_padded_box_and_matching():
-    assert predict.padded_box([10, 20, 30, 60], 100, 100, 0.1) == (8, 16, 32, 64)
-    assert predict.padded_box([0, 0, 100, 50], 100, 50, 0.1) == (0, 0, 100, 50)  # clipped to the image
+    assert inference.padded_box([10, 20, 30, 60], 100, 100, 0.1) == (8, 16, 32, 64)
+    assert inference.padded_box([0, 0, 100, 50], 100, 50, 0.1) == (0, 0, 100, 50)  # clipped to the image
     truth = [([0, 0, 10, 10], {"K-000001"}), ([20, 0, 30, 10], {"K-000002"})]
     result = {"pills": [{"box": [20, 0, 30, 10], "topk": [{"code": "K-000002"}]},
                         {"box": [21, 0, 31, 10], "topk": [{"code": "K-000002"}]},   # the same pill again: ignored
                         {"box": [0, 0, 9, 10], "topk": [{"code": "K-000009"}]}]}     # found, wrong code
-    assert predict._score_image(result, truth) == (2, 1)
+    assert inference._score_image(result, truth) == (2, 1)
 
 
 def test_bench_predict_times_each_image_with_four_crops(stage):
     from pillsnap_dali.training.model import load_classifier
 
     clf = load_classifier(stage["classifier"], device="cpu")
-    det = predict.load_detector(stage["detector"])
-    opts = predict.PredictOptions(mode="combo", topk=5, conf=0.0, max_det=4)
-    bench = predict.bench_predict(_combo_images(stage)[:2], clf, det, opts, warmup=1)
+    det = inference.load_detector(stage["detector"])
+    opts = inference.PredictOptions(mode="combo", topk=5, conf=0.0, max_det=4)
+    bench = inference.bench_predict(_combo_images(stage)[:2], clf, det, opts, warmup=1)
     assert bench["images"] == 2 and bench["pills_per_image"] == 4.0
     assert bench["p95_ms"] >= bench["p50_ms"] > 0 and bench["device"].startswith("cpu")
 
@@ -177,7 +178,7 @@ def test_prediction_letterbox_is_the_training_letterbox(size, imgsz):
     pipe.feed_input("boxes", [np.zeros((0, 4), np.float32)])
     pipe.feed_input("geometry", [np.asarray(letterbox_geometry(h, w, imgsz), np.int32)])
     graph = np.array(pipe.run()[0].as_tensor())[0].astype(np.float32)  # CHW uint8 values
-    x, geometry = predict.letterbox(Image.fromarray(arr), imgsz)
+    x, geometry = inference.letterbox(Image.fromarray(arr), imgsz)
     assert geometry == letterbox_geometry(h, w, imgsz) and x.shape == (1, 3, imgsz, imgsz)
     ours = x[0].numpy() * 255.0
     diff = np.abs(ours - graph)
@@ -205,7 +206,7 @@ def test_unletterbox_maps_detections_back_like_ultralytics(w, h, imgsz):
     truth = np.concatenate([xy, xy + rng.uniform(5, 200, size=(20, 2))], axis=1)
     truth[:, 2], truth[:, 3] = truth[:, 2].clip(0, w), truth[:, 3].clip(0, h)
     boxed = truth * [new_w / w, new_h / h, new_w / w, new_h / h] + [left, top, left, top]
-    back = predict.unletterbox(boxed, geometry, w, h)
+    back = inference.unletterbox(boxed, geometry, w, h)
     assert np.abs(back - truth).max() < 1e-6
     theirs = scale_boxes((imgsz, imgsz), torch.tensor(boxed, dtype=torch.float32), (h, w)).numpy()
     assert np.abs(back - theirs).max() < 1.5  # Ultralytics uses one gain for both axes (rounding differs)
@@ -217,7 +218,7 @@ def test_a_detection_in_the_letterbox_padding_is_not_a_pill():
     geometry = letterbox_geometry(1280, 976, 640)  # 488 wide in the 640 frame: 76 px of padding each side
     boxes = np.array([[600.0, 300.0, 630.0, 340.0],    # entirely in the right padding
                       [100.0, 300.0, 200.0, 400.0]])   # on the image
-    back = predict.unletterbox(boxes, geometry, 976, 1280)
-    assert predict.on_image(back).tolist() == [False, True]
+    back = inference.unletterbox(boxes, geometry, 976, 1280)
+    assert inference.on_image(back).tolist() == [False, True]
     with pytest.raises(ValueError, match="topk"):
-        predict.options_from(load_config("demo"), "single", 0)
+        inference.options_from(load_config("demo"), "single", 0)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pillsnap_dali.commands.prepare import main as prepare_main
 from pillsnap_dali.data import cache as P
 from pillsnap_dali.data.classmap import ClassMap, ClassMapMismatch
 from pillsnap_dali.config import load_config
@@ -160,10 +161,10 @@ def test_cli_and_config(tree, capsys):
     assert (opts.quality, opts.max_side, opts.workers) == (80, None, 3)
     args = ["--manifest", str(tree["manifest"]), "--cache-dir", str(tree["cache"]), "--workers", "1",
             "--sample", "4", "--max-side", "96"]
-    assert P.main(args + ["--margin-gb", "1e9"]) == 2
+    assert prepare_main(args + ["--margin-gb", "1e9"]) == 2
     assert "refusing" in capsys.readouterr().err
-    assert P.main(args + ["--margin-gb", "0", "--dry-run"]) == 0 and not tree["cache"].exists()
-    assert P.main(args + ["--margin-gb", "0", "--set", "prepare.quality=70"]) == 0
+    assert prepare_main(args + ["--margin-gb", "0", "--dry-run"]) == 0 and not tree["cache"].exists()
+    assert prepare_main(args + ["--margin-gb", "0", "--set", "prepare.quality=70"]) == 0
     out = capsys.readouterr().out
     assert f"rows in       {tree['n']}" in out and "ratio" in out
     assert max(read_manifest(tree["cache"] / "manifest_train.csv").sizes[0]) == 96

@@ -12,7 +12,8 @@ import timm
 import torch
 from PIL import Image
 
-from pillsnap_dali import detect, predict
+from pillsnap_dali import inference
+from pillsnap_dali.commands import detect, predict
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.training import checkpoint as ckpt
 from pillsnap_dali.weights import WeightsError, allowed_global, check_detector_weights, load_yolo
@@ -143,4 +144,4 @@ def test_an_ultralytics_checkpoint_still_loads(tmp_path):
                 "updates": 0, "optimizer": None, "train_args": {"imgsz": 96}, "date": "x", "version": "8"}, path)
     check_detector_weights(path)
     yolo = load_yolo(path)
-    assert type(yolo.model).__name__ == "DetectionModel" and predict._detector_imgsz(yolo, 640) == 96
+    assert type(yolo.model).__name__ == "DetectionModel" and inference.detector_imgsz(yolo, 640) == 96

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from pillsnap_dali.config import load_config
+from pillsnap_dali.commands.synth import main
 from pillsnap_dali.data.synth import (COMPLETE_MARKER, DEFECT_KINDS, SynthError, SynthSummary, ensure_demo_data,
-                                 generate, main)
+                                 generate)
 
 # docs/aihub_format.md, written out here independently of the generator's own constant
 IMAGE_KEYS = """file_name width height imgfile drug_N drug_S back_color drug_dir light_color camera_la camera_lo size

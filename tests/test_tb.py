@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pillsnap_dali import train
+from pillsnap_dali.commands import train
 
 TINY = ["--model", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--epochs", "2",
         "--set", "train.warmup_epochs=0", "--set", "loader.threads=1", "--set", "loader.workers=1",

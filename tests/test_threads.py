@@ -37,9 +37,9 @@ def test_apply_sets_torch_and_the_trainer_applies_it(tmp_path):
 def test_bench_step_compares_thread_settings_beside_busy_processes(tmp_path):
     import json
 
-    from pillsnap_dali import bench
+    from pillsnap_dali.commands import bench as bench_cmd
     out = tmp_path / "step.json"
-    assert bench.main(["step", "--stage", "demo", "--model", "test_efficientnet", "--img-size", "32",
+    assert bench_cmd.main(["step", "--stage", "demo", "--model", "test_efficientnet", "--img-size", "32",
                        "--batch-size", "2", "--steps", "1", "--reps", "1", "--busy", "0,1",
                        "--torch-threads", "torch,auto", "--json", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]

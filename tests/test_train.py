@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pillsnap_dali import train
+from pillsnap_dali.commands import train
 from pillsnap_dali.training.checkpoint import load_checkpoint
 from pillsnap_dali.training.model import load_classifier
 from pillsnap_dali.config import load_config

@@ -1,4 +1,5 @@
-from pillsnap_dali.bench import main
+"""``python -m pillsnap_dali.bench``: the dispatcher lives in ``pillsnap_dali.commands.bench``."""
+from pillsnap_dali.commands.bench import main
 
 if __name__ == "__main__":  # guarded: the peer arms start workers from a fork server, which imports __main__
     raise SystemExit(main())

@@ -7,16 +7,15 @@ pick instead of DALI (``opencv``, ``torchvision``, ``pil-draft``; ``torchvision-
 ``pillsnap_dali.bench.peers``) and each DALI arm's ratio to the best of them (``vs_best_peer``,
 ``best_peer`` in the JSON); the decode-only ceilings (PIL
 and DALI, same threads; DALI on the GPU too) and the model-only training throughput on synthetic input.
-Median of ``--reps`` epochs after a warm-up, with min and max, CPU utilization, peak RSS of the process tree,
+Median of ``--reps`` epochs after a warm-up, with min and max, CPU utilization, peak PSS of the process tree (shared pages counted once),
 and GPU utilization / memory / decoder use where NVML exposes them. Writes ``results.json``, prints a
 markdown table and saves ``bars.png``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,44 +24,31 @@ from pillsnap_dali.bench.loaders import (CPU_PEER_ARMS, GPU_PEER_ARMS, bench_dec
                                          write_bench_images)
 from pillsnap_dali.bench.peers import PEERS, missing_note
 from pillsnap_dali.bench.step import bench_step
-from pillsnap_dali.config import available_cores, load_config
+from pillsnap_dali.config import load_config
 from pillsnap_dali.data.cache import PrepareOptions, prepare_cache
 from pillsnap_dali.data.manifest import read_manifest, write_manifest
 
 _logger = logging.getLogger(__name__)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench decode", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--manifest", help="benchmark these images, the first --limit rows (default: generated "
-                                        "images, see --formats)")
-    src.add_argument("--images", help="a folder of images (default: generated images, see --formats)")
-    p.add_argument("--formats", default="png,jpeg,cache640",
-                   help="generated inputs when no source is given: png, jpeg (q95), cache640 (the PNGs through "
-                        "`prepare --max-side 640`, the JPEG cache) (default: %(default)s)")
-    p.add_argument("--n", type=int, default=24, help="generated images per format (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=256, help="rows taken from --manifest (default: %(default)s)")
-    p.add_argument("--rows", type=int, default=128, help="images per timed epoch, the files repeated "
-                                                         "(default: %(default)s)")
-    p.add_argument("--size", type=int, default=384, help="output size in pixels (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=16, help="images per batch (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=3, help="timed epochs after a warm-up; the median is reported "
-                                                       "(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=available_cores(), help="DALI threads = PIL workers "
-                   "(default: the cores this process may use, %(default)s here)")
-    p.add_argument("--arms", help="comma-separated arms (default: every arm this machine can run: "
-                                  "pil, dali-cpu, dali-cpu:colour-graph, opencv, torchvision, pil-draft, "
-                                  "pil-decode, dali-decode; with CUDA also dali, dali:colour-graph, "
-                                  "torchvision-gpu, dali-gpu-decode)")
-    p.add_argument("--model", help="model for the model-only ceiling (default: tf_efficientnetv2_s on a GPU, "
-                                   "resnet18 on CPU)")
-    p.add_argument("--no-model", action="store_true", help="skip the model-only ceiling (default: measure it)")
-    p.add_argument("--out", default=f"bench_results/decode-{time.strftime('%Y%m%d-%H%M%S')}",
-                   help="results folder (default: %(default)s)")
-    p.add_argument("--workdir", default="bench_results/images", help="where generated images are kept "
-                                                                     "(default: %(default)s)")
-    return p
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What ``bench decode`` measures (the command's flags, one field each; see its ``--help``)."""
+    manifest: str | None = None
+    images: str | None = None
+    formats: str = "png,jpeg,cache640"
+    n: int = 24
+    limit: int = 256
+    rows: int = 128
+    size: int = 384
+    batch: int = 16
+    reps: int = 3
+    threads: int = 1
+    arms: str | None = None
+    model: str | None = None
+    no_model: bool = False
+    out: str = "bench_results/decode"
+    workdir: str = "bench_results/images"
 
 
 def _sources(a) -> dict:
@@ -104,7 +90,7 @@ def _model_ceiling(a, cuda: bool) -> dict | None:
 
 def _table(results: dict, model: dict | None) -> str:
     lines = ["| input | arm | img/s (median) | min | max | vs pil | vs best peer | of its ceiling | CPU util "
-             "| peak RSS MB | GPU util |", "|---" * 11 + "|"]
+             "| peak PSS MB | GPU util |", "|---" * 11 + "|"]
     for src, res in results.items():
         r, ratios = res["results"], res.get("vs_best_peer", {})
         pil = r.get("pil", {}).get("images_per_s")
@@ -114,7 +100,7 @@ def _table(results: dict, model: dict | None) -> str:
             ceil = f"{v['of_ceiling']:.0%}" if "of_ceiling" in v else ""
             gpu = f"{v['gpu_util']:.0f} %" if "gpu_util" in v else ""
             lines.append(f"| {src} | {arm} | {v['images_per_s']:.1f} | {v['min']:.1f} | {v['max']:.1f} | {vs} | {best} "
-                         f"| {ceil} | {100 * v['cpu_util']:.0f} % | {v['peak_rss_mb']:.0f} | {gpu} |")
+                         f"| {ceil} | {100 * v['cpu_util']:.0f} % | {v['peak_pss_mb']:.0f} | {gpu} |")
     if model:
         lines.append(f"| synthetic | model-only {model['model']} @{model['img_size']} b{model['batch']} "
                      f"({model['device']}) | {model['images_per_s']:.1f} | {model['min']:.1f} | {model['max']:.1f} "
@@ -179,9 +165,8 @@ def _plot(results: dict, model: dict | None, path: Path) -> None:
     plt.close(fig)
 
 
-def run(argv=None) -> str:
-    """Run the benchmark; returns the text the CLI (``python -m pillsnap_dali.bench decode``) prints."""
-    a = _parser().parse_args(argv)
+def run(a: DecodeOptions, command: str = "") -> str:
+    """Run the benchmark; returns the text the command (``python -m pillsnap_dali.bench decode``) prints."""
     cuda = torch.cuda.is_available()
     arms, notes = _arms(a, cuda)
     out = Path(a.out)
@@ -192,7 +177,7 @@ def run(argv=None) -> str:
                                      backends=arms, min_rows=a.rows)
     model = _model_ceiling(a, cuda)
     payload = {"machine": {**machine_info(), "gpu": torch.cuda.get_device_name(0) if cuda else None},
-               "command": "python -m pillsnap_dali.bench decode " + " ".join(argv or []), "inputs": results,
+               "command": command, "inputs": results,
                "model_only": model, "skipped_arms": notes}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     table = _table(results, model)

@@ -8,7 +8,6 @@ JSON, since parsing the JSON is the scanner's main cost; then times ``scan_tree`
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -167,26 +166,3 @@ def run_scan_bench(n_images: int, out_json: str | Path | None, *, tree: str | Pa
     if out_json:
         atomic_write_text(out_json, json.dumps(result, indent=1))
     return result
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench scan", description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=100_000, help="single images in the tree (default: %(default)s)")
-    ap.add_argument("--tree", default=None, help="where to build/reuse the tree (default: a temp dir, removed)")
-    ap.add_argument("--out", default=None, help="write the result JSON here (default: not written)")
-    return ap
-
-
-def run(argv=None) -> str:
-    """Run the scan benchmark; returns the line the CLI (``python -m pillsnap_dali.bench scan``) prints."""
-    args = _parser().parse_args(argv)
-    r = run_scan_bench(args.images, args.out, tree=args.tree)
-    return (f"scanned {r['images']} images in {r['wall_s']} s: {r['images_per_s']} images/s "
-            f"({r['images_per_cpu_s']} per CPU-second) on {r['cpu']}")
-
-
-if __name__ == "__main__":  # python -m pillsnap_dali.bench scan ... == python -m pillsnap_dali.bench scan ...
-    import sys
-
-    from pillsnap_dali.bench import main
-    raise SystemExit(main(["scan", *sys.argv[1:]]))

@@ -16,7 +16,6 @@ is never split across train and val (its images move together).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -27,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pillsnap_dali.atomic import atomic_write_text
-from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_cli
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import Config, ManifestConfig, stage_name
 from pillsnap_dali.data.checks import check_manifests
@@ -72,10 +70,6 @@ class _Build:
                 self.quarantine[p] = why
                 _logger.warning("quarantined %s: %s", p, why)
         return [r for r in records if r.image_path not in bad]
-
-
-def stage_dir_name(stage: str) -> str:
-    return stage_name(stage)
 
 
 def _units(records: list) -> dict:
@@ -342,7 +336,7 @@ def _demo_root(cfg: Config) -> Path:
     return Path(made) if isinstance(made, (str, Path)) else Path(made.root)
 
 
-def _data_root(cfg: Config) -> Path:
+def demo_root(cfg: Config) -> Path:
     """No data.root: the synthetic tree for the demo; a real stage never trains on it by accident."""
     if cfg.stage == "demo":
         return _demo_root(cfg)
@@ -364,7 +358,7 @@ def ensure_manifests(cfg: Config) -> Path:
     the manifest step's: an existing build of the same tree keeps its seed and its verification when that was
     stricter (``python -m pillsnap_dali.manifest --verify header --seed S`` then ``train`` does not re-split or
     un-verify); the tree or the sampling settings changing rebuilds it (with that seed and verification)."""
-    out = Path(cfg.data.artifacts) / stage_dir_name(cfg.stage)
+    out = Path(cfg.data.artifacts) / stage_name(cfg.stage)
     old = _recorded_inputs(out)
     if cfg.data.root:
         root = Path(cfg.data.root)
@@ -381,7 +375,7 @@ def ensure_manifests(cfg: Config) -> Path:
             raise ManifestError(f"the manifests in {out} are of an older format and the tree they were built from "
                                 f"({recorded}) is gone: pass --data-root")
     else:
-        root = _data_root(cfg)
+        root = demo_root(cfg)
     seed, verify = None, cfg.data.verify
     if old is not None and old.get("data_root") == str(root.resolve()) and old.get("stage") == cfg.stage:
         if old.get("seed") != cfg.manifest.seed:
@@ -467,70 +461,3 @@ def import_legacy(paths: list, cfg: Config, out_dir: str | Path, *, verify: str 
     _logger.info("imported %d legacy rows into %s: %s kept, %d quarantined", report["accounting"]["rows_in"],
                  out_dir, counts, len(qrows))
     return report
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pillsnap_dali.manifest",
-                                 description="Build a stage's manifests from an AI Hub tree (or import the "
-                                             "existing project's manifests).")
-    add_shared_flags(ap, ("data-root", "stage", "out"), helps={
-        "data-root": "AI Hub tree, raw or English layout (config data.root; default: none: --stage demo "
-                     "generates its synthetic tree)",
-        "out": "output dir (default: <data.artifacts>/stage<N>, or .../demo)"})
-    ap.add_argument("--seed", type=int, default=None, help=key_help("sampling/split seed", "manifest.seed"))
-    ap.add_argument("--verify", choices=["none", "header", "full"], default=None,
-                    help=key_help("image verification, one of %(choices)s", "data.verify"))
-    ap.add_argument("--legacy", nargs="+", metavar="CSV",
-                    help="import the existing project's manifests (train [val [test]]) instead of scanning "
-                         "(default: scan --data-root)")
-    add_shared_flags(ap, ("config", "set"))
-    ap.add_argument("--force", action="store_true", help="rebuild even if the outputs match the inputs "
-                                                         "(default: reuse them)")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level (default: INFO)")
-    return ap
-
-
-# each flag's config key; --out here is the manifests' folder, not a config key
-_FLAG_KEYS = {"data_root": "data.root", "seed": "manifest.seed", "verify": "data.verify"}
-
-
-def _print_legacy(out: Path, report: dict) -> None:
-    print(f"{out}: {report['splits']} rows kept, {report['quarantine']['rows']} quarantined")
-    for f in report["checks"]:
-        print(f"{f['level']}: {f['path']}: {f['message']}")
-    for split, leak in report["leaks"].items():
-        if leak["same_image"] or leak["same_combination"]:
-            print(f"warning: {split} shares {leak['same_image']} image(s) and {leak['same_combination']} "
-                  f"shot(s) of training combinations with train: its scores are optimistic")
-
-
-def _print_build(out: Path, report: dict) -> None:
-    acc = report["accounting"]
-    print(f"{out}: train {report['splits']['train']}, val {report['splits']['val']}, "
-          f"test {report['splits']['test']} images, {report['got']['classes']} classes; "
-          f"detect {report['detect']['train']}/{report['detect']['val']}/{report['detect']['test']}; "
-          f"{acc['quarantined_images']} quarantined, {acc['not_sampled']} not sampled; "
-          f"dl_idx {report['dl_idx_convention']}")
-    for note in report["notes"]:
-        print(f"note: {note}")
-
-
-def _main(args: argparse.Namespace) -> int:
-    for csv_path in args.legacy or []:
-        existing_file(csv_path, "--legacy")
-    cfg = config_from_args(args, _FLAG_KEYS)
-    out = Path(args.out) if args.out else Path(cfg.data.artifacts) / stage_dir_name(cfg.stage)
-    if args.legacy:
-        _print_legacy(out, import_legacy(args.legacy, cfg, out))
-        return 0
-    root = Path(cfg.data.root) if cfg.data.root else _data_root(cfg)
-    _print_build(out, build_manifests(cfg, root, out, force=args.force))
-    return 0
-
-
-def main(argv=None) -> int:
-    return run_cli(_parser(), _main, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

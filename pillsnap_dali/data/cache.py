@@ -1,4 +1,4 @@
-"""PNG -> JPEG cache: ``python -m pillsnap_dali.prepare --manifest M --cache-dir DIR``.
+"""PNG -> JPEG cache (the command: ``python -m pillsnap_dali.prepare --manifest M --cache-dir DIR``).
 
 DALI decodes JPEG on the GPU (nvJPEG) but PNG only on the CPU, so for the real PNG data the GPU path alone
 does not remove the decode bottleneck. This module transcodes every manifest row's image once to a baseline
@@ -26,7 +26,6 @@ The users' disk is 97 % full, so the cache is built to be small and safe:
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import contextlib
 import csv
@@ -38,7 +37,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,7 +47,6 @@ import numpy as np
 from PIL import Image
 
 from pillsnap_dali.atomic import atomic_write_text, pid_alive
-from pillsnap_dali.cli import add_shared_flags, config_from_args, existing_file, key_help, run_cli
 from pillsnap_dali.data.classmap import ClassMap, ClassMapMismatch
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, open_rgb
 from pillsnap_dali.data.manifest import Manifest, read_manifest, write_manifest
@@ -69,7 +66,7 @@ def skipped_csv(cache_dir: str | Path, manifest_path: str | Path) -> Path:
 STAMP_JSON = "prepare_options.json"
 LOCK_FILE = ".prepare.lock"
 _COMMENT_TAG = "pillsnap_dali.prepare"
-_SUBSAMPLING = {"444": 0, "420": 2}   # PIL's JPEG subsampling codes
+SUBSAMPLING = {"444": 0, "420": 2}   # PIL's JPEG subsampling codes
 
 
 class PrepareError(PillsnapError, RuntimeError):
@@ -109,8 +106,8 @@ class PrepareOptions:
             raise PrepareError(f"quality must be in 1..100, got {self.quality}")
         if self.max_side is not None and self.max_side < 16:
             raise PrepareError(f"max_side must be >= 16 (or None to keep the size), got {self.max_side}")
-        if self.subsampling not in _SUBSAMPLING:
-            raise PrepareError(f"subsampling must be one of {sorted(_SUBSAMPLING)}, got {self.subsampling!r}")
+        if self.subsampling not in SUBSAMPLING:
+            raise PrepareError(f"subsampling must be one of {sorted(SUBSAMPLING)}, got {self.subsampling!r}")
         if self.margin_gb < 0 or self.sample < 1 or (self.limit is not None and self.limit < 0):
             raise PrepareError("margin_gb must be >= 0, sample >= 1 and limit >= 0")
 
@@ -207,7 +204,7 @@ def _encode(im: Image.Image, enc: _Encode, fh, stamp: str = "") -> tuple[int, in
     if out_wh != src_wh:
         im = im.resize(out_wh, Image.Resampling.LANCZOS, reducing_gap=3.0)
     comment = f"{_COMMENT_TAG} src={src_wh[0]}x{src_wh[1]}{' ' + stamp if stamp else ''}".encode()
-    im.save(fh, "JPEG", quality=enc.quality, subsampling=_SUBSAMPLING[enc.subsampling], progressive=False,
+    im.save(fh, "JPEG", quality=enc.quality, subsampling=SUBSAMPLING[enc.subsampling], progressive=False,
             optimize=False, comment=comment)
     return out_wh
 
@@ -633,51 +630,3 @@ def _finish(m: Manifest, outcomes: dict[str, _Outcome], manifest_path: Path, man
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _max_side(text: str) -> str | int:
-    """``--max-side``: a number, or none/null/0 for "keep the size" (the config's null)."""
-    return "null" if text.lower() in ("none", "null", "0") else int(text)
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pillsnap_dali.prepare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--manifest", required=True, help="source manifest CSV, ours or the legacy 4-column one "
-                                                      "(required)")
-    ap.add_argument("--cache-dir", "--out", dest="cache_dir", required=True, metavar="DIR",
-                    help="cache directory, gets <manifest stem>.csv and the JPEGs (required)")
-    ap.add_argument("--quality", type=int, help=key_help("JPEG quality", "prepare.quality"))
-    ap.add_argument("--max-side", type=_max_side, help=key_help("long side of the cached JPEG; 'none' keeps the "
-                                                                "size", "prepare.max_side"))
-    ap.add_argument("--subsampling", choices=sorted(_SUBSAMPLING),
-                    help=key_help("chroma subsampling, one of %(choices)s", "prepare.subsampling"))
-    ap.add_argument("--workers", type=int, help=key_help("transcoding processes", "prepare.workers"))
-    ap.add_argument("--margin-gb", type=float, help=key_help("free space to keep", "prepare.free_space_margin_gb"))
-    ap.add_argument("--sample", type=int, help=key_help("rows sampled for the estimate and the final check",
-                                                        "prepare.sample"))
-    ap.add_argument("--limit", type=int, help="transcode at most this many new rows, then stop; resumable "
-                                              "(default: all)")
-    ap.add_argument("--dry-run", action="store_true", help="estimate the size and check the space; write nothing "
-                                                           "(default: off)")
-    add_shared_flags(ap, ("stage", "config", "set"))
-    return ap
-
-
-# each flag's config key
-_FLAG_KEYS = {"quality": "prepare.quality", "max_side": "prepare.max_side", "subsampling": "prepare.subsampling",
-              "workers": "prepare.workers", "margin_gb": "prepare.free_space_margin_gb", "sample": "prepare.sample"}
-
-
-def _main(args: argparse.Namespace) -> int:
-    existing_file(args.manifest, "--manifest")
-    cfg = config_from_args(args, _FLAG_KEYS)
-    opts = PrepareOptions.from_config(cfg, limit=args.limit, dry_run=args.dry_run or None)
-    report = prepare_cache(args.manifest, args.cache_dir, opts)
-    print(report.summary())
-    return 1 if report.stopped and opts.limit is None else 0
-
-
-def main(argv=None) -> int:
-    return run_cli(_parser(), _main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ from pipelines import ENCODED, PipelineOptions
 from pipelines.detect import BOXES, DETECT_INPUTS, GEOMETRY, DetectSpec, detect_pipeline
 
 from pillsnap_dali.errors import InputError
-from pillsnap_dali.geometry import cxcywh_to_ltrb, letterbox_geometry
+from pillsnap_dali.geometry import PAD_VALUE, cxcywh_to_ltrb, letterbox_geometry
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, read_encoded_upright
 from pillsnap_dali.loaders.common import shard_order
 from pillsnap_dali.loaders.runner import DaliRunner, Feed, to_torch
@@ -98,7 +98,7 @@ class DaliDetectLoader:
         if self._bad:
             _logger.info("%d image(s) skipped in an earlier run are left out", len(self._bad))
         self._epoch = 0
-        spec = DetectSpec(imgsz=self.imgsz, augment=augment)
+        spec = DetectSpec(imgsz=self.imgsz, augment=augment, pad_value=PAD_VALUE)
         feed = Feed(inputs=tuple(i.name for i in DETECT_INPUTS), read=self._read)
         self.runner = DaliRunner(lambda source, o: detect_pipeline(source, spec, o), feed, self.options, self._skip,
                                  readers=readers, what=f"batch size {self.batch_size}, image size {self.imgsz} px")

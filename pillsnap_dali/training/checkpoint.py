@@ -28,7 +28,7 @@ import torch
 
 from pillsnap_dali.atomic import atomic_open, pid_alive
 from pillsnap_dali.config import PreprocessConfig
-from pillsnap_dali.weights import one_line
+from pillsnap_dali.errors import one_line
 from pillsnap_dali.errors import PillsnapError
 
 _logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ the same bytes whatever the number of worker processes. ``DIR/synth_summary.json
 
 Modules: ``spec`` (settings, constants, layouts), ``looks`` (the per-code pill looks and metadata), ``plan``
 (one job per image, the defects), ``render`` (the pictures), ``labels`` (the JSONs), ``tree`` (``generate``
-and the demo data), ``cli`` (``python -m pillsnap_dali.synth``).
+and the demo data). The command line is ``pillsnap_dali.commands.synth`` (``python -m pillsnap_dali.synth``).
 """
 from __future__ import annotations
 
@@ -46,13 +46,12 @@ from pillsnap_dali.data.synth.render import RenderContext, render_job, render_sp
 from pillsnap_dali.data.synth.labels import (CATEGORY, IMAGE_KEYS, label_json, LabelContext, LabelWriter,
                                              NULLED_FIELDS)
 from pillsnap_dali.data.synth.tree import demo_data_dir, ensure_demo_data, generate, synth_settings
-from pillsnap_dali.data.synth.cli import main
 
 __all__ = ["BACK_COLORS", "Catalog", "CATEGORY", "CLASSES_PER_FOLDER", "COLOURS", "COMBO_DEFECTS",
            "COMBO_ELEVATIONS", "COMBOS_PER_FOLDER", "COMPLETE_MARKER", "DEFECT_KINDS", "DEFECTS_FILE",
            "demo_data_dir", "DL_IDX_MODES", "DRUG_DIRS", "ELEVATIONS", "ensure_demo_data", "folder_number",
            "generate", "GENERATOR_VERSION", "IMAGE_KEYS", "Job", "label_json", "LabelContext", "LabelWriter",
-           "LAYOUTS", "LIGHTS", "main", "make_plan", "MIN_CLEAN_PER_CLASS", "NULLED_FIELDS", "parse_size",
+           "LAYOUTS", "LIGHTS", "make_plan", "MIN_CLEAN_PER_CLASS", "NULLED_FIELDS", "parse_size",
            "PillLook", "render_job", "render_sprite", "RenderContext", "ROTATIONS", "ROUND_SHAPES", "SHOT_GRID",
            "SINGLE_LABEL_DEFECTS", "SINGLE_PNG_DEFECTS", "SIZE_FIELD", "SUMMARY_FILE", "synth_settings",
            "SynthError", "SynthSpec", "SynthSummary", "TABLET_SHAPES", "TreeLayout"]

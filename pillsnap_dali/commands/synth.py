@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pillsnap_dali.cli import add_shared_flags, config_from_args, key_help, run_cli
+from pillsnap_dali.commands.common import add_shared_flags, config_from_args, key_help, run_cli
 from pillsnap_dali.config import CUSTOM
 from pillsnap_dali.data.synth.spec import DL_IDX_MODES, LAYOUTS, parse_size
 from pillsnap_dali.data.synth.tree import generate

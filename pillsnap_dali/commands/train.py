@@ -1,0 +1,322 @@
+"""``python -m pillsnap_dali.train``: from manifest to report.
+
+    python -m pillsnap_dali.train --stage demo
+    python -m pillsnap_dali.train --stage 3
+    python -m pillsnap_dali.train --manifest artifacts/stage3/manifest_train.csv --num-classes 1000 \\
+        --target-accuracy 0.85 --epochs 50 --batch-size 16
+    torchrun --nproc_per_node=2 -m pillsnap_dali.train --stage demo
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pillsnap_dali.commands.common import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_main
+from pillsnap_dali.commands.common import setup_logging as cli_logging
+from pillsnap_dali.config import STAGES, Config, ConfigError, dump_config, stage_name
+from pillsnap_dali.data.checks import check_manifests
+from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest
+from pillsnap_dali.training import pretrained, resume
+from pillsnap_dali.training.checkpoint import remove_orphan_temps
+from pillsnap_dali.training.engine import RunSpec, TrainData, Trainer, TrainingError
+from pillsnap_dali.training.report import write_report
+from pillsnap_dali.data.build import ensure_manifests
+from pillsnap_dali.loaders import resolve_backend
+from pillsnap_dali.training.evaluation import after_training
+
+_logger = logging.getLogger("pillsnap_dali.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pillsnap_dali.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shared_flags(p, ("stage", "config", "data-root"), helps={"data-root": (
+        "AI Hub tree to scan (config data.root; default: none: --stage demo generates its synthetic tree, a real "
+        "stage uses its manifests already built in data.artifacts)"), "stage": (
+        "stage whose overlay configs/stage<N>.yaml (or demo.yaml) is merged over base.yaml; one of %(choices)s "
+        "(default: the --config file's stage, else the one --manifest's folder or report.json names, else demo)")})
+    p.add_argument("--manifest", help="training manifest CSV, ours or the existing project's 4-column one "
+                                      "(default: the stage's, built from --data-root)")
+    p.add_argument("--val-manifest", help="validation manifest (default: manifest_val.csv beside --manifest)")
+    p.add_argument("--num-classes", type=int, help="expected number of classes; checked against the class map "
+                                                   "(default: not checked)")
+    p.add_argument("--target-accuracy", type=float, help=key_help("stop when val top-1 reaches this (0..1)",
+                                                                  "train.target_accuracy"))
+    p.add_argument("--epochs", type=int, help=key_help("training epochs", "train.epochs"))
+    p.add_argument("--batch-size", type=int, help=key_help("images per step per rank", "train.batch_size"))
+    p.add_argument("--lr", type=float, help=key_help("peak learning rate", "train.lr"))
+    p.add_argument("--img-size", type=int, help=key_help("square model input in pixels", "preprocess.img_size"))
+    p.add_argument("--model", help=key_help("any timm model name", "model.name"))
+    p.add_argument("--pretrained", help=key_help("imagenet (timm's published weights: the Hugging Face cache, "
+                                                 "downloaded once when online) or a local weights file (head rows "
+                                                 "by K-code)", "model.pretrained"))
+    p.add_argument("--backend", choices=["auto", "dali", "dali-cpu", "pil"],
+                   help=key_help("image loader, one of %(choices)s", "loader.backend"))
+    add_shared_flags(p, ("device",))
+    p.add_argument("--threads", type=int, help="DALI CPU threads and PIL worker processes (config loader.threads "
+                                               "and loader.workers; default: 'auto', the cores this process may "
+                                               "use); torch's intra-op threads then take the cores left, at least 1 "
+                                               "(train.torch_threads: auto; --set train.torch_threads=N fixes it)")
+    add_shared_flags(p, ("resume", "out", "name"))
+    p.add_argument("--seed", type=int, help=key_help("model init, shuffling and augmentation seed", "train.seed"))
+    p.add_argument("--dry-run", action="store_true", help="build everything, run two steps, write nothing heavy "
+                                                          "(default: off)")
+    add_shared_flags(p, ("set",))
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+# each flag's config key (the shared flags' from cli.SHARED_KEYS); --set goes over all of them
+_FLAG_KEYS = {**SHARED_KEYS, "target_accuracy": "train.target_accuracy", "epochs": "train.epochs",
+              "batch_size": "train.batch_size", "lr": "train.lr", "img_size": "preprocess.img_size",
+              "model": "model.name", "pretrained": "model.pretrained", "backend": "loader.backend",
+              "seed": "train.seed", "threads": ("loader.threads", "loader.workers")}
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    return config_from_args(args, _FLAG_KEYS, default_stage=stage_of_manifest(args.manifest))
+
+
+def stage_of_manifest(manifest: str | None) -> str | None:
+    """``--manifest`` without ``--stage``: the stage its folder says (``stage3``, ``demo``), or the one recorded
+    in the ``report.json`` beside it; else ``custom`` (base.yaml only: EfficientNetV2-S at 384 px, never the
+    demo's small model). No manifest: None (the config's stage, ``demo`` by default)."""
+    if not manifest:
+        return None
+    folder = Path(manifest).resolve().parent
+    name = folder.name.lower()
+    stage = name.removeprefix("stage") if name.startswith("stage") else name
+    if stage in STAGES and name == stage_name(stage):
+        return stage
+    report = folder / "report.json"
+    if report.exists():
+        try:
+            stage = str(json.loads(report.read_text(encoding="utf-8")).get("inputs", {}).get("stage", ""))
+        except (ValueError, OSError):
+            stage = ""
+        if stage in STAGES:
+            return stage
+    return "custom"
+
+
+def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = cfg.train.device
+    cuda = torch.cuda.is_available() and want != "cpu"
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        # a long timeout: the other ranks wait at a barrier while rank 0 builds (and verifies) the manifests
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
+        if cuda:
+            torch.cuda.set_device(local)
+        return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
+    if want == "auto":
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {want} asked for, but CUDA is not available here")
+    return 0, 1, torch.device(want)
+
+
+def _val_path(train_path: Path) -> Path:
+    name = train_path.name
+    for a, b in (("manifest_train", "manifest_val"), ("train", "val")):
+        if a in name:
+            return train_path.with_name(name.replace(a, b, 1))
+    raise ManifestError(f"cannot guess the validation manifest beside {train_path}: pass --val-manifest")
+
+
+def _manifests_once(cfg: Config) -> Path:
+    """The stage's manifest dir, built (or the synthetic tree generated) by one process: under torchrun rank 0
+    builds while the other ranks wait for the dir it sends them (two builders in one dir would race on
+    report.json and the verify cache, and a second reuse check would walk the whole tree again)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ensure_manifests(cfg)
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = str(ensure_manifests(cfg))
+        finally:
+            dist.broadcast_object_list(box, src=0)  # None tells the others that rank 0 failed
+        return Path(box[0])
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise ManifestError("rank 0 could not build the manifests (its error is in its log)")
+    return Path(box[0])
+
+
+def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
+    """Manifests -> (TrainData, ManifestChecks). Class identity is the K-code; unknown val classes are reported,
+    not remapped; a manifest failing a check (data/checks.py) is an error, its warnings go to the report."""
+    if args.manifest:
+        train_path = Path(args.manifest)
+        val_path = Path(args.val_manifest) if args.val_manifest else _val_path(train_path)
+    else:
+        d = _manifests_once(cfg)
+        train_path, val_path = d / "manifest_train.csv", d / "manifest_val.csv"
+    train, val = read_manifest(train_path), read_manifest(val_path)
+    checks = check_manifests(train, val)
+    checks.raise_errors()
+    class_map = class_map_for(train_path, train)
+    # a missing, empty or unreadable file stays in its split: the loaders log it in skipped.csv, one line per
+    # row (row, split, path, reason), like every other unusable file; quarantine.csv holds label problems only
+    unknown = [i for i, c in enumerate(val.codes) if c not in class_map.index]
+    if unknown:
+        codes = sorted({val.codes[i] for i in unknown})
+        _logger.warning("%d validation rows have K-codes absent from the class map (%s): left out of validation",
+                        len(unknown), ", ".join(codes[:10]))
+        quarantine += [(val.paths[i], f"class {val.codes[i]} not in the class map") for i in unknown]
+        val = val.subset(i for i in range(len(val)) if val.codes[i] in class_map.index)
+    if args.num_classes is not None and args.num_classes != len(class_map):
+        raise ConfigError(f"--num-classes {args.num_classes} does not match the class map of {train_path} "
+                          f"({len(class_map)} K-codes: {', '.join(class_map.codes[:5])}...)")
+    if not len(train) or not len(val):
+        raise ManifestError(f"empty split: {len(train)} training and {len(val)} validation rows")
+    _logger.info("data: %d train rows, %d val rows, %d classes (%s)", len(train), len(val), len(class_map), train_path)
+    return TrainData(class_map, train, val, train.labels(class_map), val.labels(class_map)), checks
+
+
+def run_dir_path(cfg: Config) -> Path:
+    """``<train.out>/<train.name or stage<N>>``."""
+    return Path(cfg.train.out) / (cfg.train.name or stage_name(cfg.stage))
+
+
+def start_run_dir(run_dir: Path, continuing: bool) -> bool:
+    """Make the run dir ready once every input was checked: an earlier run in it is moved aside (a new run
+    there), temp files of a write killed midway are removed (a continued one). True when the dir is new."""
+    if not continuing and (run_dir / "checkpoints").exists():
+        old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(run_dir.stat().st_mtime))}")
+        shutil.move(str(run_dir), old)
+        _logger.info("an earlier run was in %s: moved to %s (use --resume %s to continue it)", run_dir, old,
+                     old / "checkpoints" / "last.pt")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "checkpoints").is_dir():
+        remove_orphan_temps(run_dir / "checkpoints")
+    return created
+
+
+def setup_logging(run_dir: Path | None, rank: int) -> None:
+    """The CLIs' logging (``cli.setup_logging``), rank 0 at INFO, and a copy in ``<run_dir>/train.log``."""
+    cli_logging(logging.INFO if rank == 0 else logging.WARNING, rank=rank,
+                log_file=run_dir / "train.log" if run_dir is not None and rank == 0 else None)
+
+
+def check_inputs(cfg: Config, args: argparse.Namespace, device: torch.device, run_dir: Path):
+    """Everything a run reads, checked before anything is written or moved: the manifests, the resume
+    checkpoint (against the class map and settings), the loader backend and the model name."""
+    import timm
+
+    quarantine: list = []
+    data, checks = load_data(cfg, args, quarantine)
+    resume_path = resume_state = None
+    if args.resume is not None:
+        resume_path = resume.resume_path(args.resume, run_dir)
+        resume_state = resume.check_resume(resume_path, cfg, data.class_map)
+    resolve_backend(cfg.loader.backend, device)
+    if ":" not in cfg.model.name and not timm.is_model(cfg.model.name):  # (hf-hub:/local: names: timm resolves)
+        raise ConfigError(f"model.name {cfg.model.name!r} is not a timm model (timm.list_models() lists them)")
+    return data, checks, quarantine, resume_path, resume_state
+
+
+def write_run_inputs(run_dir: Path, cfg: Config, data, quarantine: list) -> None:
+    dump_config(cfg, run_dir / "config.yaml")
+    data.class_map.save(run_dir / "class_map.json")
+    if quarantine:
+        with open(run_dir / "quarantine.csv", "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows([("path", "reason"), *quarantine])
+
+
+def run(args: argparse.Namespace) -> dict:
+    cfg = resolve_config(args)
+    rank, world, device = init_distributed(cfg)
+    setup_logging(None, rank)
+    run_dir = run_dir_path(cfg)
+    data, checks, quarantine, resume_path, resume_state = check_inputs(cfg, args, device, run_dir)
+    # resuming another run's checkpoint into this run dir starts a new run there: an earlier run in it is moved
+    # aside as for any new run (its metrics.jsonl must not mix with this one's)
+    continuing = resume_path is not None and resume_path.resolve().is_relative_to(run_dir.resolve())
+    created = False
+    if rank == 0 and not args.dry_run:  # the run really starts: only now is anything moved or written
+        created = start_run_dir(run_dir, continuing)
+        setup_logging(run_dir, rank)
+        write_run_inputs(run_dir, cfg, data, quarantine)
+    if world > 1:
+        dist.barrier()  # the other ranks open their skip logs in the run dir once rank 0 has prepared it
+    spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,
+                   dry_run=args.dry_run, resume=resume_path, resume_state=resume_state)
+    try:
+        trainer = Trainer(spec)
+    except BaseException:
+        if created:  # a failed start leaves no run dir behind
+            setup_logging(None, rank)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    del resume_state  # restored: the loaded checkpoint is not kept through the training
+    _logger.info("model %s, %d classes, %d px (%s), backend %s, device %s, %d rank(s)", cfg.model.name,
+                 len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, device, world)
+    summary = trainer.fit()
+    if rank == 0 and not args.dry_run:
+        if not summary["interrupted"]:  # the deployed weights on the test split (evaluate.after_training)
+            summary["test"] = after_training(run_dir, data.train.path, cfg, device)
+        header = {"stage": cfg.stage, "model": cfg.model.name, "classes": len(data.class_map),
+                  "image size": f"{cfg.preprocess.img_size} ({cfg.preprocess.resize_mode})", "backend": trainer.backend,
+                  "device": str(device), "ranks": world, "train rows": len(data.train), "val rows": len(data.val),
+                  "manifest checks": "; ".join(f"{f.level} {f.check}: {f.message}" for f in checks.findings) or "passed"}
+        summary["report"] = str(write_report(run_dir, summary, header, examples=data.val))
+    summary["run_dir"] = None if args.dry_run else str(run_dir)
+    if world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The files the command line names exist (before anything is built, moved or written)."""
+    existing_file(args.manifest, "--manifest")
+    existing_file(args.val_manifest, "--val-manifest")
+    if args.pretrained and not pretrained.is_imagenet(args.pretrained):  # imagenet: timm's weights, not a path
+        existing_file(args.pretrained, "--pretrained")
+    if args.resume not in (None, resume.LAST):
+        existing_file(args.resume, "--resume")
+
+
+def _main(args: argparse.Namespace) -> int:
+    check_paths(args)
+    try:
+        summary = run(args)
+    except TrainingError as e:  # the run started and failed (nothing learnt, a non-finite loss): status 1
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        best = summary["best_top1"]
+        print(f"{summary['reason']}; best val top-1 {best:.4f}" if best >= 0 else summary["reason"])
+        if summary.get("test"):
+            t = summary["test"]
+            met = "" if t["targets_met"] is None else "; stage targets " + ("met" if t["targets_met"] else "NOT met")
+            print(f"test split: top-1 {t['top1']:.4f}, top-5 {t['top5']:.4f}, macro F1 {t['macro_f1']:.4f}{met}")
+        if summary.get("report"):
+            print(f"report: {summary['report']}")
+    # interrupted: 128 + the signal, as a shell reports a process the signal ended (130 SIGINT, 143 SIGTERM)
+    return 128 + summary["signal"] if summary.get("signal") else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_main(lambda: _main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
