@@ -11,7 +11,7 @@
 # gpu tests, decode benchmark on JPEG and the 640 px cache, a short Stage-3 `dali` training (data_time share,
 # NVML memory per epoch), detector + combo latency, broken JPEGs through `mixed` vs `dali-cpu`, a run that
 # runs out of GPU memory. Ends with gpu_results/<stamp>/summary.json and a pass/fail table; exit 0 only when
-# every check passes. Thresholds: pillsnap_dali/gpu_check.py (THRESHOLDS).
+# every check passes. Thresholds: pillsnap_dali/commands/gpu_check.py (THRESHOLDS).
 set -uo pipefail
 quick="" wheels="" install=1 out=""
 while [ $# -gt 0 ]; do
