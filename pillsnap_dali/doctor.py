@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from pillsnap_dali.weights import one_line
-from pillsnap_dali.config import available_cores
+from pillsnap_dali.sysinfo import available_cores
 
 FLOORS = {"torch": "2.7", "ultralytics": "8.4.138", "timm": "0.9.12", "nvidia-dali": "1.45"}
 CU128_INDEX = "https://download.pytorch.org/whl/cu128"

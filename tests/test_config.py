@@ -1,6 +1,7 @@
 import pytest
 
-from pillsnap_dali.config import CONFIG_DIR, ConfigError, all_keys, available_cores, dump_config, load_config, parse_set
+from pillsnap_dali.config import CONFIG_DIR, ConfigError, all_keys, dump_config, load_config, parse_set
+from pillsnap_dali.sysinfo import available_cores
 
 
 def test_stage_overlays_set_stage_sizes():

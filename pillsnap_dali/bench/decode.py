@@ -25,7 +25,8 @@ from pillsnap_dali.bench.loaders import (CPU_PEER_ARMS, GPU_PEER_ARMS, bench_dec
                                          write_bench_images)
 from pillsnap_dali.bench.peers import PEERS, missing_note
 from pillsnap_dali.bench.step import bench_step
-from pillsnap_dali.config import available_cores, load_config
+from pillsnap_dali.config import load_config
+from pillsnap_dali.sysinfo import available_cores
 from pillsnap_dali.data.cache import PrepareOptions, prepare_cache
 from pillsnap_dali.data.manifest import read_manifest, write_manifest
 
