@@ -27,6 +27,7 @@ from pillsnap_dali.cli import setup_logging as cli_logging
 from pillsnap_dali.config import Config, ConfigError, dump_config, stage_name
 from pillsnap_dali.data.checks import check_manifests
 from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest
+from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.training import multinode, pretrained, resume
 from pillsnap_dali.training.checkpoint import remove_orphan_temps
 from pillsnap_dali.training.engine import RunSpec, TrainData, Trainer, TrainingError
@@ -246,7 +247,13 @@ def run(args: argparse.Namespace) -> dict:
     rank, world, device = init_distributed(cfg)
     setup_logging(None, rank)
     run_dir = run_dir_path(cfg)
-    data, checks, quarantine, resume_path, resume_state = check_inputs(cfg, args, device, run_dir)
+    error = None
+    try:  # every rank checks its own inputs; one that fails stops them all with one line (multinode.py)
+        check_paths(args)
+        data, checks, quarantine, resume_path, resume_state = check_inputs(cfg, args, device, run_dir)
+    except PillsnapError as e:
+        error = e
+    multinode.agree_inputs(error)
     # resuming another run's checkpoint into this run dir starts a new run there: an earlier run in it is moved
     # aside as for any new run (its metrics.jsonl must not mix with this one's)
     continuing = resume_path is not None and resume_path.resolve().is_relative_to(run_dir.resolve())
@@ -298,7 +305,8 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    check_paths(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun run() checks them, every rank agreeing
+        check_paths(args)
     try:
         summary = run(args)
     except TrainingError as e:  # the run started and failed (nothing learnt, a non-finite loss): status 1

@@ -110,6 +110,7 @@ def test_two_nodes_over_loopback_train_disjoint_rows_with_one_skip_log_and_one_r
 def _check_worker(rank: int, store: str, cases: dict, results: str) -> None:
     import torch.distributed as dist
 
+    from pillsnap_dali.errors import InputError
     from pillsnap_dali.training import multinode
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     out = {}
@@ -119,11 +120,16 @@ def _check_worker(rank: int, store: str, cases: dict, results: str) -> None:
             out[name] = "ok"
         except Exception as e:  # the test reads each rank's outcome
             out[name] = f"{type(e).__name__}: {e}"
+    try:  # rank 1 failed its own input checks (say, no --resume checkpoint on its machine)
+        multinode.agree_inputs(InputError("--resume: /runs/x/last.pt does not exist") if rank == 1 else None)
+        out["agree"] = "ok"
+    except Exception as e:
+        out["agree"] = f"{type(e).__name__}: {e}"
     dist.destroy_process_group()
     Path(results, f"rank{rank}.json").write_text(json.dumps(out), encoding="utf-8")
 
 
-def test_a_rank_reading_other_manifests_stops_every_rank_with_one_error(tmp_path):
+def test_a_rank_with_other_manifests_or_a_failed_check_stops_every_rank_with_one_error(tmp_path):
     import torch.multiprocessing as mp
 
     machines = [tmp_path / "machine0", tmp_path / "machine1"]
@@ -139,6 +145,9 @@ def test_a_rank_reading_other_manifests_stops_every_rank_with_one_error(tmp_path
         cases[name] = [str(first), str(copy)]
     mp.spawn(_check_worker, args=(str(tmp_path / "store"), cases, str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1))
+    assert r1.pop("agree") == "InputError: --resume: /runs/x/last.pt does not exist"  # its own error, and
+    assert r0.pop("agree") == (f"RankInputError: rank 1 (on {socket.gethostname()}) could not start: "  # rank 0's
+                               "--resume: /runs/x/last.pt does not exist")
     assert r0 == r1  # every rank stops (or goes on) alike, with the same message
     assert r0["same"] == "ok"
     for name, says in (("other", "reads another"), ("missing", "has no")):

@@ -8,6 +8,9 @@ run share no folder but the data.
   machine; at the end of the run rank 0 receives every rank's rows and appends those it lacks to its
   ``skipped.csv``, so the run dir on rank 0's machine holds the whole run's skip log (and its report counts
   it) whether or not the other machines can write there.
+* ``agree_inputs``: every rank checks its inputs (manifests, a ``--resume`` checkpoint, the model name); one
+  that fails tells the others, which stop with one line naming that rank, instead of a connection error
+  later at their first collective.
 * ``set_aside_stale_log``: a new run on a machine whose run dir rank 0 did not prepare (not shared) moves
   the rank's skip log of an earlier run aside, so its rows are neither excluded again nor merged.
 
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from pillsnap_dali.data.manifest import ManifestError
+from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.skiplog import SKIP_COLUMNS, SkipLog
 
 _logger = logging.getLogger(__name__)
@@ -70,6 +74,27 @@ def check_same_inputs(paths: list[Path]) -> None:
                 raise ManifestError(f"{what}: every machine needs the same manifests and images at the same "
                                     f"absolute paths (copy {Path(path).parent} there, or mount it); see "
                                     f"{MULTINODE_DOC}")
+
+
+class RankInputError(PillsnapError):
+    """Another rank could not start (its own error line is in its own log)."""
+
+
+def agree_inputs(error: PillsnapError | None) -> None:
+    """Collective: every rank passes the expected error its input checks raised (None: none). A rank that
+    failed re-raises its own error; the others raise ``RankInputError`` naming the first rank that failed."""
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (socket.gethostname(), None if error is None else str(error)))
+    if error is not None:
+        raise error
+    failed = [(rank, host, msg) for rank, (host, msg) in enumerate(everyone) if msg is not None]
+    if failed:
+        rank, host, msg = failed[0]
+        raise RankInputError(f"rank {rank} (on {host}) could not start: {msg}")
 
 
 def merge_skip_logs(skip_log: SkipLog) -> int:
