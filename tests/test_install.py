@@ -20,15 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("pillsnap_dali", "pipelines", "configs", "pyproject.toml", "setup.py", "README.md")
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("src")
+def _copy_sources(dest: Path) -> Path:
+    """The files a build reads, copied (a build writes build/ and *.egg-info beside them)."""
     for name in SOURCES:
         p = REPO / name
         if p.is_dir():
-            shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(p, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
-            shutil.copy2(p, src / name)
+            shutil.copy2(p, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    src = _copy_sources(tmp_path_factory.mktemp("src"))
     out = tmp_path_factory.mktemp("wheel")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                         "-q", "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
@@ -63,14 +68,14 @@ def _clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-def _venv_with(wheel: Path, where: Path) -> Path:
+def _venv_with(wheel: Path | str, where: Path, *flags: str) -> Path:
     venv = where / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
                    check=True, timeout=120)
     py = venv / "bin" / "python"
     # the venv sees the system's pip and dependencies; the wheel goes into the venv itself
     r = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q",
-                        str(wheel)], env=_clean_env(), capture_output=True, text=True, timeout=300)
+                        *flags, str(wheel)], env=_clean_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     return py
 
@@ -96,3 +101,20 @@ def test_an_installed_wheel_runs_from_another_directory(wheel, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "cpu" in r.stdout and "torch" in r.stdout
     assert not list(elsewhere.iterdir())  # nothing written where it ran
+
+
+@pytest.mark.slow
+def test_an_editable_install_reads_the_checkouts_configs(tmp_path):
+    """``pip install -e .``: the package dir holds no copy, so the top-level configs/ of the checkout is read."""
+    checkout = _copy_sources(tmp_path / "checkout")
+    py = _venv_with(checkout, tmp_path, "--no-build-isolation", "-e")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = ("import pillsnap_dali; from pillsnap_dali.config import CONFIG_DIR, load_config; "
+             "print(pillsnap_dali.__file__); print(CONFIG_DIR); print(load_config(stage='4').manifest.classes)")
+    r = subprocess.run([str(py), "-c", probe], cwd=elsewhere, env=_clean_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    module, config_dir, classes = r.stdout.strip().splitlines()[-3:]
+    assert module == str(checkout / "pillsnap_dali" / "__init__.py")
+    assert config_dir == str(checkout / "configs") and classes == "4523"
