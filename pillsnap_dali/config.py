@@ -1,7 +1,7 @@
 """Typed, strict configuration.
 
 ``configs/base.yaml`` holds every key with a comment; ``configs/stage*.yaml`` and ``demo.yaml`` hold only
-what differs. Loading merges base <- stage overlay <- user file <- ``--set key=value`` pairs, then builds
+what differs (shipped in the package as ``pillsnap_dali/configs/``, read through ``importlib.resources``). Loading merges base <- stage overlay <- user file <- ``--set key=value`` pairs, then builds
 frozen dataclasses (a changed setting is a new object: ``dataclasses.replace``). Every value is checked
 against its type, its choices and its range in every layer it is set in, so a bad value in a ``--config``
 file is reported even when a flag or ``--set`` replaces it. Any key that the schema does not know is an error that names the closest
@@ -13,16 +13,20 @@ import dataclasses
 import difflib
 import logging
 import math
-import os
 import re
+from importlib import resources
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS
+from pillsnap_dali.sysinfo import process_cores
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 AUTO = "auto"
 AutoInt = Union[int, str]  # an integer, or "auto": resolved when the config is loaded (``resolve_auto``)
@@ -32,8 +36,19 @@ AUTO_MAX_THREADS, AUTO_MAX_WORKERS = 32, 16
 
 _logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def _config_dir() -> Traversable:
+    """The shipped ``base.yaml`` and stage overlays: the package's ``pillsnap_dali/configs/`` in an installed
+    wheel (setup.py maps the checkout's top-level ``configs/`` there at build time), else the checkout's
+    ``configs/`` (an editable install or a checkout on ``sys.path``: the package dir holds no copy)."""
+    packaged = resources.files("pillsnap_dali") / "configs"
+    if packaged.joinpath("base.yaml").is_file():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 STAGES = ("demo", "1", "2", "3", "4")
 CUSTOM = "custom"  # base.yaml alone: a user's own manifest whose stage cannot be told (no overlay applied)
 
@@ -439,10 +454,10 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path | Traversable) -> dict:
+    """A YAML mapping from a file (a user's path, or a config shipped in the package)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
@@ -532,14 +547,6 @@ def _check_layer(layer: dict, where: str) -> None:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def resolve_auto(cfg: Config) -> Config:
     """``loader.threads`` / ``loader.workers`` = "auto": this process's share of the cores (all of them, or
     cores / LOCAL_WORLD_SIZE under torchrun; at most 32 threads / 16 workers), so DALI's CPU stages (PNG
@@ -547,8 +554,7 @@ def resolve_auto(cfg: Config) -> Config:
     ld = cfg.loader
     if AUTO not in (ld.threads, ld.workers):
         return cfg
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    share = max(1, available_cores() // local)
+    share = process_cores()  # the OS's facts: sysinfo.py
     loader = dataclasses.replace(ld, threads=min(share, AUTO_MAX_THREADS) if ld.threads == AUTO else ld.threads,
                                  workers=min(share, AUTO_MAX_WORKERS) if ld.workers == AUTO else ld.workers)
     return dataclasses.replace(cfg, loader=loader)

@@ -16,7 +16,8 @@ import os
 
 import torch
 
-from pillsnap_dali.config import AUTO, Config, ConfigError, available_cores
+from pillsnap_dali.config import AUTO, Config, ConfigError
+from pillsnap_dali.sysinfo import available_cores
 
 _logger = logging.getLogger(__name__)
 

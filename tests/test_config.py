@@ -1,6 +1,7 @@
 import pytest
 
-from pillsnap_dali.config import CONFIG_DIR, ConfigError, all_keys, available_cores, dump_config, load_config, parse_set
+from pillsnap_dali.config import CONFIG_DIR, ConfigError, all_keys, dump_config, load_config, parse_set
+from pillsnap_dali.sysinfo import available_cores
 
 
 def test_stage_overlays_set_stage_sizes():
@@ -167,3 +168,16 @@ def test_a_loaded_config_is_never_changed_in_place():
     raw = Config()  # threads/workers "auto"
     resolved = resolve_auto(raw)
     assert resolved is not raw and raw.loader.threads == "auto" and isinstance(resolved.loader.threads, int)
+
+
+def test_the_machine_facts_live_in_sysinfo_not_in_the_schema(monkeypatch):
+    import os
+
+    from pillsnap_dali import config, sysinfo
+    assert not hasattr(config, "available_cores") and not hasattr(config, "os")  # config.py: schema + loading
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert sysinfo.local_world_size() == 2
+    assert sysinfo.process_cores() == max(1, sysinfo.available_cores() // 2)
+    assert sysinfo.available_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not-a-number")  # a broken launcher variable: this process alone
+    assert sysinfo.local_world_size() == 1 and sysinfo.process_cores() == sysinfo.available_cores()

@@ -12,7 +12,7 @@ import sys
 import time
 
 from pillsnap_dali.commands.common import add_shared_flags, check_device, config_from_args, run_main, setup_logging
-from pillsnap_dali.config import available_cores
+from pillsnap_dali.sysinfo import available_cores
 
 
 def _step_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from pillsnap_dali.commands.common import run_cli
 from pillsnap_dali.errors import one_line
-from pillsnap_dali.config import available_cores
+from pillsnap_dali.sysinfo import available_cores
 
 FLOORS = {"torch": "2.7", "ultralytics": "8.4.138", "timm": "0.9.12", "nvidia-dali": "1.45"}
 CU128_INDEX = "https://download.pytorch.org/whl/cu128"

@@ -27,7 +27,8 @@ from pillsnap_dali.commands.common import setup_logging as cli_logging
 from pillsnap_dali.config import STAGES, Config, ConfigError, dump_config, stage_name
 from pillsnap_dali.data.checks import check_manifests
 from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest
-from pillsnap_dali.training import pretrained, resume
+from pillsnap_dali.errors import PillsnapError
+from pillsnap_dali.training import multinode, pretrained, resume
 from pillsnap_dali.training.checkpoint import remove_orphan_temps
 from pillsnap_dali.training.engine import RunSpec, TrainData, Trainer, TrainingError
 from pillsnap_dali.training.report import write_report
@@ -167,6 +168,8 @@ def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
     else:
         d = _manifests_once(cfg)
         train_path, val_path = d / "manifest_train.csv", d / "manifest_val.csv"
+    # every rank (on every machine) reads the same files, or every rank stops with one error
+    multinode.check_same_inputs([train_path, val_path, train_path.parent / "class_map.json"])
     train, val = read_manifest(train_path), read_manifest(val_path)
     checks = check_manifests(train, val)
     checks.raise_errors()
@@ -245,7 +248,13 @@ def run(args: argparse.Namespace) -> dict:
     rank, world, device = init_distributed(cfg)
     setup_logging(None, rank)
     run_dir = run_dir_path(cfg)
-    data, checks, quarantine, resume_path, resume_state = check_inputs(cfg, args, device, run_dir)
+    error = None
+    try:  # every rank checks its own inputs; one that fails stops them all with one line (multinode.py)
+        check_paths(args)
+        data, checks, quarantine, resume_path, resume_state = check_inputs(cfg, args, device, run_dir)
+    except PillsnapError as e:
+        error = e
+    multinode.agree_inputs(error)
     # resuming another run's checkpoint into this run dir starts a new run there: an earlier run in it is moved
     # aside as for any new run (its metrics.jsonl must not mix with this one's)
     continuing = resume_path is not None and resume_path.resolve().is_relative_to(run_dir.resolve())
@@ -256,6 +265,8 @@ def run(args: argparse.Namespace) -> dict:
         write_run_inputs(run_dir, cfg, data, quarantine)
     if world > 1:
         dist.barrier()  # the other ranks open their skip logs in the run dir once rank 0 has prepared it
+        if not (continuing or args.dry_run):  # a run dir on another machine: rank 0 did not prepare it
+            multinode.set_aside_stale_log(run_dir, rank)
     spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,
                    dry_run=args.dry_run, resume=resume_path, resume_state=resume_state)
     try:
@@ -269,6 +280,7 @@ def run(args: argparse.Namespace) -> dict:
     _logger.info("model %s, %d classes, %d px (%s), backend %s, device %s, %d rank(s)", cfg.model.name,
                  len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, device, world)
     summary = trainer.fit()
+    multinode.merge_skip_logs(trainer.skip_log)  # every rank's skipped rows into rank 0's skipped.csv
     if rank == 0 and not args.dry_run:
         if not summary["interrupted"]:  # the deployed weights on the test split (evaluate.after_training)
             summary["test"] = after_training(run_dir, data.train.path, cfg, device)
@@ -294,7 +306,8 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    check_paths(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun run() checks them, every rank agreeing
+        check_paths(args)
     try:
         summary = run(args)
     except TrainingError as e:  # the run started and failed (nothing learnt, a non-finite loss): status 1
