@@ -1,10 +1,14 @@
 """Evaluation metrics without a host float64 copy of the confusion matrix, top confusions without a clone
-(issue 25 item 3): the same figures as the full-matrix computation they replace."""
+(issue 25 item 3): the same figures as the full-matrix computation they replace; the report's line of test
+K-codes absent from training stays bounded."""
+import csv
+
 import pytest
 import torch
 
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions
+from pillsnap_dali.training.report import ABSENT_FILE, split_section, write_absent_classes
 
 
 def _filled(n: int, rows: int, seed: int) -> EvalAccumulator:
@@ -91,3 +95,21 @@ def test_metrics_and_top_confusions_on_the_device_match_the_cpu():
     assert {k: a[k] for k in ("top1", "macro_f1")} == {k: b[k] for k in ("top1", "macro_f1")}
     cmap = ClassMap(codes=[f"K-{i:06d}" for i in range(1, 301)])
     assert top_confusions(a, cmap, 20) == top_confusions(b, cmap, 20, rows_per_chunk=64)
+
+
+def test_the_absent_classes_line_is_capped_and_the_file_lists_them_all(tmp_path):
+    absent = {f"K-{i:06d}": 1 + i % 3 for i in range(100000, 104523)}  # a foreign test manifest
+    t = {"checkpoint": "best.pt", "manifest": "m.csv", "images": 10, "top1": 0.5, "top5": 0.9,
+         "macro_precision": 0.5, "macro_recall": 0.5, "macro_f1": 0.5, "skipped": 0, "targets": [],
+         "absent_classes": absent, "absent_rows": sum(absent.values()), "worst_classes": []}
+    assert write_absent_classes(tmp_path, absent) == tmp_path / ABSENT_FILE
+    line = next(ln for ln in split_section(t, tmp_path) if "absent from training" in ln)
+    assert len(line) < 600 and "K-100019 (3)" in line and "K-100020" not in line  # the first 20 named
+    assert f"and {4523 - 20} more (all in `{tmp_path / ABSENT_FILE}`)" in line
+    assert line.startswith(f"{sum(absent.values())} test rows of 4523 K-code(s)")
+    with open(tmp_path / ABSENT_FILE, newline="", encoding="utf-8") as fh:
+        assert {r["k_code"]: int(r["rows"]) for r in csv.DictReader(fh)} == absent
+    few = dict(list(absent.items())[:3])
+    line = next(ln for ln in split_section({**t, "absent_classes": few}) if "absent" in ln)
+    assert line.endswith("K-100000 (2), K-100001 (3), K-100002 (1)")  # all shown: no file named
+    assert write_absent_classes(tmp_path / "none", {}) is None
