@@ -203,3 +203,15 @@ def test_bench_step_logs_progress_at_least_every_interval(monkeypatch, caplog):
                                      num_classes=4)
     lines = [r.getMessage() for r in caplog.records if "steps" in r.getMessage() and "/" in r.getMessage()]
     assert lines and lines[-1].endswith("5/5 steps")
+
+
+def test_bench_scan_help_does_not_import_torch():
+    import subprocess
+    import sys
+    code = ("import sys\nfrom pillsnap_dali.bench import main\n"
+            "try:\n    main(['scan', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "import pillsnap_dali.bench.scan\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--images" in out.stdout and out.stdout.strip().endswith("no torch")

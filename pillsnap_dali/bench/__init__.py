@@ -8,8 +8,6 @@ import argparse
 import json
 import sys
 
-import torch
-
 from pillsnap_dali.cli import add_shared_flags, check_device, config_from_args, run_main, setup_logging
 
 
@@ -39,6 +37,8 @@ def _step_parser() -> argparse.ArgumentParser:
 
 
 def _step(argv) -> int:
+    import torch
+
     from pillsnap_dali.bench.step import bench_step, bench_step_threads
     a = _step_parser().parse_args(argv)
     cfg = config_from_args(a, {"model": "model.name", "img_size": "preprocess.img_size"})
@@ -91,6 +91,8 @@ def _predict_parser() -> argparse.ArgumentParser:
 
 
 def _predict(argv) -> int:
+    import torch
+
     from pillsnap_dali.training.model import load_classifier
     from pillsnap_dali.predict import PredictOptions, bench_predict, collect_images, load_detector
     p = _predict_parser()
