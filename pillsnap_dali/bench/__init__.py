@@ -189,10 +189,11 @@ HELP = {"decode": "DALI vs PIL and the peer loaders (OpenCV, torchvision, PIL dr
         "predict": "prediction latency per image, p50/p95 (single or combo)",
         "readers": "the loader with and without read-ahead threads, optionally with a storage latency per file",
         "ops": "CPU ms per training sample, op by op on one thread, for each decode arm",
-        "epochs": "RSS / device memory after each of N short epochs of the DALI loader (a leak shows as a slope)"}
+        "epochs": "RSS / device memory after each of N short epochs of the DALI loader (a leak shows as a slope)",
+        "scale": "Stage 4 bookkeeping without images: time, peak memory and growth exponent of each host-side step"}
 COMMANDS = {"step": _step, "decode": _delegate("bench.decode"), "scan": _delegate("bench.scan"),
             "predict": _predict, "readers": _readers, "epochs": _epochs,
-            "ops": _ops}
+            "ops": _ops, "scale": _delegate("bench.scale")}
 
 
 def parsers() -> dict:
