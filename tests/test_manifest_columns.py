@@ -47,6 +47,9 @@ def test_subset_take_and_assignment_keep_the_values():
     for name, values in cols.items():
         assert getattr(sub, name) == [values[i] for i in idx], name
     assert sub.subset([]).paths == [] and len(m.subset(range(30))) == 30
+    assert sorted(sub.codes.table) == sorted({cols["codes"][i] for i in idx})  # only the codes its rows have
+    assert m.subset(i for i, c in enumerate(cols["codes"]) if c != "K-000007").labels(ClassMap(
+        codes=[f"K-{i:06d}" for i in range(1, 7)])) == [int(c[2:]) - 1 for c in cols["codes"] if c != "K-000007"]
     sub.sizes = [(1, 2)] * 5  # what the JPEG cache step does: assign a list, stored compactly
     assert isinstance(sub.sizes, Pairs) and sub.sizes[4] == (1, 2)
     plain = Manifest(None, ["/a/x.png"], ["K-000001"], ["single"], [""], ["x"], [[]], [""])

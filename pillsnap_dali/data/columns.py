@@ -100,7 +100,7 @@ class Interned(_Column):
 
     @property
     def table(self) -> list:
-        """The distinct values, in order of first appearance."""
+        """The distinct values the rows have."""
         return self._table
 
     def ids(self) -> np.ndarray:
@@ -108,9 +108,12 @@ class Interned(_Column):
         return np.frombuffer(self._ids, dtype=np.uint32) if len(self._ids) else np.zeros(0, np.uint32)
 
     def take(self, idx) -> "Interned":
+        """The rows ``idx``; its table holds only the values they have."""
+        used, ids = np.unique(self.ids()[_index_array(idx)], return_inverse=True)
         out = Interned()
-        out._table, out._lookup = list(self._table), dict(self._lookup)
-        out._ids = array("I", self.ids()[_index_array(idx)].tobytes())
+        out._table = [self._table[u] for u in used.tolist()]
+        out._lookup = {v: i for i, v in enumerate(out._table)}
+        out._ids = array("I", ids.astype(np.uint32).tobytes())
         return out
 
 
