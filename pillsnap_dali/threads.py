@@ -12,10 +12,11 @@ the CPU time the other processes used over a short sample, this process and its 
 
 * idle (other processes busy on less than ``IDLE_CORES`` of a core): all of this process's cores, torch's
   own default, full speed;
-* otherwise: the cores the others and the loader leave, at least one: ``floor(cores - busy + SLACK) -
-  loader.threads`` for ``dali`` / ``dali-cpu``, ``- loader.workers`` for ``pil``;
-* under torchrun with several processes on the node: the loader rule alone (``cores - loader``), the sibling
-  ranks being the busy processes by design.
+* otherwise: the cores the others leave, ``floor(cores - busy + SLACK)``, and at most the cores the loader
+  leaves (``cores - loader.threads`` for ``dali`` / ``dali-cpu``, ``- loader.workers`` for ``pil``) when it
+  leaves some; at least one (on 2 cores beside one busy process: 1);
+* the load unknown, or under torchrun with several processes on the node (the sibling ranks are busy by
+  design): the loader rule alone, ``cores - loader``, at least one.
 
 Cores: this process's share, ``available_cores() // LOCAL_WORLD_SIZE``. An integer sets the count outright.
 ``--threads N`` of the train CLI sets the loader's threads (and so torch's under ``auto`` on a busy machine).
@@ -97,12 +98,13 @@ def auto_threads(cores: int, loader_threads: int, others_busy: float, local_worl
     """The ``auto`` decision, from figures (no measuring): ``cores`` this process may use, the loader's CPU
     threads, the cores other processes keep busy (``nan``: unknown, treated as busy), the processes of this
     node (torchrun's LOCAL_WORLD_SIZE)."""
-    if local_world > 1:
+    if local_world > 1 or math.isnan(others_busy):
         return max(1, cores - loader_threads)
-    if others_busy < IDLE_CORES:  # idle machine: torch's own default, every core (nan compares False)
+    if others_busy < IDLE_CORES:  # idle machine: torch's own default, every core
         return max(1, cores)
-    free = cores if math.isnan(others_busy) else min(cores, math.floor(cores - others_busy + SLACK))
-    return max(1, free - loader_threads)
+    free = min(cores, math.floor(cores - others_busy + SLACK))
+    # the loader's threads keep their cores when they leave some (a loader on every core cannot be given its own)
+    return max(1, min(free, cores - loader_threads) if loader_threads < cores else free)
 
 
 def torch_threads(cfg: Config, backend: str, cores: int | None = None, others_busy: float | None = None) -> int:

@@ -28,10 +28,11 @@ def test_auto_takes_every_core_on_an_idle_machine_and_protects_a_busy_one():
     assert auto_threads(2, loader_threads=2, others_busy=1.0) == 1
     assert auto_threads(2, loader_threads=2, others_busy=0.3) == 1
     assert auto_threads(2, loader_threads=2, others_busy=5.0) == 1  # never below one
-    # a bigger machine: the cores the others leave (a core 75 % free counts), minus the loader's threads
-    assert auto_threads(16, loader_threads=4, others_busy=2.0) == 10
-    assert auto_threads(16, loader_threads=4, others_busy=2.3) == 9
-    assert auto_threads(16, loader_threads=4, others_busy=2.2) == 10
+    # a bigger machine: the cores the others leave (a core 75 % free counts), and the loader's when it leaves some
+    assert auto_threads(16, loader_threads=4, others_busy=2.0) == 12   # the loader's 4 cores kept
+    assert auto_threads(16, loader_threads=4, others_busy=6.0) == 10
+    assert auto_threads(16, loader_threads=4, others_busy=6.3) == 9
+    assert auto_threads(16, loader_threads=16, others_busy=1.0) == 15  # loader on every core (auto)
     # load unknown: as busy, the loader rule; torchrun's sibling ranks are busy by design: the loader rule too
     assert auto_threads(8, loader_threads=3, others_busy=math.nan) == 5
     assert auto_threads(8, loader_threads=3, others_busy=0.0, local_world=2) == 5
