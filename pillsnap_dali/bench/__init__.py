@@ -198,9 +198,9 @@ COMMANDS = {"step": _step, "decode": _delegate("bench.decode"), "scan": _delegat
 
 def parsers() -> dict:
     """Each command's argument parser (for ``--help`` checks)."""
-    from pillsnap_dali.bench import decode, scan  # their modules pull in the loaders and the scanner
+    from pillsnap_dali.bench import decode, scale, scan  # their modules pull in the loaders and the scanner
     return {"step": _step_parser(), "decode": decode._parser(), "scan": scan._parser(),
-            "predict": _predict_parser(), "readers": _readers_parser()}
+            "predict": _predict_parser(), "readers": _readers_parser(), "scale": scale._parser()}
 
 
 def main(argv=None) -> int:

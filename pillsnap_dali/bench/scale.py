@@ -353,8 +353,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated manifest rows, at least two (default: %(default)s)")
     ap.add_argument("--classes", type=int, default=CLASSES, help="K-codes (default: %(default)s, Stage 4)")
     ap.add_argument("--quick", action="store_true", help=f"tiny sizes {QUICK_SIZES} of {QUICK_CLASSES} classes "
-                                                         "(overrides --sizes and --classes)")
-    ap.add_argument("--no-trace", action="store_true", help="skip the traced run (no peak traced MB)")
+                                                         "instead of --sizes / --classes (default: off)")
+    ap.add_argument("--no-trace", action="store_true", help="skip the traced run: no peak traced MB (default: traced)")
     ap.add_argument("--workdir", default=None, help="where the manifests are written (default: a temp dir)")
     ap.add_argument("--json", default=None, help="write the result JSON here (default: not written)")
     return ap
