@@ -343,7 +343,8 @@ def table(res: dict) -> str:
         lines.append(f"| {name} | {e['wall_s']} | {e['cpu_s']} | {e.get('peak_traced_mb', '-')} | "
                      f"{e['rss_peak_mb']} |")
     lines += ["", "| rows | train manifest bytes/row: compact | Python lists | lists / compact |", "|---|---|---|---|"]
-    lines += [f"| {r} | {b['compact']} | {b['lists']} | {b['ratio']} |" for r, b in res["manifest_bytes_per_row"].items()]
+    lines += [f"| {r} | {b['compact']} | {b['lists']} | {b['ratio']} |"
+              for r, b in res["manifest_bytes_per_row"].items()]
     return "\n".join(lines)
 
 
