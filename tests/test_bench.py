@@ -236,3 +236,42 @@ def test_tree_memory_counts_shared_pages_once():
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def test_bench_scan_help_does_not_import_torch():
+    import subprocess
+    import sys
+    code = ("import sys\nfrom pillsnap_dali.commands.bench import main\n"
+            "try:\n    main(['scan', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "import pillsnap_dali.bench.scan\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--images" in out.stdout and out.stdout.strip().endswith("no torch")
+
+
+def test_bench_scale_quick_measures_every_step_and_its_growth(tmp_path, capsys):
+    from pillsnap_dali.bench.scale import QUICK_SIZES, STEPS, growth_exponent
+    out = tmp_path / "scale.json"
+    assert bench_cmd.main(["scale", "--quick", "--workdir", str(tmp_path), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["sizes"] == list(QUICK_SIZES) and set(res["exponents"]) == set(STEPS)
+    for rows in map(str, QUICK_SIZES):
+        steps = res["by_size"][rows]["steps"]
+        assert set(steps) == set(STEPS)
+        assert all(s["wall_s"] > 0 and s["peak_traced_mb"] >= 0 and s["rss_peak_mb"] >= 0 for s in steps.values())
+        # the stage build sampled the asked rows; the read gets them back, 80/20 (+ held-out combinations)
+        got = steps["stage build"]["info"]["splits"]
+        assert got["train"] + got["val"] == int(rows) and got["test"] > 0
+        assert steps["manifest read + checks"]["info"]["train_rows"] == got["train"]
+        assert steps["epoch plan + sharding"]["info"]["rows_per_rank"][0] == sum(
+            steps["epoch plan + sharding"]["info"]["rows_per_rank"][1:]) == got["train"]
+        ev = steps["evaluation + report"]["info"]
+        assert ev["val_rows"] == got["val"] and ev["report_longest_line"] < 1000  # the absent line is capped
+        b = res["manifest_bytes_per_row"][rows]
+        assert b["compact"] * 3 < b["lists"]  # the compact manifest against the Python lists it replaced
+    # exponents: a number wherever the figures are positive (the traced memory of reading grows with the rows)
+    assert res["exponents"]["manifest read + checks"]["peak_traced_mb"] > 0.5
+    assert all(isinstance(e["wall_s"], float) for e in res["exponents"].values())
+    assert growth_exponent([10, 20, 40], [3, 12, 48]) == 2.0 and growth_exponent([1, 2], [5, 0]) is None
+    assert "| evaluation + report | 2000 |" in capsys.readouterr().out

@@ -175,7 +175,7 @@ def _dali_decode(paths: list[str], device: str):
 
     @pipeline_def(batch_size=len(paths), num_threads=1, device_id=None if device == "cpu" else 0)
     def pipe():
-        jpegs, _ = fn.readers.file(files=paths)
+        jpegs, _ = fn.readers.file(files=list(paths))  # a list, as DALI takes it (Manifest columns are not lists)
         return fn.decoders.image(jpegs, device="cpu" if device == "cpu" else "mixed")
 
     p = pipe()

@@ -1,18 +1,61 @@
-"""Torch's CPU threads are chosen with the loader in mind (issue 15 item 6; figures in docs/benchmarks.md)."""
+"""Torch's CPU threads are chosen with the loader and the machine's load in mind (issue 15 item 6, issue 25
+item 4; figures in docs/benchmarks.md)."""
+import math
 import pytest
 import torch
 
 from pillsnap_dali.config import ConfigError, load_config
-from pillsnap_dali.threads import apply_torch_threads, loader_cpu_threads, torch_threads
+from pillsnap_dali.threads import (apply_torch_threads, auto_threads, loader_cpu_threads, others_busy_cores,
+                                   torch_threads)
 
 
 def test_auto_gives_torch_the_cores_the_loader_leaves():
     cfg = load_config("demo", sets=["loader.threads=3", "loader.workers=1"])
     assert cfg.train.torch_threads == "auto"
-    assert torch_threads(cfg, "dali-cpu", cores=8) == 5  # 8 cores - 3 DALI threads
-    assert torch_threads(cfg, "pil", cores=8) == 7  # 8 cores - 1 PIL worker process
-    assert torch_threads(cfg, "dali-cpu", cores=2) == 1  # never below one
+    busy = math.nan  # the machine's load unknown: as on a busy machine, the loader rule alone
+    assert torch_threads(cfg, "dali-cpu", cores=8, others_busy=busy) == 5  # 8 cores - 3 DALI threads
+    assert torch_threads(cfg, "pil", cores=8, others_busy=busy) == 7  # 8 cores - 1 PIL worker process
+    assert torch_threads(cfg, "dali-cpu", cores=2, others_busy=busy) == 1  # never below one
     assert loader_cpu_threads(cfg, "dali") == 3
+
+
+def test_auto_takes_every_core_on_an_idle_machine_and_protects_a_busy_one():
+    # idle (others below a quarter of a core): torch's own default, every core, whatever the loader
+    assert auto_threads(2, loader_threads=2, others_busy=0.0) == 2
+    assert auto_threads(2, loader_threads=2, others_busy=0.2) == 2
+    assert auto_threads(16, loader_threads=4, others_busy=0.1) == 16
+    # one busy process on 2 cores: one torch thread (two spinning OpenMP threads would fight it and DALI)
+    assert auto_threads(2, loader_threads=2, others_busy=1.0) == 1
+    assert auto_threads(2, loader_threads=2, others_busy=0.3) == 1
+    assert auto_threads(2, loader_threads=2, others_busy=5.0) == 1  # never below one
+    # a bigger machine: the cores the others leave (a core 75 % free counts), and the loader's when it leaves some
+    assert auto_threads(16, loader_threads=4, others_busy=2.0) == 12   # the loader's 4 cores kept
+    assert auto_threads(16, loader_threads=4, others_busy=6.0) == 10
+    assert auto_threads(16, loader_threads=4, others_busy=6.3) == 9
+    assert auto_threads(16, loader_threads=16, others_busy=1.0) == 15  # loader on every core (auto)
+    # load unknown: as busy, the loader rule; torchrun's sibling ranks are busy by design: the loader rule too
+    assert auto_threads(8, loader_threads=3, others_busy=math.nan) == 5
+    assert auto_threads(8, loader_threads=3, others_busy=0.0, local_world=2) == 5
+    cfg = load_config("demo", sets=["loader.threads=2"])
+    assert torch_threads(cfg, "dali-cpu", cores=2, others_busy=0.0) == 2
+    assert torch_threads(cfg, "dali-cpu", cores=2, others_busy=1.0) == 1
+
+
+def test_the_load_sample_is_a_share_of_this_process_cores():
+    # a real sample of the shared machine (its value is the machine's business: only its range is checked);
+    # this process spinning during the sample is left out, so it alone cannot fill the cores
+    import threading
+
+    from pillsnap_dali.config import available_cores
+    stop = threading.Event()
+    spin = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)])
+    spin.start()
+    try:
+        busy = others_busy_cores(0.2)
+    finally:
+        stop.set()
+        spin.join()
+    assert not math.isnan(busy) and 0.0 <= busy <= available_cores() * 1.05
 
 
 def test_a_number_sets_torch_threads_outright_and_a_bad_one_is_a_config_error():

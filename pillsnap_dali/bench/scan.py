@@ -1,6 +1,6 @@
 """Scan-rate benchmark: how many images per second ``scan_tree`` pairs and parses on one core.
 
-Builds (once) a tree of tiny PNGs in the raw AI Hub layout, each with a full-size (~2.5 KB, 50-key) label
+Imports neither torch nor the loaders (``bench scan --help`` is instant). Builds (once) a tree of tiny PNGs in the raw AI Hub layout, each with a full-size (~2.5 KB, 50-key) label
 JSON, since parsing the JSON is the scanner's main cost; then times ``scan_tree`` in this process.
 
     python -m pillsnap_dali.bench scan --images 100000 --tree /dev/shm/scanbench --out scan_bench.json
@@ -18,7 +18,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pillsnap_dali.bench.loaders import machine_info
+from pillsnap_dali.bench.machine import machine_info
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.data.scan import scan_tree
 

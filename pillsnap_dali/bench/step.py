@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pillsnap_dali.config import Config, memory_layout
 from pillsnap_dali.training.engine import amp_settings, build_optimizer
 from pillsnap_dali.training.model import build_model
 from pillsnap_dali.loaders import resolve_backend
-from pillsnap_dali.threads import process_cores, torch_threads
+from pillsnap_dali.threads import others_busy_cores, process_cores, torch_threads
 
 _logger = logging.getLogger(__name__)
 PROGRESS_SECONDS = 10.0   # a progress line at least this often (a 384 px model on a CPU takes minutes)
@@ -101,8 +102,11 @@ def busy_processes(n: int):
 
 def bench_step_threads(cfg: Config, *, settings: list[str], busy: list[int], **kw) -> list[dict]:
     """``bench_step`` under each torch thread setting (``torch``: torch's default, one per core; ``auto``:
-    ``pillsnap_dali.threads``' choice for the config's loader; or a number), idle and beside each count of
-    busy processes; one result per (busy, setting), the settings interleaved per busy level."""
+    ``pillsnap_dali.threads``' choice for the config's loader and the machine's load, sampled beside the busy
+    processes as a run starting then would; or a number), idle and beside each count of busy processes; one
+    result per (busy, setting), the settings interleaved per busy level. Each result records the load it was
+    taken under: ``others_busy`` (cores other processes kept busy, sampled before the setting's run) and
+    ``loadavg`` (the 1-minute load average before and after it)."""
 
     default = torch.get_num_threads()
     backend = resolve_backend(cfg.loader.backend, kw["device"])
@@ -110,11 +114,17 @@ def bench_step_threads(cfg: Config, *, settings: list[str], busy: list[int], **k
     for n_busy in busy:
         with busy_processes(n_busy):
             for setting in settings:
+                load0, others = os.getloadavg()[0], others_busy_cores()
                 n = process_cores() if setting == "torch" else torch_threads(
                     dataclasses.replace(cfg, train=dataclasses.replace(
-                        cfg.train, torch_threads=setting if setting == "auto" else int(setting))), backend)
+                        cfg.train, torch_threads=setting if setting == "auto" else int(setting))), backend,
+                    others_busy=others)
                 torch.set_num_threads(n)
                 res = bench_step(cfg, **kw)
-                out.append({**res, "torch_threads": n, "setting": setting, "busy": n_busy})
+                out.append({**res, "torch_threads": n, "setting": setting, "busy": n_busy,
+                            "others_busy": round(others, 2), "loadavg": [load0, os.getloadavg()[0]]})
+                _logger.info("busy %d, torch threads %s (%d): %.1f img/s; others busy on %.2f cores, load average "
+                             "%.2f -> %.2f", n_busy, setting, n, res["images_per_s"], others, load0,
+                             os.getloadavg()[0])
     torch.set_num_threads(default)
     return out

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 
+from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.commands.common import add_shared_flags, check_device, config_from_args, run_main, setup_logging
 from pillsnap_dali.sysinfo import available_cores
 
@@ -233,6 +234,35 @@ def _scan(argv) -> int:
     return 0
 
 
+def _scale_parser() -> argparse.ArgumentParser:
+    from pillsnap_dali.bench import scale  # the sizes' defaults (imports no torch)
+    ap = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench scale", description=HELP["scale"])
+    ap.add_argument("--sizes", default=",".join(map(str, scale.SIZES)),
+                    help="comma-separated manifest rows, at least two (default: %(default)s)")
+    ap.add_argument("--classes", type=int, default=scale.CLASSES, help="K-codes (default: %(default)s, Stage 4)")
+    ap.add_argument("--quick", action="store_true", help=f"tiny sizes {scale.QUICK_SIZES} of {scale.QUICK_CLASSES} classes "
+                                                         "instead of --sizes / --classes (default: off)")
+    ap.add_argument("--no-trace", action="store_true", help="skip the traced run: no peak traced MB (default: traced)")
+    ap.add_argument("--workdir", default=None, help="where the manifests are written (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="write the result JSON here (default: not written)")
+    return ap
+
+
+def _scale(argv) -> int:
+    from pillsnap_dali.bench import scale
+    p = _scale_parser()
+    a = p.parse_args(argv)
+    sizes = list(scale.QUICK_SIZES) if a.quick else [int(s) for s in a.sizes.split(",") if s.strip()]
+    if len(sizes) < 2 or min(sizes) < 100:
+        p.error("--sizes needs at least two sizes of 100 rows or more")
+    res = scale.bench_scale(sizes, scale.QUICK_CLASSES if a.quick else a.classes, trace=not a.no_trace,
+                            workdir=a.workdir)
+    if a.json:
+        atomic_write_text(a.json, json.dumps(res, indent=1, ensure_ascii=False))
+    print(scale.table(res))
+    return 0
+
+
 HELP = {"decode": "DALI vs PIL and the peer loaders (OpenCV, torchvision, PIL draft) images/s at 384 px, with ceilings "
                   "(scripts/bench_decode.sh)",
         "step": "model-only training throughput on synthetic input (the ceiling a training run is held to)",
@@ -240,16 +270,17 @@ HELP = {"decode": "DALI vs PIL and the peer loaders (OpenCV, torchvision, PIL dr
         "predict": "prediction latency per image, p50/p95 (single or combo)",
         "readers": "the loader with and without read-ahead threads, optionally with a storage latency per file",
         "ops": "CPU ms per training sample, op by op on one thread, for each decode arm",
-        "epochs": "RSS / device memory after each of N short epochs of the DALI loader (a leak shows as a slope)"}
+        "epochs": "RSS / device memory after each of N short epochs of the DALI loader (a leak shows as a slope)",
+        "scale": "Stage 4 bookkeeping without images: time, peak memory and growth exponent of each host-side step"}
 COMMANDS = {"step": _step, "decode": _decode, "scan": _scan,
             "predict": _predict, "readers": _readers, "epochs": _epochs,
-            "ops": _ops}
+            "ops": _ops, "scale": _scale}
 
 
 def parsers() -> dict:
     """Each command's argument parser (for ``--help`` checks)."""
     return {"step": _step_parser(), "decode": _decode_parser(), "scan": _scan_parser(),
-            "predict": _predict_parser(), "readers": _readers_parser()}
+            "predict": _predict_parser(), "readers": _readers_parser(), "scale": _scale_parser()}
 
 
 def main(argv=None) -> int:

@@ -16,12 +16,15 @@ import csv
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from pillsnap_dali.atomic import atomic_open
 from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.data.classmap import ClassMap
+from pillsnap_dali.data.columns import Interned, Ints, JsonPacked, Packed, Pairs
 
 _logger = logging.getLogger(__name__)
 
@@ -34,25 +37,52 @@ class ManifestError(PillsnapError, ValueError):
     pass
 
 
-@dataclass
+def _column(kind, **kw):
+    """A Manifest attribute kept as a compact column: assigning any sequence stores it as ``kind``."""
+    name = f"_{kw.pop('attr')}"
+
+    def get(self):
+        return getattr(self, name)
+
+    def put(self, values):
+        setattr(self, name, kind.of(values, **kw))
+    return property(get, put)
+
+
 class Manifest:
     """Column-wise rows of one split. ``len(m)`` rows, indexed ``0..len(m)-1``; ``file_rows`` keeps each one's
     row number in the manifest file (its ``row`` column, else its line order) through ``subset``, so a row
-    dropped before training does not renumber what skipped.csv reports."""
-    path: str | None
-    paths: list[str]
-    codes: list[str]
-    image_types: list[str]
-    sources: list[str]
-    combo_ids: list[str]
-    boxes: list[list]
-    orig_paths: list[str]
-    sizes: list[tuple[int, int]] = field(default_factory=list)
-    fmt: str = "pillsnap"
-    file_rows: list[int] = field(default_factory=list)  # empty: 0..len-1
+    dropped before training does not renumber what skipped.csv reports.
+
+    The columns (``paths codes image_types sources combo_ids boxes orig_paths sizes file_rows``) are compact
+    sequences (``pillsnap_dali.data.columns``, about 0.2 KB per row where Python lists of strings took
+    1.35 KB): index, slice, iterate and compare them like lists; ``boxes[i]`` is a freshly parsed list,
+    ``sizes[i]`` a ``(width, height)`` tuple, ``file_rows[i]`` an int. Assigning a column (any sequence)
+    stores it compactly; they are filled by ``read_manifest`` and the constructor, never appended to by
+    consumers. ``sizes`` / ``file_rows`` may be empty (unknown sizes; rows 0..len-1)."""
+    paths = _column(Packed, attr="paths", split_dirs=True)
+    codes = _column(Interned, attr="codes")
+    image_types = _column(Interned, attr="image_types")
+    sources = _column(Interned, attr="sources")
+    combo_ids = _column(Packed, attr="combo_ids")
+    boxes = _column(JsonPacked, attr="boxes")
+    orig_paths = _column(Packed, attr="orig_paths", split_dirs=True)
+    sizes = _column(Pairs, attr="sizes")
+    file_rows = _column(Ints, attr="file_rows")
+
+    def __init__(self, path: str | None, paths: Sequence[str], codes: Sequence[str], image_types: Sequence[str],
+                 sources: Sequence[str], combo_ids: Sequence[str], boxes: Sequence[list], orig_paths: Sequence[str],
+                 sizes: Sequence[tuple[int, int]] = (), fmt: str = "pillsnap", file_rows: Sequence[int] = ()):
+        self.path, self.fmt = path, fmt
+        self.paths, self.codes, self.image_types, self.sources = paths, codes, image_types, sources
+        self.combo_ids, self.boxes, self.orig_paths, self.sizes, self.file_rows = (combo_ids, boxes, orig_paths,
+                                                                                   sizes, file_rows)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def __repr__(self) -> str:
+        return f"Manifest({self.path!r}, {len(self)} rows, {self.fmt})"
 
     def file_row(self, i: int) -> int:
         """Row ``i``'s number in the manifest file it was read from."""
@@ -64,18 +94,20 @@ class Manifest:
 
     def subset(self, idx) -> "Manifest":
         idx = list(idx)
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        return Manifest(self.path, pick(self.paths), pick(self.codes), pick(self.image_types),
-                        pick(self.sources), pick(self.combo_ids), pick(self.boxes), pick(self.orig_paths),
-                        pick(self.sizes) if self.sizes else [], self.fmt, [self.file_row(i) for i in idx])
+        return Manifest(self.path, self.paths.take(idx), self.codes.take(idx), self.image_types.take(idx),
+                        self.sources.take(idx), self.combo_ids.take(idx), self.boxes.take(idx),
+                        self.orig_paths.take(idx), self.sizes.take(idx) if self.sizes else (), self.fmt,
+                        self.file_rows.take(idx) if self.file_rows else idx)
 
     def labels(self, class_map: ClassMap) -> list[int]:
         """Class id of every row; a K-code missing from the class map is an error naming it."""
-        missing = sorted({c for c in self.codes if c not in class_map.index})
+        table = self.codes.table
+        missing = sorted({c for c in table if c not in class_map.index})
         if missing:
             raise ManifestError(f"{len(missing)} K-code(s) of {self.path} are not in the class map: "
                                 f"{', '.join(missing[:20])}")
-        return [class_map.index[c] for c in self.codes]
+        ids = np.asarray([class_map.index[c] for c in table] or [0], dtype=np.int64)
+        return ids[self.codes.ids()].tolist()
 
 
 def _combo_id(path: str, image_type: str) -> str:
@@ -138,9 +170,10 @@ def _read(path: str) -> Manifest:
             m.combo_ids.append((r.get("combo_id") or "").strip() or _combo_id(p, itype))
             raw_boxes = (r.get("boxes") or "").strip()
             try:
-                m.boxes.append(json.loads(raw_boxes) if raw_boxes else [])
+                json.loads(raw_boxes) if raw_boxes else None  # checked here, kept as text (parsed when read)
             except json.JSONDecodeError:
                 raise ManifestError(f"{path}: line {i + 2} has unparsable boxes {raw_boxes[:60]!r}") from None
+            m.boxes.append_text(raw_boxes)
             m.orig_paths.append((r.get("orig_path") or "").strip())
             row = (r.get("row") or "").strip()
             m.file_rows.append(int(row) if row.lstrip("-").isdigit() else i)
@@ -158,11 +191,11 @@ def write_manifest(m: Manifest, path: str | Path) -> None:
     with atomic_open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(COLUMNS)
-        for i in range(len(m)):
-            size = m.sizes[i] if m.sizes else (0, 0)
-            w.writerow([i, m.paths[i], m.codes[i], m.image_types[i], m.sources[i], m.combo_ids[i],
-                        size[0] or "", size[1] or "",
-                        json.dumps(m.boxes[i], ensure_ascii=False) if m.boxes[i] else "", m.orig_paths[i]])
+        sizes = m.sizes if m.sizes else [(0, 0)] * len(m)
+        for i, (p, code, itype, src, combo, size, boxes, orig) in enumerate(zip(
+                m.paths, m.codes, m.image_types, m.sources, m.combo_ids, sizes, m.boxes, m.orig_paths)):
+            w.writerow([i, p, code, itype, src, combo, size[0] or "", size[1] or "",
+                        json.dumps(boxes, ensure_ascii=False) if boxes else "", orig])
 
 
 def class_map_for(manifest_path: str | Path, manifest: Manifest | None = None) -> ClassMap:

@@ -239,8 +239,7 @@ def split_section(t: dict, test_dir: Path | None = None, heading: str = "## Test
         lines += [f"| {x['target']} | {x['goal']:.0%} | {x['value']:.4f} | {_met(x)} |" for x in t["targets"]]
         lines += ["", f"Stage targets {'met' if t['targets_met'] else 'NOT met'}.", ""]
     if t["absent_classes"]:
-        lines += [f"{t['absent_rows']} test rows of {len(t['absent_classes'])} K-code(s) absent from training (not "
-                  "scored): " + ", ".join(f"{c} ({n})" for c, n in t["absent_classes"].items()), ""]
+        lines += [absent_line(t["absent_classes"], t["absent_rows"], test_dir), ""]
     if t["worst_classes"]:
         lines += [f"Worst {len(t['worst_classes'])} classes by recall:", "",
                   "| K-code | name | support | precision | recall |", "|---|---|---|---|---|"]
@@ -249,9 +248,36 @@ def split_section(t: dict, test_dir: Path | None = None, heading: str = "## Test
     return lines
 
 
+ABSENT_SHOWN = 20                  # K-codes absent from training named in the report line (the rest: counted)
+ABSENT_FILE = "absent_classes.csv"  # every one of them, beside the test report
+
+
+def absent_line(absent: dict, rows: int, test_dir: Path | None = None, shown: int = ABSENT_SHOWN) -> str:
+    """One bounded line for the test K-codes absent from training: the first ``shown`` with their rows, then
+    how many more and the file that lists them all (a foreign test manifest can have thousands)."""
+    head = ", ".join(f"{c} ({n})" for c, n in list(absent.items())[:shown])
+    more = len(absent) - shown
+    where = f"`{(test_dir / ABSENT_FILE) if test_dir else ABSENT_FILE}`"
+    tail = f" and {more} more (all in {where})" if more > 0 else ""
+    return f"{rows} test rows of {len(absent)} K-code(s) absent from training (not scored): {head}{tail}"
+
+
+def write_absent_classes(out_dir: Path, absent: dict) -> Path | None:
+    """``absent_classes.csv`` (k_code, rows) of the test K-codes absent from training; None when there are none."""
+    if not absent:
+        return None
+    path = out_dir / ABSENT_FILE
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["k_code", "rows"])
+        w.writerows(absent.items())
+    return path
+
+
 def write_test_report(out_dir: Path, t: dict, manifest, class_map) -> Path:
     """``report.md`` of ``python -m pillsnap_dali.evaluate``: the test section, the confused pairs with their
     thumbnails, the skipped and missing files' contact sheet."""
+    write_absent_classes(out_dir, t["absent_classes"])
     lines = [f"# Test report: {Path(t['checkpoint']).name}", "", *split_section(t, heading="## Scores")]
     if t["confusions"]:
         lines += ["", *_picture_section(lambda: confusion_pictures(t["confusions"], manifest, out_dir / "pictures"))]
