@@ -46,7 +46,7 @@ def test_the_load_sample_is_a_share_of_this_process_cores():
     # this process spinning during the sample is left out, so it alone cannot fill the cores
     import threading
 
-    from pillsnap_dali.config import available_cores
+    from pillsnap_dali.sysinfo import available_cores
     stop = threading.Event()
     spin = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)])
     spin.start()
