@@ -34,7 +34,7 @@ from pillsnap_dali.loaders import build_loader
 from pillsnap_dali.skiplog import SkipLog
 from pillsnap_dali.training.model import load_classifier
 from pillsnap_dali.training.report import write_test_report
-from pillsnap_dali.training.checkpoint import load_checkpoint
+from pillsnap_dali.training.checkpoint import checkpoint_stage
 
 _logger = logging.getLogger(__name__)
 
@@ -175,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args) -> Config:
     stage = args.stage
     if stage is None:  # the checkpoint's stage (its targets), when it is one of ours
-        ck = load_checkpoint(args.checkpoint)
-        stage = str((ck.get("config") or {}).get("stage", "")) if isinstance(ck, dict) else ""
-        stage = stage if stage in ("demo", "1", "2", "3", "4", "custom") else None
+        stage = checkpoint_stage(args.checkpoint)  # None for a plain state dict; ours is checked first
     sets = list(args.set) + ([f"loader.backend={args.backend}"] if args.backend else []) + (
         [f"train.batch_size={args.batch_size}"] if args.batch_size else [])
     return load_config(stage=stage, path=args.config, sets=sets)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from pillsnap_dali.config import Config, PreprocessConfig, memory_layout
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.training import pretrained
-from pillsnap_dali.training.checkpoint import FORMAT, CheckpointError, deployed_weights, load_checkpoint, \
-    unwrap_state_dict
+from pillsnap_dali.training.checkpoint import CheckpointError, deployed_weights, is_ours, load_checkpoint, \
+    unwrap_state_dict, validate_checkpoint
 
 _logger = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def load_pretrained(model: nn.Module, path: str, class_map: ClassMap | None = No
         sd = load_file(path)
     else:
         raw = load_checkpoint(path)
-        if isinstance(raw, dict) and raw.get("format") == FORMAT and raw.get("class_map"):
-            src_map = ClassMap.from_dict(raw["class_map"])
+        if is_ours(raw):
+            src_map = validate_checkpoint(raw, path).class_map
             raw = deployed_weights(raw)  # the weights its best top-1 was measured on
         sd = unwrap_state_dict(raw)
     if pretrained_class_map:
@@ -133,12 +133,13 @@ def load_classifier(path: str | Path, *, class_map_json: str | Path | None = Non
     import timm
 
     ck = load_checkpoint(path)
-    if isinstance(ck, dict) and ck.get("format") == FORMAT:
-        cm = ClassMap.from_dict(ck["class_map"])
+    if is_ours(ck):  # its class map, preprocessing and config checked like a config file, before any build
+        checked = validate_checkpoint(ck, path)
+        cm = checked.class_map
         if class_map_json:
             cm.check_same(ClassMap.load(class_map_json), what="checkpoint", against="given class map")
-        pre = PreprocessConfig(**ck["preprocess"])
-        name, sd, source = ck["model_name"], deployed_weights(ck), "pillsnap_dali"
+        pre = checked.preprocess
+        name, sd, source = checked.model_name, deployed_weights(ck), "pillsnap_dali"
     else:
         sd = unwrap_state_dict(ck)
         if not class_map_json:
