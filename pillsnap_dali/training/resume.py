@@ -118,7 +118,7 @@ def load_training_state(path: str | Path, class_map: ClassMap) -> dict:
         raise CheckpointError(f"{path} is not a pillsnap_dali training checkpoint; use --pretrained for plain "
                               "weights")
     checked = validate_checkpoint(st, path)
-    missing = [k for k in (*_RESUME_KEYS, *_run_state_keys()) if k not in st]
+    missing = [k for k in dict.fromkeys((*_RESUME_KEYS, *_run_state_keys())) if k not in st]
     if missing:
         raise CheckpointError(f"{path}: cannot be resumed, it lacks {', '.join(missing)} (not a complete training "
                               "checkpoint; --pretrained starts a new run from its weights)")

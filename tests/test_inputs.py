@@ -1,0 +1,236 @@
+"""Hostile inputs, each class through the CLIs: one ``error:`` line naming the file and exit status 2, before
+anything is built. Row ids of a manifest, the parts of a checkpoint (checked like a config file), config files
+(encoding, duplicate keys, ranges), class map JSONs, manifest cells."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from pillsnap_dali import evaluate, export, predict, train
+from pillsnap_dali.config import ConfigError, PreprocessConfig, load_config
+from pillsnap_dali.data.classmap import ClassMap
+from pillsnap_dali.data.manifest import ManifestError, read_manifest
+from pillsnap_dali.training.checkpoint import CheckpointError, FORMAT, load_checkpoint, preprocess_dict, \
+    save_checkpoint, validate_checkpoint
+
+CODES = ["K-000101", "K-000202"]
+HEADER = "row,image_path,mapping_code,image_type,source\n"
+
+
+def _one_error(capsys, *names) -> str:
+    err = capsys.readouterr().err  # train logs INFO lines on stderr too: the error line is the one to count
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert all(str(n) in lines[0] for n in names), (names, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def good_ck(tmp_path_factory) -> dict:
+    """A complete checkpoint of ours (a tiny timm model, the demo config), as a dict to corrupt and save."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=len(CODES))
+    cfg = load_config("demo", sets=["preprocess.img_size=32"])
+    return {"format": FORMAT, "model_name": "test_efficientnet", "num_classes": len(CODES),
+            "model": model.state_dict(), "ema": None, "deploy": "model", "class_map": ClassMap(CODES).to_dict(),
+            "preprocess": preprocess_dict(cfg.preprocess), "config": cfg.to_dict()}
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("img") / "pill.png"
+    Image.new("RGB", (40, 48), (200, 180, 30)).save(p)
+    return p
+
+
+def _save(tmp_path, ck: dict, name="bad.pt") -> Path:
+    path = tmp_path / name
+    save_checkpoint(path, ck)
+    return path
+
+
+def _manifest(tmp_path, rows: list[str], name="m.csv", header=HEADER) -> Path:
+    p = tmp_path / name
+    p.write_text(header + "".join(r + "\n" for r in rows), encoding="utf-8")
+    return p
+
+
+# ------------------------------------------------------------------------------------- 4. row ids
+def test_repeated_row_ids_are_refused_naming_the_lines_in_the_reader_and_through_train(tmp_path, capsys):
+    """Two manifests concatenated: every repeated id named with both of its lines; never de-duplicated later."""
+    rows = [f"{i},/x/{n}.png,K-000101,single,s" for n in ("a", "b") for i in range(2)]
+    m = _manifest(tmp_path, rows)
+    with pytest.raises(ManifestError) as err:
+        read_manifest(m)
+    assert "row 0 on lines 2 and 4" in str(err.value) and "row 1 on lines 3 and 5" in str(err.value)
+    val = _manifest(tmp_path, ["0,/x/v.png,K-000101,single,s"], "val.csv")
+    assert train.main(["--manifest", str(m), "--val-manifest", str(val), "--out", str(tmp_path / "runs")]) == 2
+    assert "repeated row id" in _one_error(capsys, m)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("cell, why", [("x7", "not an integer"), ("-1", "out of range"), ("1e400", "not an integer"),
+                                       ("99999999999999999999", "out of range")])
+def test_a_row_id_that_is_no_row_number_is_refused(tmp_path, cell, why):
+    m = _manifest(tmp_path, ["0,/x/a.png,K-000101,single,s", f"{cell},/x/b.png,K-000101,single,s"])
+    with pytest.raises(ManifestError, match=f"line 3 has a row id .*{why}"):
+        read_manifest(m)
+
+
+def test_unique_row_ids_keep_their_numbers_and_pandas_floats_still_read(tmp_path):
+    m = _manifest(tmp_path, ["7,/x/a.png,K-000101,single,s", "3.0,/x/b.png,K-000101,single,s"])
+    assert read_manifest(m).file_rows == [7, 3]
+    legacy = _manifest(tmp_path, ["/x/a.png,K-000101,single,s"] * 2, "legacy.csv",
+                       "image_path,mapping_code,image_type,source\n")
+    assert read_manifest(legacy).file_rows == [0, 1]  # no row column: line order, unique by construction
+
+
+@pytest.mark.parametrize("cells, what", [("1e400,5", "not a number"), ("4294967296,5", "out of range"),
+                                         ("-3,5", "out of range")])
+def test_a_huge_or_non_numeric_size_cell_is_one_line(tmp_path, capsys, cells, what):
+    m = _manifest(tmp_path, [f"0,/x/a.png,K-000101,single,s,{cells}"],
+                  header="row,image_path,mapping_code,image_type,source,width,height\n")
+    with pytest.raises(ManifestError, match=f"line 2 has a width/height .*{what}"):
+        read_manifest(m)
+
+
+def test_a_cell_past_the_csv_field_limit_is_one_error_line_through_train(tmp_path, capsys):
+    m = _manifest(tmp_path, ['0,/x/a.png,K-000101,single,s,"[' + "1," * 100_000 + '1]"'],
+                  header="row,image_path,mapping_code,image_type,source,boxes\n")
+    val = _manifest(tmp_path, ["0,/x/v.png,K-000101,single,s"], "val.csv")
+    assert train.main(["--manifest", str(m), "--val-manifest", str(val), "--out", str(tmp_path / "runs")]) == 2
+    assert "not a readable CSV" in _one_error(capsys, m)
+
+
+# --------------------------------------------------------------------------- 5. checkpoints like configs
+def _corrupt(ck: dict, key: str, value) -> dict:
+    out = dict(ck)
+    parts = key.split(".")
+    if len(parts) == 2:
+        out[parts[0]] = {**out[parts[0]], parts[1]: value}
+    elif value is _DROP:
+        del out[key]
+    else:
+        out[key] = value
+    return out
+
+
+_DROP = object()
+# each class of fault in a checkpoint: (key, value, words of the one error line)
+_FAULTS = [("preprocess.img_size", 100000, "preprocess.img_size"), ("preprocess.std", [0.0, 0.0, 0.0], "preprocess.std"),
+           ("preprocess.mean", [0.5], "preprocess.mean"), ("preprocess.resize_mode", "stretch", "resize_mode"),
+           ("preprocess.colour", 1, "unknown config key"), ("class_map", _DROP, "lacks class_map"),
+           ("class_map", {"codes": ["K-000101", "K-000101"]}, "duplicate K-codes"), ("class_map", "K-000101", "class_map is str"),
+           ("config", "stage: 3", "config is str"), ("config.train", {"lr": -1}, "train.lr"),
+           ("model_name", _DROP, "lacks model_name"), ("deploy", "ema", "deploy is 'ema'"), ("model", [1], "model is list")]
+
+
+@pytest.mark.parametrize("key, value, words", _FAULTS, ids=[f[0] + ":" + f[2] for f in _FAULTS])
+def test_a_checkpoint_is_validated_like_a_config_in_the_library(tmp_path, good_ck, key, value, words):
+    path = _save(tmp_path, _corrupt(good_ck, key, value))
+    with pytest.raises(CheckpointError) as err:
+        validate_checkpoint(load_checkpoint(path), path)
+    assert words in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_valid_checkpoint_passes_with_its_own_preprocessing(tmp_path, good_ck):
+    checked = validate_checkpoint(good_ck, "x.pt")
+    assert (checked.preprocess, checked.class_map.codes, checked.config.stage) == \
+        (PreprocessConfig(img_size=32), CODES, "demo")
+
+
+@pytest.mark.parametrize("key, value, words", [_FAULTS[0], _FAULTS[5], _FAULTS[8]], ids=["img_size", "no_map", "str_cfg"])
+def test_predict_refuses_a_bad_checkpoint_in_one_line(tmp_path, capsys, good_ck, image, key, value, words):
+    path = _save(tmp_path, _corrupt(good_ck, key, value))
+    assert predict.main([str(image), "--classifier", str(path), "--mode", "single", "--device", "cpu"]) == 2
+    assert words in _one_error(capsys, path)
+
+
+@pytest.mark.parametrize("key, value, words", [_FAULTS[1], _FAULTS[8], _FAULTS[10]], ids=["std0", "str_cfg", "no_name"])
+def test_evaluate_refuses_a_bad_checkpoint_in_one_line(tmp_path, capsys, good_ck, key, value, words):
+    path = _save(tmp_path, _corrupt(good_ck, key, value))
+    m = _manifest(tmp_path, ["0,/x/a.png,K-000101,single,s"])
+    assert evaluate.main(["--checkpoint", str(path), "--manifest", str(m), "--device", "cpu",
+                          "--out", str(tmp_path / "ev")]) == 2
+    assert words in _one_error(capsys, path)
+    assert not (tmp_path / "ev").exists()
+
+
+def test_export_refuses_a_bad_checkpoint_in_one_line(tmp_path, capsys, good_ck):
+    path = _save(tmp_path, _corrupt(good_ck, *_FAULTS[1][:2]))
+    assert export.main(["--classifier", str(path), "--out", str(tmp_path / "exp")]) == 2
+    assert "preprocess.std" in _one_error(capsys, path)
+    assert not (tmp_path / "exp").exists()
+
+
+def test_resume_refuses_a_checkpoint_with_missing_keys_or_a_bad_config(tmp_path, capsys, good_ck, manifests):
+    args = ["--manifest", str(manifests / "manifest_train.csv"), "--out", str(tmp_path / "runs"),
+            "--model", "test_efficientnet", "--img-size", "32", "--device", "cpu"]
+    path = _save(tmp_path, good_ck)  # complete as a classifier, but no optimizer, RNG or run state
+    assert train.main(args + ["--resume", str(path)]) == 2
+    line = _one_error(capsys, path)
+    assert "cannot be resumed" in line and "optimizer" in line
+    path = _save(tmp_path, _corrupt(good_ck, "config.train", {"epochs": 0}), "cfg.pt")
+    assert train.main(args + ["--resume", str(path)]) == 2
+    assert "train.epochs" in _one_error(capsys, path)
+
+
+@pytest.mark.parametrize("payload, name", [(print, "print"), (os.system, "posix.system")])
+def test_a_refused_pickle_is_one_short_line(tmp_path, capsys, image, payload, name):
+    class Payload:
+        def __reduce__(self):
+            return (payload, ("true",))
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "model": Payload()}, path)
+    assert predict.main([str(image), "--classifier", str(path), "--mode", "single", "--device", "cpu"]) == 2
+    line = _one_error(capsys, path)
+    assert f"GLOBAL {name}" in line and len(line) < 160 + len(str(path)) and "PyTorch" not in line, line
+
+
+# ------------------------------------------------------------------------------ config files, class maps
+def test_a_utf16_config_file_is_one_line_naming_it(tmp_path, capsys, good_ck, image):
+    f = tmp_path / "mine.yaml"
+    f.write_text("train:\n  lr: 0.01\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match="not UTF-8 .*UTF-16"):
+        load_config("demo", path=f)
+    path = _save(tmp_path, good_ck, "ok.pt")
+    assert predict.main([str(image), "--classifier", str(path), "--mode", "single", "--config", str(f)]) == 2
+    assert "UTF-16" in _one_error(capsys, f)
+
+
+def test_a_duplicate_yaml_key_is_an_error_with_file_and_line(tmp_path, capsys, good_ck, image):
+    f = tmp_path / "dup.yaml"
+    f.write_text("train:\n  lr: 0.01\n  epochs: 3\n  lr: 0.1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", path=f)
+    assert "duplicate key 'lr' (first on line 2) at line 4" in str(err.value) and str(f) in str(err.value)
+    top = tmp_path / "top.yaml"
+    top.write_text("train:\n  lr: 0.01\nmodel:\n  name: resnet18\ntrain:\n  epochs: 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="duplicate key 'train'"):
+        load_config("demo", path=top)
+    path = _save(tmp_path, good_ck, "ok.pt")
+    assert predict.main([str(image), "--classifier", str(path), "--mode", "single", "--config", str(f)]) == 2
+    assert "duplicate key" in _one_error(capsys, f)
+
+
+@pytest.mark.parametrize("text", ['{"codes": ["K-000101", ', "\ufeff\x00\x01", '{"codes": 5}'])
+def test_a_broken_class_map_json_is_one_line_naming_it(tmp_path, capsys, good_ck, image, text):
+    cm = tmp_path / "class_map.json"
+    cm.write_bytes(text.encode("utf-16") if "\x00" in text else text.encode("utf-8"))
+    path = _save(tmp_path, good_ck, "ok.pt")
+    assert predict.main([str(image), "--classifier", str(path), "--mode", "single", "--device", "cpu",
+                         "--class-map", str(cm)]) == 2
+    _one_error(capsys, cm)
+
+
+@pytest.mark.parametrize("key, value", [("train.epochs", 0), ("train.max_skipped", 1.5),
+                                        ("train.max_skipped", -0.1)])
+def test_epochs_zero_and_max_skipped_out_of_unit_range_are_refused(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("demo", sets=[f"{key}={value}"])
+    assert load_config("demo", sets=["train.max_skipped=1", "train.epochs=1"]).train.max_skipped == 1
