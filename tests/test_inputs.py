@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -234,3 +235,68 @@ def test_epochs_zero_and_max_skipped_out_of_unit_range_are_refused(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("demo", sets=[f"{key}={value}"])
     assert load_config("demo", sets=["train.max_skipped=1", "train.epochs=1"]).train.max_skipped == 1
+
+
+# ------------------------------------------------------------------------- 6. one image-format policy
+_FORMATS = {"gif.png": "GIF", "tiff.png": "TIFF", "tiff.jpg": "TIFF", "ppm.png": "PNM", "ico.png": "ICO"}
+
+
+@pytest.fixture(scope="module")
+def odd_formats(tmp_path_factory) -> dict:
+    """Good PNGs, then images of formats the project does not take, each under a name of one it takes."""
+    import io
+    folder = tmp_path_factory.mktemp("formats")
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), np.uint8))
+    files = {}
+    for i in range(6):
+        rgb.save(folder / f"good{i}.png")
+        files[folder / f"good{i}.png"] = None
+    for name, fmt in _FORMATS.items():
+        buf = io.BytesIO()
+        rgb.save(buf, {"PNM": "PPM"}.get(fmt, fmt))
+        (folder / name).write_bytes(buf.getvalue())
+        files[folder / name] = f"unsupported format: {fmt}"
+    (folder / "text.png").write_bytes(b"just some text\n")
+    files[folder / "text.png"] = "not an image"
+    return files
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "pil"])
+def test_an_unsupported_format_is_skipped_alike_by_both_backends_and_verify(tmp_path, odd_formats, backend):
+    """One decision (imageio.format_problem) for the loaders, verify's header mode and open_rgb: the same
+    reason for the same file, wherever it is read."""
+    from pillsnap_dali.data.manifest import Manifest
+    from pillsnap_dali.imageio import check_header, format_problem, open_rgb, read_encoded
+    from pillsnap_dali.loaders import build_loader
+    from pillsnap_dali.skiplog import SkipLog
+    paths = [str(p) for p in odd_formats]
+    n = len(paths)
+    m = Manifest(None, paths, ["K-000101"] * n, ["single"] * n, ["t"] * n, [f"c{i}" for i in range(n)],
+                 [[] for _ in range(n)], [""] * n)
+    cfg = load_config("demo", sets=["preprocess.img_size=32", "train.batch_size=4", "loader.threads=1",
+                                    "loader.workers=0"])
+    log = SkipLog(tmp_path / "skipped.csv")
+    loader = build_loader(m, [0] * n, cfg, train=False, device=torch.device("cpu"), backend=backend, skip_log=log)
+    loader.set_epoch(0)
+    yielded = {paths[r] for b in loader for r in b.rows.tolist()}
+    reasons = {e["path"]: e["reason"] for e in log.entries}
+    for p, why in odd_formats.items():
+        p = str(p)
+        assert check_header(p, 10**7) == why
+        if why is None:
+            assert p in yielded and p not in reasons
+            continue
+        assert p not in yielded and reasons[p].endswith(why), (p, reasons.get(p))
+        assert read_encoded(p, 10**7) == (None, why)
+        with pytest.raises(ValueError, match=f"^{why}$"):
+            open_rgb(p)
+        with open(p, "rb") as fh:
+            assert format_problem(fh.read(64)) == why
+
+
+def test_a_header_pil_cannot_identify_reads_cleanly(tmp_path):
+    from pillsnap_dali.imageio import read_encoded_upright
+    p = tmp_path / "broken.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 200)  # a PNG signature, then no IHDR
+    buf, reason, size = read_encoded_upright(str(p), 10**7)
+    assert reason == "unreadable header: UnidentifiedImageError: cannot identify image file", reason
