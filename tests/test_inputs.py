@@ -300,3 +300,27 @@ def test_a_header_pil_cannot_identify_reads_cleanly(tmp_path):
     p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 200)  # a PNG signature, then no IHDR
     buf, reason, size = read_encoded_upright(str(p), 10**7)
     assert reason == "unreadable header: UnidentifiedImageError: cannot identify image file", reason
+
+
+# --------------------------------------------------------------- 6. a last training batch of one sample
+@pytest.mark.parametrize("backend", ["pil", "dali-cpu"])
+def test_a_last_training_batch_of_one_sample_is_left_out_not_a_batchnorm_crash(tmp_path, capsys, backend):
+    """9 rows, batch size 8, 32 px: the epoch's last batch holds one sample; a BatchNorm model (timm's
+    test_efficientnet) cannot train on it (a 1x1 feature map), so it is left out with a warning, the run ends."""
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 9), ("val", 4)):
+        lines = [HEADER.strip()]
+        for i in range(n):
+            p = tmp_path / f"{name}{i}.png"
+            Image.fromarray(rng.integers(0, 256, (48, 40, 3), np.uint8)).save(p)
+            lines.append(f"{i},{p},{CODES[i % 2]},single,s")
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rc = train.main(["--manifest", str(tmp_path / "train.csv"), "--val-manifest", str(tmp_path / "val.csv"),
+                     "--out", str(tmp_path / "runs"), "--name", "r", "--model", "test_efficientnet", "--img-size", "32",
+                     "--batch-size", "8", "--epochs", "1", "--device", "cpu", "--backend", backend,
+                     "--set", "loader.workers=0", "--set", "loader.threads=1", "--set", "train.warmup_epochs=0",
+                     "--set", "evaluate.after_training=false"])
+    assert rc == 0
+    assert "a batch of one sample (row [" in capsys.readouterr().err
+    ck = load_checkpoint(tmp_path / "runs" / "r" / "checkpoints" / "last.pt")
+    assert ck["step"] == 1 and ck["epoch_complete"]  # the one full batch trained; the lone sample did not

@@ -30,6 +30,14 @@ def build_model(cfg: Config, num_classes: int, device: torch.device, class_map: 
     return model
 
 
+def trains_on(model: nn.Module, batch_size: int) -> bool:
+    """Whether a training step can take a batch of ``batch_size`` samples: a model with BatchNorm layers cannot
+    take one sample (``Expected more than 1 value per channel`` once the feature map is 1x1, i.e. below 64 px,
+    and a one-sample batch's statistics are noise at any size). Such a batch (the last of an epoch whose rows
+    leave one over, or one that skipped files shrank) is left out of the step: see docs/reliability.md."""
+    return batch_size > 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def _head_names(model: nn.Module, own: dict) -> list[str]:
     """Keys of ``own`` (the model's state dict) in the classifier head (timm's ``default_cfg["classifier"]``)."""
     head = (getattr(model, "default_cfg", None) or {}).get("classifier")
