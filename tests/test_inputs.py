@@ -3,6 +3,7 @@ anything is built. Row ids of a manifest, the parts of a checkpoint (checked lik
 (encoding, duplicate keys, ranges), class map JSONs, manifest cells."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -324,3 +325,43 @@ def test_a_last_training_batch_of_one_sample_is_left_out_not_a_batchnorm_crash(t
     assert "a batch of one sample (row [" in capsys.readouterr().err
     ck = load_checkpoint(tmp_path / "runs" / "r" / "checkpoints" / "last.pt")
     assert ck["step"] == 1 and ck["epoch_complete"]  # the one full batch trained; the lone sample did not
+
+
+# ------------------------------------------------------- 7. a checkpoint's preprocessing wins over the CLI's
+def test_the_command_lines_preprocessing_never_overrides_a_checkpoints(tmp_path, capsys, good_ck):
+    """Our checkpoint carries the preprocessing it was trained with (32 px squash here): predict with
+    ``--set preprocess.*`` or ``--config`` gives exactly the scores of predict without them (and says so); a
+    plain state dict takes the command line's."""
+    from pillsnap_dali.training.model import load_classifier
+    sharp = {k: v * 50 if k.startswith("classifier.") else v for k, v in good_ck["model"].items()}
+    good_ck = {**good_ck, "model": sharp}  # confidences far from uniform: a change of input shows in them
+    image = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 44, 3), np.uint8)).save(image)
+    path = _save(tmp_path, good_ck, "ok.pt")
+    other = PreprocessConfig(img_size=64, resize_mode="crop", mean=[0.1] * 3, std=[0.9] * 3)
+    assert load_classifier(path, preprocess=other).preprocess == PreprocessConfig(img_size=32)
+    plain = tmp_path / "plain.pt"
+    torch.save(good_ck["model"], plain)
+    cm = tmp_path / "cm.json"
+    cm.write_text(json.dumps(CODES), encoding="utf-8")
+    assert load_classifier(plain, class_map_json=cm, model_name="test_efficientnet",
+                           preprocess=other).preprocess == other
+
+    def scores(*extra) -> list:
+        assert predict.main([str(image), "--classifier", str(path), "--mode", "single", "--device", "cpu",
+                             "--json", *extra]) == 0
+        captured = capsys.readouterr()
+        return [r["pills"] for r in json.loads(captured.out)["results"]], captured.err
+    own, _ = scores()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preprocess:\n  img_size: 64\n  resize_mode: crop\n", encoding="utf-8")
+    for extra in (["--set", "preprocess.img_size=64", "--set", "preprocess.resize_mode=crop",
+                   "--set", "preprocess.std=[0.9,0.9,0.9]"], ["--config", str(cfg)]):
+        got, err = scores(*extra)
+        assert got == own and "the preprocessing of the command line is not used" in err
+    plain_args = [str(image), "--classifier", str(plain), "--class-map", str(cm), "--model-name",
+                  "test_efficientnet", "--mode", "single", "--device", "cpu", "--json"]
+    assert predict.main(plain_args + ["--set", "preprocess.img_size=32"]) == 0
+    a = json.loads(capsys.readouterr().out)["results"][0]["pills"]
+    assert predict.main(plain_args + ["--set", "preprocess.img_size=64", "--set", "preprocess.resize_mode=crop"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["pills"] != a  # the override is real where it applies
