@@ -68,14 +68,17 @@ def test_training_scores_best_pt_on_the_test_split_and_pictures_the_report(run):
 
 def test_evaluate_top1_top5_and_per_class_are_the_models_own_answers_image_by_image(run, tmp_path):
     """The figures of ``evaluate --backend pil`` recomputed outside it: every usable test image through the
-    same PIL preprocessing and the deployed weights one by one, its rank of the true class counted by hand."""
+    checkpoint's PIL preprocessing (never the command line's) and the deployed weights one by one, its rank of
+    the true class counted by hand."""
     from pillsnap_dali.imageio import open_rgb
     from pillsnap_dali.loaders import pil_eval_transform
     from pillsnap_dali.training.model import load_classifier
     best = run["dir"] / "checkpoints" / "best.pt"
     out = tmp_path / "eval"
     assert evaluate.main(["--checkpoint", str(best), "--manifest", str(run["m"] / "manifest_test.csv"), "--out",
-                          str(out), "--backend", "pil", "--device", "cpu"]) == 0
+                          str(out), "--backend", "pil", "--device", "cpu", "--set", "preprocess.img_size=16",
+                          "--set", "preprocess.resize_mode=crop", "--set", "preprocess.std=[0.01,0.01,0.01]"]) == 0
+    # the command line's preprocessing above is not the checkpoint's: evaluate uses the checkpoint's
     t = json.loads((out / "metrics.json").read_text())
     clf = load_classifier(best)
     tf = pil_eval_transform(clf.preprocess)
