@@ -4,6 +4,8 @@ and must stay light).
 The one home of what every image reader shares: the image suffixes and formats, the default pixel limit
 (``data.max_pixels``) and the "is this file usable" checks with their reason strings:
 
+- ``format_problem``: the one image-format policy (the first bytes, never the name: ``SUPPORTED`` or a reason),
+  asked by ``check_header``, ``read_encoded``/``read_encoded_upright`` and ``open_rgb`` alike;
 - ``check_header`` (verify's ``header`` mode): magic bytes, the formats the loaders take, a PNG's IEND
   (truncation), the size from the header (``pixel_problem``: zero sides, more than ``max_pixels``, an
   aspect ratio beyond ``MAX_ASPECT``:1; ``bomb_problem`` past PIL's own limit); ``check_full`` adds a decode;
