@@ -129,7 +129,8 @@ _FAULTS = [("preprocess.img_size", 100000, "preprocess.img_size"), ("preprocess.
            ("preprocess.colour", 1, "unknown config key"), ("class_map", _DROP, "lacks class_map"),
            ("class_map", {"codes": ["K-000101", "K-000101"]}, "duplicate K-codes"), ("class_map", "K-000101", "class_map is str"),
            ("config", "stage: 3", "config is str"), ("config.train", {"lr": -1}, "train.lr"),
-           ("model_name", _DROP, "lacks model_name"), ("deploy", "ema", "deploy is 'ema'"), ("model", [1], "model is list")]
+           ("model_name", _DROP, "lacks model_name"), ("deploy", "ema", "deploy is 'ema'"), ("model", [1], "model is list"),
+           ("model", {"fc.weight": "x"}, "are not tensors")]
 
 
 @pytest.mark.parametrize("key, value, words", _FAULTS, ids=[f[0] + ":" + f[2] for f in _FAULTS])
@@ -138,6 +139,18 @@ def test_a_checkpoint_is_validated_like_a_config_in_the_library(tmp_path, good_c
     with pytest.raises(CheckpointError) as err:
         validate_checkpoint(load_checkpoint(path), path)
     assert words in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content, words", [([1, 2, 3], "holds a list"), ({"fc.bias": torch.zeros(2)}, "classifier layer"),
+                                            ("weights", "holds a str")], ids=["list", "no_head", "str"])
+def test_a_file_that_is_no_state_dict_is_one_line_in_predict(tmp_path, capsys, image, content, words):
+    path = tmp_path / "plain.pt"
+    torch.save(content, path)
+    cm = tmp_path / "cm.json"
+    cm.write_text(json.dumps(CODES), encoding="utf-8")
+    assert predict.main([str(image), "--classifier", str(path), "--class-map", str(cm), "--mode", "single",
+                         "--device", "cpu"]) == 2
+    assert words in _one_error(capsys, path)
 
 
 def test_a_valid_checkpoint_passes_with_its_own_preprocessing(tmp_path, good_ck):

@@ -136,6 +136,10 @@ def validate_checkpoint(ck: dict, path: str | Path) -> CheckedCheckpoint:
     if ck["deploy"] not in ("model", "ema") or (ck["deploy"] == "ema" and not isinstance(ck.get("ema"), dict)):
         raise CheckpointError(f"{path}: damaged checkpoint: deploy is {ck['deploy']!r} (model, or ema with EMA "
                               "weights)")
+    for key in ("model", "ema"):
+        bad = [k for k, v in (ck.get(key) or {}).items() if not torch.is_tensor(v)]
+        if bad:
+            raise CheckpointError(f"{path}: damaged checkpoint: {key} weights {bad[:3]} are not tensors")
     try:
         class_map = ClassMap.from_dict(ck["class_map"])
     except (PillsnapError, ValueError, TypeError, AttributeError) as e:

@@ -123,11 +123,12 @@ class LoadedClassifier:
     source: str  # "pillsnap_dali" or "legacy"
 
 
-def _head_classes(sd: dict) -> int:
+def _head_classes(sd: dict, path) -> int:
     for k in ("classifier.weight", "fc.weight", "head.fc.weight", "head.weight"):
-        if k in sd:
+        if k in sd and torch.is_tensor(sd[k]) and sd[k].dim() >= 1:
             return int(sd[k].shape[0])
-    raise CheckpointError("cannot find the classifier layer in the state dict to infer the number of classes")
+    raise CheckpointError(f"{path}: cannot find the classifier layer in the state dict to infer the number of "
+                          "classes")
 
 
 def load_classifier(path: str | Path, *, class_map_json: str | Path | None = None, model_name: str | None = None,
@@ -150,13 +151,16 @@ def load_classifier(path: str | Path, *, class_map_json: str | Path | None = Non
         name, sd, source = checked.model_name, deployed_weights(ck), "pillsnap_dali"
     else:
         sd = unwrap_state_dict(ck)
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path} holds a {type(sd).__name__}, neither a pillsnap_dali checkpoint nor a "
+                                  "state dict of weights")
         if not class_map_json:
             raise CheckpointError(f"{path} is a plain state dict: pass its class map as JSON (--class-map)")
         cm = ClassMap.load(class_map_json)
         pre = preprocess or PreprocessConfig()
         name, source = model_name or "tf_efficientnetv2_s", "legacy"
     sd = strip_prefixes(sd)
-    n = _head_classes(sd)
+    n = _head_classes(sd, path)
     if n != len(cm):
         raise CheckpointError(f"{path}: the model has {n} outputs but the class map has {len(cm)} K-codes")
     model = timm.create_model(name, num_classes=n, pretrained=False)
