@@ -140,12 +140,7 @@ def validate_checkpoint(ck: dict, path: str | Path) -> CheckedCheckpoint:
         bad = [k for k, v in (ck.get(key) or {}).items() if not torch.is_tensor(v)]
         if bad:
             raise CheckpointError(f"{path}: damaged checkpoint: {key} weights {bad[:3]} are not tensors")
-    try:
-        class_map = ClassMap.from_dict(ck["class_map"])
-    except (PillsnapError, ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: its class map is unusable: {e}") from None
-    if not len(class_map):
-        raise CheckpointError(f"{path}: its class map is empty")
+    class_map = checked_class_map(ck, path)
     if ck.get("config") is not None and not isinstance(ck["config"], dict):
         raise CheckpointError(f"{path}: damaged checkpoint: config is {type(ck['config']).__name__}")
     try:
@@ -154,6 +149,17 @@ def validate_checkpoint(ck: dict, path: str | Path) -> CheckedCheckpoint:
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     return CheckedCheckpoint(ck["model_name"], class_map, pre, cfg)
+
+
+def checked_class_map(ck: dict, path: str | Path) -> ClassMap:
+    """A checkpoint's class map, refused in one line naming ``path`` when it is missing, malformed or empty."""
+    try:
+        class_map = ClassMap.from_dict(ck["class_map"])
+    except (PillsnapError, ValueError, TypeError, AttributeError, KeyError) as e:
+        raise CheckpointError(f"{path}: its class map is unusable: {e}") from None
+    if not len(class_map):
+        raise CheckpointError(f"{path}: its class map is empty")
+    return class_map
 
 
 def load_ours(path: str | Path, map_location="cpu") -> tuple[dict, CheckedCheckpoint | None]:

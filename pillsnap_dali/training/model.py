@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -14,8 +15,8 @@ from safetensors.torch import load_file
 from pillsnap_dali.config import Config, PreprocessConfig, memory_layout
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.training import pretrained
-from pillsnap_dali.training.checkpoint import CheckpointError, deployed_weights, is_ours, load_checkpoint, \
-    unwrap_state_dict, validate_checkpoint
+from pillsnap_dali.training.checkpoint import CheckpointError, checked_class_map, deployed_weights, is_ours, \
+    load_checkpoint, unwrap_state_dict, validate_checkpoint
 
 _logger = logging.getLogger(__name__)
 
@@ -30,12 +31,28 @@ def build_model(cfg: Config, num_classes: int, device: torch.device, class_map: 
     return model
 
 
-def trains_on(model: nn.Module, batch_size: int) -> bool:
-    """Whether a training step can take a batch of ``batch_size`` samples: a model with BatchNorm layers cannot
-    take one sample (``Expected more than 1 value per channel`` once the feature map is 1x1, i.e. below 64 px,
-    and a one-sample batch's statistics are noise at any size). Such a batch (the last of an epoch whose rows
-    leave one over, or one that skipped files shrank) is left out of the step: see docs/reliability.md."""
-    return batch_size > 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+def one_sample_trains(model: nn.Module, forward: Callable[[], object]) -> bool:
+    """Whether a training step can take a batch of one sample: False when a BatchNorm layer of ``model`` would see
+    a single value per channel (``Expected more than 1 value per channel when training``: a 1x1 feature map,
+    below 64 px for EfficientNets and ResNets). ``forward()`` runs the model on that batch; it is run once in
+    eval mode, without gradients, with hooks on the BatchNorm inputs (no running statistic and no random draw is
+    touched). Such a batch, the last of an epoch whose rows leave one over or one that skipped files shrank, is
+    left out of the step by the trainer (docs/reliability.md)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return True
+    values: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, inp, _out: values.append(inp[0][0, 0].numel())) for m in norms]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return min(values, default=2) > 1
 
 
 def _head_names(model: nn.Module, own: dict) -> list[str]:
@@ -56,9 +73,9 @@ def load_pretrained(model: nn.Module, path: str, class_map: ClassMap | None = No
         sd = load_file(path)
     else:
         raw = load_checkpoint(path)
-        if is_ours(raw):
-            src_map = validate_checkpoint(raw, path).class_map
-            raw = deployed_weights(raw)  # the weights its best top-1 was measured on
+        if is_ours(raw) and raw.get("class_map"):  # only its weights and class map are used: those are checked
+            src_map = checked_class_map(raw, path)
+            raw = deployed_weights(raw) if raw.get("deploy") in ("model", "ema") else raw  # the weights its best top-1 was measured on
         sd = unwrap_state_dict(raw)
     if pretrained_class_map:
         src_map = ClassMap.load(pretrained_class_map)
