@@ -1,7 +1,8 @@
 """Reading and writing manifest CSVs (ours and the existing project's).
 
 Ours: ``row,image_path,mapping_code,image_type,source,combo_id,width,height,boxes,orig_path``
-  - ``row``: 0..N-1, the row id carried through the loaders (every sample is traceable to its row)
+  - ``row``: 0..N-1, the row id carried through the loaders (every sample is traceable to its row); a file
+    read with repeated or non-integer ids is refused, naming the lines (``_check_unique_rows``)
   - ``boxes``: JSON list of ``{"bbox": [x, y, w, h], "code": "K-code"}``, one per pill JSON, bbox in pixels
     (COCO, top-left origin) exactly as the label had it (possibly malformed: consumers validate)
   - ``combo_id``: the combination folder name (split unit); the image stem's code part for singles
