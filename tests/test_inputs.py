@@ -317,10 +317,14 @@ def test_a_header_pil_cannot_identify_reads_cleanly(tmp_path):
 
 
 # --------------------------------------------------------------- 6. a last training batch of one sample
-@pytest.mark.parametrize("backend", ["pil", "dali-cpu"])
-def test_a_last_training_batch_of_one_sample_is_left_out_not_a_batchnorm_crash(tmp_path, capsys, backend):
+@pytest.mark.parametrize("backend, device", [
+    ("pil", "cpu"), ("dali-cpu", "cpu"),
+    pytest.param("dali", "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs CUDA")])])
+def test_a_last_training_batch_of_one_sample_is_left_out_not_a_batchnorm_crash(tmp_path, capsys, backend, device):
     """9 rows, batch size 8, 32 px: the epoch's last batch holds one sample; a BatchNorm model (timm's
-    test_efficientnet) cannot train on it (a 1x1 feature map), so it is left out with a warning, the run ends."""
+    test_efficientnet) cannot train on it (a 1x1 feature map), so it is left out with a warning, the run ends.
+    On CUDA the probe runs under the step's AMP and channels_last layout."""
     rng = np.random.default_rng(0)
     for name, n in (("train", 9), ("val", 4)):
         lines = [HEADER.strip()]
@@ -331,7 +335,7 @@ def test_a_last_training_batch_of_one_sample_is_left_out_not_a_batchnorm_crash(t
         (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     rc = train.main(["--manifest", str(tmp_path / "train.csv"), "--val-manifest", str(tmp_path / "val.csv"),
                      "--out", str(tmp_path / "runs"), "--name", "r", "--model", "test_efficientnet", "--img-size", "32",
-                     "--batch-size", "8", "--epochs", "1", "--device", "cpu", "--backend", backend,
+                     "--batch-size", "8", "--epochs", "1", "--device", device, "--backend", backend,
                      "--set", "loader.workers=0", "--set", "loader.threads=1", "--set", "train.warmup_epochs=0",
                      "--set", "evaluate.after_training=false"])
     assert rc == 0
@@ -378,3 +382,22 @@ def test_the_command_lines_preprocessing_never_overrides_a_checkpoints(tmp_path,
     a = json.loads(capsys.readouterr().out)["results"][0]["pills"]
     assert predict.main(plain_args + ["--set", "preprocess.img_size=64", "--set", "preprocess.resize_mode=crop"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["pills"] != a  # the override is real where it applies
+
+
+def test_the_one_sample_probe_sees_the_batchnorm_inputs_and_touches_nothing():
+    """one_sample_trains: False only when a BatchNorm layer would get one value per channel (timm's
+    test_efficientnet: 1x1 at 32 px, 2x2 at 64 px); no running statistic, no mode and no random state changes."""
+    from pillsnap_dali.training.model import one_sample_trains
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=2).train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    x32, x64 = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 64, 64)
+    rng = torch.get_rng_state()
+    assert one_sample_trains(model, lambda: model(x32)) is False
+    assert one_sample_trains(model, lambda: model(x64)) is True
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    no_norm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    assert one_sample_trains(no_norm, lambda: no_norm(x32)) is True
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # what the probe spares the run
+        model(x32)
