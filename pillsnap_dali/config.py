@@ -279,11 +279,12 @@ _RANGES = {
     "loader.threads": ONE_UP, "loader.workers": NONNEG, "loader.prefetch": ONE_UP, "loader.hw_decoder_load": PROB,
     "loader.readers": NONNEG,
     "model.drop_rate": Range(0, 1, hi_open=True),
-    "train.epochs": NONNEG, "train.batch_size": Range(1, MAX_BATCH), "train.lr": NONNEG,
+    "train.epochs": ONE_UP, "train.batch_size": Range(1, MAX_BATCH), "train.lr": NONNEG,
     "train.weight_decay": NONNEG, "train.momentum": Range(0, 1, hi_open=True), "train.warmup_epochs": NONNEG,
     "train.label_smoothing": Range(0, 1, hi_open=True), "train.grad_clip": NONNEG,
     "train.ema_decay": Range(0, 1, hi_open=True), "train.target_accuracy": UNIT_OPEN, "train.patience": NONNEG,
     "train.log_interval": ONE_UP, "train.save_every": NONNEG, "train.seed": NONNEG,
+    "train.max_skipped": PROB,
     "detect.imgsz": Range(32, 8192), "detect.epochs": NONNEG, "detect.batch_size": Range(1, MAX_BATCH),
     "detect.clip_tolerance": PROB, "detect.merge_iou": PROB, "detect.val_fraction": FRACTION,
     "detect.workers": NONNEG, "detect.flipud": PROB,
@@ -454,14 +455,51 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last one silently: a
+    pasted section would override an earlier setting without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                break
+            if line is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {line})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error_line(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: the problem and where it is (line, column)."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(e).split())
+
+
+def _not_utf8(path: Path, raw: bytes) -> ConfigError:
+    enc = "UTF-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "another encoding"
+    return ConfigError(f"config file {path} is not UTF-8 (it is probably {enc}): save it as UTF-8")
+
+
 def _read_yaml(path: Path | Traversable) -> dict:
     """A YAML mapping from a file (a user's path, or a config shipped in the package)."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = path.read_bytes()
+        text = raw.decode("utf-8-sig")
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path, raw) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_error_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
@@ -536,6 +574,27 @@ def load_config(stage: str | None = None, path: str | Path | None = None, overri
         data = _merge(data, layer) if layer is not data else data
     cfg = resolve_auto(_build(Config, {**data, "stage": stage}))
     validate(cfg)
+    return cfg
+
+
+def preprocess_from_dict(data: Any, where: str) -> PreprocessConfig:
+    """A preprocess section stored elsewhere than a config file (a checkpoint, an export's JSON), checked as a
+    config file's is: its keys, their types and ranges (a missing key has the schema's default, as in a
+    file); an error names ``where``."""
+    try:
+        return _build(PreprocessConfig, data, "preprocess.")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def config_from_dict(data: Any, where: str) -> Config:
+    """A whole resolved config stored elsewhere than a config file (a checkpoint's ``config``): the same keys,
+    types, ranges and rules between keys as ``load_config``; an error names ``where``."""
+    try:
+        cfg = _build(Config, data)
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return cfg
 
 

@@ -38,6 +38,6 @@ def one_line(e: BaseException) -> str:
     """The one line of an exception's text that says what went wrong (torch's weights_only refusal is a
     page of advice around its ``WeightsUnpickler error: Unsupported global: ...`` line)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    named = [ln for ln in lines if "WeightsUnpickler error" in ln or "Unsupported global" in ln]
+    named = [ln for ln in lines if "WeightsUnpickler error" in ln or "unsupported global" in ln.lower()]
     line = (named or lines or [type(e).__name__])[0]
     return line.split(". Please use")[0]  # torch's "add_safe_globals" advice is the opposite of what we want

@@ -4,6 +4,8 @@ and must stay light).
 The one home of what every image reader shares: the image suffixes and formats, the default pixel limit
 (``data.max_pixels``) and the "is this file usable" checks with their reason strings:
 
+- ``format_problem``: the one image-format policy (the first bytes, never the name: ``SUPPORTED`` or a reason),
+  asked by ``check_header``, ``read_encoded``/``read_encoded_upright`` and ``open_rgb`` alike;
 - ``check_header`` (verify's ``header`` mode): magic bytes, the formats the loaders take, a PNG's IEND
   (truncation), the size from the header (``pixel_problem``: zero sides, more than ``max_pixels``, an
   aspect ratio beyond ``MAX_ASPECT``:1; ``bomb_problem`` past PIL's own limit); ``check_full`` adds a decode;
@@ -75,6 +77,23 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
+_HEAD = 64  # bytes format_problem looks at
+
+
+def format_problem(head: bytes) -> str | None:
+    """The project's one image-format policy, from a file's first bytes (never its name): None for a format of
+    ``SUPPORTED`` (what both DALI's decoder and PIL read), else the reason every reader gives. ``check_header``
+    (verify), ``read_encoded``/``read_encoded_upright`` (the DALI loaders, detection) and ``open_rgb`` (the
+    ``pil`` backend, prediction, the JPEG cache) all ask it, so a GIF or a TIFF under a ``.png`` name is refused
+    the same way everywhere (PIL alone would decode it; DALI would decode a TIFF and refuse a GIF)."""
+    if not head:
+        return "empty file"
+    fmt = sniff_format(head)
+    if fmt is None:
+        return "not an image"
+    return None if fmt in SUPPORTED else f"unsupported format: {fmt}"
+
+
 def check_header(path: str, max_pixels: int) -> str | None:
     """Reason the file is unusable, judged without decoding pixels; None when it looks fine."""
     try:
@@ -82,13 +101,10 @@ def check_header(path: str, max_pixels: int) -> str | None:
         if size == 0:
             return "empty file"
         with open(path, "rb") as fh:
-            head = fh.read(64)
-            fmt = sniff_format(head)
-            if fmt is None:
-                return "not an image"
-            if fmt not in SUPPORTED:
-                return f"unsupported format: {fmt}"
-            if fmt == "PNG":
+            head = fh.read(_HEAD)
+            if reason := format_problem(head):
+                return reason
+            if sniff_format(head) == "PNG":
                 fh.seek(max(0, size - _TAIL))
                 if b"IEND" not in fh.read():
                     return "truncated png"
@@ -155,11 +171,12 @@ def read_encoded_upright(path: str, max_pixels: int
 
 
 def _read_bytes(path: str) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """The file's bytes, or (None, reason) when it cannot be read or is no image of a supported format."""
     try:
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         return None, f"unreadable: {e.strerror or e}"
-    return (None, "empty file") if buf.size == 0 else (buf, None)
+    return (None, reason) if (reason := format_problem(buf[:_HEAD].tobytes())) else (buf, None)
 
 
 def header_problem(buf: np.ndarray, max_pixels: int) -> Optional[str]:
@@ -178,7 +195,7 @@ def _check_header(buf: np.ndarray, max_pixels: int, *, upright_size: bool
     except Image.DecompressionBombError as e:
         return bomb_problem(e, max_pixels), None
     except Exception as e:  # any header PIL cannot read (or a third-party Image.open patch failing)
-        text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", " the file", str(e))  # no object address: stable reasons
+        text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))  # "cannot identify image file <BytesIO at 0x..>"
         return (f"unreadable header: {type(e).__name__}: {text}" if upright_size else None), None
     if reason := pixel_problem(w, h, max_pixels):
         return reason, None
@@ -267,6 +284,9 @@ def open_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     (``decoder_exif``). Grayscale, palette (with transparency),
     alpha (dropped, as the DALI decoder does), 16-bit (scaled to 8 bits), float and CMYK become RGB.
     """
+    with open(path, "rb") as fh:
+        if reason := format_problem(fh.read(_HEAD)):  # the one format policy, before PIL (which reads GIF, TIFF)
+            raise ValueError(reason)
     try:
         im = Image.open(path)
     except Image.DecompressionBombError as e:

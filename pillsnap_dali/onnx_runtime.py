@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pillsnap_dali.config import PreprocessConfig
+from pillsnap_dali.config import PreprocessConfig, preprocess_from_dict
 from pillsnap_dali.errors import PillsnapError
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.optional import require
@@ -95,6 +95,7 @@ def load_classifier_dir(export_dir: str | Path, device="cpu", fp16: bool = False
     if not onnx_file.is_file():
         raise ExportDirError(f"{onnx_file} is missing" + (" (export with --fp16)" if fp16 else ""))
     cm = ClassMap.from_dict(meta["class_map"])
+    pre = preprocess_from_dict(meta["preprocess"], str(d / f"{CLASSIFIER}.json"))  # checked as a config file's
     ort()  # a missing package is said as such, not as a bad file
     try:
         sess = session(onnx_file, device)
@@ -104,8 +105,8 @@ def load_classifier_dir(export_dir: str | Path, device="cpu", fp16: bool = False
     if out[-1] != len(cm):
         raise ExportDirError(f"{onnx_file} has {out[-1]} outputs but {CLASSIFIER}.json lists {len(cm)} K-codes")
     _logger.info("loaded ONNX classifier %s (%d classes, %d px) from %s", meta["model_name"], len(cm),
-                 meta["preprocess"]["img_size"], onnx_file)
-    return OnnxClassifier(OnnxModel(sess), cm, PreprocessConfig(**meta["preprocess"]), meta["model_name"], "onnx")
+                 pre.img_size, onnx_file)
+    return OnnxClassifier(OnnxModel(sess), cm, pre, meta["model_name"], "onnx")
 
 
 def load_detector_dir(export_dir: str | Path):

@@ -139,8 +139,27 @@ def test_ranges_named_by_the_issue():
 
 
 def test_every_shipped_stage_config_is_in_range():
+    """Each stage loads, and every value its overlay sets is the value the config holds."""
+    import yaml
+    from pillsnap_dali.config import CONFIG_DIR, config_default
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
     for stage in ("demo", "1", "2", "3", "4", "custom"):
-        load_config(stage)
+        cfg = load_config(stage)
+        assert cfg.stage == stage
+        overlay = CONFIG_DIR / ("base.yaml" if stage == "custom" else "demo.yaml" if stage == "demo"
+                                else f"stage{stage}.yaml")
+        pairs = [(k, v) for k, v in leaves(yaml.safe_load(overlay.read_text(encoding="utf-8")) or {})
+                 if k != "stage" and v != "auto"]
+        assert pairs
+        for key, value in pairs:
+            node = cfg
+            for part in key.split("."):
+                node = getattr(node, part)
+            assert node == value or (isinstance(value, int) and node == float(value)), (stage, key, node, value)
+        assert config_default("train.epochs") >= 1
 
 
 def test_an_invalid_section_of_a_config_file_is_reported_even_when_a_flag_sets_a_key_of_it(tmp_path):

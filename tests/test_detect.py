@@ -412,11 +412,14 @@ def test_ultralytics_import_leaves_pil_open_alone(tmp_path):
     importlib.import_module("ultralytics")  # its import patches PIL.Image.open
 
     junk = tmp_path / "junk.png"
-    junk.write_bytes(b"not an image at all" * 10)
+    junk.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image at all" * 10)  # a PNG signature: PIL's open is asked
     with pytest.raises(PIL.UnidentifiedImageError):
         PIL.Image.open(junk)
     buf, reason = read_encoded(str(junk), 10_000_000)
     assert reason is None and buf is not None  # header unreadable: the decoder decides, nothing crashes
+    text = tmp_path / "text.png"
+    text.write_bytes(b"not an image at all" * 10)  # no signature: the format policy refuses it before PIL
+    assert read_encoded(str(text), 10_000_000) == (None, "not an image")
 
 
 def test_detect_flipud_comes_from_the_config(tmp_path):

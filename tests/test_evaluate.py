@@ -43,6 +43,11 @@ def test_training_scores_best_pt_on_the_test_split_and_pictures_the_report(run):
     assert t["manifest"] == str(m / "manifest_test.csv") and t["checkpoint"].endswith("checkpoints/best.pt")
     assert t["images"] + t["skipped"] + len(t["missing_files"]) + t["absent_rows"] == len(test_rows)
     assert 0 <= t["top1"] <= t["top5"] <= 1 and 0 <= t["macro_f1"] <= 1
+    per_class = _rows(d / "test" / "per_class.csv")  # the same evaluation: top-1 is the support-weighted recall
+    support = [int(r["support"]) for r in per_class]
+    assert sum(support) == t["images"] > 0
+    assert t["top1"] == pytest.approx(sum(s * float(r["recall"]) for s, r in zip(support, per_class)) / t["images"],
+                                      abs=1e-4)
     assert t["targets"] == [] and t["targets_met"] is None  # the demo stage sets no target
     codes = json.loads((d / "class_map.json").read_text())["codes"]
     assert [r["k_code"] for r in _rows(d / "test" / "per_class.csv")] == codes
@@ -60,6 +65,42 @@ def test_training_scores_best_pt_on_the_test_split_and_pictures_the_report(run):
     assert quarantined and "## Skipped and quarantined files" in report and "pictures/skipped.png" in report
     assert all(Path(q["path"]).name in report for q in quarantined[:5])
     assert (d / "test" / "report.md").read_text().startswith("# Test report: best.pt")
+
+
+def test_evaluate_top1_top5_and_per_class_are_the_models_own_answers_image_by_image(run, tmp_path):
+    """The figures of ``evaluate --backend pil`` recomputed outside it: every usable test image through the
+    checkpoint's PIL preprocessing (never the command line's) and the deployed weights one by one, its rank of
+    the true class counted by hand."""
+    from pillsnap_dali.imageio import open_rgb
+    from pillsnap_dali.loaders import pil_eval_transform
+    from pillsnap_dali.training.model import load_classifier
+    best = run["dir"] / "checkpoints" / "best.pt"
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(best), "--manifest", str(run["m"] / "manifest_test.csv"), "--out",
+                          str(out), "--backend", "pil", "--device", "cpu", "--set", "preprocess.img_size=16",
+                          "--set", "preprocess.resize_mode=crop", "--set", "preprocess.std=[0.01,0.01,0.01]"]) == 0
+    # the command line's preprocessing above is not the checkpoint's: evaluate uses the checkpoint's
+    t = json.loads((out / "metrics.json").read_text())
+    clf = load_classifier(best)
+    tf = pil_eval_transform(clf.preprocess)
+    ranks, per_class = [], {}
+    for r in _rows(run["m"] / "manifest_test.csv"):
+        try:
+            x = tf(open_rgb(r["image_path"]))
+        except Exception:  # the tree's broken files: skipped by evaluate too
+            continue
+        with torch.no_grad():
+            logits = clf.model(x[None]).float()[0]
+        truth = clf.class_map.index[r["mapping_code"]]
+        rank = int((logits > logits[truth]).sum())  # 0: top-1
+        ranks.append(rank)
+        per_class.setdefault(r["mapping_code"], []).append(rank == 0)
+    assert t["images"] == len(ranks) > 0
+    assert t["top1"] == pytest.approx(sum(k == 0 for k in ranks) / len(ranks))
+    assert t["top5"] == pytest.approx(sum(k < 5 for k in ranks) / len(ranks))
+    recall = {r["k_code"]: (int(r["support"]), float(r["recall"])) for r in _rows(out / "per_class.csv")}
+    for code, hits in per_class.items():
+        assert recall[code] == (len(hits), pytest.approx(sum(hits) / len(hits), abs=5e-5)), code
 
 
 def test_evaluate_cli_with_targets_absent_classes_and_missing_files(run, tmp_path, capsys):

@@ -170,3 +170,19 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == ("error: running ONNX models needs the onnxruntime package, which is "
                                                "not installed: pip install onnxruntime (or pip install "
                                                "'pillsnap_dali[deploy]')")
+
+
+def test_the_default_parity_bounds_are_the_documented_ones_and_refuse_a_10x_difference(run):
+    """docs/benchmarks.md: fp32 max abs logit diff <= 1e-3 and 100 % top-1 agreement, fp16 <= 0.05 and >= 99 %;
+    what a plain ``export`` run applies (the module's export, made with the defaults, records them)."""
+    args = export.build_parser().parse_args(["--classifier", "c.pt", "--out", "o"])
+    assert (args.atol, args.min_agreement) == (1e-3, 1.0)
+    assert (export.Bounds().atol_fp16, export.Bounds().min_agreement_fp16) == (0.05, 0.99)
+    meta = json.loads((run["out"] / "classifier.json").read_text(encoding="utf-8"))
+    assert (meta["parity"]["classifier"]["atol"], meta["parity"]["classifier"]["min_agreement"]) == (1e-3, 1.0)
+    assert meta["parity"]["classifier_fp16"]["atol"] == 0.05
+    figures = {"images": 8, "max_abs_diff": 9e-4, "top1_agreement": 1.0}
+    export.check("classifier", figures, args.atol, args.min_agreement)  # within: no error
+    for bad in ({"max_abs_diff": 1e-2}, {"max_abs_diff": 1.1e-3}, {"top1_agreement": 7 / 8}):
+        with pytest.raises(export.ParityError, match="beyond the bounds"):
+            export.check("classifier", {**figures, **bad}, args.atol, args.min_agreement)

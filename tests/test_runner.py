@@ -201,3 +201,17 @@ def test_one_memory_format_setting_and_the_training_devices_gpu(split):
     nhwc = next(iter(_loader(split, SkipLog(None), False, "loader.layout=NHWC"))).images
     assert nhwc.shape == auto.shape and nhwc.is_contiguous(memory_format=torch.channels_last)
     assert dali_device_id(torch.device("cuda", 1)) == 1  # --device cuda:1: DALI decodes on GPU 1
+
+
+@pytest.mark.parametrize("failures", [1, MAX_RETRIES])
+def test_a_batch_failing_up_to_the_documented_retries_comes_back_whole(split, caplog, failures):
+    """The runner's documented count (module docstring, docs/reliability.md): a batch no single file explains is
+    retried MAX_RETRIES = 2 times; the last of them still delivers every row, none skipped."""
+    assert MAX_RETRIES == 2
+    log = SkipLog(None)
+    loader = _loader(split, log, True)
+    _inject(loader.runner, set(range(2, 2 + failures)), DEAD_TEXT)  # consecutive failures of one batch
+    with caplog.at_level(logging.WARNING, logger="pillsnap_dali.loaders.runner"):
+        rows = _rows(loader)
+    assert sorted(rows) == list(range(20)) and len(log) == 0
+    assert f"the batch is retried ({failures} of {MAX_RETRIES})" in caplog.text

@@ -89,3 +89,29 @@ def test_train_and_val_rows_with_the_same_id_are_two_lines(files, tmp_path):
     assert back.keys == {("train", 1), ("val", 1)} and len(back) == 2
     assert not back.add(1, str(files["broken"]), "again", "dali-cpu", 1, split="train")  # a row is logged once
     assert back.add(1, str(files["broken"]), "again", "dali-cpu", 1, split="test")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skips_of_earlier_epochs_count_toward_max_skipped(files, tmp_path, backend):
+    """train.max_skipped is a share of the split's rows that cannot be used: a row skipped in epoch 0 (excluded
+    from then on) still counts in epoch 1, beside the rows that broke since."""
+    import shutil
+    from pillsnap_dali.training.engine import skipped_share
+    good = []
+    for i, src in enumerate(files["good"] + files["good"][:5]):
+        good.append(tmp_path / f"copy_{i}.png")
+        shutil.copyfile(src, good[-1])
+    paths = good[:5] + [files["missing"]] + good[5:]  # 12 rows, one unusable from the start
+    log = SkipLog(tmp_path / "skipped.csv")
+    loader = build_loader(_manifest(paths), [0] * len(paths), _cfg(), train=True, device=CPU, backend=backend,
+                          skip_log=log)
+    loader.set_epoch(0)
+    assert sum(len(b.rows) for b in loader) == 11
+    assert skipped_share(loader, CPU) == (pytest.approx(1 / 12), 1, 12)
+    good[0].unlink()  # a file lost between the epochs
+    good[7].unlink()
+    loader.set_epoch(1)
+    assert sum(len(b.rows) for b in loader) == 9
+    st = loader.epoch_stats()
+    assert (st["excluded"], st["skipped"]) == (1, 2)
+    assert skipped_share(loader, CPU) == (pytest.approx(3 / 12), 3, 12)

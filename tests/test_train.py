@@ -61,6 +61,13 @@ def test_run_dir_checkpoint_and_report(manifests, tmp_path):
     assert [h["epoch"] for h in hist] == [0, 1]
     for h in hist:
         assert 0 <= h["val_top1"] <= h["val_top5"] <= 1 and h["data_time"] >= 0 and h["images_per_s"] > 0
+    # the last epoch's per_class.csv and its history line are one evaluation: top-1 is the support-weighted
+    # recall, the images scored are the supports' sum
+    per_class = list(csv.DictReader(open(d / "per_class.csv", encoding="utf-8")))
+    support = [int(r["support"]) for r in per_class]
+    assert sum(support) == hist[-1]["val_images"] > 0
+    weighted = sum(s * float(r["recall"]) for s, r in zip(support, per_class)) / sum(support)
+    assert hist[-1]["val_top1"] == pytest.approx(weighted, abs=1e-4)
     ck = load_checkpoint(d / "checkpoints/last.pt")  # weights_only: no arbitrary unpickling
     cm = json.loads((manifests / "class_map.json").read_text())
     assert ck["class_map"]["codes"] == cm["codes"] and ck["preprocess"]["img_size"] == 32

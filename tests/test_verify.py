@@ -112,3 +112,30 @@ def test_odd_images_get_a_verdict_never_a_crash(odd_corpus, odd_images):
     for p in set(paths) - set(bad):                     # what passes really decodes
         with Image.open(p) as im:
             im.load()
+
+
+def test_the_full_cache_re_verifies_a_file_changed_in_place_or_resized(tmp_path):
+    """The cache key is path + size + mtime: a file broken in place (same size, new time) and a file replaced
+    by another of a new size under its old time are decoded again, each with its new verdict."""
+    data = bytearray(tiny_png(64, (10, 200, 30)))
+    same_size, resized = tmp_path / "in_place.png", tmp_path / "resized.png"
+    for p in (same_size, resized):
+        p.write_bytes(bytes(data))
+        os.utime(p, ns=(10**18, 10**18))
+    cache = tmp_path / "cache.json"
+    first = Verifier(VerifySettings("full", 40_000_000, workers=1, cache_path=cache))
+    assert first.bad([str(same_size), str(resized)]) == {} and first.decoded == 2
+    first.save()
+    i = data.index(b"IDAT") + 8
+    data[i:i + 8] = b"\xff" * 8  # the same number of bytes, the pixels broken
+    same_size.write_bytes(bytes(data))
+    os.utime(same_size, ns=(10**18 + 1, 10**18 + 1))
+    resized.write_bytes(b"not an image at all")
+    os.utime(resized, ns=(10**18, 10**18))  # the old time: only the size tells
+    again = Verifier(VerifySettings("full", 40_000_000, workers=1, cache_path=cache))
+    bad = again.bad([str(same_size), str(resized)])
+    assert again.decoded == 2
+    assert bad[str(same_size)].startswith("decode failed: ") and bad[str(resized)] == "not an image"
+    again.save()
+    third = Verifier(VerifySettings("full", 40_000_000, workers=1, cache_path=cache))
+    assert third.bad([str(same_size), str(resized)]) == bad and third.decoded == 0  # unchanged: served

@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 from pillsnap_dali.commands.common import add_shared_flags, check_device, config_from_args, existing_file, run_cli
-from pillsnap_dali.config import CUSTOM, STAGES, Config
+from pillsnap_dali.config import Config
 from pillsnap_dali.device import select_device
-from pillsnap_dali.training.checkpoint import load_checkpoint
+from pillsnap_dali.training.checkpoint import checkpoint_stage
 from pillsnap_dali.training.evaluation import evaluate_checkpoint
 
 
@@ -47,13 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # each flag's config key, as in every other command; --set goes over them
 _FLAG_KEYS = {"backend": "loader.backend", "batch_size": "train.batch_size"}
-
-
-def checkpoint_stage(checkpoint: str) -> str | None:
-    """The stage recorded in one of our checkpoints (its targets and loader settings), else None."""
-    ck = load_checkpoint(checkpoint)
-    stage = str((ck.get("config") or {}).get("stage", "")) if isinstance(ck, dict) else ""
-    return stage if stage in STAGES + (CUSTOM,) else None
 
 
 def _config(args) -> Config:

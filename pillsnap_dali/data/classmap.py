@@ -72,8 +72,15 @@ class ClassMap:
 
     @classmethod
     def load(cls, path: str | Path) -> "ClassMap":
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"class map {path} is not valid UTF-8 JSON: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except (InputError, TypeError, AttributeError) as e:
+            raise InputError(f"class map {path}: {e}") from None
 
     def check_same(self, other: "ClassMap", what: str = "checkpoint", against: str = "manifest") -> None:
         """Raise ClassMapMismatch naming the K-codes that differ (by name, then by position)."""

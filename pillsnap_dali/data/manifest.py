@@ -1,7 +1,8 @@
 """Reading and writing manifest CSVs (ours and the existing project's).
 
 Ours: ``row,image_path,mapping_code,image_type,source,combo_id,width,height,boxes,orig_path``
-  - ``row``: 0..N-1, the row id carried through the loaders (every sample is traceable to its row)
+  - ``row``: 0..N-1, the row id carried through the loaders (every sample is traceable to its row); a file
+    read with repeated or non-integer ids is refused, naming the lines (``_check_unique_rows``)
   - ``boxes``: JSON list of ``{"bbox": [x, y, w, h], "code": "K-code"}``, one per pill JSON, bbox in pixels
     (COCO, top-left origin) exactly as the label had it (possibly malformed: consumers validate)
   - ``combo_id``: the combination folder name (split unit); the image stem's code part for singles
@@ -145,7 +146,48 @@ def read_manifest(path: str | Path) -> Manifest:
         raise _not_utf8(path, e) from None
 
 
+MAX_ROW = 2 ** 62  # a row id past this is no row number (a pasted figure, an overflow): int64 everywhere
+
+
+def _row_id(path: str, line: int, cell: str | None, i: int) -> int:
+    """The ``row`` cell of a line (its line order when the file has none): a non-negative integer, else an error
+    naming the line."""
+    cell = (cell or "").strip()
+    if not cell:
+        return i
+    try:
+        row = int(float(cell)) if cell.endswith(".0") else int(cell)  # "3.0" after a round trip through pandas
+    except (ValueError, OverflowError):
+        raise ManifestError(f"{path}: line {line} has a row id that is not an integer: {cell[:30]!r}") from None
+    if not 0 <= row < MAX_ROW:
+        raise ManifestError(f"{path}: line {line} has a row id out of range [0, 2^62): {cell[:30]!r}")
+    return row
+
+
+def _check_unique_rows(path: str, rows: list[int]) -> None:
+    """Row ids identify a row in skipped.csv and the loaders: a repeated one (two manifests concatenated) is
+    refused, naming the lines that share it (never renumbered: the ids are what the user's logs refer to)."""
+    first: dict[int, int] = {}
+    dups = []
+    for line, row in enumerate(rows, start=2):
+        if row in first:
+            dups.append(f"row {row} on lines {first[row]} and {line}")
+        else:
+            first[row] = line
+    if dups:
+        more = f" (and {len(dups) - 5} more)" if len(dups) > 5 else ""
+        raise ManifestError(f"{path}: {len(dups)} repeated row id(s): {'; '.join(dups[:5])}{more}; each row "
+                            f"must have its own id (two manifests concatenated? renumber the row column 0..N-1)")
+
+
 def _read(path: str) -> Manifest:
+    try:
+        return _read_rows(path)
+    except csv.Error as e:  # a cell past csv's field size limit, a NUL byte: the line it was on
+        raise ManifestError(f"{path}: not a readable CSV ({e})") from None
+
+
+def _read_rows(path: str) -> Manifest:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
@@ -175,15 +217,27 @@ def _read(path: str) -> Manifest:
                 raise ManifestError(f"{path}: line {i + 2} has unparsable boxes {raw_boxes[:60]!r}") from None
             m.boxes.append_text(raw_boxes)
             m.orig_paths.append((r.get("orig_path") or "").strip())
-            row = (r.get("row") or "").strip()
-            m.file_rows.append(int(row) if row.lstrip("-").isdigit() else i)
+            m.file_rows.append(_row_id(path, i + 2, r.get("row"), i))
             w, h = (r.get("width") or "").strip(), (r.get("height") or "").strip()
-            try:  # "976.0" after a round trip through pandas is still 976
-                m.sizes.append((int(float(w)), int(float(h))) if w and h else (0, 0))
-            except (ValueError, OverflowError):
-                raise ManifestError(f"{path}: line {i + 2} has a width/height that is not a number: "
-                                    f"{w!r} x {h!r}") from None
+            m.sizes.append(_size(path, i + 2, w, h))
+    _check_unique_rows(path, m.file_rows)
     return m
+
+
+def _size(path: str, line: int, w: str, h: str) -> tuple[int, int]:
+    """(width, height) of a line's cells, (0, 0) when empty; "976.0" after a round trip through pandas is 976.
+    Not a number, or not in [0, 2^31) (no image is that large: a pasted figure), is an error naming the line."""
+    if not (w and h):
+        return 0, 0
+    try:
+        size = int(float(w)), int(float(h))
+    except (ValueError, OverflowError):
+        raise ManifestError(f"{path}: line {line} has a width/height that is not a number: "
+                            f"{w[:30]!r} x {h[:30]!r}") from None
+    if not all(0 <= v < 2 ** 31 for v in size):
+        raise ManifestError(f"{path}: line {line} has a width/height out of range [0, 2^31): "
+                            f"{w[:30]!r} x {h[:30]!r}")
+    return size
 
 
 def write_manifest(m: Manifest, path: str | Path) -> None:

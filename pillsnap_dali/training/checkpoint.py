@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from pillsnap_dali.atomic import atomic_open, pid_alive
-from pillsnap_dali.config import PreprocessConfig
+from pillsnap_dali.config import Config, ConfigError, PreprocessConfig, config_from_dict, preprocess_from_dict
+from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.errors import one_line
 from pillsnap_dali.errors import PillsnapError
 
@@ -101,6 +102,77 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:  # pickle.UnpicklingError and friends: say what and why, never unpickle blindly
         raise CheckpointError(f"{path} cannot be loaded safely (weights_only=True): {one_line(e)}") from None
+
+
+def is_ours(ck) -> bool:
+    """Whether a loaded object is one of our training checkpoints (else a plain state dict of weights)."""
+    return isinstance(ck, dict) and ck.get("format") == FORMAT
+
+
+@dataclass(frozen=True)
+class CheckedCheckpoint:
+    """What a checkpoint of ours says about its model, each part checked like a config file."""
+    model_name: str
+    class_map: ClassMap
+    preprocess: PreprocessConfig
+    config: Config | None  # None: a checkpoint written without one (only resuming needs it)
+
+
+# key -> the type it must have (a tuple: any of them); the weights themselves are checked by load_state_dict
+_REQUIRED = {"model_name": str, "model": dict, "class_map": (dict, list), "preprocess": dict, "deploy": str}
+
+
+def validate_checkpoint(ck: dict, path: str | Path) -> CheckedCheckpoint:
+    """Check a training checkpoint of ours before anything is built from it: its keys, its class map, and its
+    preprocessing and config against the config schema's keys, types and ranges (an ``img_size`` of 100000
+    would allocate gigabytes, a ``std`` of 0 divides every pixel by zero). Raises ``CheckpointError`` naming
+    ``path`` and the first fault."""
+    missing = [k for k in _REQUIRED if k not in ck]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete pillsnap_dali checkpoint, it lacks {', '.join(missing)}")
+    wrong = [f"{k} is {type(ck[k]).__name__}" for k, t in _REQUIRED.items() if not isinstance(ck[k], t)]
+    if wrong:
+        raise CheckpointError(f"{path}: damaged checkpoint: {', '.join(wrong)}")
+    if ck["deploy"] not in ("model", "ema") or (ck["deploy"] == "ema" and not isinstance(ck.get("ema"), dict)):
+        raise CheckpointError(f"{path}: damaged checkpoint: deploy is {ck['deploy']!r} (model, or ema with EMA "
+                              "weights)")
+    for key in ("model", "ema"):
+        bad = [k for k, v in (ck.get(key) or {}).items() if not torch.is_tensor(v)]
+        if bad:
+            raise CheckpointError(f"{path}: damaged checkpoint: {key} weights {bad[:3]} are not tensors")
+    class_map = checked_class_map(ck, path)
+    if ck.get("config") is not None and not isinstance(ck["config"], dict):
+        raise CheckpointError(f"{path}: damaged checkpoint: config is {type(ck['config']).__name__}")
+    try:
+        pre = preprocess_from_dict(ck["preprocess"], f"{path}")
+        cfg = config_from_dict(ck["config"], f"{path}: its config") if ck.get("config") is not None else None
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    return CheckedCheckpoint(ck["model_name"], class_map, pre, cfg)
+
+
+def checked_class_map(ck: dict, path: str | Path) -> ClassMap:
+    """A checkpoint's class map, refused in one line naming ``path`` when it is missing, malformed or empty."""
+    try:
+        class_map = ClassMap.from_dict(ck["class_map"])
+    except (PillsnapError, ValueError, TypeError, AttributeError, KeyError) as e:
+        raise CheckpointError(f"{path}: its class map is unusable: {e}") from None
+    if not len(class_map):
+        raise CheckpointError(f"{path}: its class map is empty")
+    return class_map
+
+
+def load_ours(path: str | Path, map_location="cpu") -> tuple[dict, CheckedCheckpoint | None]:
+    """``load_checkpoint``, then ``validate_checkpoint`` when it is one of ours: (checkpoint, its checked parts or
+    None for a plain state dict)."""
+    ck = load_checkpoint(path, map_location=map_location)
+    return ck, (validate_checkpoint(ck, path) if is_ours(ck) else None)
+
+
+def checkpoint_stage(path: str | Path) -> str | None:
+    """The config stage a checkpoint of ours was trained with (checked), None for a plain state dict."""
+    _, checked = load_ours(path)
+    return checked.config.stage if checked and checked.config else None
 
 
 def preprocess_dict(p: PreprocessConfig) -> dict:

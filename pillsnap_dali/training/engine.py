@@ -41,7 +41,7 @@ from pillsnap_dali.gpumon import GpuMonitor
 from pillsnap_dali.training import checkpoint as ckpt
 from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
 from pillsnap_dali.training import pretrained
-from pillsnap_dali.training.model import build_model
+from pillsnap_dali.training.model import build_model, one_sample_trains
 from pillsnap_dali.training.tb import TBWriter
 from pillsnap_dali.training.resume import (RunState, non_finite_tensors, planned_steps, restore_tensors,
                                            resumed_state, rng_state, save_rank_position, step_seed)
@@ -290,6 +290,15 @@ def train_step(model: nn.Module, criterion: nn.Module, optim: Optim, images: tor
     return loss, logits
 
 
+def _one_sample_trains(model: nn.Module, batch, precision: Precision, device: torch.device) -> bool:
+    plain = _unwrap(model)  # no DDP collective for a probe
+
+    def forward():
+        with precision.autocast(device):
+            plain(precision.model_input(batch.images))
+    return one_sample_trains(plain, forward)
+
+
 def _raise_if_nan_loss(first_bad: torch.Tensor, epoch: int) -> None:
     step = int(first_bad.item())
     if step >= 0:
@@ -315,6 +324,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optim: Optim, loader
         for i, batch in enumerate(loader):
             t1 = time.perf_counter()
             data_t += t1 - t0
+            if batch.labels.shape[0] == 1 and not _one_sample_trains(model, batch, precision, device):
+                _logger.warning("epoch %d: a batch of one sample (row %s) is left out: BatchNorm cannot train on one "
+                                "value per channel", epoch, batch.rows.tolist())
+                continue
             torch.manual_seed(step_seed(control.seed, epoch, step + i, control.rank))
             loss, logits = train_step(model, criterion, optim, batch.images, batch.labels, device, precision,
                                       step + i + 1)

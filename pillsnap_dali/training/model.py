@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -14,8 +15,8 @@ from safetensors.torch import load_file
 from pillsnap_dali.config import Config, PreprocessConfig, memory_layout
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.training import pretrained
-from pillsnap_dali.training.checkpoint import FORMAT, CheckpointError, deployed_weights, load_checkpoint, \
-    unwrap_state_dict
+from pillsnap_dali.training.checkpoint import CheckpointError, checked_class_map, deployed_weights, is_ours, \
+    load_checkpoint, unwrap_state_dict, validate_checkpoint
 
 _logger = logging.getLogger(__name__)
 
@@ -28,6 +29,30 @@ def build_model(cfg: Config, num_classes: int, device: torch.device, class_map: 
     if memory_layout(cfg.loader.layout, device.type) == "NHWC":  # the loaders' batches come in this layout
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def one_sample_trains(model: nn.Module, forward: Callable[[], object]) -> bool:
+    """Whether a training step can take a batch of one sample: False when a BatchNorm layer of ``model`` would see
+    a single value per channel (``Expected more than 1 value per channel when training``: a 1x1 feature map,
+    below 64 px for EfficientNets and ResNets). ``forward()`` runs the model on that batch; it is run once in
+    eval mode, without gradients, with hooks on the BatchNorm inputs (no running statistic and no random draw is
+    touched). Such a batch, the last of an epoch whose rows leave one over or one that skipped files shrank, is
+    left out of the step by the trainer (docs/reliability.md)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return True
+    values: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, inp, _out: values.append(inp[0][0, 0].numel())) for m in norms]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return min(values, default=2) > 1
 
 
 def _head_names(model: nn.Module, own: dict) -> list[str]:
@@ -48,9 +73,9 @@ def load_pretrained(model: nn.Module, path: str, class_map: ClassMap | None = No
         sd = load_file(path)
     else:
         raw = load_checkpoint(path)
-        if isinstance(raw, dict) and raw.get("format") == FORMAT and raw.get("class_map"):
-            src_map = ClassMap.from_dict(raw["class_map"])
-            raw = deployed_weights(raw)  # the weights its best top-1 was measured on
+        if is_ours(raw) and raw.get("class_map"):  # only its weights and class map are used: those are checked
+            src_map = checked_class_map(raw, path)
+            raw = deployed_weights(raw) if raw.get("deploy") in ("model", "ema") else raw  # the weights its best top-1 was measured on
         sd = unwrap_state_dict(raw)
     if pretrained_class_map:
         src_map = ClassMap.load(pretrained_class_map)
@@ -115,11 +140,12 @@ class LoadedClassifier:
     source: str  # "pillsnap_dali" or "legacy"
 
 
-def _head_classes(sd: dict) -> int:
+def _head_classes(sd: dict, path) -> int:
     for k in ("classifier.weight", "fc.weight", "head.fc.weight", "head.weight"):
-        if k in sd:
+        if k in sd and torch.is_tensor(sd[k]) and sd[k].dim() >= 1:
             return int(sd[k].shape[0])
-    raise CheckpointError("cannot find the classifier layer in the state dict to infer the number of classes")
+    raise CheckpointError(f"{path}: cannot find the classifier layer in the state dict to infer the number of "
+                          "classes")
 
 
 def load_classifier(path: str | Path, *, class_map_json: str | Path | None = None, model_name: str | None = None,
@@ -133,21 +159,25 @@ def load_classifier(path: str | Path, *, class_map_json: str | Path | None = Non
     import timm
 
     ck = load_checkpoint(path)
-    if isinstance(ck, dict) and ck.get("format") == FORMAT:
-        cm = ClassMap.from_dict(ck["class_map"])
+    if is_ours(ck):  # its class map, preprocessing and config checked like a config file, before any build
+        checked = validate_checkpoint(ck, path)
+        cm = checked.class_map
         if class_map_json:
             cm.check_same(ClassMap.load(class_map_json), what="checkpoint", against="given class map")
-        pre = PreprocessConfig(**ck["preprocess"])
-        name, sd, source = ck["model_name"], deployed_weights(ck), "pillsnap_dali"
+        pre = checked.preprocess
+        name, sd, source = checked.model_name, deployed_weights(ck), "pillsnap_dali"
     else:
         sd = unwrap_state_dict(ck)
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path} holds a {type(sd).__name__}, neither a pillsnap_dali checkpoint nor a "
+                                  "state dict of weights")
         if not class_map_json:
             raise CheckpointError(f"{path} is a plain state dict: pass its class map as JSON (--class-map)")
         cm = ClassMap.load(class_map_json)
         pre = preprocess or PreprocessConfig()
         name, source = model_name or "tf_efficientnetv2_s", "legacy"
     sd = strip_prefixes(sd)
-    n = _head_classes(sd)
+    n = _head_classes(sd, path)
     if n != len(cm):
         raise CheckpointError(f"{path}: the model has {n} outputs but the class map has {len(cm)} K-codes")
     model = timm.create_model(name, num_classes=n, pretrained=False)

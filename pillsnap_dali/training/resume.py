@@ -21,7 +21,7 @@ import torch
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.config import Config, ConfigError
 from pillsnap_dali.data.classmap import ClassMap
-from pillsnap_dali.training.checkpoint import FORMAT, CheckpointError, load_checkpoint
+from pillsnap_dali.training.checkpoint import CheckpointError, is_ours, load_checkpoint, validate_checkpoint
 
 _logger = logging.getLogger(__name__)
 
@@ -100,15 +100,29 @@ def resume_path(arg: str, run_dir: Path) -> Path:
     raise ConfigError(msg)
 
 
+# what a resume reads besides what ``validate_checkpoint`` checks (the run's state: RunState's fields too)
+_RESUME_KEYS = ("config", "ema", "optimizer", "scheduler", "scaler", "rng", "epoch", "epoch_complete", "epoch_position",
+                "step", "world_size", "skipped")
+
+
+def _run_state_keys() -> list[str]:
+    return sorted({f.name for f in fields(RunState)} - {"epoch", "position"})
+
+
 def load_training_state(path: str | Path, class_map: ClassMap) -> dict:
     """A training checkpoint to resume from, on the CPU (RNG states must be CPU tensors; the weights and
     optimizer states are copied to their device by ``load_state_dict``); refused when it is not one of ours,
     its class map differs from ``class_map`` by K-code or position, or its weights are not finite."""
     st = load_checkpoint(path, map_location="cpu")
-    if not isinstance(st, dict) or st.get("format") != FORMAT:
+    if not is_ours(st):
         raise CheckpointError(f"{path} is not a pillsnap_dali training checkpoint; use --pretrained for plain "
                               "weights")
-    ClassMap.from_dict(st["class_map"]).check_same(class_map)
+    checked = validate_checkpoint(st, path)
+    missing = [k for k in dict.fromkeys((*_RESUME_KEYS, *_run_state_keys())) if k not in st]
+    if missing:
+        raise CheckpointError(f"{path}: cannot be resumed, it lacks {', '.join(missing)} (not a complete training "
+                              "checkpoint; --pretrained starts a new run from its weights)")
+    checked.class_map.check_same(class_map)
     for key in ("model", "ema"):
         bad = non_finite_tensors(st[key] or {})
         if bad:
