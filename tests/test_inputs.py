@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from pillsnap_dali.commands import evaluate, export, predict, train
-from pillsnap_dali.training import evaluation
 from pillsnap_dali.config import ConfigError, PreprocessConfig, load_config
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.data.manifest import ManifestError, read_manifest
@@ -338,7 +337,7 @@ def test_a_last_training_batch_of_one_sample_is_left_out_not_a_batchnorm_crash(t
                      "--out", str(tmp_path / "runs"), "--name", "r", "--model", "test_efficientnet", "--img-size", "32",
                      "--batch-size", "8", "--epochs", "1", "--device", device, "--backend", backend,
                      "--set", "loader.workers=0", "--set", "loader.threads=1", "--set", "train.warmup_epochs=0",
-                     "--set", "evaluation.after_training=false"])
+                     "--set", "evaluate.after_training=false"])
     assert rc == 0
     assert "a batch of one sample (row [" in capsys.readouterr().err
     ck = load_checkpoint(tmp_path / "runs" / "r" / "checkpoints" / "last.pt")
