@@ -32,7 +32,7 @@ done
 cd "$(dirname "$0")/.."
 out="${out:-gpu_results/$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$out"
-install_timeout=120; [ -n "$quick" ] && install_timeout=60   # gpu_check.INSTALL_TIMEOUT: part of the budget
+install_timeout=120; [ -n "$quick" ] && install_timeout=70   # gpu_check.INSTALL_TIMEOUT: part of the budget
 if [ "$install" = 1 ]; then
   if [ -n "$wheels" ]; then  # a lent GPU reaches no package index: everything comes from the carried wheels
     [ -d "$wheels" ] || { echo "no wheel folder $wheels" >&2; exit 2; }
