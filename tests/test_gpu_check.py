@@ -4,6 +4,9 @@ CPU backends, and the shell script's modes."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +169,19 @@ def test_the_decode_threshold_names_its_gpu_class(tmp_path):
     assert not gpu_check.check_decode(out).passed  # 3x is not enough where the engine is
 
 
+def test_weights_distance_and_figures(tmp_path, monkeypatch):
+    a = {"w": torch.ones(4), "n": torch.tensor(3)}
+    assert gpu_check.weights_distance(a, {"w": torch.ones(4), "n": torch.tensor(5)}) == 0.0
+    assert gpu_check.weights_distance(a, {"w": torch.tensor([1.0, 1.0, 1.0, 3.0]), "n": torch.tensor(3)}) == 1.0
+    monkeypatch.setenv(gpu_check.FIGURES_ENV, str(tmp_path / "fig"))
+    gpu_check.record_figure("resume_dali", {"relative_l2": 0.001})
+    out = fake_results(tmp_path / "run")
+    (out / "figures").mkdir()
+    (out / "figures" / "resume_dali.json").write_text((tmp_path / "fig" / "resume_dali.json").read_text())
+    assert summarize(out, "quick", steps=[])[0]["figures"] == {"resume_dali": {"relative_l2": 0.001}}
+    assert {s.name: s for s in plan(out, True)}["gpu_tests"].env == {gpu_check.FIGURES_ENV: str(out / "figures")}
+
+
 def test_the_oom_probe_leaves_what_it_says(monkeypatch):
     assert gpu_check.fill_bytes(10 * 2 ** 30, 256) == 10 * 2 ** 30 - 256 * 2 ** 20
     assert gpu_check.fill_bytes(100 * 2 ** 20, 256) == 0
@@ -204,6 +220,47 @@ def test_shell_script_documents_its_modes():
     for mode in ("--quick", "--wheels DIR", "--no-index --find-links", "summary.json", "5 min", "10 min"):
         assert mode in res.stdout
     assert subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--nope"], capture_output=True).returncode == 2
+
+
+class _StopAt(logging.Handler):
+    """SIGTERM to this process when a log line of the package contains ``text`` (the training's own stop)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text, self.fired = text, False
+
+    def emit(self, record):
+        if not self.fired and self.text in record.getMessage():
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")  # before the fixture builds a tree
+def test_dali_resume_ends_within_the_stated_weight_tolerance(manifests, tmp_path):
+    """README's guarantee on `dali` (CUDA): rows and draws exact, weights within RESUME_TOLERANCE of an
+    uninterrupted run (cuDNN's algorithms and the decoder path of a row are not fixed). Measured, recorded in
+    summary.json's figures."""
+    from pillsnap_dali.commands import train
+    from pillsnap_dali.training.checkpoint import load_checkpoint
+    common = ["--manifest", str(manifests / "manifest_train.csv"), "--out", str(tmp_path), "--model",
+              "test_efficientnet", "--img-size", "64", "--batch-size", "8", "--epochs", "2", "--backend", "dali",
+              "--set", "train.warmup_epochs=0", "--set", "train.log_interval=1", "--set", "train.max_skipped=0.1"]
+    assert train.main([*common, "--name", "whole"]) == 0
+    stop, log = _StopAt("epoch 0/2 step 3/"), logging.getLogger("pillsnap_dali")
+    log.addHandler(stop)
+    try:
+        assert train.main([*common, "--name", "cut"]) == 128 + signal.SIGTERM and stop.fired
+    finally:
+        log.removeHandler(stop)
+    assert train.main([*common, "--name", "cut", "--resume"]) == 0
+    whole = load_checkpoint(tmp_path / "whole/checkpoints/last.pt")
+    resumed = load_checkpoint(tmp_path / "cut/checkpoints/last.pt")
+    assert resumed["step"] == whole["step"]
+    rel = gpu_check.weights_distance(whole["model"], resumed["model"])
+    gpu_check.record_figure("resume_dali", {"relative_l2": rel, "tolerance": gpu_check.RESUME_TOLERANCE,
+                                            "gpu": torch.cuda.get_device_name(0)})
+    assert rel <= gpu_check.RESUME_TOLERANCE
 
 
 @pytest.mark.gpu

@@ -48,6 +48,8 @@ THRESHOLDS = {"dali_over_pil_jpeg": 5.0,            # GPUs with a hardware JPEG 
               "data_share_max": 0.05, "combo_p95_ms_max": 200.0, "nvml_growth_gb_max": 0.25,
               "oom_leave_mb": 256}                  # device memory the OOM probe leaves free for DALI
 PY = sys.executable
+FIGURES_ENV = "PILLSNAP_GPU_FIGURES"   # where gpu tests that measure something write it (summary.json "figures")
+RESUME_TOLERANCE = 0.02   # `dali` resume vs an uninterrupted run: relative L2 distance of the weights (bound)
 QUICK_BUDGET_S = 300      # one H100 lease, offline install included
 FULL_BUDGET_S = 600
 INSTALL_TIMEOUT = {True: 70, False: 120}   # scripts/gpu_check.sh's offline install (quick, full)
@@ -84,6 +86,7 @@ class Step:
     timeout: int                 # seconds in quick mode; the full mode doubles it
     needs: tuple[str, ...] = ()  # steps that must have succeeded first
     work: int = 0                # the work it does on one H100, estimated (s): timeout >= 1.5x work
+    env: dict | None = None      # added to the environment
 
 
 def gpu_free_gb() -> float | None:
@@ -141,7 +144,8 @@ def plan(out: Path, quick: bool, free_gb: float | None = None) -> list[Step]:
         Step("doctor", m + ["pillsnap_dali.doctor", "--require-gpu", "--disk", str(out), "--json",
                             str(out / "doctor.json")], 15, (), 6),
         Step("tree", m + ["pillsnap_dali.train", *train, "--dry-run"], 30, (), 18),
-        Step("gpu_tests", tests + (["-x"] if quick else []), 40, ("doctor",), 26),
+        Step("gpu_tests", tests + (["-x"] if quick else []), 40, ("doctor",), 26,
+             {FIGURES_ENV: str(out / "figures")}),
         Step("decode_bench", decode, 25, ("doctor",), 15),
         Step("train_dali", m + ["pillsnap_dali.train", *train], 40, ("doctor", "tree"), 25),
         Step("detect", detect, 30, ("doctor", "tree"), 18),
@@ -184,7 +188,8 @@ def run_step(step: Step, out: Path, scale: float) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     timeout, t0 = int(step.timeout * scale), time.monotonic()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(step.argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(step.argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(step.env or {})})
         try:
             rc, timed_out = proc.wait(timeout=timeout), False
         except subprocess.TimeoutExpired:
@@ -277,6 +282,24 @@ def csv_rows(path: Path) -> int:
         return 0
     with open(path, newline="", encoding="utf-8") as fh:
         return max(sum(1 for _ in csv.reader(fh)) - 1, 0)
+
+
+def weights_distance(a: dict, b: dict) -> float:
+    """Relative L2 distance of two state dicts' floating tensors: ||a - b|| / ||a|| over all of them."""
+    num = den = 0.0
+    for k, t in a.items():
+        if torch.is_tensor(t) and t.is_floating_point():
+            num += float((t.double() - b[k].double()).pow(2).sum())
+            den += float(t.double().pow(2).sum())
+    return (num / den) ** 0.5 if den else 0.0
+
+
+def record_figure(name: str, value: dict) -> None:
+    """Write a measured figure where gpu_check collects them (``PILLSNAP_GPU_FIGURES``; nothing when unset)."""
+    folder = os.environ.get(FIGURES_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{name}.json").write_text(json.dumps(value, indent=1))
 
 
 def fill_bytes(free: int, leave_mb: int) -> int:
@@ -479,7 +502,8 @@ def summarize(out: Path, mode: str, steps: list[dict] | None = None) -> tuple[di
     checks = judge(out, steps)
     summary = {"mode": mode, "passed": all(c.passed for c in checks), "thresholds": THRESHOLDS,
                "checks": [asdict(c) for c in checks], "steps": steps if steps is not None else _json(out / "steps.json"),
-               "machine": (_json(out / "doctor.json") or {}).get("facts"), "install": _json(out / "install.json")}
+               "machine": (_json(out / "doctor.json") or {}).get("facts"), "install": _json(out / "install.json"),
+               "figures": {p.stem: _json(p) for p in sorted((out / "figures").glob("*.json"))}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     rows = ["| check | result | value | threshold | detail |", "|---|---|---|---|---|"]
     rows += [f"| {c.name} | {'PASS' if c.passed else 'FAIL'} | {c.value} | {c.threshold} | {c.detail} |" for c in checks]
