@@ -13,9 +13,14 @@ one manifest row becomes the graph's per-sample inputs (``Feed``); the runner do
   (``Probe``); the bad ones are skipped (the loader's ``on_skip``), the others go back to the head of the
   stream, and the epoch goes on. A batch that fails while no single file does is retried, never skipped; after
   ``MAX_RETRIES`` retries the run stops with ``PipelineFailure``.
-- **device memory**: an allocation or CUDA error is never a corrupt file. DALI's unused memory is released, the
-  pipeline rebuilt and the batch retried once; a second failure stops the run with ``DeviceMemoryError``
-  (batch size, image size and memory figures in the message). Nothing goes to the skip log for these.
+- **decoder paths**: on a GPU with a hardware JPEG engine DALI sends a row to the engine or to the CUDA decoder
+  by its index in the batch (``hw_decoder_load``). The probe tries a row on both (``PROBE_PATHS``); it is bad
+  only when both fail, and a row that decodes on one path only is delivered alone on that path.
+- **device memory**: an allocation or CUDA error is never a corrupt file, nor is nvImageCodec's "Failed to
+  decode sample" on a nearly full device (probe included). The dead pipelines are dropped, collected, DALI's
+  unused memory released and torch's cache emptied, the pipeline rebuilt and the batch retried once; a second
+  failure stops the run with ``DeviceMemoryError`` (batch size, image size and memory figures in the message).
+  Nothing goes to the skip log for these.
 - **the copy out of DALI** (``to_torch``, CPU and GPU) and **seeding** (``seed_for``: one convention,
   from (seed, epoch, rank)).
 """
@@ -443,6 +448,7 @@ class DaliRunner:
         except RuntimeError as probe_err:
             if not is_device_error(probe_err):
                 raise
+            err.__traceback__ = None  # the batch's failure holds the dead pipeline too
             self._device_failure(probe_err, rows)
             return []
         for row, why in bad.items():
