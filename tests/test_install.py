@@ -108,3 +108,43 @@ def test_pip_builds_a_cuda13_wheel_with_a_valid_record(tmp_path):
     assert b"Requires-Dist: nvidia-dali-cuda130>=1.45" in head and b"nvidia-dali-cuda120" not in head
     digest = base64.urlsafe_b64encode(hashlib.sha256(meta).digest()).rstrip(b"=").decode()
     assert f"{meta_name},sha256={digest},{len(meta)}" in record.splitlines()
+
+
+def _item(name, version, *requires):
+    return {"metadata": {"name": name, "version": version, "requires_dist": list(requires)}}
+
+
+FAKE_REPORT = {"install": [
+    _item("pillsnap_dali", "0.1.0", "nvidia-dali-cuda130>=1.45", "torch>=2.7", "timm>=0.9", "ultralytics>=8.4",
+          'pytest>=7.4; extra == "dev"', 'onnx>=1.15; extra == "deploy"'),
+    _item("nvidia-dali-cuda130", "2.4.0", "optree", "numpy", "nvidia-nvimgcodec-cu13[all]<0.10,>=0.9"),
+    _item("nvidia-nvimgcodec-cu13", "0.9.0.20", 'nvidia-nvjpeg; extra == "all"', 'nvidia-nvtiff-cu13; extra == "tiff"'),
+    _item("torch", "2.14.1", "filelock", 'nvidia-cudnn-cu13==9.24; platform_system == "Linux"'),
+    _item("timm", "1.0.31", "torch", "huggingface-hub"),
+    _item("ultralytics", "8.4.190", "torch>=1.8", "polars>=0.20", "matplotlib>=3.3", "filelock"),
+    _item("matplotlib", "3.11.2", "numpy>=1.23", "pyparsing>=3"),
+    _item("pytest", "9.2.0", 'colorama>=0.4; sys_platform == "win32"', 'tomli>=1; python_version < "3.11"'),
+    *(_item(n, "1.0") for n in ("filelock", "nvidia-cudnn-cu13", "huggingface-hub", "polars", "pyparsing", "optree",
+                                "numpy", "nvidia-nvjpeg", "nvidia-nvtiff-cu13", "onnx", "colorama", "tomli"))]}
+
+
+def test_the_wheel_set_walks_the_graph_without_entering_the_box():
+    """What torch, timm and numpy need alone (filelock, cuDNN, huggingface-hub) is on the box; what another
+    package also needs (filelock for Ultralytics) is kept; extras and markers as the target evaluates them."""
+    from pillsnap_dali.commands.wheelhouse import needed
+    keep = needed(FAKE_REPORT, "pillsnap_dali", "3.12")
+    assert set(keep) == {"pillsnap-dali", "nvidia-dali-cuda130", "optree", "nvidia-nvimgcodec-cu13", "nvidia-nvjpeg",
+                         "ultralytics", "polars", "matplotlib", "pyparsing", "filelock", "pytest"}
+    assert keep["nvidia-dali-cuda130"] == "2.4.0"
+    assert "tomli" in needed(FAKE_REPORT, "pillsnap_dali", "3.10")  # python_version < "3.11"
+    report = {"install": [i for i in FAKE_REPORT["install"] if i["metadata"]["name"] != "ultralytics"]}
+    assert "filelock" not in needed(report, "pillsnap_dali", "3.12")
+
+
+def test_the_target_platform_takes_older_manylinux_tags():
+    from pillsnap_dali.commands.wheelhouse import platforms, target_flags
+    tags = platforms("manylinux_2_28_x86_64")
+    assert tags[0] == "manylinux_2_28_x86_64" and "manylinux_2_17_x86_64" in tags and "manylinux2014_x86_64" in tags
+    assert "manylinux_2_29_x86_64" not in tags and platforms("linux_x86_64") == ["linux_x86_64"]
+    flags = target_flags("3.12", "manylinux_2_28_x86_64")
+    assert flags[:3] == ["--only-binary=:all:", "--python-version", "3.12"] and flags.count("--platform") == len(tags)
