@@ -112,8 +112,12 @@ def test_the_plan_starts_with_doctor_and_fits_the_lease(tmp_path):
 
 
 def test_the_tree_is_built_in_its_own_step(tmp_path):
+    """The tree step renders the tree the training step names (the same --set values) on every core and
+    writes its manifests; the training then reuses both (no generation in its timed step)."""
     steps = {s.name: s for s in plan(tmp_path, True)}
-    assert steps["tree"].argv[-1] == "--dry-run" and steps["tree"].argv[:-1] == steps["train_dali"].argv
+    assert steps["tree"].argv[2:] == ["pillsnap_dali.gpu_check", "tree", str(tmp_path), "--quick"]
+    train_sets = [a for a in steps["train_dali"].argv if a.startswith("data.")]
+    assert train_sets == gpu_check.tree_sets(tmp_path, True)[1::2]
     assert "tree" in steps["train_dali"].needs and "tree" in steps["detect"].needs and "tree" in steps["oom"].needs
     assert "train_dali" not in steps["oom"].needs and "train_dali" not in steps["detect"].needs
 
@@ -188,14 +192,19 @@ def test_the_oom_probe_leaves_what_it_says(monkeypatch):
 
 
 def test_the_training_step_arguments_run(tmp_path):
-    """The Stage 3 training step's flags and --set keys are valid (run as a dry run, small, on the CPU)."""
+    """What the tree step does (small, on the CPU): the tree and its manifests; the Stage 3 training step's
+    flags and --set keys are valid (a dry run) and it finds both made (nothing regenerated in its timed step)."""
     from pillsnap_dali.commands import train
 
     argv = gpu_check.stage3_train_argv(tmp_path, True)
     small = {"976x1280": "96x128", "data.synth.images_per_class=48": "data.synth.images_per_class=3", "dali": "dali-cpu",
              "tf_efficientnetv2_s": "resnet18", "384": "32"}
-    assert train.main([small.get(a, a).replace("976x1280", "96x128") for a in argv] + ["--dry-run"]) == 0
+    sets = [small.get(a, a).replace("976x1280", "96x128") for a in gpu_check.tree_sets(tmp_path, True)[1::2]]
+    assert gpu_check.build_tree(tmp_path, sets, 2) == tmp_path / "artifacts" / "demo"
+    made = {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").rglob("*") if p.is_file()}
     assert (tmp_path / "artifacts" / "demo" / "detect_val.csv").is_file()  # what the latency step reads
+    assert train.main([small.get(a, a).replace("976x1280", "96x128") for a in argv] + ["--dry-run"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in made} == made  # tree and manifests reused as they were
     # the OOM probe's code path on that tree: the loader alone, nothing filled on a CPU, so no device error
     res = gpu_check.probe_oom(tmp_path / "oom", True, backend="dali-cpu", fill=None)
     assert res["batches"] >= 1 and res["device_memory_error"] is False and res["skipped_rows"] == 0

@@ -143,7 +143,7 @@ def plan(out: Path, quick: bool, free_gb: float | None = None) -> list[Step]:
     return [
         Step("doctor", m + ["pillsnap_dali.doctor", "--require-gpu", "--disk", str(out), "--json",
                             str(out / "doctor.json")], 15, (), 6),
-        Step("tree", m + ["pillsnap_dali.train", *train, "--dry-run"], 30, (), 18),
+        Step("tree", m + ["pillsnap_dali.gpu_check", "tree", str(out), *("--quick",) * quick], 30, (), 15),
         Step("gpu_tests", tests + (["-x"] if quick else []), 40, ("doctor",), 26,
              {FIGURES_ENV: str(out / "figures")}),
         Step("decode_bench", decode, 25, ("doctor",), 15),
@@ -300,6 +300,19 @@ def record_figure(name: str, value: dict) -> None:
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / f"{name}.json").write_text(json.dumps(value, indent=1))
+
+
+def build_tree(out: Path, sets: list[str], workers: int) -> Path:
+    """The synthetic tree of ``sets`` (``tree_sets`` without the flags) rendered by ``workers`` processes,
+    and its manifests (``artifacts/demo/manifest_*.csv``, ``detect_*.csv``): what the training, detection and
+    OOM steps then find made and reuse. Returns the manifests' folder."""
+    from pillsnap_dali.config import load_config
+    from pillsnap_dali.data.build import ensure_manifests
+    from pillsnap_dali.data.synth.tree import ensure_demo_data
+
+    cfg = load_config("demo", sets=sets)
+    ensure_demo_data(cfg, workers=workers)
+    return Path(ensure_manifests(cfg))
 
 
 def fill_bytes(free: int, leave_mb: int) -> int:
@@ -531,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quick", action="store_true")
     lat = sub.add_parser("latency", help="combo latency with the run's classifier and detector")
     lat.add_argument("out")
+    t = sub.add_parser("tree", help="the synthetic tree and its manifests, rendered on every core")
+    t.add_argument("out")
+    t.add_argument("--quick", action="store_true")
     pl = sub.add_parser("plan", help="print the steps, their timeouts and the budget; run nothing")
     pl.add_argument("--quick", action="store_true")
     pl.add_argument("--out", default="gpu_results/<stamp>")
@@ -547,6 +563,10 @@ def _main(a: argparse.Namespace) -> int:
         return 0
     if a.cmd == "latency":
         return combo_latency(Path(a.out))
+    if a.cmd == "tree":
+        from pillsnap_dali.config import available_cores
+        print(build_tree(Path(a.out), tree_sets(Path(a.out), a.quick)[1::2], available_cores()))
+        return 0
     if a.cmd == "plan":
         free = gpu_free_gb()
         print(plan_text(plan(Path(a.out), a.quick, free), a.quick, free))
