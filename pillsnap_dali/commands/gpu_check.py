@@ -90,7 +90,14 @@ class Step:
 
 
 def gpu_free_gb() -> float | None:
-    """Free memory of CUDA device 0 in GB (``torch.cuda.mem_get_info``), None without CUDA."""
+    """Free memory of GPU 0 in GB, from NVML (no CUDA context in this parent process, which would hold memory
+    through every step), else ``torch.cuda.mem_get_info``; None without a GPU."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free / 2 ** 30
+    except Exception:  # no NVML library or no device: torch's view
+        pass
     if not torch.cuda.is_available():
         return None
     free, _ = torch.cuda.mem_get_info(0)
