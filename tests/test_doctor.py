@@ -19,7 +19,7 @@ H100 = Gpu("NVIDIA H100 80GB HBM3", (9, 0), 80.0)
 def facts(**kw) -> Facts:
     base = dict(cpu_cores=16, torch_version="2.8.0+cu128", torch_cuda="12.8", arch_list=ARCH_CU128, gpus=[RTX5080],
                 cuda_available=True, driver="575.51.03", dali_version="1.52.0", dali_package="nvidia-dali-cuda120",
-                dali_cuda=12, nvimgcodec="0.6.0", mixed_decode=OK, versions={"ultralytics": "8.4.190", "timm": "1.0.31"},
+                dali_cuda=12, nvimgcodec="0.6.0", mixed_decode=OK, gpu_decoder=OK, hw_jpeg=False, versions={"ultralytics": "8.4.190", "timm": "1.0.31"},
                 disk_path="/data", free_gb=500.0)
     base.update(kw)
     return Facts(**base)
@@ -52,9 +52,58 @@ def test_torch_without_sm_120_kernels_names_the_fix():
     (["sm_86"], (8, 0), False),       # not the other way round
     (["sm_90"], (12, 0), False),      # no cubin across majors
     (["compute_90"], (12, 0), True),  # PTX is JIT-compiled for newer GPUs
-    (["sm_120"], (12, 0), True), ([], (9, 0), False)])
+    (["sm_120"], (12, 0), True), ([], (9, 0), False),
+    (["sm_90a"], (9, 0), True),       # arch-specific cubins (torch cu126+ lists sm_90a): that capability only
+    (["sm_90a"], (9, 1), False),
+    (["sm_100f"], (10, 3), True),     # family cubins: the major, minors at or above
+    (["sm_100a", "sm_120a"], (12, 0), True), (["sm_100a"], (12, 0), False),
+    (["compute_120"], (12, 0), True), (["compute_120"], (10, 0), False),
+    (["lto_90", "bogus", "sm_", "sm_9x", "compute_100f"], (10, 0), True)])  # odd entries: never an error
 def test_kernel_compatibility_rules(arch, cap, ok):
     assert has_kernels(arch, cap) is ok
+
+
+def test_every_arch_form_torch_prints_parses():
+    assert doctor.parse_arch("sm_90a") == ("sm", 9, 0, "a") and doctor.parse_arch("sm_100f") == ("sm", 10, 0, "f")
+    assert doctor.parse_arch("compute_120") == ("compute", 12, 0, "") and doctor.parse_arch("sm_86") == ("sm", 8, 6, "")
+    assert doctor.parse_arch("sm_") is None and doctor.parse_arch("gfx90a") is None
+    lines = judge(facts(gpus=[H100], arch_list=["sm_80", "sm_90a", "sm_100f", "sm_120", "compute_120"]))
+    assert by_what(lines, "kernels gpu0").status == OK  # the doctor itself did not raise on these
+
+
+@pytest.mark.parametrize("torch_cuda, flavour", [("12.8", "nvidia-dali-cuda120"), ("13.0", "nvidia-dali-cuda130"),
+                                                 ("13.1", "nvidia-dali-cuda130"), (None, "nvidia-dali-cuda120")])
+def test_fix_lines_name_the_dali_flavour_of_torchs_cuda(torch_cuda, flavour):
+    f = facts(torch_cuda=torch_cuda, driver="580.65", dali_version=None, mixed_decode=None)
+    fix = by_what(judge(f), "DALI").fix
+    assert f"'{flavour}>=1.45'" in fix and f"PILLSNAP_DALI_CUDA={flavour[-3:-1]} pip install -e ." in fix
+    old = by_what(judge(facts(torch_cuda=torch_cuda, driver="580.65", dali_version="1.40.0")), "DALI")
+    assert old.status == FAIL and flavour in old.fix and "cuda1" + ("2" if "13" in flavour else "3") not in old.fix
+
+
+def test_mixed_decode_that_fell_back_to_the_cpu_fails():
+    """DALI's mixed gave the right image, but nvImageCodec restricted to its CUDA backend decoded nothing
+    (no nvJPEG for this GPU): the image came from a CPU fallback, the GPU path is not proven."""
+    f = facts(gpu_decoder="none")
+    line = by_what(judge(f), "mixed decode")
+    assert line.status == FAIL and "fell back to the CPU" in line.detail and line.gpu_path
+    assert verdict(f, judge(f))[0] == 1
+    assert by_what(judge(facts(gpu_decoder=None)), "mixed decode").status == FAIL  # not probed: not proven
+
+
+def test_the_hardware_jpeg_engine_is_named():
+    assert "no hardware JPEG decoder" in by_what(judge(facts(hw_jpeg=False)), "JPEG engine").detail
+    assert "A100/H100-class" in by_what(judge(facts(gpus=[H100], hw_jpeg=True)), "JPEG engine").detail
+    assert "not probed" in by_what(judge(facts(hw_jpeg=None)), "JPEG engine").detail
+
+
+def test_the_gpu_decoder_probe_answers_without_a_gpu():
+    """On this CPU machine nvImageCodec's CUDA backend cannot run: the probe gives a line, never raises."""
+    if torch.cuda.is_available():
+        pytest.skip("a CPU-only check")
+    for kind in ("GPU_ONLY", "HW_GPU_ONLY"):
+        got = doctor.nvimgcodec_decodes(kind)
+        assert isinstance(got, str) and got != OK
 
 
 def test_old_driver_for_blackwell_and_for_cuda_13():
@@ -115,3 +164,5 @@ def test_mixed_decode_works_on_this_gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     assert doctor.mixed_decode_works(0) == OK
+    assert doctor.nvimgcodec_decodes("GPU_ONLY", 0) == OK
+    assert doctor.nvimgcodec_decodes("HW_GPU_ONLY", 0) in (OK, "none")

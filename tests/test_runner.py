@@ -215,3 +215,145 @@ def test_a_batch_failing_up_to_the_documented_retries_comes_back_whole(split, ca
         rows = _rows(loader)
     assert sorted(rows) == list(range(20)) and len(log) == 0
     assert f"the batch is retried ({failures} of {MAX_RETRIES})" in caplog.text
+
+# nvImageCodec's failures reach DALI's mixed decoder as this line (a bad file, or its allocator failed)
+AMBIGUOUS_TEXT = ("Critical error in pipeline:\nError in MIXED operator `nvidia.dali.fn.decoders.image`,\n"
+                  "encountered:\n\nFailed to decode sample #3 : /data/a.jpg\n"
+                  "Current pipeline object is no longer valid.")
+CUDA_ALLOC_TEXT = ("Critical error in pipeline:\nError in MIXED operator `nvidia.dali.fn.decoders.image`,\n"
+                   "encountered:\n\nCUDA allocation failed\nCurrent pipeline object is no longer valid.")
+FULL_GPU = {"rss_mb": 900.0, "gpu_free_mb": 310.0, "gpu_total_mb": 16303.0}   # an RTX 5080 nearly full
+ROOMY_GPU = {"rss_mb": 900.0, "gpu_free_mb": 9000.0, "gpu_total_mb": 16303.0}
+
+
+def test_dali_and_nvimagecodec_allocation_texts():
+    from pillsnap_dali.loaders.runner import MemoryPressure, is_ambiguous_decode, under_memory_pressure
+    assert is_device_error(RuntimeError(CUDA_ALLOC_TEXT))
+    assert not is_device_error(RuntimeError(AMBIGUOUS_TEXT)) and is_ambiguous_decode(RuntimeError(AMBIGUOUS_TEXT))
+    assert is_device_error(MemoryPressure("probe failed while the device is nearly full"))
+    assert under_memory_pressure(FULL_GPU) and not under_memory_pressure(ROOMY_GPU)
+    assert not under_memory_pressure({"rss_mb": 1.0})  # no GPU figure (dali-cpu): never pressure
+
+
+def test_the_dead_pipeline_is_gone_before_memory_is_released(split, monkeypatch):
+    """The retry frees memory only if nothing holds the failed pipeline when DALI's pools are released (the
+    epoch loop's local and the error's traceback did)."""
+    import weakref
+
+    from pillsnap_dali.loaders import runner as runner_mod
+    loader = _loader(split, SkipLog(None), True)
+    built = []
+    build = loader.runner.build
+    counter = {"runs": 0}
+
+    def tracked(source, opts):
+        pipe = _Failing(build(source, opts), counter, {2}, CUDA_ALLOC_TEXT)
+        built.append(weakref.ref(pipe))
+        return pipe
+    loader.runner.build = tracked
+    seen = []
+    monkeypatch.setattr(runner_mod, "release_unused_memory", lambda: seen.append([r() is None for r in built]))
+    assert sorted(_rows(loader)) == list(range(20))
+    assert seen == [[True]]  # one release, after the only pipeline built so far was collected
+
+
+def test_an_ambiguous_decode_failure_on_a_full_gpu_is_memory_not_a_bad_file(split, tmp_path, monkeypatch):
+    from pillsnap_dali.loaders import runner as runner_mod
+    monkeypatch.setattr(runner_mod, "memory_figures", lambda device_id: dict(FULL_GPU))
+    log = SkipLog(tmp_path / "skipped.csv")
+    loader = _loader(split, log, True)
+    _inject(loader.runner, {2}, AMBIGUOUS_TEXT)
+    assert sorted(_rows(loader)) == list(range(20)) and len(log) == 0 and loader.runner.builds == 2
+    again = _loader(split, log, True)
+    _inject(again.runner, {2, 3}, AMBIGUOUS_TEXT)
+    with pytest.raises(DeviceMemoryError, match="Failed to decode sample"):
+        _rows(again)
+    assert len(log) == 0 and not log.path.exists()
+
+
+def test_a_one_image_probe_that_fails_under_memory_pressure_skips_nothing(split, tmp_path, monkeypatch):
+    """The batch dies for a reason of its own; each probe then fails with the ambiguous text while the device
+    is full: no row goes to skipped.csv, the run stops with the device-memory error."""
+    from pillsnap_dali.loaders import runner as runner_mod
+    figures = {"now": ROOMY_GPU}
+    monkeypatch.setattr(runner_mod, "memory_figures", lambda device_id: dict(figures["now"]))
+    log = SkipLog(tmp_path / "skipped.csv")
+    loader = _loader(split, log, True)
+    _inject(loader.runner, {2}, DEAD_TEXT)
+    probe_build = loader.runner.probe.build
+
+    def failing_probe(source, opts):
+        figures["now"] = FULL_GPU  # the device fills up while the rows are probed
+        return _Failing(probe_build(source, opts), {"runs": 0}, set(range(1, 100)), AMBIGUOUS_TEXT)
+    loader.runner.probe.build = failing_probe
+    rows = _rows(loader)  # first device failure: retried, and the retry goes through
+    assert sorted(rows) == list(range(20)) and len(log) == 0
+    figures["now"] = ROOMY_GPU
+    probe = runner_mod.Probe(failing_probe, loader.runner.feed, loader.runner.opts, pressure=lambda: False)
+    assert probe.problem(0, 0).startswith("DALI: ")   # roomy device: the probe's failure is the file's
+    probe = runner_mod.Probe(failing_probe, loader.runner.feed, loader.runner.opts, pressure=lambda: True)
+    with pytest.raises(runner_mod.MemoryPressure):
+        probe.problem(0, 0)
+
+
+class _PathSplit:
+    """The real pipeline, as a GPU with a hardware JPEG engine runs it: the first ``hw`` rows of a batch go to
+    the hardware decoder (DALI's hw_decoder_load), and ``bad_row`` fails there (its CUDA decode works)."""
+
+    def __init__(self, pipe, bad_row: int, hw_share: float, counter: dict):
+        self._pipe, self._bad, self._hw, self._counter = pipe, bad_row, hw_share, counter
+
+    def run(self):
+        outs = self._pipe.run()
+        rows = np.asarray(outs[-1].as_tensor()).reshape(-1).tolist()
+        if self._bad in rows[:int(round(len(rows) * self._hw))]:
+            self._counter["hw_failures"] += 1
+            raise RuntimeError(AMBIGUOUS_TEXT)
+        return outs
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+
+def _split_paths(loader, bad_row: int, bad_on: set):
+    """Give the runner's probe the two decoder paths, ``bad_row`` failing on the loads in ``bad_on``."""
+    r = loader.runner
+    counter = {"hw_failures": 0}
+    build = r.build
+    r.build = lambda source, opts: _PathSplit(build(source, opts), bad_row, 1.0, counter)
+    r.probe.paths = (1.0, 0.0)
+    r.probe.build_on_path = lambda source, opts, hw: _PathSplit(build(source, opts), bad_row,
+                                                                1.0 if hw in bad_on else 0.0, counter)
+    return counter
+
+
+def test_a_file_that_fails_on_the_hardware_path_only_is_delivered_not_skipped(split):
+    log = SkipLog(None)
+    loader = _loader(split, log, False)
+    counter = _split_paths(loader, 5, {1.0})
+    rows = _rows(loader)
+    assert sorted(rows) == list(range(20)) and len(rows) == 20 and len(log) == 0
+    assert loader.runner.probe.works_on == {5: 0.0} and counter["hw_failures"] >= 2  # batch + the hw probe
+    assert loader.runner.probe.builds == 3  # one per path, and the hardware one rebuilt after row 5 killed it
+    assert loader.runner._blind_failures == 0
+
+
+def test_a_file_that_fails_on_both_paths_is_skipped_once(split):
+    log = SkipLog(None)
+    loader = _loader(split, log, False)
+    _split_paths(loader, 5, {1.0, 0.0})
+    rows = _rows(loader)
+    assert sorted(rows) == [r for r in range(20) if r != 5] and len(log) == 1 and log.entries[0]["row"] == 5
+    assert loader.runner.probe.works_on == {}
+
+
+def test_the_gpu_classification_loader_gives_the_probe_both_paths(split):
+    """A ``dali`` loader's probe tries hw_decoder_load 1 then 0 (its runner builds the graph with the load
+    fixed); ``dali-cpu`` has one decoder path."""
+    from pillsnap_dali.loaders.runner import PROBE_PATHS, Probe
+    cpu = _loader(split, SkipLog(None), False)
+    assert cpu.runner.probe.paths == (None,) and cpu.runner.probe.build_on_path is not None
+    import dataclasses
+    gpu_opts = dataclasses.replace(cpu.runner.opts, device="gpu", device_id=0)
+    probe = Probe(cpu.runner.build, cpu.runner.feed, gpu_opts, cpu.runner.probe.build_on_path)
+    assert probe.paths == PROBE_PATHS == (1.0, 0.0)

@@ -10,4 +10,4 @@ one ``error:`` line and exit 2). Arrows point down only: the commands import the
 """
 
 COMMANDS = ("train", "manifest", "synth", "prepare", "detect", "predict", "evaluate", "export", "doctor",
-            "bench", "gpu_check")
+            "bench", "gpu_check", "wheelhouse")

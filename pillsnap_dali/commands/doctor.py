@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import logging
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,8 @@ class Facts:
     nvimgcodec: str | None = None
     nvjpeg: str | None = None
     mixed_decode: str | None = None          # "ok", an error line, or None (not tried)
+    gpu_decoder: str | None = None           # nvImageCodec's CUDA backend alone: "ok", "none" or an error
+    hw_jpeg: bool | None = None              # a hardware JPEG engine decoded (None: not probed)
     versions: dict = field(default_factory=dict)  # ultralytics, timm
     disk_path: str = "."
     free_gb: float = 0.0
@@ -85,19 +88,47 @@ def version_tuple(v: str | None) -> tuple[int, ...]:
     return tuple(out)
 
 
+_ARCH = re.compile(r"^(sm|compute|lto)_(\d+)([a-z]?)$")
+
+
+def parse_arch(arch: str) -> tuple[str, int, int, str] | None:
+    """``(kind, major, minor, suffix)`` of an arch entry as torch prints it (``sm_90``, ``sm_90a``,
+    ``sm_100f``, ``compute_120``, ``lto_90``); None for anything else. The last digit is the minor."""
+    m = _ARCH.match(arch.strip().lower())
+    if not m or len(m.group(2)) < 2:
+        return None
+    num = m.group(2)
+    return m.group(1), int(num[:-1]), int(num[-1]), m.group(3)
+
+
 def has_kernels(arch_list: list[str], cap: tuple[int, int]) -> bool:
     """Whether a torch built for ``arch_list`` runs on compute capability ``cap``: a cubin of the same major
-    and a minor not above it (sm_80 code runs on 8.6), or PTX (compute_XY) at or below it to JIT."""
+    and a minor not above it (sm_80 code runs on 8.6), or PTX (compute_XY) at or below it to JIT.
+    ``sm_90a``-style (arch-specific) cubins run on exactly that capability; ``sm_100f``-style (family) cubins
+    on the same major at or above the minor, like plain ones. Unknown entries are ignored, never an error."""
     for arch in arch_list:
-        kind, _, num = arch.partition("_")
-        if not num[:-1].isdigit() and not num.isdigit():
+        parsed = parse_arch(arch)
+        if parsed is None:
             continue
-        major, minor = int(num[:-1] or 0), int(num[-1])
-        if kind == "sm" and major == cap[0] and minor <= cap[1]:
+        kind, major, minor, suffix = parsed
+        if kind == "sm" and major == cap[0] and (minor == cap[1] if suffix == "a" else minor <= cap[1]):
             return True
         if kind == "compute" and (major, minor) <= tuple(cap):
             return True
     return False
+
+
+def dali_flavour(torch_cuda: str | None) -> str:
+    """The DALI wheel that matches torch's CUDA major (``torch.version.cuda``): nvidia-dali-cuda130 for
+    CUDA 13, else nvidia-dali-cuda120 (also for a CPU-only torch: the default install)."""
+    major = version_tuple(torch_cuda)[:1]
+    return "nvidia-dali-cuda130" if major and major[0] >= 13 else "nvidia-dali-cuda120"
+
+
+def dali_install(f: "Facts") -> str:
+    """The one documented way to get that flavour (pyproject's build backend reads PILLSNAP_DALI_CUDA)."""
+    major = "13" if dali_flavour(f.torch_cuda).endswith("130") else "12"
+    return f"PILLSNAP_DALI_CUDA={major} pip install -e . (README: Installing on a GPU workstation)"
 
 
 def _sm(cap: tuple[int, int]) -> str:
@@ -142,31 +173,53 @@ def judge_driver(f: Facts) -> list[Line]:
                  "" if ok else f"update the NVIDIA driver to {need} or later", gpu_path=True)]
 
 
+def _dali_fix(f: Facts, upgrade: bool = False) -> str:
+    flavour = dali_flavour(f.torch_cuda)
+    return (f"pip install {'-U ' * upgrade}'{flavour}>={FLOORS['nvidia-dali']}' (from a checkout: "
+            f"{dali_install(f)})")
+
+
 def judge_dali(f: Facts) -> list[Line]:
     if not f.dali_version:
         return [Line("DALI", FAIL if f.gpus else WARN, "not installed (training falls back to the pil backend)",
-                     f"pip install 'nvidia-dali-cuda120>={FLOORS['nvidia-dali']}'", gpu_path=True)]
+                     _dali_fix(f), gpu_path=True)]
     ok = version_tuple(f.dali_version) >= version_tuple(FLOORS["nvidia-dali"])
     codecs = f"nvImageCodec {f.nvimgcodec or '-'}, nvJPEG {f.nvjpeg or 'via nvImageCodec'}"
     lines = [Line("DALI", OK if ok else FAIL, f"{f.dali_version} ({f.dali_package}, CUDA {f.dali_cuda or '?'}; {codecs})",
-                  "" if ok else f"pip install -U 'nvidia-dali-cuda120>={FLOORS['nvidia-dali']}' (built with CUDA "
-                                f"12.8+: Blackwell code)", gpu_path=True)]
+                  "" if ok else _dali_fix(f, upgrade=True), gpu_path=True)]
     torch_major = version_tuple(f.torch_cuda)[:1]
     if torch_major and f.dali_cuda and torch_major[0] != f.dali_cuda:
-        want = f"nvidia-dali-cuda{torch_major[0]}0"
+        # both flavours write nvidia/dali: the one installed goes first
         lines.append(Line("DALI/torch CUDA", WARN, f"DALI is a CUDA {f.dali_cuda} build, torch a CUDA {torch_major[0]} one",
-                          f"pip uninstall -y {f.dali_package} && pip install {want}"))
+                          f"pip uninstall -y {f.dali_package} && {_dali_fix(f)}"))
     return lines
 
 
 def judge_decode(f: Facts) -> list[Line]:
+    """The mixed decode counts only when the GPU decoder itself ran: DALI's ``mixed`` falls back hardware ->
+    CUDA -> hybrid -> CPU, so a correct image from it proves nothing about the GPU. ``gpu_decoder`` is
+    nvImageCodec (the library DALI decodes through) restricted to its CUDA backend; ``hw_jpeg`` the same
+    restricted to the hardware JPEG engine."""
     if f.mixed_decode is None:
         return [Line("mixed decode", INFO, "not tried (no CUDA device for torch, or no DALI)")]
-    if f.mixed_decode == OK:
-        return [Line("mixed decode", OK, "a JPEG decoded on the GPU (DALI 'mixed')")]
-    return [Line("mixed decode", FAIL, f"DALI cannot decode on this GPU: {f.mixed_decode}",
-                 f"install nvidia-dali-cuda120>={FLOORS['nvidia-dali']} and a driver >= {BLACKWELL_DRIVER}",
-                 gpu_path=True)]
+    fix = f"install {dali_flavour(f.torch_cuda)}>={FLOORS['nvidia-dali']} and a driver >= {BLACKWELL_DRIVER}"
+    if f.mixed_decode != OK:
+        return [Line("mixed decode", FAIL, f"DALI cannot decode on this GPU: {f.mixed_decode}", fix, gpu_path=True)]
+    if f.gpu_decoder != OK:
+        return [Line("mixed decode", FAIL, "DALI 'mixed' gave the image, but nvImageCodec's CUDA decoder did not "
+                     f"decode on this GPU ({f.gpu_decoder or 'not tried'}): mixed fell back to the CPU", fix,
+                     gpu_path=True)]
+    lines = [Line("mixed decode", OK, "a JPEG decoded on the GPU (DALI 'mixed', device output; nvImageCodec's "
+                  "CUDA decoder alone decodes it)")]
+    if f.hw_jpeg is None:
+        lines.append(Line("JPEG engine", INFO, "hardware JPEG decoder not probed"))
+    elif f.hw_jpeg:
+        lines.append(Line("JPEG engine", INFO, "hardware JPEG decoder present (A100/H100-class): rows split "
+                          "between it and the CUDA decoder by loader.hw_decoder_load"))
+    else:
+        lines.append(Line("JPEG engine", INFO, "no hardware JPEG decoder (e.g. RTX cards): the CUDA decoder does "
+                          "every JPEG; gpu_check's 'dali >= 5x pil' holds for A100/H100-class GPUs only"))
+    return lines
 
 
 def judge_packages(f: Facts) -> list[Line]:
@@ -197,7 +250,7 @@ def judge(f: Facts) -> list[Line]:
 def verdict(f: Facts, lines: list[Line], require_gpu: bool = False) -> tuple[int, str]:
     """(exit status, last line): which backend training uses here, or why the GPU path cannot work."""
     broken = [ln for ln in lines if ln.status == FAIL and ln.gpu_path]
-    if f.gpus and not broken and f.cuda_available and f.mixed_decode == OK:
+    if f.gpus and not broken and f.cuda_available and f.mixed_decode == OK and f.gpu_decoder == OK:
         return 0, f"GPU path ready: loader.backend auto = dali on {f.gpus[0].name}"
     if f.gpus or require_gpu:
         why = broken[0].detail if broken else ("no GPU here" if not f.gpus else "torch sees no CUDA device")
@@ -258,14 +311,25 @@ def _dali_facts(f: Facts) -> None:
     f.nvjpeg = next((v for v in map(_version, ("nvidia-nvjpeg-cu12", "nvidia-nvjpeg-cu13", "nvidia-nvjpeg")) if v), None)
 
 
+def _probe_jpeg(size=(256, 192)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 120, 40)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _pixels_ok(out, size=(256, 192)) -> str:
+    out = np.asarray(out)
+    ok = out.shape == (size[1], size[0], 3) and abs(int(out[..., 0].mean()) - 200) < 8
+    return OK if ok else f"wrong pixels {out.shape}"
+
+
 def mixed_decode_works(device_id: int = 0) -> str:
-    """"ok" when DALI's ``mixed`` decoder decodes a small JPEG on CUDA device ``device_id``, else the error's
-    first line."""
+    """"ok" when DALI's ``mixed`` decoder decodes a JPEG on CUDA device ``device_id`` into device memory with
+    the right pixels, else the error's first line. (This alone does not prove the GPU decoded it:
+    ``nvimgcodec_decodes`` does.)"""
     from nvidia.dali import fn, pipeline_def
 
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 120, 40)).save(buf, format="JPEG")
-    data = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+    data = np.frombuffer(_probe_jpeg(), dtype=np.uint8)
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=device_id)
     def pipe():
@@ -274,8 +338,28 @@ def mixed_decode_works(device_id: int = 0) -> str:
     try:
         p = pipe()
         p.build()
-        out = p.run()[0].as_cpu().at(0)
-        return OK if out.shape == (48, 64, 3) and abs(int(out[..., 0].mean()) - 200) < 8 else f"wrong pixels {out.shape}"
+        out = p.run()[0]
+        if type(out).__name__ != "TensorListGPU":
+            return f"the mixed decoder's output is a {type(out).__name__}, not device memory"
+        return _pixels_ok(out.as_cpu().at(0))
+    except Exception as e:
+        return one_line(e)
+
+
+def nvimgcodec_decodes(kind: str, device_id: int = 0) -> str:
+    """Decode the probe JPEG with nvImageCodec restricted to one backend (``GPU_ONLY``: the CUDA decoder,
+    ``HW_GPU_ONLY``: the hardware JPEG engine): "ok" (device image, right pixels), "none" (that backend
+    cannot decode it here: for HW_GPU_ONLY, no engine) or the error's first line. No fallback can answer
+    for it: the other backends are not allowed."""
+    try:
+        import nvidia.nvimgcodec as nvimgcodec
+        backend = nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind))
+        img = nvimgcodec.Decoder(device_id=device_id, backends=[backend]).decode(_probe_jpeg())
+        if img is None:
+            return "none"
+        if img.buffer_kind != nvimgcodec.ImageBufferKind.STRIDED_DEVICE:
+            return f"decoded into {img.buffer_kind}, not device memory"
+        return _pixels_ok(img.cpu())
     except Exception as e:
         return one_line(e)
 
@@ -287,6 +371,9 @@ def gather(disk_path: str | Path = ".") -> Facts:
     _dali_facts(f)
     if f.cuda_available and f.dali_version:
         f.mixed_decode = mixed_decode_works(0)
+        f.gpu_decoder = nvimgcodec_decodes("GPU_ONLY", 0)
+        hw = nvimgcodec_decodes("HW_GPU_ONLY", 0)
+        f.hw_jpeg = True if hw == OK else False if hw == "none" else None
     f.versions = {n: _version(n) for n in ("ultralytics", "timm")}
     f.free_gb = shutil.disk_usage(f.disk_path).free / 2**30
     return f

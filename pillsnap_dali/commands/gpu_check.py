@@ -6,12 +6,17 @@ which runs each step as a subprocess with its own timeout (one hang cannot eat t
 tested on a CPU with fake step results) and writes ``summary.json`` and a pass/fail table. Exit status 0 only
 when every check passes.
 
-Checks and thresholds (``THRESHOLDS``): the ``gpu`` tests pass; ``dali`` >= 5x ``pil`` images/s on JPEG;
-data_time <= 5 % of the step at Stage 3 settings (976x1280 -> 384 px, EfficientNetV2-S, batch 64, epochs after
-the first); combo p95 <= 200 ms; no row skipped on good data; NVML device memory flat across epochs (peak
-growth after the first epoch <= 0.25 GB); ``dali`` (``mixed``) and ``dali-cpu`` skip the same files of a set
-of broken JPEGs (truncated, CMYK, progressive, arithmetic-coded, 12-bit) and keep the good one; a run under
-``torch.cuda.set_per_process_memory_fraction`` that hits an allocation failure skips nothing.
+Checks and thresholds (``THRESHOLDS``): the ``gpu`` tests pass; ``dali`` >= 5x ``pil`` images/s on JPEG on a
+GPU with a hardware JPEG engine (A100/H100-class; without one, RTX-class: a provisional 2x); data_time <= 5 %
+of the step at Stage 3 settings (976x1280 -> 384 px, EfficientNetV2-S, batch 64 where the GPU's memory holds
+it, epochs after the first); combo p95 <= 200 ms; no row skipped on good data; NVML device memory flat across
+epochs (peak growth after the first epoch <= 0.25 GB); ``dali`` (``mixed``, both decoder paths) and
+``dali-cpu`` skip the same files of a set of broken JPEGs (truncated, CMYK, progressive, arithmetic-coded,
+12-bit) and keep the good one; the DALI loader alone on a GPU that torch has filled stops with the clear
+device-memory error and skips nothing.
+
+``plan`` prints the steps, their timeouts and needs, and the budget (offline install included) without running
+anything; the synthetic tree is built by its own step, and a step runs whenever the steps it needs succeeded.
 """
 from __future__ import annotations
 
@@ -32,17 +37,28 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from pillsnap_dali.bench.loaders import bench_manifest
-from pillsnap_dali.config import load_config
-from pillsnap_dali.loaders import build_loader
-from pillsnap_dali.skiplog import SkipLog
-from pillsnap_dali.commands.bench import main as bench_main
 from pillsnap_dali.commands.common import run_cli
-from pillsnap_dali.data.manifest import read_manifest
 
-THRESHOLDS = {"dali_over_pil_jpeg": 5.0, "data_share_max": 0.05, "combo_p95_ms_max": 200.0,
-              "nvml_growth_gb_max": 0.25, "oom_memory_fraction": 0.02}
+# The probes import the loaders, the benchmark and the manifest code (psutil, DALI, optree, Ultralytics...)
+# inside the functions that use them: ``plan`` runs and this module imports on a box that holds only torch,
+# torchvision, timm and numpy (before the offline install, or after one that failed).
+
+THRESHOLDS = {"dali_over_pil_jpeg": 5.0,            # GPUs with a hardware JPEG engine (A100/H100/H200-class)
+              "dali_over_pil_jpeg_cuda": 2.0,       # without one (RTX/L4-class: nvJPEG's CUDA decoder); provisional
+              "data_share_max": 0.05, "combo_p95_ms_max": 200.0, "nvml_growth_gb_max": 0.25,
+              "oom_leave_mb": 256}                  # device memory the OOM probe leaves free for DALI
 PY = sys.executable
+FIGURES_ENV = "PILLSNAP_GPU_FIGURES"   # where gpu tests that measure something write it (summary.json "figures")
+RESUME_TOLERANCE = 0.02   # `dali` resume vs an uninterrupted run: relative L2 distance of the weights (bound)
+QUICK_BUDGET_S = 300      # one H100 lease, offline install included
+FULL_BUDGET_S = 600
+INSTALL_TIMEOUT = {True: 70, False: 120}   # scripts/gpu_check.sh's offline install (quick, full)
+# EfficientNetV2-S at 384 px and yolo11m at 640 px: device memory per training image (bf16 autocast, with
+# the optimizer's state and DALI's buffers spread over the batch) and the fixed part, in GB. Estimates from the
+# models' activation sizes, not measured here: the batch is chosen with half the free memory to spare.
+GB_PER_IMAGE = {"classifier": 0.2, "detector": 0.35}
+GB_FIXED = 2.0
+MAX_BATCH = {"classifier": 64, "detector": 16}
 
 # a 96x72 JPEG losslessly re-encoded with arithmetic coding (jpegtran -arithmetic): Pillow cannot write one
 ARITHMETIC_JPEG = base64.b64decode(
@@ -69,46 +85,107 @@ class Step:
     argv: list[str]
     timeout: int                 # seconds in quick mode; the full mode doubles it
     needs: tuple[str, ...] = ()  # steps that must have succeeded first
+    work: int = 0                # the work it does on one H100, estimated (s): timeout >= 1.5x work
+    env: dict | None = None      # added to the environment
+
+
+def gpu_free_gb() -> float | None:
+    """Free memory of GPU 0 in GB, from NVML (no CUDA context in this parent process, which would hold memory
+    through every step), else ``torch.cuda.mem_get_info``; None without a GPU."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free / 2 ** 30
+    except Exception:  # no NVML library or no device: torch's view
+        pass
+    if not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(0)
+    return free / 2 ** 30
+
+
+def batch_for_memory(free_gb: float | None, model: str) -> int:
+    """The largest power-of-two batch, up to MAX_BATCH, whose estimated footprint fits half the free memory
+    (no figure: MAX_BATCH, what the plan prints on a machine without CUDA)."""
+    cap = MAX_BATCH[model]
+    if free_gb is None:
+        return cap
+    fits = int((free_gb * 0.5 - GB_FIXED) / GB_PER_IMAGE[model])
+    batch = 1
+    while batch * 2 <= min(fits, cap):
+        batch *= 2
+    return batch
 
 
 def tree_sets(out: Path, quick: bool) -> list[str]:
     """``--set`` arguments of the clean synthetic tree (users' 976x1280 photos, no injected defects) that the
-    training, detection and latency steps share."""
+    training, detection, OOM and latency steps share (built once, by the ``tree`` step)."""
     sets = [f"data.artifacts={out / 'artifacts'}", "data.synth.size=976x1280", "data.synth.combos=12",
-            f"data.synth.images_per_class={100 if quick else 200}", "data.synth.defects=false"]
+            f"data.synth.images_per_class={48 if quick else 200}", "data.synth.defects=false"]
     return [x for s in sets for x in ("--set", s)]
 
 
-def stage3_train_argv(out: Path, quick: bool) -> list[str]:
-    """A short ``dali`` training at Stage 3 settings (976x1280 -> 384 px, EfficientNetV2-S, batch 64): its
-    metrics give the data_time share and the NVML memory per epoch."""
+def stage3_train_argv(out: Path, quick: bool, batch: int = 64) -> list[str]:
+    """A short ``dali`` training at Stage 3 settings (976x1280 -> 384 px, EfficientNetV2-S, batch 64 where
+    it fits): its metrics give the data_time share and the NVML memory per epoch."""
     return ["--stage", "demo", "--backend", "dali", "--epochs", "3" if quick else "6", "--out", str(out / "runs"),
-            "--name", "s3like", "--img-size", "384", "--model", "tf_efficientnetv2_s", "--batch-size", "64",
+            "--name", "s3like", "--img-size", "384", "--model", "tf_efficientnetv2_s", "--batch-size", str(batch),
             "--set", "train.target_accuracy=null", *tree_sets(out, quick)]
 
 
-def plan(out: Path, quick: bool) -> list[Step]:
-    """The steps; in quick mode the timeouts add up to 300 s (5 min), in full mode to 600 s."""
+def plan(out: Path, quick: bool, free_gb: float | None = None) -> list[Step]:
+    """The steps, each with its timeout (quick mode; the full mode doubles it), what it needs and its
+    estimated work on one H100. The synthetic tree is built by its own step (the training step only
+    trains); the batch sizes come from ``free_gb`` (``gpu_free_gb()``)."""
     m = [PY, "-m"]
-    train = stage3_train_argv(out, quick)
+    cls, det = batch_for_memory(free_gb, "classifier"), batch_for_memory(free_gb, "detector")
+    train = stage3_train_argv(out, quick, cls)
     tests = m + ["pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--junitxml", str(out / "gpu_tests.xml")]
     decode = m + ["pillsnap_dali.bench", "decode", "--formats", "jpeg,cache640", "--n", "32" if quick else "64",
                   "--reps", "2" if quick else "3", "--no-model", "--out", str(out / "bench_decode"),
                   "--workdir", str(out / "bench_images")]
     detect = m + ["pillsnap_dali.detect", "--stage", "demo", "--model", "yolo11m.yaml", "--epochs", "1", "--imgsz",
-                  "640", "--backend", "dali", "--set", f"train.out={out / 'runs'}", *tree_sets(out, quick)]
+                  "640", "--batch-size", str(det), "--backend", "dali", "--set", f"train.out={out / 'runs'}",
+                  *tree_sets(out, quick)]
     return [
         Step("doctor", m + ["pillsnap_dali.doctor", "--require-gpu", "--disk", str(out), "--json",
-                            str(out / "doctor.json")], 20),
-        Step("gpu_tests", tests + (["-x"] if quick else []), 90, ("doctor",)),
-        Step("decode_bench", decode, 40, ("doctor",)),
-        Step("train_dali", m + ["pillsnap_dali.train", *train], 60, ("doctor",)),
-        Step("detect", detect, 35, ("train_dali",)),
-        Step("combo_latency", m + ["pillsnap_dali.gpu_check", "latency", str(out)], 20, ("train_dali", "detect")),
-        Step("broken_jpegs", m + ["pillsnap_dali.gpu_check", "broken-jpegs", str(out / "broken")], 15, ("doctor",)),
-        Step("oom", m + ["pillsnap_dali.gpu_check", "oom", str(out / "oom"), *("--quick",) * quick], 20,
-             ("train_dali",)),
+                            str(out / "doctor.json")], 15, (), 6),
+        Step("tree", m + ["pillsnap_dali.gpu_check", "tree", str(out), *("--quick",) * quick], 30, (), 15),
+        Step("gpu_tests", tests + (["-x"] if quick else []), 40, ("doctor",), 26,
+             {FIGURES_ENV: str(out / "figures")}),
+        Step("decode_bench", decode, 25, ("doctor",), 15),
+        Step("train_dali", m + ["pillsnap_dali.train", *train], 40, ("doctor", "tree"), 25),
+        Step("detect", detect, 30, ("doctor", "tree"), 18),
+        Step("combo_latency", m + ["pillsnap_dali.gpu_check", "latency", str(out)], 15, ("train_dali", "detect"), 8),
+        Step("broken_jpegs", m + ["pillsnap_dali.gpu_check", "broken-jpegs", str(out / "broken")], 10, ("doctor",), 5),
+        Step("oom", m + ["pillsnap_dali.gpu_check", "oom", str(out / "oom"), *("--quick",) * quick], 15,
+             ("doctor", "tree"), 10),
     ]
+
+
+def budget(steps: list[Step], quick: bool) -> dict:
+    """The planned worst case: every step's timeout plus the offline install's, against the lease."""
+    scale = 1 if quick else 2
+    steps_s = sum(s.timeout for s in steps) * scale
+    install = INSTALL_TIMEOUT[quick]
+    return {"install_s": install, "steps_s": steps_s, "total_s": install + steps_s,
+            "limit_s": QUICK_BUDGET_S if quick else FULL_BUDGET_S,
+            "work_s": sum(s.work for s in steps) * scale}
+
+
+def plan_text(steps: list[Step], quick: bool, free_gb: float | None) -> str:
+    b = budget(steps, quick)
+    scale = 1 if quick else 2
+    mem = f"{free_gb:.1f} GB free on cuda:0" if free_gb is not None else "no CUDA device: default batches"
+    rows = [f"{'mode':<14} {'quick' if quick else 'full'} ({mem}; classifier batch "
+            f"{batch_for_memory(free_gb, 'classifier')}, detector batch {batch_for_memory(free_gb, 'detector')})",
+            f"{'install':<14} timeout {b['install_s']:>4} s  (scripts/gpu_check.sh --wheels DIR, no index)"]
+    for s in steps:
+        rows.append(f"{s.name:<14} timeout {s.timeout * scale:>4} s  work ~{s.work * scale:>3} s  needs "
+                    f"{', '.join(s.needs) or '-'}: {' '.join(s.argv[2:5])} ...")
+    rows.append(f"{'budget':<14} {b['total_s']} s planned (install {b['install_s']} + steps {b['steps_s']}) <= "
+                f"{b['limit_s']} s; estimated work {b['work_s']} s")
+    return "\n".join(rows)
 
 
 def run_step(step: Step, out: Path, scale: float) -> dict:
@@ -118,7 +195,8 @@ def run_step(step: Step, out: Path, scale: float) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     timeout, t0 = int(step.timeout * scale), time.monotonic()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(step.argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(step.argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(step.env or {})})
         try:
             rc, timed_out = proc.wait(timeout=timeout), False
         except subprocess.TimeoutExpired:
@@ -177,7 +255,14 @@ def broken_jpegs(folder: Path) -> dict[str, Path]:
 
 
 def skipped_by(paths: dict[str, Path], backend: str) -> list[str]:
-    """The names of ``paths`` the ``backend`` loader (evaluation graph, one epoch) skips."""
+    """The names of ``paths`` the ``backend`` loader (evaluation graph, one epoch) skips. On ``dali`` a file
+    that fails on one decoder path (hardware JPEG engine or CUDA) is retried on the other before it is
+    skipped (the runner's probe), so the two backends can agree."""
+    from pillsnap_dali.bench.loaders import bench_manifest
+    from pillsnap_dali.config import load_config
+    from pillsnap_dali.loaders import build_loader
+    from pillsnap_dali.skiplog import SkipLog
+
     names = list(paths)
     cfg = load_config("demo", sets=["train.batch_size=2", "preprocess.img_size=64", "loader.threads=2"])
     log = SkipLog(None)
@@ -198,10 +283,6 @@ def probe_broken(folder: Path, backends: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------ probes: OOM and latency
-OOM_WORDS = ("out of memory", "OutOfMemoryError", "Can't allocate", "cudaErrorMemoryAllocation",
-             "CUDA_ERROR_OUT_OF_MEMORY", "out of GPU memory", "allocation fail", "failed to allocate")
-
-
 def csv_rows(path: Path) -> int:
     """Data rows of a CSV with a header (0 when the file does not exist)."""
     if not path.is_file():
@@ -210,25 +291,86 @@ def csv_rows(path: Path) -> int:
         return max(sum(1 for _ in csv.reader(fh)) - 1, 0)
 
 
-def probe_oom(folder: Path, quick: bool) -> dict:
-    """The Stage 3 training, batch 256, in a process whose torch may use ``oom_memory_fraction`` of the GPU:
-    it must hit an allocation failure, and must not have put a single row in ``skipped.csv``."""
+def weights_distance(a: dict, b: dict) -> float:
+    """Relative L2 distance of two state dicts' floating tensors: ||a - b|| / ||a|| over all of them."""
+    num = den = 0.0
+    for k, t in a.items():
+        if torch.is_tensor(t) and t.is_floating_point():
+            num += float((t.double() - b[k].double()).pow(2).sum())
+            den += float(t.double().pow(2).sum())
+    return (num / den) ** 0.5 if den else 0.0
+
+
+def record_figure(name: str, value: dict) -> None:
+    """Write a measured figure where gpu_check collects them (``PILLSNAP_GPU_FIGURES``; nothing when unset)."""
+    folder = os.environ.get(FIGURES_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{name}.json").write_text(json.dumps(value, indent=1))
+
+
+def build_tree(out: Path, sets: list[str], workers: int) -> Path:
+    """The synthetic tree of ``sets`` (``tree_sets`` without the flags) rendered by ``workers`` processes,
+    and its manifests (``artifacts/demo/manifest_*.csv``, ``detect_*.csv``): what the training, detection and
+    OOM steps then find made and reuse. Returns the manifests' folder."""
+    from pillsnap_dali.config import load_config
+    from pillsnap_dali.data.build import ensure_manifests
+    from pillsnap_dali.data.synth.tree import ensure_demo_data
+
+    cfg = load_config("demo", sets=sets)
+    ensure_demo_data(cfg, workers=workers)
+    return Path(ensure_manifests(cfg))
+
+
+def fill_bytes(free: int, leave_mb: int) -> int:
+    """How much to take from ``free`` device bytes so that ``leave_mb`` MiB stay free (0 if less is free)."""
+    return max(int(free) - leave_mb * 2 ** 20, 0)
+
+
+def fill_gpu(device: int = 0, leave_mb: int = THRESHOLDS["oom_leave_mb"]) -> torch.Tensor:
+    """Hold all but ``leave_mb`` MiB of the device's free memory in one torch tensor (what another process
+    or a big model does to DALI)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return torch.empty(fill_bytes(free, leave_mb), dtype=torch.uint8, device=torch.device("cuda", device))
+
+
+def probe_oom(folder: Path, quick: bool, backend: str = "dali", fill=fill_gpu) -> dict:
+    """The DALI loader alone (the ``tree`` step's training split, Stage 3 settings, batch 256) on a device
+    that torch has filled (``fill``): it must stop with the runner's device-memory error, and must not have
+    put a single row in ``skipped.csv``."""
+    from pillsnap_dali.config import load_config
+    from pillsnap_dali.data.manifest import read_manifest
+    from pillsnap_dali.loaders import build_loader
+    from pillsnap_dali.loaders.runner import DeviceMemoryError
+    from pillsnap_dali.skiplog import SkipLog
+
     folder.mkdir(parents=True, exist_ok=True)
-    argv = ["--stage", "demo", "--backend", "dali", "--epochs", "1", "--out", str(folder / "runs"), "--name", "oom",
-            "--img-size", "384", "--model", "tf_efficientnetv2_s", "--batch-size", "256",
-            "--set", "train.target_accuracy=null", *tree_sets(folder.parent, quick)]
-    code = (f"import sys, torch; torch.cuda.set_per_process_memory_fraction({THRESHOLDS['oom_memory_fraction']}, 0); "
-            "from pillsnap_dali.commands import train; sys.exit(train.main(sys.argv[1:]))")
-    proc = subprocess.run([PY, "-c", code, *argv], capture_output=True, text=True)
-    text = proc.stdout + proc.stderr
-    result = {"rc": proc.returncode, "allocation_failure": proc.returncode != 0 and any(w in text for w in OOM_WORDS),
-              "skipped_rows": csv_rows(folder / "runs" / "oom" / "skipped.csv"), "tail": text[-2000:]}
+    art = folder.parent / "artifacts"
+    cfg = load_config("demo", sets=[f"data.artifacts={art}", "train.batch_size=256", "preprocess.img_size=384"])
+    m = read_manifest(art / "demo" / "manifest_train.csv")
+    log = SkipLog(folder / "skipped.csv")
+    device = torch.device("cuda", 0) if backend == "dali" else torch.device("cpu")
+    hog = fill() if fill is not None else None
+    result = {"device_memory_error": False, "error": None, "batches": 0}
+    try:
+        loader = build_loader(m, [0] * len(m.paths), cfg, train=True, device=device, backend=backend, skip_log=log)
+        for _ in loader:
+            result["batches"] += 1
+    except DeviceMemoryError as e:
+        result.update(device_memory_error=True, error=str(e)[:2000])
+    except Exception as e:  # anything else is the finding: recorded, judged FAIL
+        result["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+    del hog
+    result["skipped_rows"] = len(log)
     (folder / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 def combo_latency(out: Path, images: int = 40) -> int:
     """p50/p95 per combination image (file to top-k of every pill) with the run's classifier and detector."""
+    from pillsnap_dali.commands.bench import main as bench_main
+    from pillsnap_dali.data.manifest import read_manifest
+
     m = read_manifest(out / "artifacts" / "demo" / "detect_val.csv")
     paths = [p for p in m.paths if not p.endswith("_index.png")][:images]
     return bench_main(["predict", *paths, "--classifier", str(out / "runs" / "s3like" / "checkpoints" / "last.pt"),
@@ -275,8 +417,17 @@ def check_gpu_tests(out: Path) -> Check:
                  "all pass, > 0 run")
 
 
+def hardware_jpeg(out: Path) -> bool | None:
+    """Whether doctor found a hardware JPEG engine on this GPU (None: doctor gave no answer)."""
+    return ((_json(out / "doctor.json") or {}).get("facts") or {}).get("hw_jpeg")
+
+
 def check_decode(out: Path) -> Check:
-    name, want = "dali >= 5x pil (JPEG)", THRESHOLDS["dali_over_pil_jpeg"]
+    """``dali`` over ``pil`` on JPEG: 5x holds for GPUs with a hardware JPEG engine (A100/H100-class); on one
+    without (RTX 5080-class) nvJPEG's CUDA decoder does the work and the bar is the provisional 2x."""
+    hw = hardware_jpeg(out) is not False
+    want = THRESHOLDS["dali_over_pil_jpeg" if hw else "dali_over_pil_jpeg_cuda"]
+    name = f"dali >= {want:g}x pil (JPEG, {'hardware JPEG engine' if hw else 'no JPEG engine: CUDA decoder'})"
     r = _json(out / "bench_decode" / "results.json")
     try:
         ratios = {src: v["results"]["dali"]["images_per_s"] / v["results"]["pil"]["images_per_s"]
@@ -340,13 +491,13 @@ def check_broken(out: Path) -> Check:
 
 
 def check_oom(out: Path) -> Check:
-    name = "allocation failure skips nothing"
+    name = "DALI out of memory skips nothing"
     r = _json(out / "oom" / "result.json")
     if not r:
-        return Check(name, False, "-", "OOM hit, 0 rows")
-    hit = "hit" if r["allocation_failure"] else "not hit"
-    return Check(name, r["allocation_failure"] and r["skipped_rows"] == 0, f"OOM {hit}, {r['skipped_rows']} rows",
-                 "OOM hit, 0 rows skipped")
+        return Check(name, False, "-", "device-memory error, 0 rows")
+    hit = "device-memory error" if r["device_memory_error"] else f"no device-memory error ({r.get('error')})"
+    return Check(name, r["device_memory_error"] and r["skipped_rows"] == 0, f"{hit}, {r['skipped_rows']} rows",
+                 "device-memory error, 0 rows skipped")
 
 
 CHECKS = [(check_doctor, "doctor"), (check_gpu_tests, "gpu_tests"), (check_decode, "decode_bench"),
@@ -371,7 +522,8 @@ def summarize(out: Path, mode: str, steps: list[dict] | None = None) -> tuple[di
     checks = judge(out, steps)
     summary = {"mode": mode, "passed": all(c.passed for c in checks), "thresholds": THRESHOLDS,
                "checks": [asdict(c) for c in checks], "steps": steps if steps is not None else _json(out / "steps.json"),
-               "machine": (_json(out / "doctor.json") or {}).get("facts")}
+               "machine": (_json(out / "doctor.json") or {}).get("facts"), "install": _json(out / "install.json"),
+               "figures": {p.stem: _json(p) for p in sorted((out / "figures").glob("*.json"))}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     rows = ["| check | result | value | threshold | detail |", "|---|---|---|---|---|"]
     rows += [f"| {c.name} | {'PASS' if c.passed else 'FAIL'} | {c.value} | {c.threshold} | {c.detail} |" for c in checks]
@@ -385,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.gpu_check", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="every step, then the summary (what scripts/gpu_check.sh calls)")
-    r.add_argument("--quick", action="store_true", help="few repeats and epochs: <= 5 min on one H100")
+    r.add_argument("--quick", action="store_true", help="few repeats and epochs: <= 5 min on one H100, offline "
+                                                        "install included")
     r.add_argument("--out", default=None, help="default gpu_results/<stamp>")
     s = sub.add_parser("summary", help="judge the results already in a folder")
     s.add_argument("out")
@@ -398,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quick", action="store_true")
     lat = sub.add_parser("latency", help="combo latency with the run's classifier and detector")
     lat.add_argument("out")
+    t = sub.add_parser("tree", help="the synthetic tree and its manifests, rendered on every core")
+    t.add_argument("out")
+    t.add_argument("--quick", action="store_true")
+    pl = sub.add_parser("plan", help="print the steps, their timeouts and the budget; run nothing")
+    pl.add_argument("--quick", action="store_true")
+    pl.add_argument("--out", default="gpu_results/<stamp>")
     return p
 
 
@@ -411,12 +570,23 @@ def _main(a: argparse.Namespace) -> int:
         return 0
     if a.cmd == "latency":
         return combo_latency(Path(a.out))
+    if a.cmd == "tree":
+        from pillsnap_dali.config import available_cores
+        print(build_tree(Path(a.out), tree_sets(Path(a.out), a.quick)[1::2], available_cores()))
+        return 0
+    if a.cmd == "plan":
+        free = gpu_free_gb()
+        print(plan_text(plan(Path(a.out), a.quick, free), a.quick, free))
+        return 0
     out = Path(a.out or f"gpu_results/{time.strftime('%Y%m%d-%H%M%S')}")
     mode = ("quick" if a.quick else "full") if a.cmd == "run" else a.mode
     steps = None
     if a.cmd == "run":
         out.mkdir(parents=True, exist_ok=True)
-        steps = run_steps(plan(out, a.quick), out, 1.0 if a.quick else 2.0)
+        free = gpu_free_gb()
+        steps_plan = plan(out, a.quick, free)
+        print(plan_text(steps_plan, a.quick, free), flush=True)
+        steps = run_steps(steps_plan, out, 1.0 if a.quick else 2.0)
     summary, table = summarize(out, mode, steps)
     print(table)
     return 0 if summary["passed"] else 1

@@ -8,6 +8,7 @@ out of DALI are the runner's.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Optional, Sequence
 
@@ -70,7 +71,9 @@ class DaliLoader(LoaderBase):
                     extra=self._draw if spec.train else None)
         self.runner = DaliRunner(lambda source, o: classify_pipeline(source, self.graph, o), feed, opts,
                                  self._skip, readers=ld.readers, rank=spec.rank,
-                                 what=f"batch size {spec.batch_size}, image size {spec.preprocess.img_size} px")
+                                 what=f"batch size {spec.batch_size}, image size {spec.preprocess.img_size} px",
+                                 build_on_path=lambda source, o, hw: classify_pipeline(
+                                     source, dataclasses.replace(self.graph, hw_decoder_load=hw), o))
         self._epoch_plan: Optional[EpochPlan] = None
         self.consumed = 0
 

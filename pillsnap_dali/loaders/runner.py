@@ -13,15 +13,21 @@ one manifest row becomes the graph's per-sample inputs (``Feed``); the runner do
   (``Probe``); the bad ones are skipped (the loader's ``on_skip``), the others go back to the head of the
   stream, and the epoch goes on. A batch that fails while no single file does is retried, never skipped; after
   ``MAX_RETRIES`` retries the run stops with ``PipelineFailure``.
-- **device memory**: an allocation or CUDA error is never a corrupt file. DALI's unused memory is released, the
-  pipeline rebuilt and the batch retried once; a second failure stops the run with ``DeviceMemoryError``
-  (batch size, image size and memory figures in the message). Nothing goes to the skip log for these.
+- **decoder paths**: on a GPU with a hardware JPEG engine DALI sends a row to the engine or to the CUDA decoder
+  by its index in the batch (``hw_decoder_load``). The probe tries a row on both (``PROBE_PATHS``); it is bad
+  only when both fail, and a row that decodes on one path only is delivered alone on that path.
+- **device memory**: an allocation or CUDA error is never a corrupt file, nor is nvImageCodec's "Failed to
+  decode sample" on a nearly full device (probe included). The dead pipelines are dropped, collected, DALI's
+  unused memory released and torch's cache emptied, the pipeline rebuilt and the batch retried once; a second
+  failure stops the run with ``DeviceMemoryError`` (batch size, image size and memory figures in the message).
+  Nothing goes to the skip log for these.
 - **the copy out of DALI** (``to_torch``, CPU and GPU) and **seeding** (``seed_for``: one convention,
   from (seed, epoch, rank)).
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 from collections import deque
@@ -40,7 +46,15 @@ ROWS = "rows"  # the input every graph carries and returns last (pipelines.ROWS)
 _DEAD_PIPELINE = ("Current pipeline object is no longer valid", "Critical error in pipeline")
 # allocation and CUDA failures (DALI's own and the CUDA runtime's texts, e.g. NVIDIA/DALI issue 5609)
 _DEVICE_ERRORS = ("Can't allocate", "out of memory", "CUDA error", "cudaErrorMemoryAllocation",
-                  "CUDA_ERROR_OUT_OF_MEMORY", "cudaErrorIllegalAddress", "CUDA driver error")
+                  "CUDA_ERROR_OUT_OF_MEMORY", "cudaErrorIllegalAddress", "CUDA driver error",
+                  "CUDA allocation failed")
+# nvImageCodec's failures, its allocator's included, reach DALI's decoder as "Failed to decode sample #i":
+# a bad file, or no memory. Under memory pressure (free device memory below LOW_GPU_MEMORY of the total) it
+# counts as a device error; otherwise the probe decides.
+_AMBIGUOUS_DECODE = ("Failed to decode sample",)
+LOW_GPU_MEMORY = 0.05
+# the decoder paths a GPU probe tries (DALI's hw_decoder_load): the hardware JPEG engine, then the CUDA decoder
+PROBE_PATHS = (1.0, 0.0)
 MAX_RETRIES = 2  # retries of a batch that fails in the pipeline while each of its files goes through alone
 
 
@@ -58,7 +72,23 @@ def seed_for(seed: int, *keys: int) -> int:
 
 
 def is_device_error(err: BaseException) -> bool:
-    return isinstance(err, (RuntimeError, MemoryError)) and any(s in str(err) for s in _DEVICE_ERRORS)
+    return isinstance(err, MemoryPressure) or (
+        isinstance(err, (RuntimeError, MemoryError)) and any(s in str(err) for s in _DEVICE_ERRORS))
+
+
+def is_ambiguous_decode(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in _AMBIGUOUS_DECODE)
+
+
+def under_memory_pressure(figures: dict) -> bool:
+    """Whether ``memory_figures`` shows a device nearly full (free < LOW_GPU_MEMORY of the total)."""
+    free, total = figures.get("gpu_free_mb"), figures.get("gpu_total_mb")
+    return bool(free is not None and total and free / total < LOW_GPU_MEMORY)
+
+
+class MemoryPressure(RuntimeError):
+    """An ambiguous decode failure ("Failed to decode sample") while the device is nearly full: counted as
+    a device error, never as a bad file."""
 
 
 def is_dead_pipeline(err: BaseException) -> bool:
@@ -73,6 +103,15 @@ def dali_reason(err: BaseException) -> str:
     text = text.split("Current pipeline object is no longer valid", 1)[0]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return ("DALI: " + " ".join(lines))[:300] if lines else "DALI: pipeline error"
+
+
+def free_device_memory() -> None:
+    """After the failed pipelines were dropped: collect them, give DALI's pooled but unused memory back, and
+    empty torch's cache (what a retry needs; the references must be gone first or nothing is freed)."""
+    gc.collect()
+    release_unused_memory()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def release_unused_memory() -> None:
@@ -246,54 +285,90 @@ class Reader:
 
 
 class Probe:
-    """Runs one row at a time through one batch-1 pipeline of the same graph and device, kept between
-    probes and epochs (rebuilt only after it failed)."""
+    """Runs one row at a time through batch-1 pipelines of the same graph and device, kept between probes
+    and epochs (rebuilt only after one failed).
 
-    def __init__(self, build: Callable, feed: Feed, opts):
-        self.build, self.feed = build, feed
+    On a GPU with ``build_on_path(source, opts, hw_decoder_load)``, a row is tried on the hardware JPEG path
+    (load 1.0: what a batch-1 pipeline takes anyway) and, if that fails, on the CUDA decoder (load 0.0): in a
+    batch, DALI sends a row to one or the other by its index, so a file that fails on one path only is not
+    bad. ``works_on[row]`` keeps the path that decoded such a row. ``pressure()``: whether the device is
+    nearly full (then an ambiguous decode failure is raised as ``MemoryPressure``, never a skip)."""
+
+    def __init__(self, build: Callable, feed: Feed, opts, build_on_path: Optional[Callable] = None,
+                 pressure: Callable[[], bool] = lambda: False):
+        self.build, self.feed, self.build_on_path, self.pressure = build, feed, build_on_path, pressure
         self.opts = dataclasses.replace(opts, batch_size=1, num_threads=1, prefetch=1)
+        self.paths = PROBE_PATHS if build_on_path is not None and opts.device == "gpu" else (None,)
         self.builds = 0
-        self._pipe = None
+        self.works_on: dict = {}
+        self._pipes: dict = {}
         self._next: Optional[tuple] = None
 
     def _source(self):
         return self._next
 
+    def _pipe(self, path):
+        if path not in self._pipes:
+            self._pipes[path] = (self.build(self._source, self.opts) if path is None else
+                                 self.build_on_path(self._source, self.opts, path))
+            self.builds += 1
+        return self._pipes[path]
+
+    def run(self, row: int, epoch: int, path=None):
+        """The graph's outputs for ``row`` alone on ``path`` (DALI's buffers: copy before the next run)."""
+        sample, reason = self.feed.read(row)
+        if reason is not None:
+            raise RuntimeError(reason)
+        self._next = _batch_inputs(self.feed, [row], [sample], epoch)
+        return self._pipe(path).run(), sample
+
     def problem(self, row: int, epoch: int) -> Optional[str]:
-        """None if the row goes through the graph, else the reason it does not. Device errors propagate."""
+        """None if the row goes through the graph on one of the paths, else the reason it does not. Device
+        errors propagate (an ambiguous one under memory pressure as ``MemoryPressure``)."""
         sample, reason = self.feed.read(row)
         if reason is not None:
             return reason
-        self._next = _batch_inputs(self.feed, [row], [sample], epoch)
-        if self._pipe is None:
-            self._pipe = self.build(self._source, self.opts)
-            self.builds += 1
-        try:
-            self._pipe.run()
-        except RuntimeError as e:
-            self._pipe = None  # dead: rebuilt for the next probe
-            if is_device_error(e):
-                raise
-            return dali_reason(e)
+        failed: dict = {}
+        for path in self.paths:
+            self._next = _batch_inputs(self.feed, [row], [sample], epoch)
+            try:
+                self._pipe(path).run()
+            except RuntimeError as e:
+                self._pipes.pop(path, None)  # dead: rebuilt for the next probe
+                if is_device_error(e):
+                    raise
+                if is_ambiguous_decode(e) and self.pressure():
+                    raise MemoryPressure(f"a one-image probe failed while the device is nearly full: "
+                                         f"{dali_reason(e)}") from None
+                failed[path] = dali_reason(e)
+        if len(failed) == len(self.paths):
+            return next(iter(failed.values()))
+        if failed:  # one path only: the row goes through alone, on the other
+            self.works_on[row] = next(p for p in self.paths if p not in failed)
+            (bad_path, why), = failed.items()
+            _logger.warning("row %d fails on one decoder path only (hw_decoder_load %s: %s): delivered alone "
+                            "on hw_decoder_load %s", row, bad_path, why, self.works_on[row])
         return None
 
     def close(self) -> None:
-        self._pipe = None
+        self._pipes.clear()
 
 
 class DaliRunner:
     """Epochs of one graph through one live pipeline, with read-ahead and recovery (module docstring).
 
-    ``build(source, opts)``: a built pipeline whose last output is the rows; ``what``: the batch and image
-    size, named in ``DeviceMemoryError``. ``builds``: pipelines built so far (probe excluded).
+    ``build(source, opts)``: a built pipeline whose last output is the rows; ``build_on_path(source, opts,
+    hw_decoder_load)``: the same graph with its decoder's hardware share fixed (the probe's two paths; None:
+    one path); ``what``: the batch and image size, named in ``DeviceMemoryError``. ``builds``: pipelines
+    built so far (probe excluded).
     """
 
     def __init__(self, build: Callable, feed: Feed, opts, on_skip: Callable[[int, str], None], *,
-                 readers: int = 0, rank: int = 0, what: str = ""):
+                 readers: int = 0, rank: int = 0, what: str = "", build_on_path: Optional[Callable] = None):
         self.build, self.feed, self.opts, self.on_skip = build, feed, opts, on_skip
         self.rank, self.what = rank, what or f"batch size {opts.batch_size}"
         self.reader = Reader(feed, opts.batch_size, on_skip, readers)
-        self.probe = Probe(build, feed, opts)
+        self.probe = Probe(build, feed, opts, build_on_path, self.memory_pressure)
         self.pipe = None
         self.builds = 0
         self._memory_failures = self._blind_failures = 0
@@ -313,15 +388,15 @@ class DaliRunner:
         finished = False
         try:
             while True:
-                pipe = self._pipeline(epoch)
-                try:
-                    outs = pipe.run()
+                try:  # no local holds the pipeline: a failed one is freed when the runner drops it
+                    outs = self._pipeline(epoch).run()
                 except StopIteration:
-                    pipe.reset()  # the live pipeline starts the next epoch from its source
+                    self.pipe.reset()  # the live pipeline starts the next epoch from its source
                     finished = True
                     return
                 except RuntimeError as err:
-                    self._recover(err, epoch)
+                    alone = self._recover(err, epoch)
+                    yield from self._deliver_alone(alone, epoch, collate)
                     continue
                 samples = self.reader.complete(np.asarray(outs[-1].as_tensor(), dtype=np.int64).reshape(-1))
                 self._memory_failures = self._blind_failures = 0  # only failures in a row count
@@ -343,13 +418,29 @@ class DaliRunner:
             self.pipe = None
         self.reader.take_in_flight()
 
-    def _recover(self, err: RuntimeError, epoch: int) -> None:
+    def memory_pressure(self) -> bool:
+        return under_memory_pressure(memory_figures(self.opts.device_id))
+
+    def _is_device(self, err: BaseException) -> bool:
+        return is_device_error(err) or (is_ambiguous_decode(err) and self.memory_pressure())
+
+    def _deliver_alone(self, rows: list, epoch: int, collate: Callable) -> Iterator:
+        """Rows that decode on one decoder path only, each as a batch of its own through the probe pipeline
+        of that path."""
+        for row in rows:
+            outs, sample = self.probe.run(row, epoch, self.probe.works_on[row])
+            sample["row"] = row
+            yield collate(outs, [sample])
+
+    def _recover(self, err: RuntimeError, epoch: int) -> list:
+        """Handles a failed run; returns the rows to deliver alone on their one working decoder path."""
         self.pipe = None  # a failed DALI pipeline is no longer valid
         rows = self.reader.take_in_flight()
-        if not is_device_error(err) and not is_dead_pipeline(err):
+        if not self._is_device(err) and not is_dead_pipeline(err):
             raise err
-        if is_device_error(err):
-            return self._device_failure(err, rows)
+        if self._is_device(err):
+            self._device_failure(err, rows)
+            return []
         _logger.info("DALI pipeline failed with %d row(s) in flight (%s): probing them one by one", len(rows),
                      dali_reason(err))
         try:
@@ -357,10 +448,13 @@ class DaliRunner:
         except RuntimeError as probe_err:
             if not is_device_error(probe_err):
                 raise
-            return self._device_failure(probe_err, rows)
+            err.__traceback__ = None  # the batch's failure holds the dead pipeline too
+            self._device_failure(probe_err, rows)
+            return []
         for row, why in bad.items():
             self.on_skip(row, why)
-        if not bad:
+        alone = [r for r in rows if r in self.probe.works_on and r not in bad]
+        if not bad and not alone:
             self._blind_failures += 1
             if self._blind_failures > MAX_RETRIES:
                 raise PipelineFailure(
@@ -369,11 +463,17 @@ class DaliRunner:
                     f"graph alone: {dali_reason(err)}") from err
             _logger.warning("no single file reproduces the failure (%s): the batch is retried (%d of %d)",
                             dali_reason(err), self._blind_failures, MAX_RETRIES)
-        self.reader.requeue([r for r in rows if r not in bad])
+        self.reader.requeue([r for r in rows if r not in bad and r not in alone])
+        return alone
 
     def _device_failure(self, err: RuntimeError, rows: list) -> None:
+        """The pipelines are dropped (the failed one, the probe's) and their memory freed before the retry;
+        nothing is skipped."""
         self._memory_failures += 1
-        release_unused_memory()
+        self.pipe = None
+        self.probe.close()
+        err.__traceback__ = None  # its frames hold the dead pipeline
+        free_device_memory()
         figures = memory_figures(self.opts.device_id)
         if self._memory_failures > 1:
             raise DeviceMemoryError(
