@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path
 
 from setuptools import build_meta as _st
-from setuptools.build_meta import (build_sdist, get_requires_for_build_editable,  # noqa: F401 (re-exported)  # noqa: F401 (the hooks setuptools answers unchanged)
+from setuptools.build_meta import (build_sdist, get_requires_for_build_editable,  # noqa: F401 (re-exported)
                                    get_requires_for_build_sdist, get_requires_for_build_wheel)
 
 ENV = "PILLSNAP_DALI_CUDA"
