@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
 import threading
@@ -29,6 +28,7 @@ from PIL import Image
 
 from pillsnap_dali.bench.peers import CPU_PEERS, GPU_PEERS, PEERS, input_note, make_peer_runner
 from pillsnap_dali.config import Config, load_config
+from pillsnap_dali.bench.machine import machine_info
 from pillsnap_dali.sysinfo import available_cores
 from pillsnap_dali.imageio import IMAGE_SUFFIXES
 from pillsnap_dali.data.manifest import Manifest, read_manifest
@@ -199,15 +199,6 @@ def _cpu_seconds() -> float:
             pass
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + live
 
-
-def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def bench_decode(source: str | Path | Manifest, *, size: int = 384, batch: int = 16, reps: int = 5,
