@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pillsnap_dali.commands import evaluate, export, predict, train
-from pillsnap_dali.config import load_config
+from pillsnap_dali.config import ConfigError, load_config
 from pillsnap_dali.training import pretrained
 from pillsnap_dali.training.checkpoint import load_checkpoint
 
@@ -34,6 +34,8 @@ def test_real_stages_default_to_imagenet_the_demo_to_none():
     args = train.parse_args(["--stage", "3", "--pretrained", "none"])
     train.check_paths(args)  # "none" is the opt-out, not a weights file to look for
     assert train.resolve_config(args).model.pretrained is None
+    with pytest.raises(ConfigError, match="model.pretrained_file .* needs model.pretrained: imagenet"):
+        load_config("demo", sets=["model.pretrained_file=model.safetensors"])  # would be ignored: refused
 
 
 def test_random_start_flags_a_pretrained_first_epoch_that_looks_random():
@@ -83,6 +85,13 @@ def test_offline_without_the_weights_stops_before_anything_is_built(synth_tree, 
     assert "model.pretrained_file" in errors[0] and "--pretrained none" in errors[0] and "pre-fetch" in errors[0]
     assert not art.exists() and not runs.exists()  # no manifest scanned, no run dir made
     assert "Traceback" not in res.stderr
+    # the same command once the weights are in the cache (the users' first Stage 3 command, dry run)
+    _hf_cache(tmp_path / "hf")
+    res = _cli("train", ["--stage", "3", "--data-root", str(synth_tree.root), "--set", f"data.artifacts={art}",
+                         "--out", str(runs), *TINY, "--dry-run"], tmp_path / "hf")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"starting weights: ImageNet, timm/test_efficientnet.r160_in1k revision {REV} (Hugging Face cache" \
+        in res.stderr
 
 
 def test_the_users_stage3_manifest_form_starts_from_the_cached_imagenet_weights(manifests, tmp_path):
@@ -109,7 +118,7 @@ def test_the_users_stage3_manifest_form_starts_from_the_cached_imagenet_weights(
     # the report names where the weights came from, and flags the random-looking first epoch (lr 0 learns nothing)
     report = (tmp_path / "runs" / "stage3" / "report.md").read_text(encoding="utf-8")
     assert f"- starting weights: ImageNet, timm/test_efficientnet.r160_in1k revision {REV}" in report
-    assert "**Warning: epoch" in report and "looks like random weights" in report
+    assert "**Warning: the first epoch (epoch 0) looks like random weights" in report
     assert "looks like random weights" in res.stderr  # and the log says it too
 
 

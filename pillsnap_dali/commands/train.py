@@ -254,11 +254,15 @@ def check_pretrained(cfg: Config) -> dict | None:
 
 def record_run_inputs(data) -> dict:
     """What the checkpoints record of this run's data (``evaluation.run_manifests``: absolute manifest paths,
-    the test manifest beside the training one); a run without a test split is told so now, not after training."""
-    inputs = run_manifests(data.train.path, data.val.path)
-    if inputs["test_note"]:
-        _logger.warning("%s", inputs["test_note"])
-    return inputs
+    the test manifest beside the training one, read now: a broken one stops the run before anything is
+    written)."""
+    return run_manifests(data.train.path, data.val.path)
+
+
+def say_test_note(run_inputs: dict, rank: int) -> None:
+    """A run without a test split is told so when it starts (in train.log too), not only after training."""
+    if run_inputs.get("test_note") and rank == 0:
+        _logger.warning("%s", run_inputs["test_note"])
 
 
 def start_origin(trainer, resume_state: dict | None) -> dict:
@@ -304,6 +308,7 @@ def run(args: argparse.Namespace) -> dict:
         created = start_run_dir(run_dir, continuing)
         setup_logging(run_dir, rank)
         write_run_inputs(run_dir, cfg, data, quarantine)
+    say_test_note(run_inputs, rank)
     if world > 1:
         dist.barrier()  # the other ranks open their skip logs in the run dir once rank 0 has prepared it
     spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,

@@ -268,9 +268,9 @@ def random_start(first_epoch: dict | None, num_classes: int, origin: dict | None
     if loss is not None and abs(loss - ln) <= RANDOM_LOSS_BAND * ln:
         why.append(f"train loss {loss:.3f} is within {RANDOM_LOSS_BAND:.0%} of ln({num_classes}) = {ln:.3f}")
     if top1 is not None and top1 < CHANCE_FACTOR * chance:
-        why.append(f"val top-1 {top1:.4f} is under twice chance ({chance:.4f})")
+        why.append(f"val top-1 {top1:.4f} is under twice chance (2/{num_classes} = {2 * chance:.4f})")
     if not why:
         return None
-    return (f"epoch {first_epoch.get('epoch', 0)} looks like random weights although the run started from "
-            f"{(origin or {}).get('kind')} weights ({'; '.join(why)}): check that the pretrained weights loaded "
+    return (f"the first epoch (epoch {first_epoch.get('epoch', 0)}) looks like random weights although the run "
+            f"started from {(origin or {}).get('kind')} weights ({'; '.join(why)}): check that the pretrained weights loaded "
             "(the weights line of this report, the log's 'ImageNet weights of' line)")
