@@ -51,6 +51,23 @@ def test_random_start_flags_a_pretrained_first_epoch_that_looks_random():
     assert pretrained.random_start({"epoch": 1, "train_loss": 6.8, "val_top1": 0.5}, 1000, imagenet)  # loss only
 
 
+def test_a_local_weights_file_is_recorded_with_its_sha256(tmp_path):
+    import hashlib
+
+    import timm
+
+    from pillsnap_dali.training.model import build_model
+
+    path = tmp_path / "mine.pt"
+    torch.save(timm.create_model(MODEL, num_classes=4).state_dict(), path)
+    cfg = load_config("demo", sets=[f"model.name={MODEL}", f"model.pretrained={path}"])
+    origin = pretrained.weights_origin(build_model(cfg, 4, torch.device("cpu")), cfg)
+    assert origin == {"kind": "file", "file": str(path.resolve()), "class_map": None,
+                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert pretrained.describe(origin) == f"the local weights file {path.resolve()} (sha256 {origin['sha256']})"
+    assert pretrained.describe({"kind": "random"}).startswith("none: random")
+
+
 def _hf_cache(hf_home: Path) -> dict:
     """A stand-in for timm/test_efficientnet.r160_in1k in an HF_HOME, in the hub cache's own layout
     (``hub/models--timm--<name>/snapshots/<rev>/model.safetensors`` + ``refs/main``): the 1000-class state dict."""
