@@ -68,6 +68,24 @@ def test_a_local_weights_file_is_recorded_with_its_sha256(tmp_path):
     assert pretrained.describe({"kind": "random"}).startswith("none: random")
 
 
+def test_a_stage_whose_test_manifest_has_no_rows_says_so(manifests, tmp_path):
+    """A stage built from a tree without the AI Hub Validation part: manifest_test.csv holds the header only."""
+    from pillsnap_dali.training import evaluation
+
+    stage = tmp_path / "stage3"
+    stage.mkdir()
+    shutil.copy(manifests / "manifest_train.csv", stage / "manifest_train.csv")
+    header = (manifests / "manifest_test.csv").read_text(encoding="utf-8").splitlines()[0]
+    (stage / "manifest_test.csv").write_text(header + "\n", encoding="utf-8")
+    test, note = evaluation.test_split(stage / "manifest_train.csv")
+    assert test is None and note.startswith(f"no test split: {(stage / 'manifest_test.csv').resolve()} has no rows")
+    assert "train/val only" in note and "Holding out a test split" in note
+    (stage / "manifest_test.csv").unlink()
+    assert evaluation.test_split(stage / "manifest_train.csv")[1].startswith("no test split: no test manifest")
+    shutil.copy(manifests / "manifest_test.csv", stage / "manifest_test.csv")
+    assert evaluation.test_split(stage / "manifest_train.csv") == (stage / "manifest_test.csv", None)
+
+
 def _hf_cache(hf_home: Path) -> dict:
     """A stand-in for timm/test_efficientnet.r160_in1k in an HF_HOME, in the hub cache's own layout
     (``hub/models--timm--<name>/snapshots/<rev>/model.safetensors`` + ``refs/main``): the 1000-class state dict."""
