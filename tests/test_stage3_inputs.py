@@ -150,6 +150,14 @@ def test_the_users_stage3_manifest_form_starts_from_the_cached_imagenet_weights(
     body = [k for k in params if not k.startswith("classifier.")]
     assert len(body) > 20 and all(torch.equal(ck["model"][k], published[k]) for k in body)
     assert ck["model"]["classifier.weight"].shape[0] == 6
+    # timm's own resolution (pretrained_cfg.hf_hub_id through the hub client, HF_HUB_OFFLINE=1) reads the same file
+    own = tmp_path / "timm_own.pt"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    code = f"import timm, torch; torch.save(timm.create_model('{MODEL}', pretrained=True).state_dict(), r'{own}')"
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=300).returncode == 0
+    timm_sd = torch.load(own)
+    assert all(torch.equal(timm_sd[k], published[k]) for k in published)
     # the report names where the weights came from, and flags the random-looking first epoch (lr 0 learns nothing)
     report = (tmp_path / "runs" / "stage3" / "report.md").read_text(encoding="utf-8")
     assert f"- starting weights: ImageNet, timm/test_efficientnet.r160_in1k revision {REV}" in report
