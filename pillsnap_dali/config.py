@@ -623,6 +623,10 @@ def validate(cfg: Config) -> None:
     """The rules between keys (each key's own range is checked when it is read: ``_check_value``)."""
     if cfg.train.class_weights != "none" and cfg.train.weighted_sampler:
         raise ConfigError("use train.class_weights or train.weighted_sampler, not both")
+    if cfg.model.pretrained_file and str(cfg.model.pretrained).strip().lower() != "imagenet":
+        raise ConfigError(f"model.pretrained_file is the local copy of the ImageNet weights: it needs "
+                          f"model.pretrained: imagenet (got {cfg.model.pretrained!r}; a weights file of your own "
+                          "goes in model.pretrained / --pretrained PATH)")
     tiers = cfg.manifest.tiers
     if not tiers or not all(isinstance(t, list) and len(t) == 2 and all(ONE_UP.holds(x) and isinstance(x, int)
                                                                          for x in t) for t in tiers):

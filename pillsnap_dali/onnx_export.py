@@ -8,11 +8,11 @@ The classifier: opset 17, dynamic batch, input ``input`` (normalized NCHW float)
 the deployed weights (the EMA when ``best.pt`` chose it), with the K-codes, drug names and preprocessing
 (size, resize mode, mean/std) in the ONNX metadata and in ``classifier.json`` beside it (the full class
 map, the parity figures and latency too). Before writing, onnxruntime runs the model on real validation
-images (the run's ``manifest_val.csv``, or ``--images``) against torch: the max abs logit difference and the
-top-1 agreement must be within bounds (``--atol``, ``--min-agreement``; the same for ``--fp16`` with
-looser bounds), else nothing is written. Files are written atomically (an export over an existing one
-replaces it whole or not at all). The detector goes through Ultralytics' own export at its training
-letterbox size (640 for the users' detector) into ``detector.onnx`` + ``detector.json``.
+images (the validation manifest the run recorded in its checkpoint, or ``--images``) against torch: the
+max abs logit difference and the top-1 agreement must be within bounds (``--atol``, ``--min-agreement``;
+the same for ``--fp16`` with looser bounds), else nothing is written. Files are written atomically (an
+export over an existing one replaces it whole or not at all). The detector goes through Ultralytics' own
+export at its training letterbox size (640 for the users' detector) into ``detector.onnx`` + ``detector.json``.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from pillsnap_dali.optional import require
 from pillsnap_dali.data.manifest import read_manifest
 from pillsnap_dali.inference import collect_images, detector_imgsz, load_detector
 from pillsnap_dali.imageio import open_rgb
+from pillsnap_dali.training.evaluation import recorded_manifest
 from pillsnap_dali.loaders import pil_eval_transform
 
 _logger = logging.getLogger(__name__)
@@ -59,7 +60,11 @@ class Bounds:
 
 # ---------------------------------------------------------------------------------------- parity images
 def val_manifest_of(ck: dict) -> Path | None:
-    """The run's validation manifest, from the config stored in the checkpoint (``<artifacts>/<stage>/``)."""
+    """The run's validation manifest: the one its checkpoint recorded (``run_inputs``: a run trained from
+    ``--manifest ... --val-manifest ...`` too), else ``<artifacts>/<stage>/manifest_val.csv`` from its config."""
+    recorded = recorded_manifest(ck, "val")
+    if recorded is not None:
+        return recorded
     cfg = ck.get("config") if isinstance(ck, dict) else None
     if not cfg:
         return None
@@ -67,14 +72,16 @@ def val_manifest_of(ck: dict) -> Path | None:
     return path if path.is_file() else None
 
 
-def parity_images(images: list[str], val_manifest: str | Path | None, limit: int) -> list[str]:
+def parity_images(images: list[str], val_manifest: str | Path | None, limit: int, ck: dict | None = None) -> list[str]:
     """Image paths for the parity check: those given (folders expanded), else ``limit`` rows of the
     validation manifest spread evenly over it (so most classes are in)."""
     if images:
         return [str(p) for p in collect_images(images)][:limit]
     if val_manifest is None:
-        raise FileNotFoundError("no validation images for the parity check: the run's manifest_val.csv was not "
-                                "found; pass --val-manifest CSV or --images IMAGE|DIR")
+        gone = ((ck or {}).get("run_inputs") or {}).get("manifests", {}).get("val") if isinstance(ck, dict) else None
+        where = f"the recorded {gone} is gone" if gone else "the run's manifest_val.csv was not found"
+        raise FileNotFoundError(f"no validation images for the parity check: {where}; pass --val-manifest CSV or "
+                                "--images IMAGE|DIR")
     paths = read_manifest(val_manifest).paths
     idx = np.unique(np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int)) if paths else []
     return [paths[i] for i in idx]

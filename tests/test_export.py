@@ -148,15 +148,18 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys, monkeypatch):
     raw = tmp_path / "raw.pt"
     torch.save(ck["model"], raw)  # a plain state dict: its K-codes are unknown
     imgs = ["--images", *_val_images(run, 2)]
+    moved = tmp_path / "moved.pt"  # its recorded validation manifest is gone (the data moved since training)
+    torch.save({**ck, "run_inputs": {"manifests": {"val": str(tmp_path / "gone" / "manifest_val.csv")}}}, moved)
     cases = [(["--classifier", str(raw), "--out", str(tmp_path / "o"), *imgs], "plain state dict: pass its class "
               "map as JSON (--class-map)"),
-             (["--classifier", str(run["best"]), "--out", str(tmp_path / "o")], None)]
+             (["--classifier", str(moved), "--out", str(tmp_path / "o")], None)]
     monkeypatch.chdir(tmp_path)  # the checkpoint's artifacts/demo is relative: absent here even after a demo run
     for args, msg in cases:
         rc = export.main(args)
         err = capsys.readouterr().err.strip().splitlines()
-        if msg is None:  # the checkpoint's config points at artifacts/demo (not this test's): no val manifest
+        if msg is None:  # the recorded manifest is gone, the config's artifacts/demo is not this test's
             assert rc == 2 and "pass --val-manifest CSV or --images" in err[-1]
+            assert f"the recorded {tmp_path / 'gone' / 'manifest_val.csv'} is gone" in err[-1]
         else:
             assert rc == 2 and msg in err[-1] and len(err) == 1
     assert export.main(["--classifier", str(raw), "--class-map", str(run["manifests"] / "class_map.json"),

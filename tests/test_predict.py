@@ -136,6 +136,30 @@ def test_two_stage_accuracy_scores_every_labelled_pill(stage):
     assert 0 <= score["top1_right"] <= score["detected"] <= score["pills"]
 
 
+def test_eval_without_a_manifest_scores_the_run_s_recorded_test_split(stage, tmp_path, capsys):
+    """``--eval`` alone: combo mode scores detect_test.csv beside the test manifest the checkpoint recorded, the
+    same figures as naming it; single mode scores that test manifest's rows whole-image."""
+    from pillsnap_dali.training.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(stage["classifier"])
+    test = stage["manifests"] / "manifest_test.csv"
+    recorded = tmp_path / "recorded.pt"
+    save_checkpoint(recorded, {**ck, "run_inputs": {"manifests": {"test": str(test)}, "test_note": None}})
+    sets = sum((["--set", s] for s in stage["sets"]), [])
+    common = ["--classifier", str(recorded), "--detector", str(stage["detector"]), "--device", "cpu", *sets]
+    assert predict.main([*common, "--mode", "combo", "--eval"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert predict.main([*common, "--mode", "combo", "--eval", str(stage["manifests"] / "detect_test.csv")]) == 0
+    named = json.loads(capsys.readouterr().out)
+    assert default == named and default["manifest"].endswith("detect_test.csv") and default["pills"] > 0
+    assert predict.main([*common, "--mode", "single", "--eval"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["manifest"] == str(test)
+    assert single["images"] + single["unreadable"] + single["absent_rows"] == len(read_manifest(test))
+    assert predict.main(["--classifier", str(stage["classifier"]), "--mode", "single", "--eval"]) == 2
+    assert "no test manifest recorded in it; pass --eval MANIFEST" in capsys.readouterr().err
+
+
 def test_padded_box_and_matching():
     assert inference.padded_box([10, 20, 30, 60], 100, 100, 0.1) == (8, 16, 32, 64)
     assert inference.padded_box([0, 0, 100, 50], 100, 50, 0.1) == (0, 0, 100, 50)  # clipped to the image

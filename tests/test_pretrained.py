@@ -3,6 +3,7 @@ a Hugging Face cache with HF_HUB_OFFLINE=1, and a one-line error when neither ha
 training CLI in a subprocess (the HF settings are read when huggingface_hub is imported); no network."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -45,7 +46,8 @@ def test_imagenet_weights_from_a_local_file_go_through_timm(tmp_path):
     assert own["classifier.weight"].shape[0] == 6  # the stage's head, not ImageNet's 1000 classes
     origin = pretrained.weights_origin(model, cfg)
     assert origin == {"kind": "imagenet", "source": "file", "file": str((tmp_path / "model.safetensors").resolve()),
-                      "hub_id": "timm/test_efficientnet.r160_in1k"}
+                      "hub_id": "timm/test_efficientnet.r160_in1k",
+                      "sha256": hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()}
     random_cfg = load_config("demo", sets=[f"model.name={MODEL}"])
     assert pretrained.weights_origin(pretrained.create_model(random_cfg, 6), random_cfg) == {"kind": "random"}
 

@@ -120,7 +120,7 @@ def test_class_map_mismatch_and_num_classes_are_refused(manifests, tmp_path, cap
 
 
 def test_real_stage_without_data_is_a_clear_error(tmp_path, capsys):
-    assert train.main(["--stage", "3", "--out", str(tmp_path), "--dry-run",
+    assert train.main(["--stage", "3", "--out", str(tmp_path), "--dry-run", "--pretrained", "none",  # no weights
                        "--set", f"data.artifacts={tmp_path / 'art'}"]) == 2
     assert "stage 3 needs the AI Hub tree: pass --data-root" in capsys.readouterr().err
     assert not (tmp_path / "art").exists()  # nothing generated behind the user's back

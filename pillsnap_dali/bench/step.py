@@ -43,7 +43,9 @@ def bench_step(cfg: Config, *, device: torch.device, batch: int, steps: int = 10
     Returns images/s: median, min and max over ``reps`` timed runs of ``steps`` steps after ``warmup``.
     """
     torch.manual_seed(0)
-    model = build_model(cfg, num_classes, device).train()
+    # speed only: random weights (a stage's default ImageNet weights would be fetched and change nothing here)
+    model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None)), num_classes,
+                        device).train()
     opt = build_optimizer(cfg, model)
     amp, dtype, use_scaler = amp_settings(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)

@@ -8,11 +8,11 @@ The classifier: opset 17, dynamic batch, input ``input`` (normalized NCHW float)
 the deployed weights (the EMA when ``best.pt`` chose it), with the K-codes, drug names and preprocessing
 (size, resize mode, mean/std) in the ONNX metadata and in ``classifier.json`` beside it (the full class
 map, the parity figures and latency too). Before writing, onnxruntime runs the model on real validation
-images (the run's ``manifest_val.csv``, or ``--images``) against torch: the max abs logit difference and the
-top-1 agreement must be within bounds (``--atol``, ``--min-agreement``; the same for ``--fp16`` with
-looser bounds), else nothing is written. Files are written atomically (an export over an existing one
-replaces it whole or not at all). The detector goes through Ultralytics' own export at its training
-letterbox size (640 for the users' detector) into ``detector.onnx`` + ``detector.json``.
+images (the validation manifest the run recorded in its checkpoint, or ``--images``) against torch: the
+max abs logit difference and the top-1 agreement must be within bounds (``--atol``, ``--min-agreement``;
+the same for ``--fp16`` with looser bounds), else nothing is written. Files are written atomically (an
+export over an existing one replaces it whole or not at all). The detector goes through Ultralytics' own
+export at its training letterbox size (640 for the users' detector) into ``detector.onnx`` + ``detector.json``.
 
 This module is the command (its parser and ``main``); the work is done by ``pillsnap_dali.onnx_export``.
 """
@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", default=None, help="class map JSON of a plain state dict (default: none)")
     p.add_argument("--model-name", default=None, help="timm model of a plain state dict (default tf_efficientnetv2_s)")
     p.add_argument("--images", nargs="*", default=[], help="parity images or folders (default: the run's "
-                   "manifest_val.csv)")
-    p.add_argument("--val-manifest", default=None, help="manifest whose images prove parity (default: the run's "
-                   "<artifacts>/<stage>/manifest_val.csv from the checkpoint's config)")
+                   "validation manifest)")
+    p.add_argument("--val-manifest", default=None, help="manifest whose images prove parity (default: the "
+                   "validation manifest the checkpoint recorded, e.g. the run's --val-manifest, else "
+                   "<artifacts>/<stage>/manifest_val.csv from its config)")
     p.add_argument("--max-images", type=int, default=64, help="parity images used at most (default: 64)")
     p.add_argument("--fp16", action="store_true", help="also write classifier_fp16.onnx (its own parity bounds)")
     p.add_argument("--atol", type=float, default=Bounds.atol, help=f"max abs logit difference allowed, fp32 "
@@ -67,7 +68,7 @@ def _run(args, cfg) -> dict:
     """Export the classifier (and the detector) after the parity check: what was written and measured."""
     loaded, ck = _load(args, cfg)
     val = Path(args.val_manifest) if args.val_manifest else val_manifest_of(ck)
-    x, used = preprocess(parity_images(args.images, val, args.max_images), loaded.preprocess, cfg.data.max_pixels)
+    x, used = preprocess(parity_images(args.images, val, args.max_images, ck), loaded.preprocess, cfg.data.max_pixels)
     out = Path(args.out)
     bounds = Bounds(atol=args.atol, min_agreement=args.min_agreement)
     meta = export_classifier(loaded, ck, args.classifier, x, out, bounds, fp16=args.fp16)

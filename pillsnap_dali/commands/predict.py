@@ -13,7 +13,9 @@ crop, classify) is measured and p50/p95 printed.
 
 With ``--eval MANIFEST`` (a ``detect_*.csv``) it reports the two-stage accuracy instead: the share of
 labelled pills whose K-code is right at top-1 (a pill counts when a detection overlaps its box with
-IoU >= 0.5 and that detection's top-1 is its code).
+IoU >= 0.5 and that detection's top-1 is its code); in ``single`` mode, on a classification manifest, the
+whole-image top-1/top-5 of predict's own path. ``--eval`` alone reads the test manifest the checkpoint's
+run recorded.
 
 This module is the command (its parser and ``main``); the work is done by ``pillsnap_dali.inference``.
 """
@@ -27,12 +29,15 @@ import sys
 from pillsnap_dali.commands.common import add_shared_flags, config_from_args, existing_file, key_help, run_cli
 from pillsnap_dali.errors import UsageError
 from pillsnap_dali.device import select_device
+from pillsnap_dali.training.checkpoint import load_checkpoint
+from pillsnap_dali.training.evaluation import recorded_manifest, recorded_test_note, single_accuracy
 from pillsnap_dali.training.model import load_classifier
 from pillsnap_dali.onnx_runtime import load_classifier_dir, load_detector_dir
 from pillsnap_dali.data.manifest import read_manifest
 from pillsnap_dali.inference import MODES, collect_images, format_table, latency_summary, load_detector, predict_images, two_stage_accuracy
 
 _logger = logging.getLogger("pillsnap_dali.predict")
+RUN = "__run__"  # --eval without a value: the run's recorded manifests
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "(required)")
     p.add_argument("--topk", type=int, default=None, help=key_help("K-codes listed per pill", "predict.topk"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
-    p.add_argument("--eval", default=None, metavar="DETECT_CSV",
-                   help="score two-stage top-1 on a detect_*.csv manifest instead of predicting inputs "
-                        "(default: predict the inputs)")
+    p.add_argument("--eval", nargs="?", const=RUN, default=None, metavar="MANIFEST",
+                   help="score instead of predicting inputs: --mode combo, two-stage top-1 on a detect_*.csv "
+                        "manifest; --mode single, whole-image top-1/top-5 on a classification manifest; without "
+                        "a value, the checkpoint's run's recorded test manifest (combo: the detect_test.csv "
+                        "beside it) (default: predict the inputs)")
     add_shared_flags(p, ("device", "stage", "config", "set"), helps={
         "device": "auto | cpu | cuda | cuda:N (default: auto, cuda when available)",
         "stage": "config stage overlay (predict.*, detect.imgsz, data.max_pixels); one of %(choices)s "
@@ -95,9 +102,10 @@ def _run(args, cfg) -> int:
         raise UsageError("--mode combo needs --detector WEIGHTS")
     classifier, detector = _load_models(args, cfg)
     if args.eval:
-        if args.mode != "combo":
-            raise UsageError("--eval scores the two-stage (combo) path: use --mode combo")
-        print(json.dumps(two_stage_accuracy(read_manifest(args.eval), classifier, detector, cfg), indent=1))
+        manifest = read_manifest(eval_manifest(args))
+        score = (two_stage_accuracy(manifest, classifier, detector, cfg) if args.mode == "combo" else
+                 single_accuracy(manifest, classifier, cfg))
+        print(json.dumps({"manifest": str(manifest.path), **score}, indent=1))
         return 0
     results = predict_images(collect_images(args.inputs), classifier, detector, args.mode,
                              args.topk or cfg.predict.topk, cfg)
@@ -112,11 +120,32 @@ def _run(args, cfg) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+def eval_manifest(args) -> str:
+    """``--eval MANIFEST``, or (no value) the manifest the checkpoint's run recorded: its test split (combo
+    mode: ``detect_test.csv`` beside it); a run without a test split says so and asks for a manifest."""
+    if args.eval != RUN:
+        return args.eval
+    if not args.classifier:
+        raise UsageError("--eval without a manifest reads the run's from --classifier CKPT: pass --eval MANIFEST")
+    ck = load_checkpoint(args.classifier)
+    test = recorded_manifest(ck, "test")
+    if test is None:
+        note = recorded_test_note(ck) or "no test manifest recorded in it"
+        raise UsageError(f"{args.classifier}: {note}; pass --eval MANIFEST")
+    if args.mode == "combo":
+        detect = test.with_name(test.name.replace("manifest_", "detect_", 1))
+        if test.name == detect.name or not detect.is_file():
+            raise UsageError(f"no detect_test.csv beside the run's test manifest {test}: pass --eval DETECT_CSV")
+        return str(detect)
+    return str(test)
+
+
 def _main(args) -> int:
     if not args.inputs and not args.eval:
         raise UsageError("give images or folders (or --eval DETECT_CSV)")
     for flag in ("classifier", "class_map", "detector", "eval"):
-        existing_file(getattr(args, flag), f"--{flag.replace('_', '-')}")
+        if getattr(args, flag) != RUN:
+            existing_file(getattr(args, flag), f"--{flag.replace('_', '-')}")
     if args.device == "auto":
         args.device = None
     cfg = config_from_args(args, {})

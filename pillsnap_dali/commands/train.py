@@ -34,7 +34,7 @@ from pillsnap_dali.training.engine import RunSpec, TrainData, Trainer, TrainingE
 from pillsnap_dali.training.report import write_report
 from pillsnap_dali.data.build import ensure_manifests
 from pillsnap_dali.loaders import resolve_backend
-from pillsnap_dali.training.evaluation import after_training
+from pillsnap_dali.training.evaluation import after_training, run_manifests
 
 _logger = logging.getLogger("pillsnap_dali.train")
 
@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, help=key_help("square model input in pixels", "preprocess.img_size"))
     p.add_argument("--model", help=key_help("any timm model name", "model.name"))
     p.add_argument("--pretrained", help=key_help("imagenet (timm's published weights: the Hugging Face cache, "
-                                                 "downloaded once when online) or a local weights file (head rows "
-                                                 "by K-code)", "model.pretrained"))
+                                                 "downloaded once when online; stages 1-4 default to it), none "
+                                                 "(random weights, on purpose; the demo's default) or a local "
+                                                 "weights file (head rows by K-code)", "model.pretrained"))
     p.add_argument("--backend", choices=["auto", "dali", "dali-cpu", "pil"],
                    help=key_help("image loader, one of %(choices)s", "loader.backend"))
     add_shared_flags(p, ("device",))
@@ -243,6 +244,57 @@ def write_run_inputs(run_dir: Path, cfg: Config, data, quarantine: list) -> None
             csv.writer(fh).writerows([("path", "reason"), *quarantine])
 
 
+def check_pretrained(cfg: Config) -> dict | None:
+    """The starting weights, checked before any manifest is scanned or run dir made: ImageNet weights that
+    cannot be had (offline, not in the Hugging Face cache, no model.pretrained_file) stop the run here with
+    one line naming the fixes and ``--pretrained none``; a real model starting from random weights is said."""
+    origin = pretrained.check_available(cfg)
+    if pretrained.is_none(cfg.model.pretrained) and cfg.stage != "demo":
+        _logger.warning("%s starts from random weights (model.pretrained: none); --pretrained imagenet starts from "
+                        "timm's published ImageNet weights", cfg.model.name)
+    return origin
+
+
+def record_run_inputs(data) -> dict:
+    """What the checkpoints record of this run's data (``evaluation.run_manifests``: absolute manifest paths,
+    the test manifest beside the training one, read now: a broken one stops the run before anything is
+    written)."""
+    return run_manifests(data.train.path, data.val.path)
+
+
+def say_test_note(run_inputs: dict, rank: int) -> None:
+    """A run without a test split is told so when it starts (in train.log too), not only after training."""
+    if run_inputs.get("test_note") and rank == 0:
+        _logger.warning("%s", run_inputs["test_note"])
+
+
+def start_origin(trainer, resume_state: dict | None) -> dict:
+    """Where the run's weights first came from: a resumed run keeps its first session's (the checkpoint's)."""
+    if resume_state and resume_state.get("weights_origin"):
+        pretrained.set_origin(trainer.model, resume_state["weights_origin"])
+    origin = pretrained.weights_origin(trainer.model, trainer.cfg)
+    _logger.info("starting weights: %s", pretrained.describe(origin))
+    return origin
+
+
+def weights_report(summary: dict, origin: dict, run_inputs: dict, num_classes: int) -> dict:
+    """The report header's lines on the starting weights and the data (and the summary's keys for them); a
+    pretrained run whose first epoch looks random is flagged (warning in the log, line in the report)."""
+    hist = summary.get("history") or []
+    flag = pretrained.random_start(hist[0] if hist else None, num_classes, origin)
+    if flag:
+        _logger.warning("%s", flag)
+    summary.update(weights=origin, random_start=flag, run_inputs=run_inputs)
+    man = run_inputs.get("manifests") or {}
+    lines = {"starting weights": pretrained.describe(origin),
+             "random-start check": f"WARNING: {flag}" if flag else ("passed (first epoch learnt)" if hist and
+                                                                    origin.get("kind") != "random" else "n/a"),
+             "manifests": f"train {man.get('train')}, val {man.get('val')}, test {man.get('test') or 'none'}"}
+    if run_inputs.get("test_note"):
+        lines["test split"] = run_inputs["test_note"]
+    return lines
+
+
 def run(args: argparse.Namespace) -> dict:
     cfg = resolve_config(args)
     rank, world, device = init_distributed(cfg)
@@ -251,10 +303,12 @@ def run(args: argparse.Namespace) -> dict:
     error = None
     try:  # every rank checks its own inputs; one that fails stops them all with one line (multinode.py)
         check_paths(args)
+        check_pretrained(cfg)  # before the manifests are scanned and the run dir made
         data, checks, quarantine, resume_path, resume_state = check_inputs(cfg, args, device, run_dir)
     except PillsnapError as e:
         error = e
     multinode.agree_inputs(error)
+    run_inputs = record_run_inputs(data)
     # resuming another run's checkpoint into this run dir starts a new run there: an earlier run in it is moved
     # aside as for any new run (its metrics.jsonl must not mix with this one's)
     continuing = resume_path is not None and resume_path.resolve().is_relative_to(run_dir.resolve())
@@ -263,12 +317,13 @@ def run(args: argparse.Namespace) -> dict:
         created = start_run_dir(run_dir, continuing)
         setup_logging(run_dir, rank)
         write_run_inputs(run_dir, cfg, data, quarantine)
+    say_test_note(run_inputs, rank)
     if world > 1:
         dist.barrier()  # the other ranks open their skip logs in the run dir once rank 0 has prepared it
         if not (continuing or args.dry_run):  # a run dir on another machine: rank 0 did not prepare it
             multinode.set_aside_stale_log(run_dir, rank)
     spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,
-                   dry_run=args.dry_run, resume=resume_path, resume_state=resume_state)
+                   dry_run=args.dry_run, resume=resume_path, resume_state=resume_state, run_inputs=run_inputs)
     try:
         trainer = Trainer(spec)
     except BaseException:
@@ -276,6 +331,7 @@ def run(args: argparse.Namespace) -> dict:
             setup_logging(None, rank)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    origin = start_origin(trainer, resume_state)
     del resume_state  # restored: the loaded checkpoint is not kept through the training
     _logger.info("model %s, %d classes, %d px (%s), backend %s, device %s, %d rank(s)", cfg.model.name,
                  len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, device, world)
@@ -287,7 +343,8 @@ def run(args: argparse.Namespace) -> dict:
         header = {"stage": cfg.stage, "model": cfg.model.name, "classes": len(data.class_map),
                   "image size": f"{cfg.preprocess.img_size} ({cfg.preprocess.resize_mode})", "backend": trainer.backend,
                   "device": str(device), "ranks": world, "train rows": len(data.train), "val rows": len(data.val),
-                  "manifest checks": "; ".join(f"{f.level} {f.check}: {f.message}" for f in checks.findings) or "passed"}
+                  "manifest checks": "; ".join(f"{f.level} {f.check}: {f.message}" for f in checks.findings) or "passed",
+                  **weights_report(summary, origin, run_inputs, len(data.class_map))}
         summary["report"] = str(write_report(run_dir, summary, header, examples=data.val))
     summary["run_dir"] = None if args.dry_run else str(run_dir)
     if world > 1:
@@ -299,7 +356,7 @@ def check_paths(args: argparse.Namespace) -> None:
     """The files the command line names exist (before anything is built, moved or written)."""
     existing_file(args.manifest, "--manifest")
     existing_file(args.val_manifest, "--val-manifest")
-    if args.pretrained and not pretrained.is_imagenet(args.pretrained):  # imagenet: timm's weights, not a path
+    if not pretrained.is_none(args.pretrained) and not pretrained.is_imagenet(args.pretrained):  # not a path
         existing_file(args.pretrained, "--pretrained")
     if args.resume not in (None, resume.LAST):
         existing_file(args.resume, "--resume")
@@ -316,7 +373,9 @@ def _main(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best_top1"]
         print(f"{summary['reason']}; best val top-1 {best:.4f}" if best >= 0 else summary["reason"])
-        if summary.get("test"):
+        if (summary.get("test") or {}).get("note"):
+            print(summary["test"]["note"])
+        elif summary.get("test"):
             t = summary["test"]
             met = "" if t["targets_met"] is None else "; stage targets " + ("met" if t["targets_met"] else "NOT met")
             print(f"test split: top-1 {t['top1']:.4f}, top-5 {t['top5']:.4f}, macro F1 {t['macro_f1']:.4f}{met}")

@@ -80,6 +80,9 @@ class RunSpec:
     resume: Path | None = None
     resume_state: dict | None = None  # the resume checkpoint, loaded (and checked) once by the CLI
     stop_signals: list = field(default_factory=lambda: [signal.SIGINT, signal.SIGTERM])
+    # what the checkpoint records of the run's inputs (evaluation.run_manifests: the manifests' absolute paths,
+    # why there is no test split): export, evaluate and predict find the run's data there
+    run_inputs: dict = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -483,7 +486,8 @@ class Trainer:
                 "class_map": self.spec.data.class_map.to_dict(), "preprocess": ckpt.preprocess_dict(cfg.preprocess),
                 "backend": self.backend, "world_size": self.spec.world_size,
                 "skipped": [dict(e) for e in self.skip_log.entries],
-                "weights_origin": pretrained.weights_origin(self.model, cfg), **run}
+                "weights_origin": pretrained.weights_origin(self.model, cfg),
+                "run_inputs": dict(self.spec.run_inputs), **run}
 
     def save(self, epoch: int, complete: bool, best: bool) -> None:
         """last.pt (and best.pt, epoch_NNNN.pt); never weights that are not finite (the last good ones stay)."""

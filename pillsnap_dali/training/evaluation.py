@@ -34,6 +34,10 @@ from pillsnap_dali.training.report import write_test_report
 _logger = logging.getLogger(__name__)
 
 
+NO_TEST_HINT = ("this run is scored on its validation split only; hold out a test split for a real stage "
+                "(README: Holding out a test split)")
+
+
 def find_test_manifest(train_manifest: str | Path) -> Path | None:
     """``manifest_test.csv`` (or ``test.csv``) beside a training manifest, when it exists and has rows."""
     p = Path(train_manifest)
@@ -42,6 +46,42 @@ def find_test_manifest(train_manifest: str | Path) -> Path | None:
             cand = p.with_name(p.name.replace(a, b, 1))
             return cand if cand.is_file() and cand.stat().st_size > 0 else None
     return None
+
+
+def test_split(train_manifest: str | Path | None) -> tuple[Path | None, str | None]:
+    """(the test manifest beside a training manifest, or None; None, or a plain sentence saying why this run
+    has no test split: no file beside it, or a file without rows, e.g. a stage built from a tree without the
+    AI Hub Validation part, or the users' own 80/20 train/val manifests)."""
+    if train_manifest is None:
+        return None, f"no training manifest recorded: {NO_TEST_HINT}"
+    test = find_test_manifest(train_manifest)
+    if test is None:
+        return None, (f"no test split: no test manifest (manifest_test.csv) beside {Path(train_manifest).resolve()}; "
+                      f"{NO_TEST_HINT}")
+    if not len(read_manifest(test)):
+        return None, (f"no test split: {test.resolve()} has no rows (this stage's split is train/val only: its tree "
+                      f"has no AI Hub Validation images of the stage's classes); {NO_TEST_HINT}")
+    return test, None
+
+
+def run_manifests(train: str | Path, val: str | Path) -> dict:
+    """What a checkpoint records of the data its run used (``run_inputs``): absolute manifest paths (the
+    test one when a test split is beside the training manifest) and the sentence saying why there is none."""
+    test, note = test_split(train)
+    return {"manifests": {"train": str(Path(train).resolve()), "val": str(Path(val).resolve()),
+                          "test": str(test.resolve()) if test else None}, "test_note": note}
+
+
+def recorded_manifest(ck, split: str) -> Path | None:
+    """The ``split`` manifest a checkpoint's run recorded (``run_inputs``), when the file is still there."""
+    rec = ((ck.get("run_inputs") or {}).get("manifests") or {}) if isinstance(ck, dict) else {}
+    p = rec.get(split)
+    return Path(p) if p and Path(p).is_file() else None
+
+
+def recorded_test_note(ck) -> str | None:
+    """Why a checkpoint's run had no test split (``run_inputs["test_note"]``), or None."""
+    return (ck.get("run_inputs") or {}).get("test_note") if isinstance(ck, dict) else None
 
 
 def split_known(m: Manifest, class_map: ClassMap) -> tuple[Manifest, dict[str, int]]:
@@ -110,6 +150,8 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, cfg: Confi
                              preprocess=legacy_preprocess, device=device)
     cfg = dataclasses.replace(cfg, preprocess=loaded.preprocess)  # the model's preprocessing, never the config's
     m, missing = split_missing(read_manifest(manifest))
+    if not len(m) and not missing:
+        raise ManifestError(f"{manifest} has no rows: no test split to score; {NO_TEST_HINT}")
     m, absent = split_known(m, loaded.class_map)
     if not len(m):
         raise ManifestError(f"{manifest}: no test row of a class the model knows ({len(absent)} absent K-codes, "
@@ -135,14 +177,41 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, cfg: Confi
 
 
 def after_training(run_dir: Path, train_manifest: str | None, cfg: Config, device: torch.device) -> dict | None:
-    """The test-split score of a finished run's best.pt (``after_training``), or None when there is
-    no test split beside the training manifest or no best.pt; its failure is logged, never the run's end."""
+    """The test-split score of a finished run's best.pt (``after_training``); ``{"note": ...}`` when the
+    run has no test split (said plainly, for the report); None when not asked for or without best.pt; a
+    failure is logged, never the run's end."""
     best = run_dir / "checkpoints" / "best.pt"
-    test = find_test_manifest(train_manifest) if train_manifest else None
-    if not cfg.evaluate.after_training or test is None or not best.is_file():
+    if not cfg.evaluate.after_training or not best.is_file():
         return None
+    test, note = test_split(train_manifest)
+    if test is None:
+        _logger.warning("%s", note)
+        return {"note": note}
     try:
         return evaluate_checkpoint(best, test, cfg, device, run_dir / "test")
     except (ValueError, OSError, RuntimeError) as e:  # the training itself succeeded: keep its report
         _logger.warning("test split %s not evaluated: %s", test, e)
         return None
+
+
+@torch.no_grad()
+def single_accuracy(manifest: Manifest, classifier, cfg: Config) -> dict:
+    """Top-1/top-5 of predict's single-image path (whole image, the checkpoint's preprocessing, PIL) over a
+    classification manifest's rows of K-codes the classifier knows; unreadable images counted, not scored."""
+    from pillsnap_dali.inference import make_predictor, options_from
+
+    m, absent = split_known(manifest, classifier.class_map)
+    predict = make_predictor(classifier, None, options_from(cfg, "single", 5))
+    images = top1 = top5 = unreadable = 0
+    for i, code in enumerate(m.codes):
+        path = m.source_path(i)  # the original image (a cached row's PNG), as a user would give it
+        r = predict(path)
+        if "error" in r or not r.get("pills"):
+            unreadable += 1
+            _logger.warning("single-image accuracy: %s left out: %s", path, r.get("error", "no prediction"))
+            continue
+        codes = [t["code"] for t in r["pills"][0]["topk"]]
+        images, top1, top5 = images + 1, top1 + (codes[0] == code), top5 + (code in codes)
+    return {"manifest": str(manifest.path), "images": images, "unreadable": unreadable,
+            "absent_rows": sum(absent.values()), "top1": round(top1 / images, 4) if images else None,
+            "top5": round(top5 / images, 4) if images else None}

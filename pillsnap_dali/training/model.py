@@ -23,8 +23,12 @@ _logger = logging.getLogger(__name__)
 
 def build_model(cfg: Config, num_classes: int, device: torch.device, class_map: ClassMap | None = None) -> nn.Module:
     model = pretrained.create_model(cfg, num_classes)  # random, or timm's ImageNet weights (pretrained: imagenet)
-    if cfg.model.pretrained and not pretrained.is_imagenet(cfg.model.pretrained):
-        load_pretrained(model, cfg.model.pretrained, class_map, cfg.model.pretrained_class_map)
+    src = cfg.model.pretrained
+    if not pretrained.is_none(src) and not pretrained.is_imagenet(src):
+        load_pretrained(model, src, class_map, cfg.model.pretrained_class_map)
+        pretrained.set_origin(model, {"kind": "file", "file": str(Path(src).resolve()),
+                                      "sha256": pretrained.sha256_of(src),
+                                      "class_map": cfg.model.pretrained_class_map})
     model.to(device)
     if memory_layout(cfg.loader.layout, device.type) == "NHWC":  # the loaders' batches come in this layout
         model.to(memory_format=torch.channels_last)

@@ -56,6 +56,7 @@ def write_report(run_dir: Path, summary: dict, header: dict, examples=None) -> P
                                                                f"{summary['session_time']:.1f} s)" if sessions > 1 else ""),
               f"- deployed weights: `{summary['best_checkpoint']}` (best val top-1)" if summary.get("best_checkpoint")
               else "- deployed weights: none (no epoch completed)", ""]
+    lines += random_start_lines(summary)
     if hist:
         best = max(hist, key=lambda h: h["val_top1"])
         data_t = sum(h["data_time"] for h in hist)
@@ -112,9 +113,16 @@ def _late_sections(run_dir: Path, summary: dict, examples) -> list[str]:
     bad = bad_files(run_dir, *manifest_dir)  # the loaders' skips, train's and the manifest step's quarantine
     if bad:
         lines += ["", *_picture_section(lambda: skipped_sheet(bad, run_dir / "pictures"))]
-    if summary.get("test"):
+    if (summary.get("test") or {}).get("note"):
+        lines += ["", "## Test split", "", summary["test"]["note"]]
+    elif summary.get("test"):
         lines += ["", *split_section(summary["test"], run_dir / "test")]
     return lines
+
+
+def random_start_lines(summary: dict) -> list[str]:
+    """The flag of a pretrained run whose first epoch looks like random weights (``pretrained.random_start``)."""
+    return [f"**Warning: {summary['random_start']}**", ""] if summary.get("random_start") else []
 
 
 # ---------------------------------------------------------------------------------------------- pictures
