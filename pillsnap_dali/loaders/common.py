@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from pillsnap_dali import seeds
 from pillsnap_dali.config import AugmentConfig, Config, LoaderConfig, PreprocessConfig
 from pillsnap_dali.skiplog import SkipLog
 
@@ -54,7 +55,7 @@ def shard_order(num_rows: int, *, shard_id: int = 0, num_shards: int = 1, shuffl
                 seed: int = 0, epoch: int = 0) -> np.ndarray:
     """Row ids one shard reads in one epoch (int64).
 
-    Shuffled: the permutation ``np.random.default_rng([seed, epoch])`` of all rows (the same on every
+    Shuffled: the permutation ``seeds.rng(seed, epoch)`` of all rows (the same on every
     shard), of which shard ``r`` takes every ``num_shards``-th element starting at ``r``. Not shuffled:
     ``arange(num_rows)[r::num_shards]``. The shards are disjoint and together cover all rows; their
     lengths differ by at most one.
@@ -63,7 +64,7 @@ def shard_order(num_rows: int, *, shard_id: int = 0, num_shards: int = 1, shuffl
         raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    rows = (np.random.default_rng([seed, epoch]).permutation(num_rows) if shuffle
+    rows = (seeds.rng(seed, epoch).permutation(num_rows) if shuffle
             else np.arange(num_rows))
     return rows[shard_id::num_shards].astype(np.int64)
 
@@ -119,7 +120,7 @@ def weighted_order(paths: Sequence[str], spec: LoaderSpec, epoch: int, n: int, s
         w[[i for i, p in enumerate(paths) if p in skip_paths]] = 0.0
     if w.sum() <= 0:
         return np.zeros(0, dtype=np.int64)
-    rng = np.random.default_rng([spec.seed, epoch, spec.rank, 0x5A])
+    rng = seeds.rng(spec.seed, epoch, spec.rank, seeds.WEIGHTED)
     return rng.choice(len(paths), size=n, replace=True, p=w / w.sum()).astype(np.int64)
 
 
