@@ -221,14 +221,13 @@ def check_inputs(cfg: Config, args: argparse.Namespace, device: torch.device, ru
 
     quarantine: list = []
     data, checks = load_data(cfg, args, quarantine)
-    resume_path = resume_state = None
+    resume_from = None
     if args.resume is not None:
-        resume_path = resume.resume_path(args.resume, run_dir)
-        resume_state = resume.check_resume(resume_path, cfg, data.class_map)
+        resume_from = resume.check_resume(resume.resume_path(args.resume, run_dir), cfg, data.class_map)
     resolve_backend(cfg.loader.backend, device)
     if ":" not in cfg.model.name and not timm.is_model(cfg.model.name):  # (hf-hub:/local: names: timm resolves)
         raise ConfigError(f"model.name {cfg.model.name!r} is not a timm model (timm.list_models() lists them)")
-    return data, checks, quarantine, resume_path, resume_state
+    return data, checks, quarantine, resume_from
 
 
 def write_run_inputs(run_dir: Path, cfg: Config, data, quarantine: list) -> None:
@@ -244,10 +243,10 @@ def run(args: argparse.Namespace) -> dict:
     rank, world, device = init_distributed(cfg)
     setup_logging(None, rank)
     run_dir = run_dir_path(cfg)
-    data, checks, quarantine, resume_path, resume_state = check_inputs(cfg, args, device, run_dir)
+    data, checks, quarantine, resume_from = check_inputs(cfg, args, device, run_dir)
     # resuming another run's checkpoint into this run dir starts a new run there: an earlier run in it is moved
     # aside as for any new run (its metrics.jsonl must not mix with this one's)
-    continuing = resume_path is not None and resume_path.resolve().is_relative_to(run_dir.resolve())
+    continuing = resume_from is not None and resume_from.path.resolve().is_relative_to(run_dir.resolve())
     created = False
     if rank == 0 and not args.dry_run:  # the run really starts: only now is anything moved or written
         created = start_run_dir(run_dir, continuing)
@@ -256,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
     if world > 1:
         dist.barrier()  # the other ranks open their skip logs in the run dir once rank 0 has prepared it
     spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,
-                   dry_run=args.dry_run, resume=resume_path, resume_state=resume_state)
+                   dry_run=args.dry_run, resume=resume_from)
     try:
         trainer = Trainer(spec)
     except BaseException:
@@ -264,7 +263,6 @@ def run(args: argparse.Namespace) -> dict:
             setup_logging(None, rank)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    del resume_state  # restored: the loaded checkpoint is not kept through the training
     _logger.info("model %s, %d classes, %d px (%s), backend %s, device %s, %d rank(s)", cfg.model.name,
                  len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, device, world)
     summary = trainer.fit()

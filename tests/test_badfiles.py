@@ -70,7 +70,8 @@ def test_each_bad_file_on_disk_is_skipped_logged_and_the_rest_yielded(tmp_path):
     bad = {"missing.png": None, "empty.png": b"", "text.png": b"not an image at all",
            "truncated.png": (tmp_path / "img" / "good1.png").read_bytes()[:2000], "huge.png": "huge"}
     expect = {"missing.png": "FileNotFoundError", "empty.png": "UnidentifiedImageError",
-              "text.png": "UnidentifiedImageError", "truncated.png": "OSError", "huge.png": "ValueError: too many pixels"}
+              "text.png": "UnidentifiedImageError", "truncated.png": "OSError",
+              "huge.png": "ValueError: too many pixels"}
     paths = list(good)
     for name, data in bad.items():
         p = tmp_path / name

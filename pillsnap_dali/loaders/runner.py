@@ -297,7 +297,8 @@ class DaliRunner:
 
     def _pipeline(self, epoch: int):
         if self.pipe is None:
-            opts = dataclasses.replace(self.opts, seed=derive_seed(self.opts.seed, epoch, self.rank, self.builds, bits=31))
+            seed = derive_seed(self.opts.seed, epoch, self.rank, self.builds, bits=31)
+            opts = dataclasses.replace(self.opts, seed=seed)
             self.pipe = self.build(self.reader, opts)
             self.builds += 1
         return self.pipe
