@@ -94,3 +94,19 @@ def test_the_deployed_weights_are_the_better_of_model_and_ema():
     row = engine.epoch_row(0, tr, res, {**res, "top1": 0.5}, 0)
     assert (row["selected"], row["selected_top1"]) == ("model", 0.5)
     assert engine.epoch_row(0, tr, res, None, 2)["selected"] == "model"
+
+
+def test_the_epoch_tally_sums_like_the_steps_and_names_the_first_non_finite_step():
+    tally = engine.EpochTally(2, CPU, first_step=40, epoch=3)  # fewer planned steps than come: the buffer grows
+    losses, sizes = [0.5, 1.25, 2.0, 0.75], [4, 4, 3, 1]
+    for i, (loss, n) in enumerate(zip(losses, sizes)):
+        logits = torch.zeros(n, 2)
+        logits[: i % 2 + 1, 1] = 1.0  # 1 or 2 rows predict class 1
+        tally.add(torch.tensor(loss), logits, torch.ones(n, dtype=torch.int64))
+        if i == 1:
+            assert tally.settle() == (0.5 * 4 + 1.25 * 4, 3, 8)  # a log point in the middle
+    assert tally.settle() == (sum(a * b for a, b in zip(losses, sizes)), 5, 12)  # the last batch has 1 row
+    tally.add(torch.tensor(float("nan")), torch.zeros(2, 2), torch.ones(2, dtype=torch.int64))
+    tally.add(torch.tensor(float("inf")), torch.zeros(2, 2), torch.ones(2, dtype=torch.int64))
+    with pytest.raises(engine.TrainingError, match=r"non-finite at step 45 \(epoch 3\)"):  # the 5th step after 40
+        tally.settle()

@@ -288,12 +288,40 @@ def train_step(model: nn.Module, criterion: nn.Module, optim: Optim, images: tor
     return loss, logits
 
 
-def _raise_if_nan_loss(first_bad: torch.Tensor, epoch: int) -> None:
-    step = int(first_bad.item())
-    if step >= 0:
-        raise TrainingError(f"the training loss became non-finite at step {step} (epoch {epoch}): the run stopped "
-                            "without saving these weights (last.pt keeps the last good ones); lower train.lr, or "
-                            "check the data")
+class EpochTally:
+    """An epoch's loss, accuracy and image count without a host-device sync per step: each step's loss is
+    copied into a per-epoch device buffer (one small copy), its correct predictions summed on the device, its
+    images counted on the host. ``settle()`` (at the log points and the end: the sync) folds the new losses
+    into the sum and raises ``TrainingError`` naming the first step whose loss is not finite."""
+
+    def __init__(self, steps: int, device: torch.device, first_step: int, epoch: int):
+        self.losses = torch.zeros(max(1, steps), device=device, dtype=torch.float32)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.counts: list[int] = []
+        self.seen, self.loss_sum, self.settled = 0, 0.0, 0
+        self.first_step, self.epoch = first_step, epoch
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        k = len(self.counts)
+        if k == len(self.losses):  # more steps than planned: room for as many again
+            self.losses = torch.cat([self.losses, torch.zeros_like(self.losses)])
+        self.losses[k] = loss.detach()
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.counts.append(labels.numel())
+        self.seen += labels.numel()
+
+    def settle(self) -> tuple[float, int, int]:
+        """(loss summed over images, correct, images) so far; a sync."""
+        new = self.losses[self.settled:len(self.counts)].double().cpu()
+        bad = torch.nonzero(~torch.isfinite(new)).flatten()
+        if len(bad):
+            at = self.first_step + self.settled + int(bad[0]) + 1  # the global step after the bad one
+            raise TrainingError(f"the training loss became non-finite at step {at} (epoch {self.epoch}): the run "
+                                "stopped without saving these weights (last.pt keeps the last good ones); lower "
+                                "train.lr, or check the data")
+        self.loss_sum += float((new * torch.tensor(self.counts[self.settled:], dtype=torch.float64)).sum())
+        self.settled = len(self.counts)
+        return self.loss_sum, int(self.correct.item()), self.seen
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optim: Optim, loader, device: torch.device, epoch: int,
@@ -306,9 +334,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optim: Optim, loader
     if not control.start:
         torch.manual_seed(derive_seed(control.seed, epoch, control.rank, TORCH))
     loader.set_epoch(epoch, start=control.start)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct, seen = (torch.zeros((), device=device, dtype=torch.int64) for _ in range(2))
-    dev_step, first_bad = (torch.full((), v, device=device, dtype=torch.int64) for v in (step, -1))
+    tally = EpochTally(len(loader), device, step, epoch)
     data_t = compute_t = 0.0
     bar, steps = Progress(epoch, control, len(loader)), 0
     with _join(model):
@@ -318,34 +344,29 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optim: Optim, loader
             data_t += t1 - t0
             loss, logits = train_step(model, criterion, optim, batch.images, batch.labels, device, precision,
                                       step + i + 1)
-            dev_step += 1
-            first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), dev_step, first_bad)
-            loss_sum += loss.detach().double() * batch.labels.numel()
-            correct += (logits.detach().argmax(1) == batch.labels).sum()
-            seen += batch.labels.numel()
+            tally.add(loss, logits, batch.labels)
             steps = i + 1
             if bar.due(steps):  # the only host-device syncs of the training loop
-                _raise_if_nan_loss(first_bad, epoch)
-                n = max(int(seen.item()), 1)
-                bar.update(steps, {"loss": float(loss_sum.item()) / n, "acc": int(correct.item()) / n,
+                loss_sum, correct, n = tally.settle()
+                n = max(n, 1)
+                bar.update(steps, {"loss": loss_sum / n, "acc": correct / n,
                             "img/s": n / max(data_t + compute_t, 1e-9), "data": data_t / max(data_t + compute_t, 1e-9)})
                 if control.monitor is not None and control.monitor.available:
                     control.monitor.sample()
                 if control.tb is not None:
-                    control.tb.step(step + steps, steps, n, float(loss_sum.item()) / n, int(correct.item()) / n,
-                                    data_t, compute_t, optim.optimizer.param_groups[0]["lr"], control.monitor)
+                    control.tb.step(step + steps, steps, n, loss_sum / n, correct / n, data_t, compute_t,
+                                    optim.optimizer.param_groups[0]["lr"], control.monitor)
             stop_now = (control.stop and control.stop.reason) or (control.max_steps and steps >= control.max_steps)
             t0 = time.perf_counter()
             compute_t += t0 - t1  # the step and its logging: a log point's sync waits for the GPU here
             if stop_now:
                 break
     bar.close()
-    _raise_if_nan_loss(first_bad, epoch)
-    return _epoch_figures(loss_sum, correct, seen, data_t, compute_t, steps, optim, loader, device, control)
+    return _epoch_figures(tally.settle(), data_t, compute_t, steps, optim, loader, device, control)
 
 
-def _epoch_figures(loss_sum, correct, seen, data_t, compute_t, steps, optim, loader, device, control) -> dict:
-    loss_total, n_correct, n = all_reduce([loss_sum.item(), correct.item(), seen.item()], device)
+def _epoch_figures(totals: tuple, data_t, compute_t, steps, optim, loader, device, control) -> dict:
+    loss_total, n_correct, n = all_reduce(list(totals), device)
     wall = data_t + compute_t
     nan = float("nan")  # no training image (an epoch resumed after its last step): no train loss, not 0
     out = {"train_loss": loss_total / n if n else nan, "train_acc": n_correct / n if n else nan,
