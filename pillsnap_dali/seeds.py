@@ -10,18 +10,19 @@ uninterrupted one drew.
 
 The streams, each used in one place:
 
-=========================  ==========================================  ====================================
-stream                     keys                                        used by
-=========================  ==========================================  ====================================
-epoch shuffle              ``(epoch)``                                 ``loaders.common.shard_order``
-weighted sampler           ``(epoch, rank, WEIGHTED)``                 ``loaders.common.weighted_order``
-augmentation draws         ``(epoch, AUGMENT)`` (rows hashed on top)   ``loaders.augment.sample_uniforms``
-DALI pipeline seed         ``(epoch, rank, pipelines built)``, 31 bits ``loaders.runner.DaliRunner``
-torch RNG of an epoch      ``(epoch, rank, TORCH)``                    ``training.engine`` (dropout, drop-path)
-DataLoader's own generator ``(epoch, rank, DATALOADER)``               ``loaders.pil_loader``
-=========================  ==========================================  ====================================
+=====================  ===========================================  ===================================
+stream                 keys                                         used by
+=====================  ===========================================  ===================================
+epoch shuffle          ``(epoch)``                                  ``loaders.common.shard_order``
+weighted sampler       ``(epoch, rank, WEIGHTED)``                  ``loaders.common.weighted_order``
+augmentation draws     ``(epoch, AUGMENT)``, rows hashed on top     ``loaders.augment.sample_uniforms``
+DALI pipeline seed     ``(epoch, rank, pipelines built)``, 31 bits  ``loaders.runner.DaliRunner``
+torch RNG of an epoch  ``(epoch, rank, TORCH)``                     ``training.engine.train_one_epoch``
+DataLoader generator   ``(epoch, rank, DATALOADER)``                ``loaders.pil_loader``
+=====================  ===========================================  ===================================
 
-The torch RNG is seeded once per epoch (not per step: ``torch.manual_seed`` costs ~0.15 ms of host time);
+The model's initial weights are drawn right after ``torch.manual_seed(train.seed)`` (the base itself, before
+any stream). The torch RNG is seeded once per epoch (not per step: ``torch.manual_seed`` costs ~0.15 ms of host time);
 an epoch interrupted midway is resumed from the RNG state saved with its checkpoint (rank 0's in the
 checkpoint, rank r's in its position file), so the steps after the resume draw what they drew before.
 """
