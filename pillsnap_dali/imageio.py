@@ -12,6 +12,9 @@ The one home of what every image reader shares: the image suffixes and formats, 
 - ``read_encoded`` / ``read_encoded_upright`` (the DALI loaders, the detection loader): the file's bytes
   with the same size check from one header parse (and the upright size for the letterbox);
 - ``open_rgb`` (the ``pil`` backend, prediction, the JPEG cache): the same size check, then a decode.
+
+What a bad file then becomes (skipped, logged, the skip limit) and which errors count as the file's fault is
+``pillsnap_dali.badfiles``'s policy.
 """
 from __future__ import annotations
 
@@ -123,7 +126,7 @@ def _check_size(path: str, max_pixels: int) -> str | None:
                 w, h = img.size
     except Image.DecompressionBombError as e:
         return bomb_problem(e, max_pixels)
-    except Exception as e:  # noqa: BLE001 - any header parse error makes the file unusable
+    except Exception as e:  # noqa: BLE001 - PIL alone runs here: any header parse error is the file's (badfiles.py)
         return f"bad header: {type(e).__name__}: {str(e)[:60]}"
     return pixel_problem(w, h, max_pixels)
 
@@ -138,7 +141,7 @@ def check_full(path: str, max_pixels: int) -> str | None:
             warnings.simplefilter("ignore")
             with Image.open(path) as img:
                 img.load()
-    except Exception as e:  # noqa: BLE001 - decoders raise many types; every one means "skip this image"
+    except Exception as e:  # noqa: BLE001 - PIL alone runs here: every decoder error is the file's (badfiles.py)
         return f"decode failed: {type(e).__name__}: {str(e)[:80]}"
     return None
 
@@ -277,7 +280,7 @@ def upright_size(source) -> tuple[int, int]:
 
 
 def open_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image as 8-bit RGB, safely. Raises (ValueError, OSError...) on anything unusable.
+    """Open an image as 8-bit RGB, safely. Raises one of ``badfiles.IMAGE_ERRORS`` on anything unusable.
 
     The pixel count is checked from the header before decoding (decompression-bomb guard). Truncated files
     raise (never padded with black). EXIF orientation is applied as the DALI decoder applies it

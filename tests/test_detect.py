@@ -225,12 +225,15 @@ def test_corrupt_image_is_skipped_and_logged(converted, tmp_path):
     batches = list(loader)
     assert [b["im_file"] for b in batches] == [(str(split / "images" / "val" / "v1.png"),)]
     assert loader.skipped and loader.skipped[0][0] == str(bad) and len(loader) == 1
+    # the shared row plan's accounting (loaders.common.EpochPlan), as the classification loaders keep it
+    assert loader.epoch_stats() == {"rows": 2, "yielded": 1, "skipped": 1, "excluded": 0, "dropped": 0}
     rows = list(csv.DictReader(log_path.open(encoding="utf-8")))  # written as found, the classification format
     assert [(r["path"], r["backend"], r["epoch"]) for r in rows] == [(str(bad), "dali-cpu/val", "0")]
     assert rows[0]["reason"].startswith("DALI: ")
     rerun = _loader(split, "val", skip_log=SkipLog(log_path))  # a rerun in the same run dir: left out at once
     assert len(rerun) == 1 and [b["im_file"] for b in rerun] == [(str(split / "images" / "val" / "v1.png"),)]
     assert rerun.skipped == [] and len(SkipLog(log_path)) == 1
+    assert rerun.epoch_stats() == {"rows": 2, "yielded": 1, "skipped": 0, "excluded": 1, "dropped": 0}
 
 
 def test_every_real_world_file_is_yielded_once_or_skipped(tmp_path, odd_images):

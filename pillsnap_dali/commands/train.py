@@ -226,14 +226,13 @@ def check_inputs(cfg: Config, args: argparse.Namespace, device: torch.device, ru
 
     quarantine: list = []
     data, checks = load_data(cfg, args, quarantine)
-    resume_path = resume_state = None
+    resume_from = None
     if args.resume is not None:
-        resume_path = resume.resume_path(args.resume, run_dir)
-        resume_state = resume.check_resume(resume_path, cfg, data.class_map)
+        resume_from = resume.check_resume(resume.resume_path(args.resume, run_dir), cfg, data.class_map)
     resolve_backend(cfg.loader.backend, device)
     if ":" not in cfg.model.name and not timm.is_model(cfg.model.name):  # (hf-hub:/local: names: timm resolves)
         raise ConfigError(f"model.name {cfg.model.name!r} is not a timm model (timm.list_models() lists them)")
-    return data, checks, quarantine, resume_path, resume_state
+    return data, checks, quarantine, resume_from
 
 
 def write_run_inputs(run_dir: Path, cfg: Config, data, quarantine: list) -> None:
@@ -268,10 +267,10 @@ def say_test_note(run_inputs: dict, rank: int) -> None:
         _logger.warning("%s", run_inputs["test_note"])
 
 
-def start_origin(trainer, resume_state: dict | None) -> dict:
+def start_origin(trainer, resume_from) -> dict:
     """Where the run's weights first came from: a resumed run keeps its first session's (the checkpoint's)."""
-    if resume_state and resume_state.get("weights_origin"):
-        pretrained.set_origin(trainer.model, resume_state["weights_origin"])
+    if resume_from is not None and resume_from.weights_origin:
+        pretrained.set_origin(trainer.model, resume_from.weights_origin)
     origin = pretrained.weights_origin(trainer.model, trainer.cfg)
     _logger.info("starting weights: %s", pretrained.describe(origin))
     return origin
@@ -304,14 +303,14 @@ def run(args: argparse.Namespace) -> dict:
     try:  # every rank checks its own inputs; one that fails stops them all with one line (multinode.py)
         check_paths(args)
         check_pretrained(cfg)  # before the manifests are scanned and the run dir made
-        data, checks, quarantine, resume_path, resume_state = check_inputs(cfg, args, device, run_dir)
+        data, checks, quarantine, resume_from = check_inputs(cfg, args, device, run_dir)
     except PillsnapError as e:
         error = e
     multinode.agree_inputs(error)
     run_inputs = record_run_inputs(data)
     # resuming another run's checkpoint into this run dir starts a new run there: an earlier run in it is moved
     # aside as for any new run (its metrics.jsonl must not mix with this one's)
-    continuing = resume_path is not None and resume_path.resolve().is_relative_to(run_dir.resolve())
+    continuing = resume_from is not None and resume_from.path.resolve().is_relative_to(run_dir.resolve())
     created = False
     if rank == 0 and not args.dry_run:  # the run really starts: only now is anything moved or written
         created = start_run_dir(run_dir, continuing)
@@ -323,7 +322,7 @@ def run(args: argparse.Namespace) -> dict:
         if not (continuing or args.dry_run):  # a run dir on another machine: rank 0 did not prepare it
             multinode.set_aside_stale_log(run_dir, rank)
     spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,
-                   dry_run=args.dry_run, resume=resume_path, resume_state=resume_state, run_inputs=run_inputs)
+                   dry_run=args.dry_run, resume=resume_from, run_inputs=run_inputs)
     try:
         trainer = Trainer(spec)
     except BaseException:
@@ -331,8 +330,7 @@ def run(args: argparse.Namespace) -> dict:
             setup_logging(None, rank)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    origin = start_origin(trainer, resume_state)
-    del resume_state  # restored: the loaded checkpoint is not kept through the training
+    origin = start_origin(trainer, resume_from)
     _logger.info("model %s, %d classes, %d px (%s), backend %s, device %s, %d rank(s)", cfg.model.name,
                  len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, device, world)
     summary = trainer.fit()

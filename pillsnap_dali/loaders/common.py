@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from pillsnap_dali import seeds
 from pillsnap_dali.config import AugmentConfig, Config, LoaderConfig, PreprocessConfig
 from pillsnap_dali.skiplog import SkipLog
 
@@ -40,6 +41,12 @@ class LoaderSpec:
     world_size: int = 1
     sample_weights: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
+    @property
+    def row_order(self) -> RowOrder:
+        """Training: shuffled (and weighted when ``sample_weights``); evaluation: manifest order."""
+        return RowOrder(shuffle=self.train, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                        sample_weights=self.sample_weights)
+
     @classmethod
     def from_config(cls, cfg: Config, *, train: bool, seed: int = 0, rank: int = 0,
                     world_size: int = 1) -> "LoaderSpec":
@@ -54,7 +61,7 @@ def shard_order(num_rows: int, *, shard_id: int = 0, num_shards: int = 1, shuffl
                 seed: int = 0, epoch: int = 0) -> np.ndarray:
     """Row ids one shard reads in one epoch (int64).
 
-    Shuffled: the permutation ``np.random.default_rng([seed, epoch])`` of all rows (the same on every
+    Shuffled: the permutation ``seeds.rng(seed, epoch)`` of all rows (the same on every
     shard), of which shard ``r`` takes every ``num_shards``-th element starting at ``r``. Not shuffled:
     ``arange(num_rows)[r::num_shards]``. The shards are disjoint and together cover all rows; their
     lengths differ by at most one.
@@ -63,7 +70,7 @@ def shard_order(num_rows: int, *, shard_id: int = 0, num_shards: int = 1, shuffl
         raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    rows = (np.random.default_rng([seed, epoch]).permutation(num_rows) if shuffle
+    rows = (seeds.rng(seed, epoch).permutation(num_rows) if shuffle
             else np.arange(num_rows))
     return rows[shard_id::num_shards].astype(np.int64)
 
@@ -72,23 +79,35 @@ def steps_for(num_rows: int, batch_size: int, drop_last: bool) -> int:
     return num_rows // batch_size if drop_last else -(-num_rows // batch_size)
 
 
-class EpochPlan:
-    """The rows one rank reads in one epoch and the epoch's accounting.
+@dataclass(frozen=True)
+class RowOrder:
+    """How an epoch's rows are ordered and shared out: shuffled (``shard_order``) or in manifest order, this
+    rank's shard of ``world_size``, optionally drawn by ``sample_weights`` (``weighted_order``)."""
+    shuffle: bool
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    sample_weights: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
-    ``order``: this rank's shard (``shard_order``: seeded permutation per epoch when training,
-    manifest order otherwise) from position ``start`` on (a resumed epoch), minus files already in the skip
-    log. Invariant after a full epoch: ``yielded + skipped + excluded + dropped == rows`` (the rows from
-    ``start`` on).
+
+class EpochPlan:
+    """The rows one rank reads in one epoch and the epoch's accounting: the one row plan and skip bookkeeping
+    of every loader (classification and detection).
+
+    ``order``: this rank's shard (``shard_order``: seeded permutation per epoch when shuffled, manifest order
+    otherwise) from position ``start`` on (a resumed epoch), minus files already in the skip log. Invariant
+    after a full epoch: ``yielded + skipped + excluded + dropped == rows`` (the rows from ``start`` on); the
+    loader counts ``yielded``, ``skipped`` and ``dropped`` in ``stats`` as it goes.
     """
 
-    def __init__(self, paths: Sequence[str], spec: LoaderSpec, epoch: int, skip_paths: set, start: int = 0,
+    def __init__(self, paths: Sequence[str], how: RowOrder, epoch: int, skip_paths: set, start: int = 0,
                  skipped_before: Optional[set] = None):
-        shard = shard_order(len(paths), shard_id=spec.rank, num_shards=spec.world_size, shuffle=spec.train,
-                            seed=spec.seed, epoch=epoch)
-        if spec.train and spec.sample_weights is not None:
+        shard = shard_order(len(paths), shard_id=how.rank, num_shards=how.world_size, shuffle=how.shuffle,
+                            seed=how.seed, epoch=epoch)
+        if how.shuffle and how.sample_weights is not None:
             # the draw leaves out files skipped in EARLIER epochs only, so a resumed epoch draws what the
             # interrupted one drew (files it skipped are then excluded by ``keep``, as they were skipped)
-            shard = weighted_order(paths, spec, epoch, len(shard), skip_paths if skipped_before is None
+            shard = weighted_order(paths, how, epoch, len(shard), skip_paths if skipped_before is None
                                    else skipped_before)
         self.start = min(max(int(start), 0), len(shard))
         shard = shard[self.start:]
@@ -108,18 +127,18 @@ class EpochPlan:
         return int(self.shard_pos[consumed - 1]) + 1 if consumed > 0 else self.start
 
 
-def weighted_order(paths: Sequence[str], spec: LoaderSpec, epoch: int, n: int, skip_paths: set) -> np.ndarray:
+def weighted_order(paths: Sequence[str], how: RowOrder, epoch: int, n: int, skip_paths: set) -> np.ndarray:
     """``train.weighted_sampler``: this rank draws ``n`` rows with replacement, with probability proportional
-    to ``spec.sample_weights`` (seeded by seed, epoch, rank). Rows already skipped get weight 0. A row may
+    to ``how.sample_weights`` (seeded by seed, epoch, rank). Rows already skipped get weight 0. A row may
     come more than once in an epoch; the accounting counts draws."""
-    w = np.asarray(spec.sample_weights, dtype=np.float64).copy()
+    w = np.asarray(how.sample_weights, dtype=np.float64).copy()
     if len(w) != len(paths):
         raise ValueError(f"{len(w)} sample weights for {len(paths)} rows")
     if skip_paths:
         w[[i for i, p in enumerate(paths) if p in skip_paths]] = 0.0
     if w.sum() <= 0:
         return np.zeros(0, dtype=np.int64)
-    rng = np.random.default_rng([spec.seed, epoch, spec.rank, 0x5A])
+    rng = seeds.rng(how.seed, epoch, how.rank, seeds.WEIGHTED)
     return rng.choice(len(paths), size=n, replace=True, p=w / w.sum()).astype(np.int64)
 
 
@@ -154,7 +173,8 @@ class LoaderBase:
         key = (self.epoch, self.start, len(self.skip_log))
         if self._plan[0] != key:
             before = self.skip_log.paths_before(self.epoch) if self.spec.sample_weights is not None else None
-            self._plan = (key, EpochPlan(self.paths, self.spec, self.epoch, self.skip_log.paths, self.start, before))
+            self._plan = (key, EpochPlan(self.paths, self.spec.row_order, self.epoch, self.skip_log.paths, self.start,
+                                         before))
         return self._plan[1]
 
     def take_plan(self) -> EpochPlan:

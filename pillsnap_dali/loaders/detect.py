@@ -22,7 +22,7 @@ from pipelines.detect import BOXES, DETECT_INPUTS, GEOMETRY, DetectSpec, detect_
 from pillsnap_dali.errors import InputError
 from pillsnap_dali.geometry import PAD_VALUE, cxcywh_to_ltrb, letterbox_geometry
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, read_encoded_upright
-from pillsnap_dali.loaders.common import shard_order
+from pillsnap_dali.loaders.common import EpochPlan, RowOrder
 from pillsnap_dali.loaders.runner import DaliRunner, Feed, to_torch
 from pillsnap_dali.skiplog import SkipLog
 
@@ -91,21 +91,29 @@ class DaliDetectLoader:
         self.split = split
         # rows in the skip log are indices into this split's image list: the split is named with the backend
         self.backend = ("dali" if options.device == "gpu" else "dali-cpu") + (f"/{split}" if split else "")
-        self.skip_log = skip_log
-        self.skipped: list[tuple[str, str]] = []
-        self._bad: set[int] = ({i for i, p in enumerate(samples.im_files) if p in skip_log}
-                               if skip_log is not None else set())
-        if self._bad:
-            _logger.info("%d image(s) skipped in an earlier run are left out", len(self._bad))
+        # the shared row plan and skip bookkeeping (loaders.common.EpochPlan): files in the skip log (this
+        # run's, or an earlier run's in the same run dir) are left out by path, like the classification loaders'
+        self.skip_log = skip_log if skip_log is not None else SkipLog(None)
+        self.order = RowOrder(shuffle=shuffle, seed=self.options.seed)
+        self.skipped: list[tuple[str, str]] = []  # this loader's own skips, (path, reason)
         self._epoch = 0
+        self._plan: EpochPlan | None = None
+        self._last_stats: dict = {}
+        if len(self.skip_log):
+            excluded = self._next_plan().stats["excluded"]
+            if excluded:
+                _logger.info("%d image(s) skipped in an earlier run are left out", excluded)
         spec = DetectSpec(imgsz=self.imgsz, augment=augment, pad_value=PAD_VALUE)
         feed = Feed(inputs=tuple(i.name for i in DETECT_INPUTS), read=self._read)
         self.runner = DaliRunner(lambda source, o: detect_pipeline(source, spec, o), feed, self.options, self._skip,
                                  readers=readers, what=f"batch size {self.batch_size}, image size {self.imgsz} px")
 
+    def _next_plan(self) -> EpochPlan:
+        return EpochPlan(self.dataset.im_files, self.order, self._epoch, self.skip_log.paths)
+
     @property
     def sampler(self) -> range:
-        return range(len(self.dataset) - len(self._bad))
+        return range(len(self._next_plan().order))
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
@@ -119,14 +127,15 @@ class DaliDetectLoader:
     def close(self) -> None:
         self.runner.close()
 
+    def epoch_stats(self) -> dict:
+        """The last epoch's accounting (``EpochPlan.stats``: rows, yielded, skipped, excluded, dropped)."""
+        return dict(self._last_stats)
+
     def _skip(self, i: int, reason: str) -> None:
         path = self.dataset.im_files[i]
-        self._bad.add(i)
         self.skipped.append((path, reason))
-        if self.skip_log is not None:  # written now, logged by the skip log
-            self.skip_log.add(i, path, reason, self.backend, self.runner.reader.epoch, split=self.split)
-        else:
-            _logger.warning("skipped %s: %s", path, reason)
+        self._plan.stats["skipped"] += 1
+        self.skip_log.add(i, path, reason, self.backend, self.runner.reader.epoch, split=self.split)
 
     def _read(self, i: int) -> tuple:
         """The image's inputs from one header parse: the pixel limit and the upright (h, w) as DALI decodes
@@ -140,14 +149,14 @@ class DaliDetectLoader:
                 GEOMETRY: np.array(geometry, np.int32), "shape": tuple(shape), "letterbox": geometry}, None
 
     def __iter__(self):
-        order = (shard_order(len(self.dataset), seed=self.options.seed, epoch=self._epoch) if self.shuffle
-                 else np.arange(len(self.dataset)))
-        order = np.array([i for i in order if i not in self._bad], dtype=np.int64)
+        plan = self._plan = self._next_plan()
+        self._last_stats = plan.stats
         epoch, self._epoch = self._epoch, self._epoch + 1
-        yield from self.runner.epoch(order, epoch, False, self._collate)
+        yield from self.runner.epoch(plan.order, epoch, False, self._collate)
 
     def _collate(self, outs, samples: list) -> dict:
         images, boxes, _ = outs
+        self._plan.stats["yielded"] += len(samples)
         per = [np.asarray(boxes[k]).reshape(-1, 4) for k in range(len(samples))]
         cls = [self.dataset.labels[s["row"]]["cls"].reshape(-1, 1) for s in samples]
         device = torch.device("cuda", self.options.device_id) if self.options.device == "gpu" else torch.device("cpu")

@@ -4,8 +4,9 @@ Training samples use the draws of ``loaders.augment.draw_augment`` (from seed, e
 sample's augmentation does not depend on which worker process handles it): the same crop window, flip and
 jitter factors as the DALI backends, and the same colour step (``pipelines.colour.BatchColour``, applied to
 the batch in the worker's collate), so ``pil`` and ``dali-cpu`` give near-identical training batches. A file
-that fails to open or decode becomes a skip marker; the collate keeps the good samples and the main process
-writes the skipped rows to the skip log.
+that fails to open or decode with an error an image can cause (``badfiles.IMAGE_ERRORS``) becomes a skip
+marker; the collate keeps the good samples and the main process writes the skipped rows to the skip log. Any
+other error is a bug and propagates out of the worker.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ import torchvision.transforms.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pillsnap_dali.badfiles import IMAGE_ERRORS, image_error_reason
 from pillsnap_dali.config import PreprocessConfig
 from pillsnap_dali.imageio import open_rgb
 from pillsnap_dali.loaders.augment import crop_box, draw_augment
+from pillsnap_dali.seeds import DATALOADER, derive_seed
 from pillsnap_dali.loaders.common import EpochPlan, LoaderBase, LoaderSpec, to_device_batch
 from pipelines.colour import AUG_INDEX, BatchColour
 
@@ -87,12 +90,12 @@ class _RowDataset(Dataset):
     def __getitem__(self, row: int):
         try:
             img = open_rgb(self.paths[row], self.max_pixels)
-            if self.train_tf is not None:
-                aug = draw_augment(self.augment, self.seed, self.epoch, np.array([row]), [img.size])[0]
-                return self.train_tf(img, aug), row, None, aug
-            return self.eval_tf(img), row, None, None
-        except Exception as e:  # any failure on one file is that file's skip, with its reason
-            return None, row, f"{type(e).__name__}: {e}", None
+        except IMAGE_ERRORS as e:  # the file's fault (badfiles.py): its skip, with its reason; a bug propagates
+            return None, row, image_error_reason(e), None
+        if self.train_tf is not None:
+            aug = draw_augment(self.augment, self.seed, self.epoch, np.array([row]), [img.size])[0]
+            return self.train_tf(img, aug), row, None, aug
+        return self.eval_tf(img), row, None, None
 
 
 @dataclass
@@ -149,7 +152,12 @@ class PilLoader(LoaderBase):
                           num_workers=workers,
                           collate_fn=functools.partial(_collate, dtype=getattr(torch, ld.dtype), colour=colour),
                           worker_init_fn=_worker_init, prefetch_factor=self.spec.loader.prefetch if workers else None,
-                          pin_memory=cuda)
+                          pin_memory=cuda, generator=self._generator())
+
+    def _generator(self) -> torch.Generator:
+        """The DataLoader's own generator (its workers' base seed): iterating never draws from torch's global
+        RNG, whose per-epoch stream (seeds.py) the training steps own."""
+        return torch.Generator().manual_seed(derive_seed(self.spec.seed, self.epoch, self.spec.rank, DATALOADER))
 
     def __iter__(self):
         plan = self.take_plan()

@@ -21,8 +21,8 @@ one manifest row becomes the graph's per-sample inputs (``Feed``); the runner do
   unused memory released and torch's cache emptied, the pipeline rebuilt and the batch retried once; a second
   failure stops the run with ``DeviceMemoryError`` (batch size, image size and memory figures in the message).
   Nothing goes to the skip log for these.
-- **the copy out of DALI** (``to_torch``, CPU and GPU) and **seeding** (``seed_for``: one convention,
-  from (seed, epoch, rank)).
+- **the copy out of DALI** (``to_torch``, CPU and GPU) and **seeding** (``seeds.derive_seed`` of (epoch, rank,
+  pipelines built), 31 bits).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from pillsnap_dali.errors import PillsnapError
+from pillsnap_dali.seeds import derive_seed
 
 _logger = logging.getLogger(__name__)
 
@@ -64,11 +65,6 @@ class PipelineFailure(PillsnapError, RuntimeError):
 
 class DeviceMemoryError(PillsnapError, RuntimeError):
     """DALI could not allocate (or hit a CUDA error) twice on the same batch: not a data problem."""
-
-
-def seed_for(seed: int, *keys: int) -> int:
-    """The one seeding convention: a 31-bit seed from ``(seed, epoch, rank, ...)`` (``SeedSequence``)."""
-    return int(np.random.SeedSequence([int(seed), *(int(k) for k in keys)]).generate_state(1)[0] % (2 ** 31))
 
 
 def is_device_error(err: BaseException) -> bool:
@@ -376,7 +372,8 @@ class DaliRunner:
 
     def _pipeline(self, epoch: int):
         if self.pipe is None:
-            opts = dataclasses.replace(self.opts, seed=seed_for(self.opts.seed, epoch, self.rank, self.builds))
+            seed = derive_seed(self.opts.seed, epoch, self.rank, self.builds, bits=31)
+            opts = dataclasses.replace(self.opts, seed=seed)
             self.pipe = self.build(self.reader, opts)
             self.builds += 1
         return self.pipe

@@ -2,9 +2,11 @@
 
 ``train_one_epoch`` and ``evaluate`` are functions whose arguments are what they use (the model, the loss,
 the optimizer bundle, the loader, the device, the precision); ``Trainer`` builds a run's objects from a
-``RunSpec`` and ``fit()`` runs its epochs, saves checkpoints and decides when to stop. The model and every
-weight loading by K-code live in ``training.model``, the resume policy and the run's state in
-``training.resume``. The loop never knows which loader produced a batch (design.md's batch contract); host-device
+``RunSpec`` and ``fit()`` runs its epochs and decides: when to save, which weights to deploy (``epoch_row``),
+when to stop (``stop_reason``, the skip limit of ``badfiles``). What a run writes (metrics.jsonl, checkpoints,
+evaluation details) is ``training.run_writer``'s; the checkpoint it resumes from is one ``resume.Resume``.
+The model and every weight loading by K-code live in ``training.model``, the resume policy and the run's
+state in ``training.resume``. The loop never knows which loader produced a batch (design.md's batch contract); host-device
 syncs happen only at the log points and once per evaluation.
 
 A dry run is one flag, ``RunSpec.dry_run``: ``DRY_RUN_STEPS`` training and validation steps of one epoch, and
@@ -12,9 +14,7 @@ nothing written (``RunSpec.out_dir`` is None).
 """
 from __future__ import annotations
 
-import collections
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -38,15 +38,14 @@ from pillsnap_dali.threads import apply_torch_threads
 from pillsnap_dali.data.manifest import Manifest
 from pillsnap_dali.device import native_bf16
 from pillsnap_dali.gpumon import GpuMonitor
-from pillsnap_dali.training import checkpoint as ckpt
-from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
-from pillsnap_dali.training import pretrained
+from pillsnap_dali.training.metrics import EvalAccumulator
 from pillsnap_dali.training.model import build_model, one_sample_trains
+from pillsnap_dali.training.run_writer import RunWriter, training_checkpoint
 from pillsnap_dali.training.tb import TBWriter
-from pillsnap_dali.training.resume import (RunState, non_finite_tensors, planned_steps, restore_tensors,
-                                           resumed_state, rng_state, save_rank_position, step_seed)
+from pillsnap_dali.training.resume import Resume, RunState, non_finite_tensors, planned_steps, rank_rng_state
 from pillsnap_dali.loaders import build_loader
-from pillsnap_dali.skiplog import SkipLog
+from pillsnap_dali.badfiles import skip_limit_problem
+from pillsnap_dali.seeds import TORCH, derive_seed
 
 _logger = logging.getLogger(__name__)
 
@@ -77,8 +76,7 @@ class RunSpec:
     rank: int = 0
     world_size: int = 1
     dry_run: bool = False
-    resume: Path | None = None
-    resume_state: dict | None = None  # the resume checkpoint, loaded (and checked) once by the CLI
+    resume: Resume | None = None    # the checkpoint to resume from (``resume.check_resume``): restored once
     stop_signals: list = field(default_factory=lambda: [signal.SIGINT, signal.SIGTERM])
     # what the checkpoint records of the run's inputs (evaluation.run_manifests: the manifests' absolute paths,
     # why there is no test split): export, evaluate and predict find the run's data there
@@ -204,7 +202,7 @@ class StopFlag:
 @dataclass
 class EpochControl:
     """How ``train_one_epoch`` runs, besides what it trains: the run's length (for ``epoch 8/24`` and the
-    ETA), the step seed, the log cadence, where the epoch starts (a resumed one), a step limit (dry run) and
+    ETA), the run's seed, the log cadence, where the epoch starts (a resumed one), a step limit (dry run) and
     the stop flag."""
     epochs: int
     seed: int
@@ -293,6 +291,42 @@ def train_step(model: nn.Module, criterion: nn.Module, optim: Optim, images: tor
     return loss, logits
 
 
+class EpochTally:
+    """An epoch's loss, accuracy and image count without a host-device sync per step: each step's loss is
+    copied into a per-epoch device buffer (one small copy), its correct predictions summed on the device, its
+    images counted on the host. ``settle()`` (at the log points and the end: the sync) folds the new losses
+    into the sum and raises ``TrainingError`` naming the first step whose loss is not finite."""
+
+    def __init__(self, steps: int, device: torch.device, first_step: int, epoch: int):
+        self.losses = torch.zeros(max(1, steps), device=device, dtype=torch.float32)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.counts: list[int] = []
+        self.seen, self.loss_sum, self.settled = 0, 0.0, 0
+        self.first_step, self.epoch = first_step, epoch
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        k = len(self.counts)
+        if k == len(self.losses):  # more steps than planned: room for as many again
+            self.losses = torch.cat([self.losses, torch.zeros_like(self.losses)])
+        self.losses[k] = loss.detach()
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.counts.append(labels.numel())
+        self.seen += labels.numel()
+
+    def settle(self) -> tuple[float, int, int]:
+        """(loss summed over images, correct, images) so far; a sync."""
+        new = self.losses[self.settled:len(self.counts)].double().cpu()
+        bad = torch.nonzero(~torch.isfinite(new)).flatten()
+        if len(bad):
+            at = self.first_step + self.settled + int(bad[0]) + 1  # the global step after the bad one
+            raise TrainingError(f"the training loss became non-finite at step {at} (epoch {self.epoch}): the run "
+                                "stopped without saving these weights (last.pt keeps the last good ones); lower "
+                                "train.lr, or check the data")
+        self.loss_sum += float((new * torch.tensor(self.counts[self.settled:], dtype=torch.float64)).sum())
+        self.settled = len(self.counts)
+        return self.loss_sum, int(self.correct.item()), self.seen
+
+
 def _one_sample_trains(model: nn.Module, batch, precision: Precision, device: torch.device) -> bool:
     plain = _unwrap(model)  # no DDP collective for a probe
 
@@ -302,24 +336,17 @@ def _one_sample_trains(model: nn.Module, batch, precision: Precision, device: to
     return one_sample_trains(plain, forward)
 
 
-def _raise_if_nan_loss(first_bad: torch.Tensor, epoch: int) -> None:
-    step = int(first_bad.item())
-    if step >= 0:
-        raise TrainingError(f"the training loss became non-finite at step {step} (epoch {epoch}): the run stopped "
-                            "without saving these weights (last.pt keeps the last good ones); lower train.lr, or "
-                            "check the data")
-
-
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optim: Optim, loader, device: torch.device, epoch: int,
                     *, step: int, precision: Precision, control: EpochControl) -> dict:
-    """One epoch (from ``control.start`` of its shard); ``step``: the global step before it. Each step's torch
-    RNG (dropout) is seeded from (seed, epoch, step), so a resumed step draws what it drew before. Raises
-    ``TrainingError`` naming the first step whose loss is not finite."""
+    """One epoch (from ``control.start`` of its shard); ``step``: the global step before it. The torch RNG
+    (dropout, drop-path) is seeded once at the epoch's start from (seed, epoch, rank) (``seeds.py``); an epoch
+    resumed midway goes on with the RNG state restored from its checkpoint, so each step draws what it drew
+    before. Raises ``TrainingError`` naming the first step whose loss is not finite."""
     model.train()
+    if not control.start:
+        torch.manual_seed(derive_seed(control.seed, epoch, control.rank, TORCH))
     loader.set_epoch(epoch, start=control.start)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct, seen = (torch.zeros((), device=device, dtype=torch.int64) for _ in range(2))
-    dev_step, first_bad = (torch.full((), v, device=device, dtype=torch.int64) for v in (step, -1))
+    tally = EpochTally(len(loader), device, step, epoch)
     data_t = compute_t = 0.0
     bar, steps = Progress(epoch, control, len(loader)), 0
     with _join(model):
@@ -330,38 +357,33 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optim: Optim, loader
             if batch.labels.shape[0] == 1 and not _one_sample_trains(model, batch, precision, device):
                 _logger.warning("epoch %d: a batch of one sample (row %s) is left out: BatchNorm cannot train on one "
                                 "value per channel", epoch, batch.rows.tolist())
+                t0 = time.perf_counter()
                 continue
-            torch.manual_seed(step_seed(control.seed, epoch, step + i, control.rank))
             loss, logits = train_step(model, criterion, optim, batch.images, batch.labels, device, precision,
                                       step + i + 1)
-            dev_step += 1
-            first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), dev_step, first_bad)
-            loss_sum += loss.detach().double() * batch.labels.numel()
-            correct += (logits.detach().argmax(1) == batch.labels).sum()
-            seen += batch.labels.numel()
+            tally.add(loss, logits, batch.labels)
             steps = i + 1
             if bar.due(steps):  # the only host-device syncs of the training loop
-                _raise_if_nan_loss(first_bad, epoch)
-                n = max(int(seen.item()), 1)
-                bar.update(steps, {"loss": float(loss_sum.item()) / n, "acc": int(correct.item()) / n,
+                loss_sum, correct, n = tally.settle()
+                n = max(n, 1)
+                bar.update(steps, {"loss": loss_sum / n, "acc": correct / n,
                             "img/s": n / max(data_t + compute_t, 1e-9), "data": data_t / max(data_t + compute_t, 1e-9)})
                 if control.monitor is not None and control.monitor.available:
                     control.monitor.sample()
                 if control.tb is not None:
-                    control.tb.step(step + steps, steps, n, float(loss_sum.item()) / n, int(correct.item()) / n,
-                                    data_t, compute_t, optim.optimizer.param_groups[0]["lr"], control.monitor)
+                    control.tb.step(step + steps, steps, n, loss_sum / n, correct / n, data_t, compute_t,
+                                    optim.optimizer.param_groups[0]["lr"], control.monitor)
             stop_now = (control.stop and control.stop.reason) or (control.max_steps and steps >= control.max_steps)
             t0 = time.perf_counter()
             compute_t += t0 - t1  # the step and its logging: a log point's sync waits for the GPU here
             if stop_now:
                 break
     bar.close()
-    _raise_if_nan_loss(first_bad, epoch)
-    return _epoch_figures(loss_sum, correct, seen, data_t, compute_t, steps, optim, loader, device, control)
+    return _epoch_figures(tally.settle(), data_t, compute_t, steps, optim, loader, device, control)
 
 
-def _epoch_figures(loss_sum, correct, seen, data_t, compute_t, steps, optim, loader, device, control) -> dict:
-    loss_total, n_correct, n = all_reduce([loss_sum.item(), correct.item(), seen.item()], device)
+def _epoch_figures(totals: tuple, data_t, compute_t, steps, optim, loader, device, control) -> dict:
+    loss_total, n_correct, n = all_reduce(list(totals), device)
     wall = data_t + compute_t
     nan = float("nan")  # no training image (an epoch resumed after its last step): no train loss, not 0
     out = {"train_loss": loss_total / n if n else nan, "train_acc": n_correct / n if n else nan,
@@ -395,99 +417,161 @@ def evaluate(model: nn.Module, loader, device: torch.device, epoch: int, num_cla
     return acc.compute()
 
 
-def skipped_share(loader, device: torch.device) -> tuple[float, int, int]:
-    """(share, unusable rows, rows) of the split's last epoch over all ranks: rows skipped in it or excluded as
+def skipped_share(loader, device: torch.device) -> tuple[int, int]:
+    """(unusable rows, rows) of the split's last epoch over all ranks: rows skipped in it or excluded as
     skipped before."""
     st = loader.epoch_stats()
     rows, bad = all_reduce([st.get("rows", 0), st.get("skipped", 0) + st.get("excluded", 0)], device)
-    return (bad / rows if rows else 0.0), int(bad), int(rows)
+    return int(bad), int(rows)
 
 
-def top_reasons(entries: list[dict], n: int = 3) -> str:
-    counts = collections.Counter(str(e.get("reason", ""))[:80] for e in entries)
-    return "; ".join(f"{r} ({c})" for r, c in counts.most_common(n))
+def epoch_row(epoch: int, tr: dict, res: dict, ema_res: dict | None, skipped_val: int) -> dict:
+    """An epoch's metrics line, and the weights its checkpoint deploys (``selected``): the EMA's when they
+    score better on validation than the model's (``load_classifier`` follows the checkpoint's ``deploy``)."""
+    row = {"epoch": epoch, **tr, "val_loss": res["loss"], "val_top1": res["top1"], "val_top5": res["top5"],
+           "val_macro_precision": res["macro_precision"], "val_macro_recall": res["macro_recall"],
+           "val_macro_f1": res["macro_f1"], "val_images": res["count"], "skipped_val": skipped_val}
+    if ema_res is not None:
+        row.update({"ema_val_top1": ema_res["top1"], "ema_val_top5": ema_res["top5"]})
+    ema_better = ema_res is not None and row["ema_val_top1"] > row["val_top1"]
+    row["selected"], row["selected_top1"] = ("ema", row["ema_val_top1"]) if ema_better else ("model", row["val_top1"])
+    return row
+
+
+def stop_reason(cfg: Config, run: RunState, epoch: int, score: float, dry_run: bool) -> str | None:
+    """Why the run ends after this epoch (a dry run, the target accuracy, patience), or None."""
+    if dry_run:
+        return "dry run"
+    if cfg.train.target_accuracy is not None and score >= cfg.train.target_accuracy:
+        return f"target accuracy {cfg.train.target_accuracy:.2%} reached at epoch {epoch}"
+    bad = run.bad_epochs()
+    if cfg.train.patience and bad >= cfg.train.patience:
+        return f"early stop: no better val top-1 for {bad} epochs"
+    return None
+
+
+def build_optim(cfg: Config, model: nn.Module, steps_per_epoch: int, device: torch.device) -> Optim:
+    """The optimizer bundle: optimizer, warmup + cosine schedule over the run's planned steps, grad scaler,
+    EMA (``train.ema``) and the clip norm."""
+    optimizer = build_optimizer(cfg, model)
+    schedule = lr_lambda_factory(steps_per_epoch * max(1, cfg.train.epochs),
+                                 int(cfg.train.warmup_epochs * steps_per_epoch))
+    ema = None
+    if cfg.train.ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+    return Optim(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+                 torch.amp.GradScaler("cuda", enabled=amp_settings(cfg, device)[2]), ema, cfg.train.grad_clip)
+
+
+def build_criterion(cfg: Config, labels: list[int], num_classes: int, device: torch.device) -> nn.Module:
+    w = class_weights(labels, num_classes, cfg.train.class_weights)
+    return nn.CrossEntropyLoss(weight=None if w is None else w.to(device), label_smoothing=cfg.train.label_smoothing)
+
+
+def build_loaders(spec: RunSpec, skip_log) -> tuple:
+    """(train, val) loaders of this rank, sharing the run's skip log."""
+    cfg, data = spec.cfg, spec.data
+    common = dict(cfg=cfg, device=spec.device, backend=cfg.loader.backend, rank=spec.rank,
+                  world_size=spec.world_size, skip_log=skip_log, seed=cfg.train.seed)
+    return (build_loader(data.train, data.train_labels, train=True,
+                         sample_weights=sampler_weights(data.train_labels, cfg), **common),
+            build_loader(data.val, data.val_labels, train=False, **common))
 
 
 class Trainer:
-    """Builds one run (model, loaders, optimizer bundle, run state) from a ``RunSpec``; ``fit()`` runs it to
-    the end or a stop."""
+    """One run's objects, built from a ``RunSpec``; ``fit()`` runs its epochs to the end or a stop. What the
+    run decides is here; what it writes is its ``RunWriter``'s; what it resumes from, its ``Resume``'s."""
 
     def __init__(self, spec: RunSpec):
         self.spec, self.cfg, self.device = spec, spec.cfg, spec.device
         cfg, data = spec.cfg, spec.data
+        self.writer = RunWriter(spec.out_dir, spec.rank)
+        self.skip_log = self.writer.skip_log()  # every rank logs the files it skipped: nothing is lost
         torch.manual_seed(cfg.train.seed)
-        self.num_classes = len(data.class_map)
-        self.model = build_model(cfg, self.num_classes, self.device, data.class_map)
+        self.model = build_model(cfg, len(data.class_map), self.device, data.class_map)
         self.ddp = self.model if spec.world_size <= 1 else DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        # every rank logs the files it skipped (rank 0: skipped.csv, rank r: skipped.rank<r>.csv): nothing is lost
-        out = spec.out_dir
-        self.skip_log = SkipLog(out / ("skipped.csv" if spec.is_main else f"skipped.rank{spec.rank}.csv")
-                                if out else None)
-        if spec.is_main:
-            self.skip_log.ensure_file()  # a run that skipped nothing says so with an empty skipped.csv
-        common = dict(cfg=cfg, device=self.device, backend=cfg.loader.backend, rank=spec.rank,
-                      world_size=spec.world_size, skip_log=self.skip_log, seed=cfg.train.seed)
-        self.train_loader = build_loader(data.train, data.train_labels, train=True,
-                                         sample_weights=sampler_weights(data.train_labels, cfg), **common)
-        self.val_loader = build_loader(data.val, data.val_labels, train=False, **common)
+        self.train_loader, self.val_loader = build_loaders(spec, self.skip_log)
         self.backend = self.train_loader.backend
         apply_torch_threads(cfg, self.backend)  # torch's CPU threads: the cores the loader leaves (threads.py)
-        self.run = (resumed_state(spec.resume, spec.resume_state, rank=spec.rank, world_size=spec.world_size)
-                    if spec.resume else RunState())
+        self.run = spec.resume.run_state(rank=spec.rank, world_size=spec.world_size) if spec.resume else RunState()
         if not self.run.steps_per_epoch:  # fixed once per run from the split as given, stored in its checkpoints
             self.run.steps_per_epoch = planned_steps(len(data.train), cfg.train.batch_size,
                                                      cfg.loader.drop_last, spec.world_size)
-        self.optim = self._build_optim()
-        amp, dtype, _ = amp_settings(cfg, self.device)
-        self.precision = Precision(amp, dtype)
-        w = class_weights(data.train_labels, self.num_classes, cfg.train.class_weights)
-        self.criterion = nn.CrossEntropyLoss(weight=None if w is None else w.to(self.device),
-                                             label_smoothing=cfg.train.label_smoothing)
+        self.optim = build_optim(cfg, self.model, self.run.steps_per_epoch, self.device)
+        self.precision = Precision(*amp_settings(cfg, self.device)[:2])
+        self.criterion = build_criterion(cfg, data.train_labels, len(data.class_map), self.device)
         self.gpu = GpuMonitor(self.device.index or 0) if self.device.type == "cuda" else None
         self.tb = TBWriter.for_run(spec)  # runs/<name>/tb/ on rank 0 (train.tensorboard)
-        if spec.resume:
-            self._restore(spec.resume_state)
-            spec.resume_state = None  # its tensors are copied into the model and optimizer: not kept for the run
+        if spec.resume:  # last: the RNG states it restores are the ones the first resumed step draws from
+            o = self.optim
+            spec.resume.restore(model=self.model, ema=o.ema, optimizer=o.optimizer, scheduler=o.scheduler,
+                                scaler=o.scaler, skip_log=self.skip_log, device=self.device)
         self.t_session = time.perf_counter()
 
-    def _build_optim(self) -> Optim:
-        cfg, per_epoch = self.cfg, self.run.steps_per_epoch
-        optimizer = build_optimizer(cfg, self.model)
-        schedule = lr_lambda_factory(per_epoch * max(1, cfg.train.epochs), int(cfg.train.warmup_epochs * per_epoch))
-        ema = None
-        if cfg.train.ema:
-            from timm.utils import ModelEmaV3
-            ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay)
-        return Optim(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
-                     torch.amp.GradScaler("cuda", enabled=amp_settings(cfg, self.device)[2]), ema,
-                     cfg.train.grad_clip)
+    def fit(self) -> dict:
+        """Train, evaluate, checkpoint each epoch until the epochs are done, a stop rule fires or a signal
+        comes (then last.pt and the reason; ``--resume`` goes on from there)."""
+        cfg, run, stop = self.cfg, self.run, StopFlag(self.spec.stop_signals)
+        reason = "epochs done"
+        try:
+            for epoch in range(run.epoch, cfg.train.epochs):
+                tr = self.train_epoch(epoch, stop)
+                if stop.reason:
+                    reason = self.interrupted(epoch, stop.reason)
+                    break
+                row = self.evaluate_epoch(epoch, tr)
+                best = run.record(row)
+                self.save(epoch, complete=True, best=best)
+                self.writer.epoch_row(row, cfg.train.epochs)
+                self.tb.epoch(row)
+                if why := stop_reason(cfg, run, epoch, row["selected_top1"], self.spec.dry_run):
+                    reason = why
+                    break
+        finally:
+            stop.restore()
+            self.close()
+        _logger.info("training finished: %s", reason)
+        return self.summary(reason, stop)
 
-    def _restore(self, st: dict) -> None:
-        o = self.optim
-        restore_tensors(st, model=self.model, ema=o.ema, optimizer=o.optimizer, scheduler=o.scheduler,
-                        scaler=o.scaler)
-        for e in st["skipped"]:  # files skipped before the stop stay skipped, wherever the run dir is
-            if e["path"] not in self.skip_log:
-                self.skip_log.add(int(e["row"]), e["path"], e["reason"], e["backend"], int(e["epoch"]))
-        r = self.run
-        _logger.info("resumed from %s: next epoch %d (from row %d of its shard), step %d, best top-1 %.4f",
-                     self.spec.resume, r.epoch, r.position, r.step, r.best_top1)
+    def train_epoch(self, epoch: int, stop: StopFlag) -> dict:
+        cfg, spec = self.cfg, self.spec
+        start, self.run.position = self.run.position, 0  # only the first epoch after a resume is partial
+        self.t_epoch = time.perf_counter()
+        control = EpochControl(epochs=cfg.train.epochs, seed=cfg.train.seed, rank=spec.rank,
+                               log_interval=cfg.train.log_interval, start=start, max_steps=spec.max_steps,
+                               stop=stop, show=spec.is_main, monitor=self.gpu, tb=self.tb)
+        try:
+            tr = train_one_epoch(self.ddp, self.criterion, self.optim, self.train_loader, self.device, epoch,
+                                 step=self.run.step, precision=self.precision, control=control)
+        except (DeviceMemoryError, PipelineFailure):  # not the data's fault: last.pt, then the clear error
+            self.save_interrupted(epoch)
+            raise
+        self.run.step += tr["steps"]
+        if not stop.reason:
+            self.check_skipped(self.train_loader, "training")
+        return tr
 
-    # ---- checkpoints -------------------------------------------------------------------------------
-    def checkpoint(self, epoch: int, complete: bool) -> dict:
-        cfg, o = self.cfg, self.optim
-        run = self.run.to_checkpoint(epoch, complete, self.train_loader.position)
-        run.update(elapsed=self.run.elapsed + time.perf_counter() - self.t_session, sessions=self.run.sessions + 1)
-        return {"format": ckpt.FORMAT, "model_name": cfg.model.name, "num_classes": self.num_classes,
-                "model": self.model.state_dict(), "ema": o.ema.module.state_dict() if o.ema else None,
-                "optimizer": o.optimizer.state_dict(), "scheduler": o.scheduler.state_dict(),
-                "scaler": o.scaler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
-                "class_map": self.spec.data.class_map.to_dict(), "preprocess": ckpt.preprocess_dict(cfg.preprocess),
-                "backend": self.backend, "world_size": self.spec.world_size,
-                "skipped": [dict(e) for e in self.skip_log.entries],
-                "weights_origin": pretrained.weights_origin(self.model, cfg),
-                "run_inputs": dict(self.spec.run_inputs), **run}
+    def evaluate_epoch(self, epoch: int, tr: dict) -> dict:
+        """Validation of the model (and its EMA): the epoch's row, with the weights it deploys."""
+        kw = dict(precision=self.precision, max_steps=self.spec.max_steps)
+        num_classes = len(self.spec.data.class_map)
+        res = evaluate(self.model, self.val_loader, self.device, epoch, num_classes, **kw)
+        self.check_skipped(self.val_loader, "validation")
+        ema = self.optim.ema
+        ema_res = evaluate(ema.module, self.val_loader, self.device, epoch, num_classes, **kw) if ema else None
+        row = epoch_row(epoch, tr, res, ema_res, int(self.val_loader.epoch_stats().get("skipped", 0)))
+        self.run.deploy = row["selected"]
+        row["epoch_time"] = time.perf_counter() - self.t_epoch
+        self.writer.eval_details(epoch, res, self.spec.data.class_map)
+        return row
+
+    def check_skipped(self, loader, split: str) -> None:
+        """The skip limit (``badfiles.skip_limit_problem``) on the split's last epoch, over all ranks."""
+        if problem := skip_limit_problem(*skipped_share(loader, self.device), split, self.cfg.train.max_skipped,
+                                         self.skip_log):
+            raise TrainingError(problem)
 
     def save(self, epoch: int, complete: bool, best: bool) -> None:
         """last.pt (and best.pt, epoch_NNNN.pt); never weights that are not finite (the last good ones stay)."""
@@ -495,145 +579,41 @@ class Trainer:
         if bad:
             raise TrainingError(f"the weights became non-finite in epoch {epoch} (by step {self.run.step}: "
                                 f"{', '.join(bad[:3])}); not saved, last.pt keeps the last good ones; lower train.lr")
-        if not (self.spec.out_dir and self.spec.is_main):
-            return
-        d = self.spec.out_dir / "checkpoints"
-        state = self.checkpoint(epoch, complete)
-        ckpt.save_checkpoint(d / "last.pt", state)
-        every = self.cfg.train.save_every
-        if complete and every and (epoch + 1) % every == 0:
-            ckpt.save_checkpoint(d / f"epoch_{epoch + 1:04d}.pt", state)
-        if best:
-            ckpt.save_checkpoint(d / "best.pt", state)
+        if self.writer.writes_checkpoints:
+            self.writer.checkpoints(self.checkpoint(epoch, complete), epoch, complete=complete, best=best,
+                                    save_every=self.cfg.train.save_every)
 
-    def _save_interrupted(self, epoch: int) -> None:
+    def checkpoint(self, epoch: int, complete: bool) -> dict:
+        o, run = self.optim, self.run
+        return training_checkpoint(
+            cfg=self.cfg, class_map=self.spec.data.class_map, model=self.model, ema=o.ema, optimizer=o.optimizer,
+            scheduler=o.scheduler, scaler=o.scaler, backend=self.backend, world_size=self.spec.world_size,
+            skipped=self.skip_log.entries, run_inputs=self.spec.run_inputs, run=run.to_checkpoint(epoch, complete, self.train_loader.position,
+                                                                 time.perf_counter() - self.t_session))
+
+    def save_interrupted(self, epoch: int) -> None:
         self.run.interruptions += 1
-        out = self.spec.out_dir
-        if out and self.spec.world_size > 1:
-            save_rank_position(out / "checkpoints", self.spec.rank, epoch=epoch, interruption=self.run.interruptions,
-                               step=self.run.step, position=self.train_loader.position)
+        if self.spec.world_size > 1:
+            self.writer.rank_position(epoch=epoch, interruption=self.run.interruptions, step=self.run.step,
+                                      position=self.train_loader.position, rng=rank_rng_state(self.device))
         self.save(epoch, complete=False, best=False)
 
-    # ---- the run -----------------------------------------------------------------------------------
-    def fit(self) -> dict:
-        cfg, spec, run = self.cfg, self.spec, self.run
-        stop = StopFlag(spec.stop_signals)
-        reason = "epochs done"
-        try:
-            for epoch in range(run.epoch, cfg.train.epochs):
-                try:
-                    tr = self._train_epoch(epoch, stop)
-                except (DeviceMemoryError, PipelineFailure):  # not the data's fault: last.pt, then the clear error
-                    self._save_interrupted(epoch)
-                    raise
-                if stop.reason:
-                    self._save_interrupted(epoch)
-                    reason = (f"interrupted by {stop.reason} (dry run: nothing saved)" if spec.dry_run else
-                              f"interrupted by {stop.reason} (last.pt saved; --resume goes on with epoch {epoch} "
-                              f"at row {self.train_loader.position})")
-                    break
-                row = self._evaluate_epoch(epoch, tr)
-                improved = row["selected_top1"] > run.best_top1  # of the weights this epoch's checkpoint deploys
-                run.best_top1 = max(run.best_top1, row["selected_top1"])
-                row["best"] = improved
-                run.history.append(row)
-                self.save(epoch, complete=True, best=improved)
-                self._log_epoch(row)
-                self.tb.epoch(row)
-                reason = self._stop_reason(epoch, row["selected_top1"])
-                if reason:
-                    break
-            reason = reason or "epochs done"
-        finally:
-            stop.restore()
-            self.tb.close()
-            self.train_loader.close()
-            self.val_loader.close()
-        _logger.info("training finished: %s", reason)
-        return self._summary(reason, stop)
-
-    def _stop_reason(self, epoch: int, score: float) -> str | None:
-        cfg = self.cfg
+    def interrupted(self, epoch: int, signal_name: str) -> str:
+        """last.pt of the interrupted epoch (not in a dry run); the reason the run ended."""
+        self.save_interrupted(epoch)
         if self.spec.dry_run:
-            return "dry run"
-        if cfg.train.target_accuracy is not None and score >= cfg.train.target_accuracy:
-            return f"target accuracy {cfg.train.target_accuracy:.2%} reached at epoch {epoch}"
-        bad = self.run.bad_epochs()
-        if cfg.train.patience and bad >= cfg.train.patience:
-            return f"early stop: no better val top-1 for {bad} epochs"
-        return None
+            return f"interrupted by {signal_name} (dry run: nothing saved)"
+        return (f"interrupted by {signal_name} (last.pt saved; --resume goes on with epoch {epoch} at row "
+                f"{self.train_loader.position})")
 
-    def _summary(self, reason: str, stop: StopFlag) -> dict:
+    def close(self) -> None:
+        self.tb.close()
+        self.train_loader.close()
+        self.val_loader.close()
+
+    def summary(self, reason: str, stop: StopFlag) -> dict:
         session = time.perf_counter() - self.t_session
-        out = self.spec.out_dir
-        best = out / "checkpoints" / "best.pt" if out else None
         return {"reason": reason, "best_top1": self.run.best_top1, "history": self.run.history,
                 "total_time": self.run.elapsed + session, "session_time": session,
                 "sessions": self.run.sessions + 1, "backend": self.backend, "interrupted": stop.reason,
-                "signal": stop.signum, "best_checkpoint": str(best) if best and best.exists() else None}
-
-    def _train_epoch(self, epoch: int, stop: StopFlag) -> dict:
-        cfg, spec = self.cfg, self.spec
-        start, self.run.position = self.run.position, 0  # only the first epoch after a resume is partial
-        self._t_epoch = time.perf_counter()
-        control = EpochControl(epochs=cfg.train.epochs, seed=cfg.train.seed, rank=spec.rank,
-                               log_interval=cfg.train.log_interval, start=start, max_steps=spec.max_steps,
-                               stop=stop, show=spec.is_main, monitor=self.gpu, tb=self.tb)
-        tr = train_one_epoch(self.ddp, self.criterion, self.optim, self.train_loader, self.device, epoch,
-                             step=self.run.step, precision=self.precision, control=control)
-        self.run.step += tr["steps"]
-        if not stop.reason:
-            self._check_skipped(self.train_loader, "training")
-        return tr
-
-    def _check_skipped(self, loader, split: str) -> None:
-        """Stop when more than ``train.max_skipped`` of a split's rows could not be read: such a run learns
-        from too little of its data (an unmounted disk, a wrong data root) to be worth its time."""
-        share, bad, rows = skipped_share(loader, self.device)
-        limit = self.cfg.train.max_skipped
-        if share > limit:
-            raise TrainingError(f"{bad} of the {rows} {split} rows ({share:.0%}) could not be read, more than "
-                                f"train.max_skipped={limit:.0%}; top reasons: {top_reasons(self.skip_log.entries)} "
-                                f"(every file in {self.skip_log.path or 'the skip log'})")
-
-    def _evaluate_epoch(self, epoch: int, tr: dict) -> dict:
-        spec = self.spec
-        kw = dict(precision=self.precision, max_steps=spec.max_steps)
-        res = evaluate(self.model, self.val_loader, self.device, epoch, self.num_classes, **kw)
-        self._check_skipped(self.val_loader, "validation")
-        row = {"epoch": epoch, **tr, "val_loss": res["loss"], "val_top1": res["top1"], "val_top5": res["top5"],
-               "val_macro_precision": res["macro_precision"], "val_macro_recall": res["macro_recall"],
-               "val_macro_f1": res["macro_f1"], "val_images": res["count"],
-               "skipped_val": int(self.val_loader.epoch_stats().get("skipped", 0))}
-        if self.optim.ema is not None:
-            ema_res = evaluate(self.optim.ema.module, self.val_loader, self.device, epoch, self.num_classes, **kw)
-            row.update({"ema_val_top1": ema_res["top1"], "ema_val_top5": ema_res["top5"]})
-        # the weights this epoch's checkpoint deploys (load_classifier follows "deploy"): the better of the two
-        ema_better = self.optim.ema is not None and row["ema_val_top1"] > row["val_top1"]
-        self.run.deploy = "ema" if ema_better else "model"
-        row["selected"], row["selected_top1"] = self.run.deploy, row["ema_val_top1"] if ema_better else row["val_top1"]
-        row["epoch_time"] = time.perf_counter() - self._t_epoch
-        self._write_eval_details(epoch, res)
-        return row
-
-    def _write_eval_details(self, epoch: int, res: dict) -> None:
-        d = self.spec.out_dir
-        if not (d and self.spec.is_main):
-            return
-        cm = self.spec.data.class_map
-        write_per_class(d / "per_class.csv", res, cm)
-        (d / "confusions.json").write_text(json.dumps({"epoch": epoch, "pairs": top_confusions(res, cm, 20)},
-                                                      ensure_ascii=False, indent=1), encoding="utf-8")
-
-    def _log_epoch(self, row: dict) -> None:
-        if not self.spec.is_main:
-            return
-        _logger.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f top-1 %.4f top-5 %.4f F1 %.4f | "
-                     "%.1f img/s, data %.0f%%%s", row["epoch"], self.cfg.train.epochs, row["train_loss"],
-                     row["train_acc"], row["val_loss"], row["val_top1"], row["val_top5"], row["val_macro_f1"],
-                     row["images_per_s"], 100 * row["data_share"],
-                     (f" | EMA top-1 {row['ema_val_top1']:.4f}" + (" (deployed)" if row["selected"] == "ema" else "")
-                      if "ema_val_top1" in row else "") + (" *best*" if row["best"] else ""))
-        if self.spec.out_dir:
-            with open(self.spec.out_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+                "signal": stop.signum, "best_checkpoint": self.writer.best_checkpoint()}

@@ -1,6 +1,7 @@
 """Resuming a run, in one place: which checkpoint (``resume_path``), whether it fits this run
-(``check_resume``), the run's position and bookkeeping (``RunState``), and the RNG and per-rank state
-that make a resumed run go on exactly where it stopped.
+(``check_resume``, which hands back the one ``Resume`` that owns the loaded checkpoint until its tensors are
+restored), the run's position and bookkeeping (``RunState``), and the RNG and per-rank state that make a
+resumed run go on exactly where it stopped.
 
 A run's schedule is fixed at its start (``RunState.steps_per_epoch``, from the split's row count, never from a
 loader whose skip log has since removed files) and stored in every checkpoint, so warmup and cosine decay
@@ -8,6 +9,7 @@ are the same whether or not the run was interrupted.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -57,10 +59,19 @@ class RunState:
             bad = 0 if h.get("best") else bad + 1
         return bad
 
-    def to_checkpoint(self, epoch: int, complete: bool, position: int) -> dict:
+    def record(self, row: dict) -> bool:
+        """An evaluated epoch into the history; True when its deployed weights are the best so far."""
+        improved = row["selected_top1"] > self.best_top1
+        self.best_top1 = max(self.best_top1, row["selected_top1"])
+        row["best"] = improved
+        self.history.append(row)
+        return improved
+
+    def to_checkpoint(self, epoch: int, complete: bool, position: int, session_seconds: float) -> dict:
+        """The checkpoint's run keys; ``session_seconds``: this session's time so far (added to ``elapsed``)."""
         d = {k: v for k, v in asdict(self).items() if k not in ("epoch", "position", "step")}
         return {**d, "epoch": epoch, "epoch_complete": complete, "epoch_position": 0 if complete else int(position),
-                "step": self.step}
+                "step": self.step, "elapsed": self.elapsed + session_seconds, "sessions": self.sessions + 1}
 
     @classmethod
     def from_checkpoint(cls, st: dict) -> "RunState":
@@ -76,12 +87,6 @@ def planned_steps(rows: int, batch_size: int, drop_last: bool, world_size: int) 
     """Steps per epoch of the split as given (every rank plans the longest shard's count)."""
     shard = math.ceil(rows / max(1, world_size))
     return max(1, shard // batch_size if drop_last else -(-shard // batch_size))
-
-
-def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
-    """The torch seed of one optimizer step on one rank (dropout, drop-path): the same step draws the same
-    masks whether or not the run was interrupted before it."""
-    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def resume_path(arg: str, run_dir: Path) -> Path:
@@ -146,10 +151,10 @@ def _get(d: dict, key: str):
     return d
 
 
-def check_resume(path: Path, cfg: Config, class_map: ClassMap) -> dict:
-    """The checkpoint to resume from (loaded once, handed to the trainer). Refused when its class map, model,
-    preprocessing, batch size or optimizer differs, naming what differs; settings the checkpoint's optimizer
-    overrides are warned about."""
+def check_resume(path: Path, cfg: Config, class_map: ClassMap) -> "Resume":
+    """The checkpoint to resume from, loaded once and handed to the trainer as a ``Resume``. Refused when its
+    class map, model, preprocessing, batch size or optimizer differs, naming what differs; settings the
+    checkpoint's optimizer overrides are warned about."""
     st = load_training_state(path, class_map)
     old, new = st["config"], cfg.to_dict()
     diff = [f"{k} {_get(old, k)!r} -> {_get(new, k)!r}" for k in RESUME_MUST_MATCH if _get(old, k) != _get(new, k)]
@@ -164,7 +169,54 @@ def check_resume(path: Path, cfg: Config, class_map: ClassMap) -> dict:
         if _get(old, k) != _get(new, k) and (k != "train.ema_decay" or cfg.train.ema):
             _logger.info("--resume: %s is now %r (was %r): the schedule / EMA follow it from here", k,
                          _get(new, k), _get(old, k))
-    return st
+    return Resume(path, st)
+
+
+class Resume:
+    """The checkpoint a run resumes from, and its one owner: ``run_state`` reads where the run stands (with
+    this rank's position and RNG in an interrupted epoch), ``restore`` copies its tensors into the run's
+    objects once and lets the loaded checkpoint go (it is not kept through the training)."""
+
+    def __init__(self, path: Path, state: dict):
+        self.path = Path(path)
+        self._state: dict | None = state
+        self.weights_origin: dict | None = state.get("weights_origin")  # the first session's starting weights
+        self._run: RunState | None = None
+        self._rank_rng: dict | None = None
+
+    def _checkpoint(self) -> dict:
+        if self._state is None:
+            raise RuntimeError(f"the resume checkpoint {self.path} was restored already")
+        return self._state
+
+    def run_state(self, *, rank: int, world_size: int) -> RunState:
+        """The run state the resumed run starts from, with this rank's position in an interrupted epoch."""
+        st = self._checkpoint()
+        s = RunState.from_checkpoint(st)
+        if s.position and st["world_size"] != world_size:
+            _logger.warning("resumed on %d rank(s), interrupted on %s: the shards differ, so epoch %d starts over",
+                            world_size, st["world_size"], s.epoch)
+            s.position = 0
+        elif s.position and world_size > 1 and rank > 0:
+            rec = rank_record(self.path, rank, st)
+            if rec is not None:
+                s.position, self._rank_rng = int(rec["position"]), rec.get("rng")
+        self._run = s
+        return s
+
+    def restore(self, *, model, ema, optimizer, scheduler, scaler, skip_log, device) -> None:
+        """Weights, optimizer bundle and RNG states (this rank's own in an interrupted DDP epoch) into the
+        run's objects; the files skipped before stay skipped. Then the loaded checkpoint is released."""
+        st, self._state = self._checkpoint(), None
+        restore_tensors(st, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        if self._rank_rng:
+            set_rank_rng(self._rank_rng, device)
+        for e in st["skipped"]:  # files skipped before the stop stay skipped, wherever the run dir is
+            if e["path"] not in skip_log:
+                skip_log.add(int(e["row"]), e["path"], e["reason"], e["backend"], int(e["epoch"]))
+        r = self._run or RunState.from_checkpoint(st)
+        _logger.info("resumed from %s: next epoch %d (from row %d of its shard), step %d, best top-1 %.4f",
+                     self.path, r.epoch, r.position, r.step, r.best_top1)
 
 
 def restore_tensors(st: dict, *, model, ema, optimizer, scheduler, scaler) -> None:
@@ -212,42 +264,50 @@ def position_file(checkpoint_dir: Path, rank: int) -> Path:
 
 
 def save_rank_position(checkpoint_dir: Path, rank: int, *, epoch: int, interruption: int, step: int,
-                       position: int) -> None:
+                       position: int, rng: dict | None = None) -> None:
     """Under DDP each rank's shard is read at its own pace (a skipped file is replaced by the next row), so
-    every rank other than 0 (whose position is in the checkpoint) writes where it stopped, without a
-    collective (ranks may stop a step apart)."""
+    every rank other than 0 (whose position and RNG are in the checkpoint) writes where it stopped and its
+    torch RNG state (``rank_rng_state``), without a collective (ranks may stop a step apart)."""
     if rank == 0:
         return
     Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(position_file(checkpoint_dir, rank), json.dumps(
-        {"epoch": epoch, "interruption": interruption, "step": step, "position": int(position)}))
+    rec = {"epoch": epoch, "interruption": interruption, "step": step, "position": int(position)}
+    atomic_write_text(position_file(checkpoint_dir, rank), json.dumps({**rec, "rng": rng} if rng else rec))
 
 
-def rank_position(checkpoint: Path, rank: int, st: dict, fallback: int) -> int:
-    """This rank's position in the interrupted epoch: its own file beside the checkpoint when it belongs to
-    that checkpoint (same epoch and interruption count: ranks may have run different numbers of steps),
-    else the checkpoint's (rank 0's)."""
-    if rank == 0:
-        return fallback
+def rank_record(checkpoint: Path, rank: int, st: dict) -> dict | None:
+    """This rank's record of the interrupted epoch (position, RNG) beside the checkpoint when it belongs to
+    that checkpoint (same epoch and interruption count: ranks may have run different numbers of steps);
+    None (rank 0's position and RNG apply) otherwise."""
     f = position_file(Path(checkpoint).parent, rank)
     try:
         rec = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         _logger.warning("rank %d: no %s; resuming at rank 0's position", rank, f.name)
-        return fallback
+        return None
     if (rec.get("epoch"), rec.get("interruption")) != (st["epoch"], st["interruptions"]):
         _logger.warning("rank %d: %s is from another interruption; resuming at rank 0's position", rank, f.name)
-        return fallback
-    return int(rec["position"])
+        return None
+    return rec
 
 
-def resumed_state(path: Path, st: dict, *, rank: int, world_size: int) -> RunState:
-    """The run state a resumed run starts from, with this rank's position in an interrupted epoch."""
-    s = RunState.from_checkpoint(st)
-    if s.position and st["world_size"] != world_size:
-        _logger.warning("resumed on %d rank(s), interrupted on %s: the shards differ, so epoch %d starts over",
-                        world_size, st["world_size"], s.epoch)
-        s.position = 0
-    elif s.position and world_size > 1:
-        s.position = rank_position(path, rank, st, s.position)
-    return s
+def rank_position(checkpoint: Path, rank: int, st: dict, fallback: int) -> int:
+    """This rank's position in the interrupted epoch (``rank_record``), else ``fallback`` (rank 0's)."""
+    rec = None if rank == 0 else rank_record(checkpoint, rank, st)
+    return fallback if rec is None else int(rec["position"])
+
+
+def rank_rng_state(device: torch.device) -> dict:
+    """This process's torch RNG states (CPU, and its CUDA device's), as text for its position file."""
+    out = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")}
+    if device.type == "cuda":
+        out["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode("ascii")
+    return out
+
+
+def set_rank_rng(rng: dict, device: torch.device) -> None:
+    def tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    torch.set_rng_state(tensor(rng["torch"]))
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(tensor(rng["cuda"]), device)
