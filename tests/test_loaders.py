@@ -14,7 +14,9 @@ from PIL import Image
 
 from pillsnap_dali.errors import InputError
 from pillsnap_dali.config import load_config
-from pillsnap_dali.loaders import Batch, build_loader, open_rgb, pil_eval_transform, resolve_backend
+from pillsnap_dali.imageio import open_rgb
+from pillsnap_dali.loaders import build_loader, pil_eval_transform, resolve_backend
+from pillsnap_dali.loaders.common import Batch
 from pillsnap_dali.loaders.common import shard_order
 from pillsnap_dali.data.manifest import Manifest
 from pillsnap_dali.skiplog import SkipLog

@@ -76,7 +76,8 @@ def test_cli_combo_json_gives_boxes_and_topk_with_metadata(stage, capsys):
 
 def test_single_mode_classifies_the_whole_image_with_the_checkpoint_preprocessing(stage):
     from pillsnap_dali.training.model import load_classifier
-    from pillsnap_dali.loaders import open_rgb, pil_eval_transform
+    from pillsnap_dali.imageio import open_rgb
+    from pillsnap_dali.loaders import pil_eval_transform
 
     image = _combo_images(stage)[0]
     clf = load_classifier(stage["classifier"], device="cpu")

@@ -19,9 +19,8 @@ import torch
 
 from pillsnap_dali.config import Config, ConfigError, memory_layout
 from pillsnap_dali.data.manifest import Manifest
-from pillsnap_dali.imageio import open_rgb, read_encoded
-from pillsnap_dali.loaders.common import Batch, EpochPlan, LoaderSpec, steps_for
-from pillsnap_dali.loaders.pil_loader import PilLoader, PilTrainTransform, pil_eval_transform
+from pillsnap_dali.loaders.common import LoaderSpec
+from pillsnap_dali.loaders.pil_loader import PilLoader, pil_eval_transform
 from pillsnap_dali.skiplog import SkipLog
 
 if TYPE_CHECKING:
@@ -31,8 +30,8 @@ _logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "dali", "dali-cpu", "pil")
 
-__all__ = ["BACKENDS", "Batch", "EpochPlan", "LoaderSpec", "Loader", "build_loader", "open_rgb",
-           "pil_eval_transform", "PilTrainTransform", "read_encoded", "resolve_backend", "steps_for"]
+# what the library uses from here (the other names live in their own modules: loaders.common, imageio...)
+__all__ = ["BACKENDS", "Loader", "build_loader", "pil_eval_transform", "resolve_backend"]
 
 
 def dali_available() -> bool:

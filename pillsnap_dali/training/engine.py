@@ -6,7 +6,7 @@ the optimizer bundle, the loader, the device, the precision); ``Trainer`` builds
 when to stop (``stop_reason``, the skip limit of ``badfiles``). What a run writes (metrics.jsonl, checkpoints,
 evaluation details) is ``training.run_writer``'s; the checkpoint it resumes from is one ``resume.Resume``.
 The model and every weight loading by K-code live in ``training.model``, the resume policy and the run's
-state in ``training.resume``. The loop never knows which loader produced a batch (design.md's batch contract); host-device
+state in ``training.resume``. The loop never knows which loader produced a batch (the batch contract in ``loaders/__init__.py``); host-device
 syncs happen only at the log points and once per evaluation.
 
 A dry run is one flag, ``RunSpec.dry_run``: ``DRY_RUN_STEPS`` training and validation steps of one epoch, and
