@@ -12,7 +12,8 @@ import sys
 import time
 
 from pillsnap_dali.atomic import atomic_write_text
-from pillsnap_dali.commands.common import add_shared_flags, check_device, config_from_args, run_main, setup_logging
+from pillsnap_dali.commands.common import add_shared_flags, check_device, config_from_args, run_cli
+from pillsnap_dali.errors import UsageError
 from pillsnap_dali.sysinfo import available_cores
 
 
@@ -41,10 +42,9 @@ def _step_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _step(argv) -> int:
+def _step(a: argparse.Namespace) -> int:
     import torch
     from pillsnap_dali.bench.step import bench_step, bench_step_threads
-    a = _step_parser().parse_args(argv)
     cfg = config_from_args(a, {"model": "model.name", "img_size": "preprocess.img_size"})
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device in (None, "auto") else a.device)
     # the demo stage takes every class of its synthetic tree (manifest.classes is only an upper bound there)
@@ -94,14 +94,12 @@ def _predict_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _predict(argv) -> int:
+def _predict(a: argparse.Namespace) -> int:
     import torch
     from pillsnap_dali.training.model import load_classifier
     from pillsnap_dali.inference import PredictOptions, bench_predict, collect_images, load_detector
-    p = _predict_parser()
-    a = p.parse_args(argv)
     if a.mode == "combo" and not a.detector:
-        p.error("--mode combo needs --detector WEIGHTS")
+        raise UsageError("--mode combo needs --detector WEIGHTS")
     device = check_device(a.device) if a.device else ("cuda" if torch.cuda.is_available() else "cpu")
     clf = load_classifier(a.classifier, device=device)
     det = load_detector(a.detector) if a.mode == "combo" else None
@@ -126,9 +124,8 @@ def _readers_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _readers(argv) -> int:
+def _readers(a: argparse.Namespace) -> int:
     from pillsnap_dali.bench.loaders import bench_readers
-    a = _readers_parser().parse_args(argv)
     res = bench_readers(a.source, readers=[int(r) for r in a.readers.split(",")], latency_ms=a.latency_ms,
                         rows=a.rows, reps=a.reps)
     return _emit([{"readers": r, "latency ms/file": f"{a.latency_ms:g}", "img/s median": f"{v['images_per_s']:.1f}",
@@ -136,8 +133,7 @@ def _readers(argv) -> int:
                  res, a.json)
 
 
-def _epochs(argv) -> int:
-    from pillsnap_dali.bench.epochs import bench_epochs
+def _epochs_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench epochs",
                                 description="RSS (and NVML device memory with CUDA) after each of N short epochs "
                                             "of the DALI classification loader: first / last / max and the slope")
@@ -150,7 +146,11 @@ def _epochs(argv) -> int:
                    help="loader backend (auto: dali with CUDA, else dali-cpu)")
     p.add_argument("--workdir", default="bench_results/epochs_images", help="where the images are generated")
     p.add_argument("--json", help="write the result here")
-    a = p.parse_args(argv)
+    return p
+
+
+def _epochs(a: argparse.Namespace) -> int:
+    from pillsnap_dali.bench.epochs import bench_epochs
     res = bench_epochs(a.workdir, epochs=a.epochs, images=a.images, size=a.size, batch=a.batch, threads=a.threads,
                        backend=a.backend)
     rows = [{"memory": "RSS MB", **{k: f"{v:.1f}" for k, v in res["rss"].items()}}]
@@ -161,9 +161,7 @@ def _epochs(argv) -> int:
     return _emit(rows, res, a.json)
 
 
-def _ops(argv) -> int:
-    from pillsnap_dali.bench.loaders import _paths_of
-    from pillsnap_dali.bench.ops import bench_ops
+def _ops_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench ops",
                                 description="CPU ms per training sample, op by op on one thread, for each arm "
                                             "of bench decode (where a peer wins, which op)")
@@ -171,7 +169,12 @@ def _ops(argv) -> int:
     p.add_argument("--limit", type=int, default=16, help="files used (16)")
     p.add_argument("--size", type=int, default=384, help="training size (384)")
     p.add_argument("--json", help="write the result here")
-    a = p.parse_args(argv)
+    return p
+
+
+def _ops(a: argparse.Namespace) -> int:
+    from pillsnap_dali.bench.loaders import _paths_of
+    from pillsnap_dali.bench.ops import bench_ops
     res = bench_ops(_paths_of(a.source)[:a.limit], size=a.size)
     return _emit([{"op": k, "ms/sample (1 thread)": f"{v:.2f}"} for k, v in res["ms_per_sample"].items()],
                  res, a.json)
@@ -210,10 +213,11 @@ def _decode_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _decode(argv) -> int:
+def _decode(a: argparse.Namespace) -> int:
     from pillsnap_dali.bench.decode import DecodeOptions, run
-    a = _decode_parser().parse_args(argv)
-    print(run(DecodeOptions(**vars(a)), command="python -m pillsnap_dali.bench decode " + " ".join(argv)))
+    opts = DecodeOptions(**vars(a))
+    given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v not in (None, False))
+    print(run(opts, command=f"python -m pillsnap_dali.bench decode {given}"))
     return 0
 
 
@@ -225,9 +229,8 @@ def _scan_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _scan(argv) -> int:
+def _scan(a: argparse.Namespace) -> int:
     from pillsnap_dali.bench.scan import run_scan_bench
-    a = _scan_parser().parse_args(argv)
     r = run_scan_bench(a.images, a.out, tree=a.tree)
     print(f"scanned {r['images']} images in {r['wall_s']} s: {r['images_per_s']} images/s "
           f"({r['images_per_cpu_s']} per CPU-second) on {r['cpu']}")
@@ -248,13 +251,11 @@ def _scale_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _scale(argv) -> int:
+def _scale(a: argparse.Namespace) -> int:
     from pillsnap_dali.bench import scale
-    p = _scale_parser()
-    a = p.parse_args(argv)
     sizes = list(scale.QUICK_SIZES) if a.quick else [int(s) for s in a.sizes.split(",") if s.strip()]
     if len(sizes) < 2 or min(sizes) < 100:
-        p.error("--sizes needs at least two sizes of 100 rows or more")
+        raise UsageError("--sizes needs at least two sizes of 100 rows or more")
     res = scale.bench_scale(sizes, scale.QUICK_CLASSES if a.quick else a.classes, trace=not a.no_trace,
                             workdir=a.workdir)
     if a.json:
@@ -272,15 +273,14 @@ HELP = {"decode": "DALI vs PIL and the peer loaders (OpenCV, torchvision, PIL dr
         "ops": "CPU ms per training sample, op by op on one thread, for each decode arm",
         "epochs": "RSS / device memory after each of N short epochs of the DALI loader (a leak shows as a slope)",
         "scale": "Stage 4 bookkeeping without images: time, peak memory and growth exponent of each host-side step"}
-COMMANDS = {"step": _step, "decode": _decode, "scan": _scan,
-            "predict": _predict, "readers": _readers, "epochs": _epochs,
-            "ops": _ops, "scale": _scale}
+COMMANDS = {"step": (_step_parser, _step), "decode": (_decode_parser, _decode), "scan": (_scan_parser, _scan),
+            "predict": (_predict_parser, _predict), "readers": (_readers_parser, _readers),
+            "epochs": (_epochs_parser, _epochs), "ops": (_ops_parser, _ops), "scale": (_scale_parser, _scale)}
 
 
 def parsers() -> dict:
     """Each command's argument parser (for ``--help`` checks)."""
-    return {"step": _step_parser(), "decode": _decode_parser(), "scan": _scan_parser(),
-            "predict": _predict_parser(), "readers": _readers_parser(), "scale": _scale_parser()}
+    return {name: parser() for name, (parser, _) in COMMANDS.items()}
 
 
 def main(argv=None) -> int:
@@ -294,8 +294,8 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(usage, file=sys.stderr)
         return 2
-    setup_logging()
-    return run_main(lambda: COMMANDS[argv[0]](argv[1:]))
+    parser, body = COMMANDS[argv[0]]
+    return run_cli(parser(), body, argv[1:])  # the one convention: parse, logging, expected error -> exit 2
 
 
 if __name__ == "__main__":
