@@ -185,7 +185,7 @@ def test_the_default_parity_bounds_are_the_documented_ones_and_refuse_a_10x_diff
     assert (meta["parity"]["classifier"]["atol"], meta["parity"]["classifier"]["min_agreement"]) == (1e-3, 1.0)
     assert meta["parity"]["classifier_fp16"]["atol"] == 0.05
     figures = {"images": 8, "max_abs_diff": 9e-4, "top1_agreement": 1.0}
-    export.check("classifier", figures, args.atol, args.min_agreement)  # within: no error
+    onnx_export.check("classifier", figures, args.atol, args.min_agreement)  # within: no error
     for bad in ({"max_abs_diff": 1e-2}, {"max_abs_diff": 1.1e-3}, {"top1_agreement": 7 / 8}):
         with pytest.raises(export.ParityError, match="beyond the bounds"):
-            export.check("classifier", {**figures, **bad}, args.atol, args.min_agreement)
+            onnx_export.check("classifier", {**figures, **bad}, args.atol, args.min_agreement)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("pillsnap_dali", "pipelines", "configs", "pyproject.toml", "setup.py", "README.md")
+SOURCES = ("pillsnap_dali", "pipelines", "configs", "build_backend", "pyproject.toml", "setup.py", "README.md")
 
 
 def _copy_sources(dest: Path) -> Path:

@@ -129,7 +129,7 @@ def _epoch_plans(w: _Work) -> dict:
     for world in (1, 2):
         for rank in range(world):
             spec = LoaderSpec.from_config(w.cfg, train=True, seed=w.cfg.train.seed, rank=rank, world_size=world)
-            plan = EpochPlan(w.train.paths, spec, epoch=3, skip_paths=set())
+            plan = EpochPlan(w.train.paths, spec.row_order, epoch=3, skip_paths=set())
             rows.append(len(plan.order))
     return {"rows_per_rank": rows}
 
@@ -149,7 +149,7 @@ def _skip_log(w: _Work) -> dict:
     finally:
         quiet.level = level
     spec = LoaderSpec.from_config(w.cfg, train=True, seed=w.cfg.train.seed)
-    plan = EpochPlan(w.train.paths, spec, 1, resumed.paths, 0, resumed.paths_before(1))
+    plan = EpochPlan(w.train.paths, spec.row_order, 1, resumed.paths, 0, resumed.paths_before(1))
     return {"skipped": len(resumed), "excluded": plan.stats["excluded"]}
 
 
