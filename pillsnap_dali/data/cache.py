@@ -23,6 +23,12 @@ The users' disk is 97 % full, so the cache is built to be small and safe:
   manifest without one, its sorted K-codes) must match the cache's; a legacy manifest whose codes are all in
   the cache's map (a val split without some class) takes the cache's map;
 - a final check decodes a sample of the outputs; a bad output is an error (and is removed, so a rerun redoes it).
+
+``loader.cache`` puts the cache in ``train``'s default path: ``choose_cache`` decides from the key, the loader
+backend and the inputs (``auto``: PNG inputs with ``dali``, or with ``dali-cpu`` when the cache shrinks them and
+the run has 2 epochs or more; never ``pil``), ``ensure_cache`` builds or reuses it (one space check for all
+the manifests first) in ``<data.artifacts>/jpeg640`` with each source folder's manifests under
+``manifests/<folder>-<hash>/``.
 """
 from __future__ import annotations
 

@@ -19,6 +19,13 @@ skipped with a warning), off on the CPU. ``--device cuda:N``: DALI, torch and th
 Run dir ``<train.out>/detect_<stage>/``: ``weights/{best,last}.pt``, ``metrics.json`` (P, R, mAP50,
 mAP50-95), ``skipped.csv`` (row, path, reason, backend, epoch: the images the DALI loaders could not use, written
 as they are found, not retried by a rerun in the same dir), Ultralytics' ``results.csv``/``args.yaml``.
+
+``--resume [CKPT]`` continues an interrupted run from ``weights/last.pt`` (or CKPT) with Ultralytics' own resume
+(``resume=<last.pt>``: its settings, weights, optimizer, EMA and epoch; ``results.csv`` is appended to). The
+checkpoint is scanned and checked first (``resume_state``): a missing file or a finished run's is one line.
+The DALI trainer sets its training loader's epoch from the trainer's at each epoch start, and the detection
+graph's flips and HSV factors are drawn on the host from (seed, epoch, image row)
+(``loaders.augment.draw_detect``), so a resumed epoch gets the order and draws of the interrupted one.
 """
 from __future__ import annotations
 
