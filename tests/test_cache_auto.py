@@ -1,6 +1,7 @@
 """``loader.cache``: the JPEG cache in the training's default path (real PNGs, real transcoding, real DALI CPU)."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pillsnap_dali.commands import train
@@ -208,3 +210,34 @@ def test_a_full_disk_stops_train_with_one_line_and_exit_2(manifests, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: refusing to build the cache") and "GB" in err[-1]
     assert not (tmp_path / "runs" / "f").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_on_the_gpu_backend_trains_on_the_cache_decoded_by_nvjpeg(manifests, tmp_path):
+    """The users' default path: PNG inputs, backend dali, loader.cache auto -> the cache in the artifacts."""
+    src = _copy_split(manifests, tmp_path / "stage3")
+    art = tmp_path / "art"
+    argv = ["--manifest", str(src / "manifest_train.csv"), "--out", str(tmp_path / "runs"), "--name", "g",
+            "--set", f"data.artifacts={art}", *TINY[:-2], "--backend", "dali", "--device", "cuda"]
+    assert train.main(argv) == 0
+    assert f"- input: JPEG cache {art / 'jpeg640'}" in (tmp_path / "runs" / "g" / "report.md").read_text()
+
+
+def test_a_legacy_val_manifest_with_a_class_train_lacks_is_cached_beside_not_refused(manifests, tmp_path):
+    src = _copy_split(manifests, tmp_path / "ours")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    train = read_manifest(src / "manifest_train.csv")
+    dropped = train.codes[0]
+    for split in ("train", "val"):
+        m = read_manifest(src / f"manifest_{split}.csv")
+        with open(legacy / f"manifest_{split}.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["image_path", "mapping_code", "image_type", "source"])
+            w.writerows([p, c, "single", "s"] for p, c in zip(m.paths, m.codes) if split == "val" or c != dropped)
+    cfg = _cfg(**{"prepare.free_space_margin_gb": 0, "prepare.workers": 1})
+    out = ensure_cache([legacy / "manifest_train.csv", legacy / "manifest_val.csv"], tmp_path / "c", cfg)
+    assert dropped in read_manifest(out[1]).codes  # kept: train reports it as a class it does not know
+    assert out[1].parent == out[0].parent / "manifest_val"
+    assert len(read_manifest(out[1])) == len(read_manifest(legacy / "manifest_val.csv"))

@@ -788,8 +788,17 @@ def ensure_cache(manifests: Sequence[str | Path], cache_dir: str | Path, cfg,
         folder = cached_manifest_dir(cache_dir, path)
         if n == 0 and (folder / "class_map.json").exists():
             (folder / "class_map.json").unlink()  # derived: rewritten from the training manifest's own map
-        report = prepare_cache(path, cache_dir, opts, manifest_dir=folder, progress=None if progress is None else
-                               functools.partial(progress, path.name))
+        bar = None if progress is None else functools.partial(progress, path.name)
+        try:
+            report = prepare_cache(path, cache_dir, opts, manifest_dir=folder, progress=bar)
+        except ClassMapMismatch:
+            if n == 0:
+                raise
+            # a legacy val/test manifest with K-codes the training one lacks (train reports them, as without the
+            # cache): its cached manifest goes to a folder of its own, with its own class map
+            _logger.warning("%s has K-codes that %s lacks: its cached manifest goes to %s", path, paths[0],
+                            folder / path.stem)
+            report = prepare_cache(path, cache_dir, opts, manifest_dir=folder / path.stem, progress=bar)
         _accept(report, path, cfg.train.max_skipped)
         _logger.info("JPEG cache of %s: %d rows (%d transcoded, %d reused) in %.1f s -> %s", path.name, report.cached,
                      report.transcoded, report.reused, report.seconds, report.manifest_out)
