@@ -292,11 +292,14 @@ def resume_state(path: Path) -> dict:
 
 def resumed(run: DetectRun, checkpoint: Optional[Path] = None) -> DetectRun:
     """``run`` continuing from ``checkpoint`` (default: its own ``weights/last.pt``): checked first
-    (``resume_state``), with the interrupted run's seed, so its DALI draws and order are the ones it had."""
+    (``resume_state``), with the interrupted run's seed and epochs (its DALI draws and order are the ones it
+    had) and its run dir."""
     path = Path(checkpoint) if checkpoint else last_checkpoint(run)
     state = resume_state(path)
     _logger.info("resuming %s: epoch %d of %d done", path, state["epoch"] + 1, state["epochs"])
-    return dataclasses.replace(run, resume=path, seed=state["seed"], epochs=state["epochs"])
+    # Ultralytics continues in the checkpoint's own run dir (its saved project/name): our outputs go there too
+    out = path.parent.parent if path.parent.name == "weights" else run.out
+    return dataclasses.replace(run, resume=path, seed=state["seed"], epochs=state["epochs"], out=out)
 
 
 def run_from_config(cfg, data_yaml: Path) -> DetectRun:
