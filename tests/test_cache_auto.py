@@ -5,6 +5,8 @@ import csv
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +243,19 @@ def test_a_legacy_val_manifest_with_a_class_train_lacks_is_cached_beside_not_ref
     assert dropped in read_manifest(out[1]).codes  # kept: train reports it as a class it does not know
     assert out[1].parent == out[0].parent / "manifest_val"
     assert len(read_manifest(out[1])) == len(read_manifest(legacy / "manifest_val.csv"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_under_torchrun_rank_0_builds_the_cache_and_both_ranks_train_on_it(manifests, tmp_path):
+    src = _copy_split(manifests, tmp_path / "stage3")
+    cache = tmp_path / "cache"
+    args = ["--manifest", str(src / "manifest_train.csv"), "--out", str(tmp_path / "runs"), "--name", "ddp",
+            "--set", f"loader.cache={cache}", *TINY, "--epochs", "1", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+           "-m", "pillsnap_dali.train", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("JPEG cache manifest_train.csv:") == 1  # rank 0 reports the build once
+    assert f"- input: JPEG cache {cache}" in (tmp_path / "runs" / "ddp" / "report.md").read_text()
+    n = len(read_manifest(src / "manifest_train.csv"))
+    assert len(list(cache.glob("[0-9a-f][0-9a-f]/*.jpg"))) >= n and not list(cache.glob("**/*.tmp"))
