@@ -705,7 +705,8 @@ def choose_cache(cfg, backend: str, m: Manifest) -> CacheChoice:
     """``loader.cache`` for a training manifest and the resolved loader backend. ``auto``: the GPU decoder
     (``dali``) reads JPEG only, so PNG inputs are always cached; on ``dali-cpu`` the cache pays when it shrinks
     the images (sources above ``prepare.max_side``: 4.49x the PNG throughput at 976x1280) and the run has
-    epochs enough to win back the transcoding (about one epoch's decoding); ``pil`` never (the fallback and
+    epochs enough to win back the transcoding (36 ms of CPU per image once, against 23.6 -> 4.9 ms per image and
+    epoch in the loader: about two epochs); ``pil`` never (the fallback and
     reference path, trained on the files as listed). ``off``: never; a folder: that cache, any backend."""
     mode = cfg.loader.cache
     if mode == OFF:
