@@ -140,3 +140,26 @@ def test_resume_without_a_last_checkpoint_is_one_line_and_exit_2(tmp_path, capsy
     assert err == [f"error: nothing to resume: {last} does not exist (a detector run saves weights/last.pt after "
                    "its first epoch; start without --resume)"]
     assert not (tmp_path / "runs" / "detect_r").exists()  # nothing was started
+
+
+@pytest.mark.gpu
+def test_gpu_detection_graph_applies_the_host_draws_as_the_cpu_graph(tmp_path):
+    import torch
+
+    from pillsnap_dali.loaders.detect import DaliDetectLoader, read_yolo_split
+    from pipelines import PipelineOptions
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    yolo = _yolo(tmp_path / "yolo")
+    samples = read_yolo_split(yolo.parent / "images" / "train")
+    out = {}
+    for dev in ("cpu", "gpu"):
+        loader = DaliDetectLoader(samples, batch_size=3, imgsz=64, augment=HYP, shuffle=True, split="train",
+                                  options=PipelineOptions(device=dev, device_id=0 if dev == "gpu" else None, seed=0))
+        loader.set_epoch(1)
+        out[dev] = [(b["im_file"], b["img"].cpu().float(), b["bboxes"].numpy()) for b in loader]
+    for (fc, ic, bc), (fg, ig, bg) in zip(out["cpu"], out["gpu"]):
+        assert fc == fg  # the same rows in the same order
+        np.testing.assert_allclose(bg, bc, atol=1e-6)  # the same flips
+        assert (ig - ic).abs().mean() < 3  # the same HSV factors (resize and HSV kernels differ slightly)
