@@ -230,9 +230,10 @@ def cache_step(cfg: Config, train_path: Path, val_path: Path, dry_run: bool = Fa
     """``loader.cache`` before any loader is built: the training, validation (and the test manifest beside the
     training one, which ``after_training`` scores) manifests replaced by their JPEG cache's, built or reused
     by rank 0 (``data.cache.ensure_cache``), or the manifests as given (``choose_cache`` says why)."""
+    if cfg.loader.cache == "off":
+        return train_path, val_path
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    backend = resolve_backend(cfg.loader.backend, device)
-    choice = choose_cache(cfg, backend, read_manifest(train_path))
+    choice = choose_cache(cfg, resolve_backend(cfg.loader.backend, device), read_manifest(train_path))
     if choice.cache_dir is None:
         _logger.info("training on the files as listed (%s)", choice.reason)
         return train_path, val_path
