@@ -120,6 +120,7 @@ class LoaderConfig:
     layout: str = "auto"
     hw_decoder_load: float = 0.65
     readers: int = 4
+    cache: str = "auto"  # auto | off | a folder: the 640 px JPEG cache of PNG inputs (data/cache.ensure_cache)
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,8 @@ _ORDERED = ("augment.random_area", "augment.random_aspect_ratio")  # [min, max]
 
 def _check_value(key: str, v: Any) -> None:
     """The range (and for a list, the length and each element's range) of one value."""
+    if key == "loader.cache":
+        _check_cache_value(v)
     if key == "train.device" and not DEVICE_RE.match(str(v)):
         raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {v!r}")
     if v is None or v == AUTO or key not in _RANGES:
@@ -313,6 +316,17 @@ def _check_value(key: str, v: Any) -> None:
             raise ConfigError(f"config key '{key}' must be [min, max] with min <= max, got {v!r}")
     elif not rng.holds(v):
         raise ConfigError(f"config key '{key}' must be {rng}, got {v!r}")
+
+
+def _check_cache_value(v: Any) -> None:
+    """``loader.cache``: auto, off or a folder; a word that is neither (``on``, ``yes``, a typo) is refused, a
+    folder is told by a path separator or a leading ``.``/``~``."""
+    if v in ("auto", "off"):
+        return
+    text = str(v) if isinstance(v, str) else ""
+    if not text or not ("/" in text or "\\" in text or text.startswith((".", "~"))):
+        raise ConfigError(f"config key 'loader.cache' must be auto, off or a folder (a path such as ./jpeg640 or "
+                          f"/data/jpeg640), got {v!r}")
 
 
 def config_default(key: str) -> Any:
@@ -405,6 +419,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
     if typ is str:
+        if key == "loader.cache" and value is False:  # YAML 1.1 reads an unquoted `cache: off` as false
+            value = "off"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
         return str(value)

@@ -16,6 +16,7 @@ stream                 keys                                         used by
 epoch shuffle          ``(epoch)``                                  ``loaders.common.shard_order``
 weighted sampler       ``(epoch, rank, WEIGHTED)``                  ``loaders.common.weighted_order``
 augmentation draws     ``(epoch, AUGMENT)``, rows hashed on top     ``loaders.augment.sample_uniforms``
+detection draws        ``(epoch, DETECT_AUGMENT)``, rows on top     ``loaders.augment.draw_detect``
 DALI pipeline seed     ``(epoch, rank, pipelines built)``, 31 bits  ``loaders.runner.DaliRunner``
 torch RNG of an epoch  ``(epoch, rank, TORCH)``                     ``training.engine.train_one_epoch``
 DataLoader generator   ``(epoch, rank, DATALOADER)``                ``loaders.pil_loader``
@@ -33,6 +34,7 @@ import numpy as np
 WEIGHTED = 0x5A
 AUGMENT = 0xA6
 TORCH = 0x7C
+DETECT_AUGMENT = 0xD7
 DATALOADER = 0xD1
 
 

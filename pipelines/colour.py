@@ -32,6 +32,9 @@ import torch
 AUG_FIELDS = ("crop_x", "crop_y", "crop_w", "crop_h", "flip", "brightness", "contrast", "saturation", "hue")
 AUG_INDEX = {name: i for i, name in enumerate(AUG_FIELDS)}
 JITTER_FIELDS = ("brightness", "contrast", "saturation", "hue")
+# the detection training graph's per-sample draws (pipelines.detect.DRAWS): flips 0/1, hue shift in degrees,
+# saturation and value gains around 1
+DETECT_FIELDS = ("flip_h", "flip_v", "hue", "saturation", "value")
 # ITU-R 601 luma weights (PIL's "L" conversion, torchvision's rgb_to_grayscale)
 LUMA = np.array([0.299, 0.587, 0.114])
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114],

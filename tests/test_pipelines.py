@@ -168,7 +168,7 @@ def test_gpu_graphs_are_well_formed_without_a_gpu():
     import nvidia.dali.fn as fn
     from pipelines import AUG, ENCODED, ROWS, EvalSpec, PipelineOptions, TrainSpec
     from pipelines.classify import classify_inputs, eval_graph, train_graph
-    from pipelines.detect import DETECT_INPUTS, DetectSpec, detect_graph
+    from pipelines.detect import DetectSpec, detect_graph, detect_inputs
 
     def inputs(declared):
         return {i.name: fn.external_source(name=i.name, dtype=i.dtype, ndim=i.ndim) for i in declared}
@@ -184,7 +184,8 @@ def test_gpu_graphs_are_well_formed_without_a_gpu():
         assert out.device == "gpu"
     det = opts.new_pipeline()
     with det:  # defined, not built
-        outs = detect_graph(inputs(DETECT_INPUTS), DetectSpec(imgsz=64, augment={"fliplr": 0.5, "hsv_h": 0.015}),
+        spec = DetectSpec(imgsz=64, augment={"fliplr": 0.5, "hsv_h": 0.015})
+        outs = detect_graph(inputs(detect_inputs(spec)), spec,
                             "gpu")
     assert [o.device for o in outs] == ["gpu", "cpu", "cpu"]  # images on the GPU; boxes (and rows) on the host
     bad = opts.new_pipeline()

@@ -20,18 +20,27 @@ Run dir ``<train.out>/detect_<stage>/``: ``weights/{best,last}.pt``, ``metrics.j
 mAP50-95), ``skipped.csv`` (row, path, reason, backend, epoch: the images the DALI loaders could not use, written
 as they are found, not retried by a rerun in the same dir), Ultralytics' ``results.csv``/``args.yaml``.
 
+``--resume [CKPT]`` continues an interrupted run from ``weights/last.pt`` (or CKPT) with Ultralytics' own resume
+(``resume=<last.pt>``: its settings, weights, optimizer, EMA and epoch; ``results.csv`` is appended to). The
+checkpoint is scanned and checked first (``resume_state``): a missing file or a finished run's is one line.
+The DALI trainer sets its training loader's epoch from the trainer's at each epoch start, and the detection
+graph's flips and HSV factors are drawn on the host from (seed, epoch, image row)
+(``loaders.augment.draw_detect``), so a resumed epoch gets the order and draws of the interrupted one.
+
 This module is the command (its parser and ``main``); the work is done by ``pillsnap_dali.training.detector``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from pillsnap_dali.commands.common import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_cli
 from pillsnap_dali.data.yolo import convert_stage
-from pillsnap_dali.training.detector import run_from_config, train_detector
+from pillsnap_dali.training.detector import resumed, run_from_config, train_detector
+from pillsnap_dali.training.resume import LAST
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="an existing YOLO data.yaml: skip the conversion (default: convert "
                                                 "the stage's manifests)")
     p.add_argument("--convert-only", action="store_true", help="write the YOLO dataset and stop (default: off)")
+    add_shared_flags(p, ("resume",), helps={"resume": (
+        "continue an interrupted detector run from CHECKPOINT with Ultralytics' own resume (its settings, "
+        "weights, optimizer and epoch; default when given alone: <run dir>/weights/last.pt)")})
     add_shared_flags(p, ("out", "name", "device", "set"), helps={
         "out": "runs folder; the detector's run goes to <out>/detect_<name or stage> (config train.out; "
                "default: runs)",
@@ -68,11 +80,15 @@ def resolve_config(args: argparse.Namespace):
 def _main(args) -> int:
     existing_file(args.data, "--data")
     cfg = resolve_config(args)
+    resume = None
+    if args.resume is not None and not args.convert_only:  # checked before anything is converted or trained
+        resume = resumed(run_from_config(cfg, Path(args.data or "")), None if args.resume == LAST else Path(args.resume))
     data_yaml = Path(args.data) if args.data else convert_stage(cfg)
     if args.convert_only:
         print(f"YOLO dataset: {data_yaml}")
         return 0
-    summary = train_detector(run_from_config(cfg, data_yaml))
+    run = dataclasses.replace(resume, data_yaml=data_yaml) if resume else run_from_config(cfg, data_yaml)
+    summary = train_detector(run)
     print(json.dumps({k: summary[k] for k in ("precision", "recall", "mAP50", "mAP50-95", "weights")}, indent=1))
     return 0
 

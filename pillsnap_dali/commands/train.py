@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from pillsnap_dali.commands.common import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_main
 from pillsnap_dali.commands.common import setup_logging as cli_logging
@@ -33,8 +34,9 @@ from pillsnap_dali.training.checkpoint import remove_orphan_temps
 from pillsnap_dali.training.engine import RunSpec, TrainData, Trainer, TrainingError
 from pillsnap_dali.training.report import write_report
 from pillsnap_dali.data.build import ensure_manifests
+from pillsnap_dali.data.cache import PrepareError, choose_cache, describe_input, ensure_cache
 from pillsnap_dali.loaders import resolve_backend
-from pillsnap_dali.training.evaluation import after_training, run_manifests
+from pillsnap_dali.training.evaluation import after_training, find_test_manifest, run_manifests
 
 _logger = logging.getLogger("pillsnap_dali.train")
 
@@ -169,6 +171,7 @@ def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
     else:
         d = _manifests_once(cfg)
         train_path, val_path = d / "manifest_train.csv", d / "manifest_val.csv"
+    train_path, val_path = cache_step(cfg, train_path, val_path, dry_run=args.dry_run)
     # every rank (on every machine) reads the same files, or every rank stops with one error
     multinode.check_same_inputs([train_path, val_path, train_path.parent / "class_map.json"])
     train, val = read_manifest(train_path), read_manifest(val_path)
@@ -191,6 +194,64 @@ def load_data(cfg: Config, args: argparse.Namespace, quarantine: list):
         raise ManifestError(f"empty split: {len(train)} training and {len(val)} validation rows")
     _logger.info("data: %d train rows, %d val rows, %d classes (%s)", len(train), len(val), len(class_map), train_path)
     return TrainData(class_map, train, val, train.labels(class_map), val.labels(class_map)), checks
+
+
+def _on_rank0(build, what: str):
+    """``build()`` on rank 0 only, its result sent to the others, which wait (as for the manifests); None from
+    rank 0 tells them it failed (its error is in its log)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return build()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = build()
+        finally:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise PrepareError(f"rank 0 could not build {what} (its error is in its log)")
+    return box[0]
+
+
+def _cache_progress():
+    """``ensure_cache``'s progress: a tqdm bar per manifest on a terminal; elsewhere (a log, a pipe) one line
+    per manifest when it is done (the library also logs every 30 s)."""
+    bars: dict = {}
+
+    def update(name: str, done: int, total: int) -> None:
+        if name not in bars:
+            bars[name] = tqdm(total=total, desc=f"JPEG cache {name}", unit="img", disable=not sys.stderr.isatty())
+        bars[name].update(done - bars[name].n)
+        if done >= total:
+            bars[name].close()
+            if not sys.stderr.isatty():
+                print(f"JPEG cache {name}: {done}/{total} sources", file=sys.stderr)
+    return update
+
+
+def cache_step(cfg: Config, train_path: Path, val_path: Path, dry_run: bool = False) -> tuple[Path, Path]:
+    """``loader.cache`` before any loader is built: the training, validation (and the test manifest beside the
+    training one, which ``after_training`` scores) manifests replaced by their JPEG cache's, built or reused
+    by rank 0 (``data.cache.ensure_cache``), or the manifests as given (``choose_cache`` says why)."""
+    if cfg.loader.cache == "off":
+        return train_path, val_path
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    choice = choose_cache(cfg, resolve_backend(cfg.loader.backend, device), read_manifest(train_path))
+    if choice.cache_dir is None:
+        _logger.info("training on the files as listed (%s)", choice.reason)
+        return train_path, val_path
+    if dry_run:
+        _logger.info("dry run: the JPEG cache %s is not built (%s); the files as listed are used", choice.cache_dir,
+                     choice.reason)
+        return train_path, val_path
+    test = find_test_manifest(train_path)
+    sources = [train_path, val_path] + ([test] if test is not None else [])
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    _logger.info("JPEG cache %s (%s)", choice.cache_dir, choice.reason)
+    cached = _on_rank0(lambda: [str(p) for p in ensure_cache(
+        sources, choice.cache_dir, cfg, progress=_cache_progress() if rank0 else None)], "the JPEG cache")
+    return Path(cached[0]), Path(cached[1])
 
 
 def run_dir_path(cfg: Config) -> Path:
@@ -341,6 +402,7 @@ def run(args: argparse.Namespace) -> dict:
         header = {"stage": cfg.stage, "model": cfg.model.name, "classes": len(data.class_map),
                   "image size": f"{cfg.preprocess.img_size} ({cfg.preprocess.resize_mode})", "backend": trainer.backend,
                   "device": str(device), "ranks": world, "train rows": len(data.train), "val rows": len(data.val),
+                  "input": describe_input(data.train.path),
                   "manifest checks": "; ".join(f"{f.level} {f.check}: {f.message}" for f in checks.findings) or "passed",
                   **weights_report(summary, origin, run_inputs, len(data.class_map))}
         summary["report"] = str(write_report(run_dir, summary, header, examples=data.val))

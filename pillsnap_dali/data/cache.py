@@ -23,12 +23,19 @@ The users' disk is 97 % full, so the cache is built to be small and safe:
   manifest without one, its sorted K-codes) must match the cache's; a legacy manifest whose codes are all in
   the cache's map (a val split without some class) takes the cache's map;
 - a final check decodes a sample of the outputs; a bad output is an error (and is removed, so a rerun redoes it).
+
+``loader.cache`` puts the cache in ``train``'s default path: ``choose_cache`` decides from the key, the loader
+backend and the inputs (``auto``: PNG inputs with ``dali``, or with ``dali-cpu`` when the cache shrinks them and
+the run has 2 epochs or more; never ``pil``), ``ensure_cache`` builds or reuses it (one space check for all
+the manifests first) in ``<data.artifacts>/jpeg640`` with each source folder's manifests under
+``manifests/<folder>-<hash>/``.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -41,7 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -64,6 +71,7 @@ def skipped_csv(cache_dir: str | Path, manifest_path: str | Path) -> Path:
     """Where ``prepare`` lists the unreadable sources of one source manifest."""
     return Path(cache_dir) / f"{Path(manifest_path).stem}{SKIPPED_SUFFIX}"
 STAMP_JSON = "prepare_options.json"
+Progress = Callable[[int, int], None]   # progress(done, total) of one manifest's sources
 LOCK_FILE = ".prepare.lock"
 _COMMENT_TAG = "pillsnap_dali.prepare"
 SUBSAMPLING = {"444": 0, "420": 2}   # PIL's JPEG subsampling codes
@@ -440,13 +448,16 @@ def _run_pool(pairs: list[tuple[str, str]], enc: _Encode, workers: int) -> Itera
 
 
 def _transcode_all(pairs: list[tuple[str, str]], enc: _Encode, opts: PrepareOptions, cache_dir: Path,
-                   report: PrepareReport) -> dict[str, _Outcome]:
-    """Run every (source, cache file) pair; stop early if free space falls under the margin."""
+                   report: PrepareReport, progress: Optional[Progress] = None) -> dict[str, _Outcome]:
+    """Run every (source, cache file) pair; stop early if free space falls under the margin. ``progress(done,
+    total)`` is called after each chunk (the train command's progress bar)."""
     outcomes: dict[str, _Outcome] = {}
     t0, last_log = time.monotonic(), time.monotonic()
     for chunk in _run_pool(pairs, enc, opts.workers):
         for o in chunk:
             outcomes[o.src] = o
+        if progress is not None:
+            progress(len(outcomes), len(pairs))
         if _free_bytes(cache_dir) < opts.margin_gb * GB:
             report.stopped = f"free space fell under the margin of {opts.margin_gb} GB"
             _logger.error("stopping: %s; the rows done so far are kept", report.stopped)
@@ -569,12 +580,16 @@ def _select(pairs: list[tuple[str, str]], limit: Optional[int]) -> tuple[list, l
     return [p for p in pairs if p[0] not in later], todo
 
 
-def prepare_cache(manifest_path: str | Path, cache_dir: str | Path, opts: PrepareOptions) -> PrepareReport:
-    """Build (or resume) the JPEG cache of a manifest; see the module docstring. Returns what it did."""
+def prepare_cache(manifest_path: str | Path, cache_dir: str | Path, opts: PrepareOptions,
+                  manifest_dir: str | Path | None = None, progress: Optional[Progress] = None) -> PrepareReport:
+    """Build (or resume) the JPEG cache of a manifest; see the module docstring. Returns what it did.
+
+    ``manifest_dir`` (default: ``cache_dir``) receives the cached manifest, its class map and skipped list:
+    ``ensure_cache`` gives each source folder its own, so stages with different class maps share the JPEGs."""
     opts.validate()
     t0 = time.monotonic()
     manifest_path, cache_dir = Path(manifest_path).absolute(), Path(cache_dir).absolute()
-    manifest_out = cache_dir / f"{manifest_path.stem}.csv"
+    manifest_out = Path(manifest_dir or cache_dir).absolute() / f"{manifest_path.stem}.csv"
     if manifest_out == manifest_path:
         raise PrepareError(f"the cached manifest would overwrite its source {manifest_path}: use another --cache-dir")
     m = read_manifest(manifest_path)
@@ -582,7 +597,7 @@ def prepare_cache(manifest_path: str | Path, cache_dir: str | Path, opts: Prepar
     report = PrepareReport(rows_in=len(m), dry_run=opts.dry_run)
     _check_stamp(cache_dir, enc, write=False)
     check_writable(cache_dir)
-    class_map = _class_map_to_write(manifest_path, m, cache_dir)  # a mismatch stops us before any work
+    class_map = _class_map_to_write(manifest_path, m, manifest_out.parent)  # a mismatch stops us before any work
     pairs = _pending_pairs(m, cache_dir)
     run_pairs, todo = _select(pairs, opts.limit)
     est = _Estimate(0, 0, 0, 0.0)
@@ -595,10 +610,11 @@ def prepare_cache(manifest_path: str | Path, cache_dir: str | Path, opts: Prepar
     report.free_bytes = check_space(cache_dir, report.estimate_bytes, opts.margin_gb)
     if not opts.dry_run:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        manifest_out.parent.mkdir(parents=True, exist_ok=True)
         with _locked(cache_dir):
             report.tmp_removed = _remove_tmp(cache_dir)
             _check_stamp(cache_dir, enc, write=True)
-            outcomes = _transcode_all(run_pairs, enc, opts, cache_dir, report)
+            outcomes = _transcode_all(run_pairs, enc, opts, cache_dir, report, progress)
             _finish(m, outcomes, manifest_path, manifest_out, report, class_map)
             verify_sample(outcomes.values(), opts.sample, opts.seed)
         if opts.limit is not None and report.remaining and not report.stopped:
@@ -629,4 +645,163 @@ def _finish(m: Manifest, outcomes: dict[str, _Outcome], manifest_path: Path, man
         _logger.warning("%d of %d rows are not in the cache yet: rerun to resume", report.remaining, report.rows_in)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------- train's cache
+AUTO, OFF = "auto", "off"   # loader.cache; anything else is a folder
+MANIFESTS = "manifests"     # <cache>/manifests/<source folder name>-<hash>/: ensure_cache's cached manifests
+_SIZE_SAMPLE = 8            # source headers read to tell whether the cache would shrink the images
+CacheProgress = Callable[[str, int, int], None]   # (source manifest name, sources done, sources in it)
+
+
+@dataclass(frozen=True)
+class CacheChoice:
+    """What ``loader.cache`` means for one run: the cache folder (None: the files as listed) and why."""
+    cache_dir: Optional[Path]
+    reason: str
+
+
+def auto_cache_dir(cfg) -> Path:
+    """``<data.artifacts>/jpeg640``: one cache per data root and encoding (``_q<quality>``/``_420`` are added when
+    ``prepare`` differs from its defaults, since a cache never mixes encodings), shared by every stage: a JPEG
+    is keyed by its source's path, so rows that two stages share are transcoded once."""
+    p = cfg.prepare
+    name = f"jpeg{p.max_side or 'full'}" + (f"_q{p.quality}" if p.quality != 95 else "")
+    return Path(cfg.data.artifacts) / (name + (f"_{p.subsampling}" if p.subsampling != "444" else ""))
+
+
+def cache_of(manifest_path: str | Path | None) -> Optional[Path]:
+    """The cache folder a cached manifest belongs to (``prepare``'s: its own folder; ``ensure_cache``'s: two
+    above), else None."""
+    if not manifest_path:
+        return None
+    folder = Path(manifest_path).absolute().parent
+    return next((d for d in (folder, folder.parent.parent) if (d / STAMP_JSON).is_file()), None)
+
+
+def describe_input(manifest_path: str | Path | None) -> str:
+    """The report's line on what was trained on: the JPEG cache (its folder) or the files as listed."""
+    cache = cache_of(manifest_path)
+    if cache is None:
+        return f"the image files as listed in {manifest_path} (no JPEG cache)"
+    stamp = json.loads((cache / STAMP_JSON).read_text(encoding="utf-8"))
+    return (f"JPEG cache {cache} (long side {stamp.get('max_side') or 'as the source'} px, quality "
+            f"{stamp.get('quality')}, {stamp.get('subsampling')}) via {manifest_path}")
+
+
+def _larger_than(m: Manifest, max_side: Optional[int], seed: int = 0) -> bool:
+    """Whether a seeded sample of the sources' headers has a long side above ``max_side`` (the cache resizes)."""
+    if max_side is None:
+        return False
+    for src in random.Random(seed).sample(m.paths, min(_SIZE_SAMPLE, len(m.paths))):
+        try:
+            with Image.open(src) as im:
+                if max(im.size) > max_side:
+                    return True
+        except Exception:  # noqa: BLE001 -- an unreadable file (a bomb too) is the loaders' or prepare's to report
+            continue
+    return False
+
+
+def choose_cache(cfg, backend: str, m: Manifest) -> CacheChoice:
+    """``loader.cache`` for a training manifest and the resolved loader backend. ``auto``: the GPU decoder
+    (``dali``) reads JPEG only, so PNG inputs are always cached; on ``dali-cpu`` the cache pays when it shrinks
+    the images (sources above ``prepare.max_side``: 4.49x the PNG throughput at 976x1280) and the run has
+    epochs enough to win back the transcoding (36 ms of CPU per image once, against 23.6 -> 4.9 ms per image and
+    epoch in the loader: about two epochs); ``pil`` never (the fallback and
+    reference path, trained on the files as listed). ``off``: never; a folder: that cache, any backend."""
+    mode = cfg.loader.cache
+    if mode == OFF:
+        return CacheChoice(None, "loader.cache is off")
+    if cache_of(m.path) is not None:
+        return CacheChoice(None, f"{m.path} is a JPEG cache's manifest already")
+    if mode != AUTO:
+        return CacheChoice(Path(mode).expanduser(), "loader.cache names it")
+    if not any(p.lower().endswith(".png") for p in m.paths):
+        return CacheChoice(None, "no PNG input")
+    if backend == "pil":
+        return CacheChoice(None, "loader.cache auto does not cache for the pil backend")
+    if backend == "dali-cpu" and cfg.train.epochs < 2:
+        return CacheChoice(None, "a run of under 2 epochs would not win back the transcoding on the CPU")
+    if backend == "dali-cpu" and not _larger_than(m, cfg.prepare.max_side, cfg.train.seed):
+        return CacheChoice(None, f"the PNGs are not larger than prepare.max_side ({cfg.prepare.max_side} px): "
+                                 "re-encoding them at their size gains little on the CPU")
+    return CacheChoice(auto_cache_dir(cfg), f"loader.cache auto: PNG inputs, backend {backend}")
+
+
+def cached_manifest_dir(cache_dir: Path, manifest_path: Path) -> Path:
+    """``<cache>/manifests/<folder name>-<sha1[:8] of the folder>``: the cached manifests of one source folder
+    (its class map beside them), so stages with different class maps share one cache's JPEGs."""
+    folder = manifest_path.absolute().parent
+    digest = hashlib.sha1(str(folder).encode("utf-8")).hexdigest()[:8]
+    return cache_dir / MANIFESTS / f"{folder.name}-{digest}"
+
+
+def _check_total_space(paths: list[Path], cache_dir: Path, opts: PrepareOptions) -> int:
+    """One estimate and one space check for every manifest's sources not yet in the cache, before any work."""
+    todo = {}
+    for path in paths:
+        for src in read_manifest(path).paths:
+            dst = cache_path_for(src, cache_dir)
+            if src not in todo and not dst.exists():
+                todo[src] = dst
+    if not todo:
+        return 0
+    enc = _Encode(opts.quality, opts.max_side, opts.subsampling, opts.max_pixels)
+    est = estimate_cache_bytes(sorted(todo), enc, opts.sample, opts.seed)
+    _logger.info("JPEG cache %s: %d sources to transcode, about %.1f MB", cache_dir, len(todo), est.cache_bytes / 1e6)
+    try:
+        check_space(cache_dir, est.cache_bytes, opts.margin_gb)
+    except InsufficientSpaceError as e:
+        raise InsufficientSpaceError(f"{e} (or train on the files as listed: --set loader.cache=off)") from None
+    return est.cache_bytes
+
+
+def _accept(report: PrepareReport, path: Path, max_skipped: float) -> None:
+    """A cache that is not complete, or that left out more of a split than the loaders may skip, is an error."""
+    if report.remaining:
+        raise PrepareError(f"the JPEG cache of {path} is incomplete: {report.remaining} of {report.rows_in} rows "
+                           f"not cached ({report.stopped}); free some space and rerun (it resumes), or "
+                           "--set loader.cache=off")
+    share = report.skipped / max(1, report.rows_in)
+    if share > max_skipped:
+        raise PrepareError(f"{report.skipped} of {report.rows_in} sources of {path} cannot be read (listed in "
+                           f"{report.skipped_csv}), more than train.max_skipped ({max_skipped:.0%})")
+    if report.skipped:
+        _logger.warning("%d unreadable source(s) of %s are left out of the cache: listed in %s", report.skipped,
+                        path, report.skipped_csv)
+
+
+def ensure_cache(manifests: Sequence[str | Path], cache_dir: str | Path, cfg,
+                 progress: Optional[CacheProgress] = None) -> list[Path]:
+    """The cached manifest of each of ``manifests`` (same order; the training one first, its class map rules),
+    the JPEGs built, resumed or reused first (``prepare_cache``: every cache file already there is checked
+    against its source's size and mtime, an interrupted build resumes). One disk-space check for all of them
+    comes first (``InsufficientSpaceError`` with the size needed); an incomplete cache, or one leaving out more
+    than ``train.max_skipped`` of a split as unreadable, is a ``PrepareError``."""
+    cache_dir = Path(cache_dir).expanduser().absolute()
+    opts = PrepareOptions.from_config(cfg)
+    opts.validate()
+    paths = [Path(p).absolute() for p in manifests]
+    _check_stamp(cache_dir, _Encode(opts.quality, opts.max_side, opts.subsampling, opts.max_pixels), write=False)
+    check_writable(cache_dir)
+    _check_total_space(paths, cache_dir, opts)
+    out = []
+    for n, path in enumerate(paths):
+        folder = cached_manifest_dir(cache_dir, path)
+        if n == 0 and (folder / "class_map.json").exists():
+            (folder / "class_map.json").unlink()  # derived: rewritten from the training manifest's own map
+        bar = None if progress is None else functools.partial(progress, path.name)
+        try:
+            report = prepare_cache(path, cache_dir, opts, manifest_dir=folder, progress=bar)
+        except ClassMapMismatch:
+            if n == 0:
+                raise
+            # a legacy val/test manifest with K-codes the training one lacks (train reports them, as without the
+            # cache): its cached manifest goes to a folder of its own, with its own class map
+            _logger.warning("%s has K-codes that %s lacks: its cached manifest goes to %s", path, paths[0],
+                            folder / path.stem)
+            report = prepare_cache(path, cache_dir, opts, manifest_dir=folder / path.stem, progress=bar)
+        _accept(report, path, cfg.train.max_skipped)
+        _logger.info("JPEG cache of %s: %d rows (%d transcoded, %d reused) in %.1f s -> %s", path.name, report.cached,
+                     report.transcoded, report.reused, report.seconds, report.manifest_out)
+        out.append(Path(report.manifest_out))
+    return out

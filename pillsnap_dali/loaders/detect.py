@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from pipelines import ENCODED, PipelineOptions
-from pipelines.detect import BOXES, DETECT_INPUTS, GEOMETRY, DetectSpec, detect_pipeline
+from pipelines.detect import BOXES, DRAWS, GEOMETRY, DetectSpec, augments, detect_inputs, detect_pipeline
 
 from pillsnap_dali.errors import InputError
 from pillsnap_dali.geometry import PAD_VALUE, cxcywh_to_ltrb, letterbox_geometry
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, read_encoded_upright
+from pillsnap_dali.loaders.augment import draw_detect
 from pillsnap_dali.loaders.common import EpochPlan, RowOrder
 from pillsnap_dali.loaders.runner import DaliRunner, Feed, to_torch
 from pillsnap_dali.skiplog import SkipLog
@@ -104,7 +105,8 @@ class DaliDetectLoader:
             if excluded:
                 _logger.info("%d image(s) skipped in an earlier run are left out", excluded)
         spec = DetectSpec(imgsz=self.imgsz, augment=augment, pad_value=PAD_VALUE)
-        feed = Feed(inputs=tuple(i.name for i in DETECT_INPUTS), read=self._read)
+        feed = Feed(inputs=tuple(i.name for i in detect_inputs(spec)), read=self._read,
+                    extra=self._draws if augments(spec) else None)
         self.runner = DaliRunner(lambda source, o: detect_pipeline(source, spec, o), feed, self.options, self._skip,
                                  readers=readers, what=f"batch size {self.batch_size}, image size {self.imgsz} px")
 
@@ -120,6 +122,15 @@ class DaliDetectLoader:
 
     def __bool__(self) -> bool:  # the validator tests ``self.dataloader or ...``
         return True
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next ``iter()`` is (its order and its draws): the trainer's, so a resumed run's epoch
+        is the interrupted one's (``training.detector`` sets it at each epoch start)."""
+        self._epoch = int(epoch)
+
+    def _draws(self, rows: np.ndarray, samples: list, epoch: int) -> dict:
+        """The batch's augmentation, drawn on the host from (seed, epoch, row) (``augment.draw_detect``)."""
+        return {DRAWS: list(draw_detect(self.augment, self.options.seed, epoch, rows))}
 
     def reset(self) -> None:
         """Ultralytics' DataLoader call: nothing to do (the pipeline lives across epochs)."""

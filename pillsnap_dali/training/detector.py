@@ -19,24 +19,33 @@ skipped with a warning), off on the CPU. ``--device cuda:N``: DALI, torch and th
 Run dir ``<train.out>/detect_<stage>/``: ``weights/{best,last}.pt``, ``metrics.json`` (P, R, mAP50,
 mAP50-95), ``skipped.csv`` (row, path, reason, backend, epoch: the images the DALI loaders could not use, written
 as they are found, not retried by a rerun in the same dir), Ultralytics' ``results.csv``/``args.yaml``.
+
+``--resume [CKPT]`` continues an interrupted run from ``weights/last.pt`` (or CKPT) with Ultralytics' own resume
+(``resume=<last.pt>``: its settings, weights, optimizer, EMA and epoch; ``results.csv`` is appended to). The
+checkpoint is scanned and checked first (``resume_state``): a missing file or a finished run's is one line.
+The DALI trainer sets its training loader's epoch from the trainer's at each epoch start, and the detection
+graph's flips and HSV factors are drawn on the host from (seed, epoch, image row)
+(``loaders.augment.draw_detect``), so a resumed epoch gets the order and draws of the interrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.device import DeviceMismatch, DevicePlan, native_bf16, select_device
-from pillsnap_dali.errors import PillsnapError, os_error_line
+from pillsnap_dali.errors import PillsnapError, one_line, os_error_line
 from pillsnap_dali.imageio import DEFAULT_MAX_PIXELS
 from pillsnap_dali.skiplog import SkipLog
-from pillsnap_dali.weights import load_yolo, ultralytics_offline
+from pillsnap_dali.weights import check_detector_weights, load_yolo, ultralytics_offline
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +67,14 @@ def check_same_gpu(model_device, options) -> None:
                              "remap CUDA_VISIBLE_DEVICES)")
 
 
+def _sync_loader_epoch(trainer) -> None:
+    """Ultralytics' epoch start: our training loader's epoch (its order and draws) is the trainer's, also on a
+    resumed run, which starts at the checkpoint's next epoch."""
+    loader = getattr(trainer, "train_loader", None)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(trainer.epoch)
+
+
 @functools.cache
 def dali_trainer_class():
     """``DetectionTrainer`` subclass whose loaders are DALI graphs (built lazily: imports Ultralytics)."""
@@ -76,6 +93,7 @@ def dali_trainer_class():
             self.skip_log, self.readers, self.max_pixels = skip_log, readers, max_pixels
             self.dali_loaders: list = []
             super().__init__(cfg, overrides, _callbacks)
+            self.add_callback("on_train_epoch_start", _sync_loader_epoch)
 
         def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
             from pillsnap_dali.loaders.detect import DaliDetectLoader, read_yolo_split
@@ -115,6 +133,7 @@ class DetectRun:
     max_pixels: int = DEFAULT_MAX_PIXELS
     readers: int = 4
     flipud: float = 0.5  # detect.flipud
+    resume: Optional[Path] = None  # an interrupted run's weights/last.pt: Ultralytics' own resume continues it
 
 
 def resolve_device(device: str, backend: str) -> tuple[DevicePlan, str]:
@@ -215,8 +234,10 @@ def train_detector(run: DetectRun) -> dict:
 
 def _train(run: DetectRun) -> dict:
     plan, backend = resolve_device(run.device, run.backend)
-    model = _load_model(run.model)
+    model = _load_model(str(run.resume) if run.resume else run.model)
     args = _train_args(run, plan.ultralytics)
+    if run.resume:  # Ultralytics' resume: its args, weights, optimizer and epoch come from last.pt
+        args["resume"] = str(run.resume)
     trainer = None
     if backend != "ultralytics":
         from pipelines import PipelineOptions
@@ -233,6 +254,52 @@ def _train(run: DetectRun) -> dict:
     _logger.info("detector: P %.3f R %.3f mAP50 %.3f mAP50-95 %.3f (weights %s)", summary["precision"],
                  summary["recall"], summary["mAP50"], summary["mAP50-95"], summary["weights"])
     return summary
+
+
+class ResumeError(PillsnapError, ValueError):
+    """``detect --resume`` has nothing it can continue: one line naming the checkpoint."""
+
+
+def last_checkpoint(run: DetectRun) -> Path:
+    """``<run dir>/weights/last.pt``, where Ultralytics saves the run after each epoch."""
+    return run.out / "weights" / "last.pt"
+
+
+def resume_state(path: Path) -> dict:
+    """``{"epoch": last finished epoch (0-based), "epochs": the run's, "seed": its seed}`` of an interrupted
+    run's checkpoint, read with the restricted loader after its pickle is scanned (``weights``); a missing
+    file, a finished run (Ultralytics strips the optimizer and sets epoch -1) or a foreign file is a
+    ResumeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResumeError(f"nothing to resume: {path} does not exist (a detector run saves weights/last.pt after "
+                          "its first epoch; start without --resume)")
+    check_detector_weights(path)
+    ultralytics_offline()
+    from ultralytics.nn.tasks import torch_safe_load
+
+    try:
+        ckpt = torch_safe_load(str(path))[0]
+    except Exception as e:  # noqa: BLE001 -- a damaged file: one line
+        raise ResumeError(f"{path}: cannot be read to resume ({type(e).__name__}: {one_line(e)})") from None
+    train_args = ckpt.get("train_args") or {}
+    epoch, epochs = int(ckpt.get("epoch", -1)), int(train_args.get("epochs", 0))
+    if epoch < 0 or ckpt.get("optimizer") is None or epoch + 1 >= epochs:
+        raise ResumeError(f"nothing to resume: {path} is a finished run's checkpoint (epoch {epoch + 1} of "
+                          f"{epochs}); start a new run (or train longer from it with --model {path})")
+    return {"epoch": epoch, "epochs": epochs, "seed": int(train_args.get("seed", 0))}
+
+
+def resumed(run: DetectRun, checkpoint: Optional[Path] = None) -> DetectRun:
+    """``run`` continuing from ``checkpoint`` (default: its own ``weights/last.pt``): checked first
+    (``resume_state``), with the interrupted run's seed and epochs (its DALI draws and order are the ones it
+    had) and its run dir."""
+    path = Path(checkpoint) if checkpoint else last_checkpoint(run)
+    state = resume_state(path)
+    _logger.info("resuming %s: epoch %d of %d done", path, state["epoch"] + 1, state["epochs"])
+    # Ultralytics continues in the checkpoint's own run dir (its saved project/name): our outputs go there too
+    out = path.parent.parent if path.parent.name == "weights" else run.out
+    return dataclasses.replace(run, resume=path, seed=state["seed"], epochs=state["epochs"], out=out)
 
 
 def run_from_config(cfg, data_yaml: Path) -> DetectRun:
