@@ -137,15 +137,15 @@ def _epochs_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench epochs",
                                 description="RSS (and NVML device memory with CUDA) after each of N short epochs "
                                             "of the DALI classification loader: first / last / max and the slope")
-    p.add_argument("--epochs", type=int, default=30, help="epochs (30)")
-    p.add_argument("--images", type=int, default=32, help="generated 244x320 JPEGs per epoch (32)")
-    p.add_argument("--size", type=int, default=64, help="training size in pixels (64)")
-    p.add_argument("--batch", type=int, default=16, help="batch size (16)")
-    p.add_argument("--threads", type=int, default=2, help="DALI CPU threads (2)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs (default: %(default)s)")
+    p.add_argument("--images", type=int, default=32, help="generated 244x320 JPEGs per epoch (default: %(default)s)")
+    p.add_argument("--size", type=int, default=64, help="training size in pixels (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="DALI CPU threads (default: %(default)s)")
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "dali-cpu", "pil"],
-                   help="loader backend (auto: dali with CUDA, else dali-cpu)")
-    p.add_argument("--workdir", default="bench_results/epochs_images", help="where the images are generated")
-    p.add_argument("--json", help="write the result here")
+                   help="loader backend (default: %(default)s: dali with CUDA, else dali-cpu)")
+    p.add_argument("--workdir", default="bench_results/epochs_images", help="where the images are generated (default: %(default)s)")
+    p.add_argument("--json", help="write the result here (default: not written)")
     return p
 
 
@@ -165,10 +165,10 @@ def _ops_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench ops",
                                 description="CPU ms per training sample, op by op on one thread, for each arm "
                                             "of bench decode (where a peer wins, which op)")
-    p.add_argument("source", help="a folder of images or a manifest (e.g. bench_results/images/jpeg_976x1280)")
-    p.add_argument("--limit", type=int, default=16, help="files used (16)")
-    p.add_argument("--size", type=int, default=384, help="training size (384)")
-    p.add_argument("--json", help="write the result here")
+    p.add_argument("source", help="a folder of images or a manifest (required; e.g. bench_results/images/jpeg_976x1280)")
+    p.add_argument("--limit", type=int, default=16, help="files used (default: %(default)s)")
+    p.add_argument("--size", type=int, default=384, help="training size (default: %(default)s)")
+    p.add_argument("--json", help="write the result here (default: not written)")
     return p
 
 
