@@ -50,7 +50,7 @@ def _copy_split(manifests: Path, dst: Path, n: int | None = None) -> Path:
         for i, p in enumerate(m.paths):
             copies.append(str(dst / "img" / f"{split}_{i}{Path(p).suffix}"))
             shutil.copy2(p, copies[-1])
-        write_manifest(dataclasses.replace(m, paths=copies), dst / f"manifest_{split}.csv")
+        write_manifest(m.replace(paths=copies), dst / f"manifest_{split}.csv")
     (dst / "class_map.json").write_bytes((manifests / "class_map.json").read_bytes())
     return dst
 
@@ -63,7 +63,7 @@ def _big_pngs(tmp: Path, m, size=(700, 520)):
         p = tmp / f"big_{i}.png"
         Image.fromarray(np.full((size[1], size[0], 3), 40 + i, np.uint8)).save(p)
         paths.append(str(p))
-    return dataclasses.replace(m, paths=paths)
+    return m.replace(paths=paths)
 
 
 def test_loader_cache_key_takes_auto_off_or_a_folder_and_refuses_other_words(tmp_path):
@@ -88,7 +88,7 @@ def test_auto_caches_png_for_dali_always_for_dali_cpu_when_it_shrinks_and_never_
     assert choose_cache(cfg, "pil", big).cache_dir is None
     one_epoch = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1))
     assert choose_cache(one_epoch, "dali-cpu", big).cache_dir is None
-    jpegs = dataclasses.replace(big, paths=[p.replace(".png", ".jpg") for p in big.paths])
+    jpegs = big.replace(paths=[p.replace(".png", ".jpg") for p in big.paths])
     assert choose_cache(cfg, "dali", jpegs).cache_dir is None
     off = _cfg(**{"loader.cache": "off"})
     assert choose_cache(off, "dali", big).cache_dir is None
@@ -164,7 +164,7 @@ def test_not_enough_space_is_refused_up_front_with_the_figure_and_nothing_writte
     assert not cache.exists()
 
 
-TINY = ["--model", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--epochs", "2",
+TINY = ["--pretrained", "none", "--model", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--epochs", "2",
         "--set", "train.warmup_epochs=0", "--set", "loader.threads=1", "--set", "loader.workers=1",
         "--set", "prepare.free_space_margin_gb=0", "--set", "prepare.workers=1", "--backend", "dali-cpu"]
 

@@ -93,6 +93,16 @@ class Manifest:
         """Row ``i``'s original image: its boxes' pixels refer to it, not to a resized JPEG-cache copy."""
         return self.orig_paths[i] or self.paths[i]
 
+    def replace(self, **columns) -> "Manifest":
+        """A copy with the named columns (or ``path``/``fmt``) replaced, as ``dataclasses.replace`` did when
+        the manifest was a dataclass: ``m.replace(paths=[...])``."""
+        names = ("path", "paths", "codes", "image_types", "sources", "combo_ids", "boxes", "orig_paths", "sizes",
+                 "fmt", "file_rows")
+        unknown = sorted(set(columns) - set(names))
+        if unknown:
+            raise TypeError(f"Manifest has no column {', '.join(unknown)}")
+        return Manifest(**{n: columns[n] if n in columns else getattr(self, n) for n in names})
+
     def subset(self, idx) -> "Manifest":
         idx = list(idx)
         return Manifest(self.path, self.paths.take(idx), self.codes.take(idx), self.image_types.take(idx),
