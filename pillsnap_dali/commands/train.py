@@ -14,9 +14,8 @@ import datetime
 import json
 import logging
 import os
-import shutil
+import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,10 +23,11 @@ import torch.distributed as dist
 
 from pillsnap_dali.commands.common import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_main
 from pillsnap_dali.commands.common import setup_logging as cli_logging
+from pillsnap_dali import rundir
 from pillsnap_dali.config import STAGES, Config, ConfigError, dump_config, stage_name
 from pillsnap_dali.data.checks import check_manifests
 from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest
-from pillsnap_dali.training import pretrained, resume
+from pillsnap_dali.training import pretrained, resume, stop
 from pillsnap_dali.training.checkpoint import remove_orphan_temps
 from pillsnap_dali.training.engine import RunSpec, TrainData, Trainer, TrainingError
 from pillsnap_dali.training.report import write_report
@@ -194,19 +194,20 @@ def run_dir_path(cfg: Config) -> Path:
     return Path(cfg.train.out) / (cfg.train.name or stage_name(cfg.stage))
 
 
-def start_run_dir(run_dir: Path, continuing: bool) -> bool:
-    """Make the run dir ready once every input was checked: an earlier run in it is moved aside (a new run
-    there), temp files of a write killed midway are removed (a continued one). True when the dir is new."""
-    if not continuing and (run_dir / "checkpoints").exists():
-        old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(run_dir.stat().st_mtime))}")
-        shutil.move(str(run_dir), old)
-        _logger.info("an earlier run was in %s: moved to %s (use --resume %s to continue it)", run_dir, old,
-                     old / "checkpoints" / "last.pt")
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+def start_run_dir(run_dir: Path, continuing: bool) -> rundir.RunDir:
+    """Make the run dir this run's once every input was checked (``rundir.take``: refused when another live run
+    holds it or it is not a run of ours; an earlier run in it is moved aside unless ``continuing``); temp files
+    of a write killed midway are removed."""
+    owned = rundir.take(run_dir, continuing)
     if (run_dir / "checkpoints").is_dir():
         remove_orphan_temps(run_dir / "checkpoints")
-    return created
+    return owned
+
+
+def _exit_on_signal(signum, _frame):
+    """SIGTERM outside the training loop (setup, the test split, the report): leave through ``finally`` (the
+    lock released, a half-made run dir removed) with 128 + the signal."""
+    raise SystemExit(128 + signum)
 
 
 def setup_logging(run_dir: Path | None, rank: int) -> None:
@@ -249,26 +250,54 @@ def run(args: argparse.Namespace) -> dict:
     # resuming another run's checkpoint into this run dir starts a new run there: an earlier run in it is moved
     # aside as for any new run (its metrics.jsonl must not mix with this one's)
     continuing = resume_path is not None and resume_path.resolve().is_relative_to(run_dir.resolve())
-    created = False
-    if rank == 0 and not args.dry_run:  # the run really starts: only now is anything moved or written
-        created = start_run_dir(run_dir, continuing)
-        setup_logging(run_dir, rank)
-        write_run_inputs(run_dir, cfg, data, quarantine)
+    owned = None
+    old_term = signal.signal(signal.SIGTERM, _exit_on_signal) if rank == 0 else None
+    try:
+        if rank == 0 and not args.dry_run:  # the run really starts: only now is anything moved or written
+            owned = start_run_dir(run_dir, continuing)
+            unhook = stop.at_forced_exit(owned.close)
+            setup_logging(run_dir, rank)
+            write_run_inputs(run_dir, cfg, data, quarantine)
+        summary = _train(args, cfg, data, checks, (rank, world, device), run_dir, resume_path, resume_state, owned)
+    except BaseException:
+        if owned is not None and owned.lock is not None and not owned.started:  # failed or stopped before the
+            # training loop: no half-made run dir (a failure in the loop keeps its last.pt, skipped.csv, log)
+            setup_logging(None, rank)
+            owned.abandon()
+        raise
+    finally:
+        if owned is not None:
+            owned.close()
+            unhook()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    if world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def _train(args, cfg: Config, data, checks, where: tuple, run_dir: Path, resume_path, resume_state,
+           owned: rundir.RunDir | None) -> dict:
+    rank, world, device = where
     if world > 1:
         dist.barrier()  # the other ranks open their skip logs in the run dir once rank 0 has prepared it
     spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,
                    dry_run=args.dry_run, resume=resume_path, resume_state=resume_state)
-    try:
-        trainer = Trainer(spec)
-    except BaseException:
-        if created:  # a failed start leaves no run dir behind
-            setup_logging(None, rank)
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    trainer = Trainer(spec)
     del resume_state  # restored: the loaded checkpoint is not kept through the training
     _logger.info("model %s, %d classes, %d px (%s), backend %s, device %s, %d rank(s)", cfg.model.name,
                  len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, device, world)
+    first_step = trainer.run.step
+    if owned is not None:
+        owned.started = True
     summary = trainer.fit()
+    if owned is not None and summary["interrupted"] and trainer.run.step == first_step and owned.created:
+        setup_logging(None, rank)
+        owned.abandon()  # stopped before its first step: nothing learnt, no half-made run dir left
+        summary.update(reason=f"interrupted by {summary['interrupted']} before the first step: nothing trained, "
+                              f"{run_dir} not kept", report=None, best_checkpoint=None)
+        summary["run_dir"] = None
+        return summary
     if rank == 0 and not args.dry_run:
         if not summary["interrupted"]:  # the deployed weights on the test split (evaluate.after_training)
             summary["test"] = after_training(run_dir, data.train.path, cfg, device)
@@ -278,8 +307,6 @@ def run(args: argparse.Namespace) -> dict:
                   "manifest checks": "; ".join(f"{f.level} {f.check}: {f.message}" for f in checks.findings) or "passed"}
         summary["report"] = str(write_report(run_dir, summary, header, examples=data.val))
     summary["run_dir"] = None if args.dry_run else str(run_dir)
-    if world > 1:
-        dist.destroy_process_group()
     return summary
 
 

@@ -30,6 +30,7 @@ from pillsnap_dali.atomic import atomic_open, pid_alive
 from pillsnap_dali.config import PreprocessConfig
 from pillsnap_dali.errors import one_line
 from pillsnap_dali.errors import PillsnapError
+from pillsnap_dali.training import stop
 
 _logger = logging.getLogger(__name__)
 FORMAT = "pillsnap_dali/1"
@@ -59,6 +60,7 @@ class _WriteErrors:
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves half a file, and
     the file there before stays whole. A full or read-only disk raises ``OSError`` naming ``path``."""
+    stop.saving.set()  # a forced stop's watchdog waits for this write
     try:
         with atomic_open(path, "wb") as fh:
             out = _WriteErrors(fh)
@@ -70,6 +72,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
                 raise out.error from None
     except OSError as e:
         raise OSError(e.errno, f"cannot write the checkpoint ({e.strerror or e})", str(path)) from None
+    finally:
+        stop.saving.clear()
 
 
 def remove_orphan_temps(folder: str | Path) -> list[Path]:

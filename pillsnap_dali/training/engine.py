@@ -42,6 +42,7 @@ from pillsnap_dali.training import checkpoint as ckpt
 from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
 from pillsnap_dali.training import pretrained
 from pillsnap_dali.training.model import build_model
+from pillsnap_dali.training.stop import StopFlag, StopNow
 from pillsnap_dali.training.tb import TBWriter
 from pillsnap_dali.training.resume import (RunState, non_finite_tensors, planned_steps, restore_tensors,
                                            resumed_state, rng_state, save_rank_position, step_seed)
@@ -176,28 +177,6 @@ class Optim:
     grad_clip: float = 0.0
 
 
-class StopFlag:
-    """SIGINT/SIGTERM: finish the current step, save last.pt, leave cleanly."""
-
-    def __init__(self, signals):
-        self.reason: str | None = None
-        self.signum: int | None = None
-        self._old = {}
-        for s in signals:
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (tests): signals stay as they are
-                pass
-
-    def _handle(self, signum, frame):
-        self.reason, self.signum = signal.Signals(signum).name, int(signum)
-        _logger.warning("%s received: finishing this step, then saving last.pt", self.reason)
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
 @dataclass
 class EpochControl:
     """How ``train_one_epoch`` runs, besides what it trains: the run's length (for ``epoch 8/24`` and the
@@ -310,7 +289,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optim: Optim, loader
     dev_step, first_bad = (torch.full((), v, device=device, dtype=torch.int64) for v in (step, -1))
     data_t = compute_t = 0.0
     bar, steps = Progress(epoch, control, len(loader)), 0
-    with _join(model):
+    with _join(model), contextlib.suppress(StopNow):  # a forced stop while waiting for data: a step boundary
         t0 = time.perf_counter()
         for i, batch in enumerate(loader):
             t1 = time.perf_counter()
@@ -515,7 +494,12 @@ class Trainer:
                               f"interrupted by {stop.reason} (last.pt saved; --resume goes on with epoch {epoch} "
                               f"at row {self.train_loader.position})")
                     break
-                row = self._evaluate_epoch(epoch, tr)
+                try:
+                    row = self._evaluate_epoch(epoch, tr)
+                except StopNow:  # forced while validation waited for data: the epoch is trained, not evaluated
+                    self._save_interrupted(epoch)
+                    reason = f"interrupted by {stop.reason} (last.pt saved; --resume evaluates epoch {epoch})"
+                    break
                 improved = row["selected_top1"] > run.best_top1  # of the weights this epoch's checkpoint deploys
                 run.best_top1 = max(run.best_top1, row["selected_top1"])
                 row["best"] = improved
