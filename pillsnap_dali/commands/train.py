@@ -13,9 +13,11 @@ import csv
 import datetime
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from pillsnap_dali.config import STAGES, Config, ConfigError, dump_config, stage
 from pillsnap_dali.data.checks import check_manifests
 from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest
 from pillsnap_dali.training import pretrained, resume, stop
-from pillsnap_dali.training.checkpoint import remove_orphan_temps
+from pillsnap_dali.training.checkpoint import remove_orphan_temps, restore_best
 from pillsnap_dali.training.engine import RunSpec, TrainData, Trainer, TrainingError
 from pillsnap_dali.training.report import write_report
 from pillsnap_dali.data.build import ensure_manifests
@@ -256,6 +258,8 @@ def run(args: argparse.Namespace) -> dict:
         if rank == 0 and not args.dry_run:  # the run really starts: only now is anything moved or written
             owned = start_run_dir(run_dir, continuing)
             unhook = stop.at_forced_exit(owned.close)
+            if continuing:  # a stop between the last.pt and best.pt writes: best.pt made to agree
+                restore_best(run_dir / "checkpoints")
             setup_logging(run_dir, rank)
             write_run_inputs(run_dir, cfg, data, quarantine)
         summary = _train(args, cfg, data, checks, (rank, world, device), run_dir, resume_path, resume_state, owned)
@@ -330,14 +334,36 @@ def _main(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best_top1"]
         print(f"{summary['reason']}; best val top-1 {best:.4f}" if best >= 0 else summary["reason"])
-        if summary.get("test"):
+        if (summary.get("test") or {}).get("not_evaluated"):
+            print(f"test split: not evaluated ({summary['test']['not_evaluated']})")
+        elif summary.get("test"):
             t = summary["test"]
             met = "" if t["targets_met"] is None else "; stage targets " + ("met" if t["targets_met"] else "NOT met")
             print(f"test split: top-1 {t['top1']:.4f}, top-5 {t['top5']:.4f}, macro F1 {t['macro_f1']:.4f}{met}")
         if summary.get("report"):
             print(f"report: {summary['report']}")
     # interrupted: 128 + the signal, as a shell reports a process the signal ended (130 SIGINT, 143 SIGTERM)
-    return 128 + summary["signal"] if summary.get("signal") else 0
+    if summary.get("signal"):
+        _leave_stuck_readers(128 + summary["signal"])
+        return 128 + summary["signal"]
+    return 0
+
+
+def _leave_stuck_readers(code: int, wait_s: float = 5.0) -> None:
+    """After a stop: loader workers still alive are killed, and if a reader thread is still stuck in a read
+    (the interpreter's exit would wait for it for ever), the process ends here with ``code``."""
+    for child in multiprocessing.active_children():
+        child.join(wait_s)
+        if child.is_alive():
+            child.kill()
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for t in stuck:
+        t.join(wait_s)
+    if any(t.is_alive() for t in stuck):
+        _logger.warning("a reader thread is still blocked in a read: exiting without waiting for it")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def main(argv=None) -> int:

@@ -460,13 +460,9 @@ class Trainer:
         if not (self.spec.out_dir and self.spec.is_main):
             return
         d = self.spec.out_dir / "checkpoints"
-        state = self.checkpoint(epoch, complete)
-        ckpt.save_checkpoint(d / "last.pt", state)
         every = self.cfg.train.save_every
-        if complete and every and (epoch + 1) % every == 0:
-            ckpt.save_checkpoint(d / f"epoch_{epoch + 1:04d}.pt", state)
-        if best:
-            ckpt.save_checkpoint(d / "best.pt", state)
+        extra = (d / f"epoch_{epoch + 1:04d}.pt",) if complete and every and (epoch + 1) % every == 0 else ()
+        ckpt.save_pair(d, self.checkpoint(epoch, complete), best=best, extra=extra)  # last.pt first: ckpt docs
 
     def _save_interrupted(self, epoch: int) -> None:
         self.run.interruptions += 1
@@ -481,8 +477,9 @@ class Trainer:
         cfg, spec, run = self.cfg, self.spec, self.run
         stop = StopFlag(spec.stop_signals)
         reason = "epochs done"
+        ended = self._ended_before()  # stopped by its target at a save a kill cut short: no extra epoch
         try:
-            for epoch in range(run.epoch, cfg.train.epochs):
+            for epoch in range(run.epoch, cfg.train.epochs if ended is None else run.epoch):
                 try:
                     tr = self._train_epoch(epoch, stop)
                 except (DeviceMemoryError, PipelineFailure):  # not the data's fault: last.pt, then the clear error
@@ -510,7 +507,7 @@ class Trainer:
                 reason = self._stop_reason(epoch, row["selected_top1"])
                 if reason:
                     break
-            reason = reason or "epochs done"
+            reason = ended or reason or "epochs done"
         finally:
             stop.restore()
             self.tb.close()
@@ -518,6 +515,17 @@ class Trainer:
             self.val_loader.close()
         _logger.info("training finished: %s", reason)
         return self._summary(reason, stop)
+
+    def _ended_before(self) -> str | None:
+        """A resumed run whose last complete epoch already met a stop condition (target accuracy, patience):
+        the reason, so that no epoch is trained after it; None otherwise."""
+        h = self.run.history
+        if self.spec.dry_run or not h or self.run.position or h[-1]["epoch"] != self.run.epoch - 1:
+            return None
+        reason = self._stop_reason(h[-1]["epoch"], h[-1]["selected_top1"])
+        if reason:
+            _logger.info("the run had already stopped (%s): nothing more to train", reason)
+        return reason
 
     def _stop_reason(self, epoch: int, score: float) -> str | None:
         cfg = self.cfg
