@@ -279,16 +279,15 @@ def test_a_folder_that_is_not_a_run_is_never_written_into(manifests, tmp_path, c
     assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
 
 
-def test_a_stale_lock_is_taken_over_and_released(manifests, tmp_path, caplog):
+def test_a_stale_lock_is_taken_over_and_released(manifests, tmp_path, capsys):
     run_dir = tmp_path / "runs" / "stale"
     run_dir.mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (run_dir / rundir.LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
                                                         "started": "earlier"}))
-    with caplog.at_level(logging.WARNING, logger="pillsnap_dali.rundir"):
-        assert train.main(_args(manifests, tmp_path / "runs", "--epochs", "1", "--name", "stale")) == 0
-    assert f"taking over the lock of a run that is gone (pid {dead.pid}" in caplog.text
+    assert train.main(_args(manifests, tmp_path / "runs", "--epochs", "1", "--name", "stale")) == 0
+    assert f"taking over the lock of a run that is gone (pid {dead.pid}" in capsys.readouterr().err
     assert not (run_dir / rundir.LOCK_NAME).exists() and (run_dir / "checkpoints" / "last.pt").exists()
 
 

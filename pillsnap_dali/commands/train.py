@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -206,6 +207,23 @@ def start_run_dir(run_dir: Path, continuing: bool) -> rundir.RunDir:
     return owned
 
 
+def complete_metrics(run_dir: Path, history: list) -> None:
+    """Append to ``metrics.jsonl`` the epochs of the resumed checkpoint's history it lacks (a stop between the
+    checkpoint and the log line): the file lists every epoch the run keeps."""
+    path = run_dir / "metrics.jsonl"
+    seen = set()
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                seen.add(json.loads(line)["epoch"])
+    missing = [h for h in history if h["epoch"] not in seen]
+    if missing:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(h) + "\n" for h in missing)
+        _logger.info("metrics.jsonl: %d epoch row(s) of the checkpoint added (a stop before they were logged)",
+                     len(missing))
+
+
 def _exit_on_signal(signum, _frame):
     """SIGTERM outside the training loop (setup, the test split, the report): leave through ``finally`` (the
     lock released, a half-made run dir removed) with 128 + the signal."""
@@ -258,8 +276,9 @@ def run(args: argparse.Namespace) -> dict:
         if rank == 0 and not args.dry_run:  # the run really starts: only now is anything moved or written
             owned = start_run_dir(run_dir, continuing)
             unhook = stop.at_forced_exit(owned.close)
-            if continuing:  # a stop between the last.pt and best.pt writes: best.pt made to agree
+            if continuing:  # a stop between the last.pt and best.pt writes (or the log line): made to agree
                 restore_best(run_dir / "checkpoints")
+                complete_metrics(run_dir, resume_state["history"])
             setup_logging(run_dir, rank)
             write_run_inputs(run_dir, cfg, data, quarantine)
         summary = _train(args, cfg, data, checks, (rank, world, device), run_dir, resume_path, resume_state, owned)
