@@ -14,7 +14,6 @@ import csv
 import datetime
 import json
 import logging
-import multiprocessing
 import os
 import signal
 import sys
@@ -369,20 +368,27 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _leave_stuck_readers(code: int, wait_s: float = 5.0) -> None:
-    """After a stop: loader workers still alive are killed, and if a reader thread is still stuck in a read
-    (the interpreter's exit would wait for it for ever), the process ends here with ``code``."""
-    for child in multiprocessing.active_children():
-        child.join(wait_s)
-        if child.is_alive():
-            child.kill()
-    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    """After a stop: if one of the loaders' reader threads (``pillsnap-read*``) is still inside a read, the
+    interpreter's exit would wait for it for ever: the process ends here with ``code`` instead. Idle reader
+    threads are left alone. (Loader worker processes end on the DataLoader's own SIGTERM, or with the process.)"""
+    stuck = [t for t in threading.enumerate() if t.name.startswith("pillsnap-read") and _reading(t)]
     for t in stuck:
         t.join(wait_s)
-    if any(t.is_alive() for t in stuck):
+    if any(t.is_alive() and _reading(t) for t in stuck):
         _logger.warning("a reader thread is still blocked in a read: exiting without waiting for it")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _reading(thread: threading.Thread) -> bool:
+    """Whether ``thread`` runs the project's code now (a read), not waiting idle for work."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if f"{os.sep}pillsnap_dali{os.sep}" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def main(argv=None) -> int:

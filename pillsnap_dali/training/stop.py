@@ -29,6 +29,7 @@ DEFAULT_GRACE_S = 30.0
 GRACE_ENV = "PILLSNAP_STOP_GRACE_S"
 _LOOPS = ("train_one_epoch", "evaluate")   # the engine's loops over a loader
 _DATA_CODE = (os.sep + "loaders" + os.sep, os.sep.join(("torch", "utils", "data", "")))
+_NEVER_CUT = ("skiplog.py", "atomic.py", "checkpoint.py")
 _forced_exit_hooks: list[Callable[[], None]] = []
 saving = threading.Event()  # set while a checkpoint is being written (training.checkpoint.save_checkpoint)
 
@@ -58,6 +59,8 @@ def waiting_for_data(frame) -> bool:
     callee = None
     while frame is not None:
         code = frame.f_code
+        if code.co_filename.endswith(_NEVER_CUT):  # a skip log line or an atomic write in progress
+            return False
         if code.co_name in _LOOPS and code.co_filename.endswith(os.path.join("training", "engine.py")):
             return callee is not None and any(d in callee.f_code.co_filename for d in _DATA_CODE)
         callee, frame = frame, frame.f_back
