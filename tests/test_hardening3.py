@@ -164,7 +164,7 @@ def test_manifest_legacy_and_verification_quarantine_special_files_by_kind(tmp_p
 
 # ------------------------------------------------------------------------------------ a read that stalls
 _STALL = r"""
-import logging, os, sys, threading
+import logging, os, signal, sys, threading
 from pillsnap_dali import imageio
 from pillsnap_dali.loaders import pil_loader
 from pillsnap_dali.commands import train
@@ -175,6 +175,8 @@ never = threading.Event()
 def stalling(read):
     def wrapped(*a, **k):
         if os.path.exists(go):  # the run has trained a step: from now on every read hangs
+            if os.environ.get("STALL_UNINTERRUPTIBLE"):  # no Python handler can run in this thread any more
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             open(marker, "a").close()
             never.wait()
         return read(*a, **k)
@@ -193,13 +195,16 @@ sys.exit(train.main(sys.argv[3:]))
 """
 
 
-def _stalled_run(tmp_path: Path, manifests: Path, name: str, backend: str, grace: float = 600):
+def _stalled_run(tmp_path: Path, manifests: Path, name: str, backend: str, grace: float = 600, *extra,
+                 uninterruptible: bool = False):
     """A training subprocess (its own process group) whose reads hang after its first step; returns it once a
     read hangs."""
     go, marker = tmp_path / f"{name}.go", tmp_path / f"{name}.stalled"
     argv = ["--manifest", str(manifests / "manifest_train.csv"), "--out", str(tmp_path / "runs"), *TINY,
-            "--epochs", "3", "--backend", backend, "--name", name]
+            "--epochs", "3", "--backend", backend, "--name", name, *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PILLSNAP_STOP_GRACE_S": str(grace)}
+    if uninterruptible:
+        env["STALL_UNINTERRUPTIBLE"] = "1"
     proc = subprocess.Popen([sys.executable, "-c", _STALL, str(go), str(marker), *argv], stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
     while not marker.exists():
@@ -243,6 +248,19 @@ def test_a_single_sigint_ends_a_hung_run_through_the_watchdog(manifests, tmp_pat
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     assert "stopping now, saving last.pt" in err and "Traceback" not in err
     assert load_checkpoint(tmp_path / "runs" / "watch" / "checkpoints" / "last.pt")["step"] >= 1
+
+
+@pytest.mark.timeout(400)
+def test_a_read_no_signal_interrupts_ends_by_the_watchdog_with_the_lock_released(manifests, tmp_path):
+    """The main thread itself reads (no reader threads) and its wait holds signals off, as a wait in C code
+    that retries on EINTR does: no Python handler can ever run, yet the watchdog starts (the wakeup fd) and ends
+    the process, its lock released."""
+    proc = _stalled_run(tmp_path, manifests, "d", "dali-cpu", 1, "--set", "loader.readers=0", uninterruptible=True)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "did not end" in err and "exiting now" in err
+    assert not (tmp_path / "runs" / "d" / rundir.LOCK_NAME).exists()
 
 
 @pytest.mark.timeout(400)

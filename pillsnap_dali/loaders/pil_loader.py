@@ -131,6 +131,7 @@ def _worker_init(_worker_id: int, closing=None) -> None:
     ignores SIGINT and ignores SIGTERM until its loader is ``closing`` (then the DataLoader's own shutdown ends it
     quietly, no traceback). It dies with the parent (a parent ended by force leaves no worker behind)."""
     torch.set_num_threads(1)
+    signal.set_wakeup_fd(-1)  # a forked worker's signals are not the run's (training.stop watches that fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, functools.partial(_worker_sigterm, closing))
     _die_with_parent()
