@@ -10,6 +10,10 @@ The one home of what every image reader shares: the image suffixes and formats, 
 - ``read_encoded`` / ``read_encoded_upright`` (the DALI loaders, the detection loader): the file's bytes
   with the same size check from one header parse (and the upright size for the letterbox);
 - ``open_rgb`` (the ``pil`` backend, prediction, the JPEG cache): the same size check, then a decode.
+
+Every one of them opens the path with ``open_regular``: a FIFO, a device, a socket or a directory is a reason
+(``not a regular file (a FIFO)``), never a read that blocks for ever or never ends; ``regular_file`` is the same
+check from one ``stat``, for callers that only list paths (``manifest --legacy``).
 """
 from __future__ import annotations
 
