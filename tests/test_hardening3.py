@@ -195,18 +195,37 @@ sys.exit(train.main(sys.argv[3:]))
 """
 
 
+_CHILDREN: list = []
+
+
+@pytest.fixture(autouse=True)
+def _no_child_left():
+    """A failed test does not leave its hung training behind."""
+    yield
+    while _CHILDREN:
+        proc = _CHILDREN.pop()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _stalled_run(tmp_path: Path, manifests: Path, name: str, backend: str, grace: float = 600, *extra,
-                 uninterruptible: bool = False):
-    """A training subprocess (its own process group) whose reads hang after its first step; returns it once a
-    read hangs."""
+                 uninterruptible: bool = False, at_once: bool = False):
+    """A training subprocess (its own process group) whose reads hang after its first step (``at_once``: from
+    its first read); returns it once a read hangs."""
     go, marker = tmp_path / f"{name}.go", tmp_path / f"{name}.stalled"
+    if at_once:
+        go.touch()
     argv = ["--manifest", str(manifests / "manifest_train.csv"), "--out", str(tmp_path / "runs"), *TINY,
             "--epochs", "3", "--backend", backend, "--name", name, *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PILLSNAP_STOP_GRACE_S": str(grace)}
     if uninterruptible:
         env["STALL_UNINTERRUPTIBLE"] = "1"
-    proc = subprocess.Popen([sys.executable, "-c", _STALL, str(go), str(marker), *argv], stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _STALL, str(go), str(marker), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
+    _CHILDREN.append(proc)
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.2)
@@ -277,6 +296,19 @@ def test_pil_workers_leave_a_group_signal_to_the_run(manifests, tmp_path, signum
     assert proc.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err and "killed by signal" not in err and "exited unexpectedly" not in err
     assert load_checkpoint(tmp_path / "runs" / "pil" / "checkpoints" / "last.pt")["step"] >= 1
+
+
+@pytest.mark.timeout(400)
+def test_a_run_stopped_while_its_first_batch_hangs_leaves_no_run_dir(manifests, tmp_path):
+    proc = _stalled_run(tmp_path, manifests, "first", "dali-cpu", at_once=True)
+    proc.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "before the first step: nothing trained" in out
+    assert not (tmp_path / "runs" / "first").exists() and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------ run dir owner
