@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -372,8 +373,9 @@ def _leave_stuck_readers(code: int, wait_s: float = 5.0) -> None:
     interpreter's exit would wait for it for ever: the process ends here with ``code`` instead. Idle reader
     threads are left alone. (Loader worker processes end on the DataLoader's own SIGTERM, or with the process.)"""
     stuck = [t for t in threading.enumerate() if t.name.startswith("pillsnap-read") and _reading(t)]
+    deadline = time.monotonic() + wait_s
     for t in stuck:
-        t.join(wait_s)
+        t.join(max(0.0, deadline - time.monotonic()))
     if any(t.is_alive() and _reading(t) for t in stuck):
         _logger.warning("a reader thread is still blocked in a read: exiting without waiting for it")
         sys.stdout.flush()
