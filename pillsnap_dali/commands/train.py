@@ -271,7 +271,8 @@ def run(args: argparse.Namespace) -> dict:
     # aside as for any new run (its metrics.jsonl must not mix with this one's)
     continuing = resume_path is not None and resume_path.resolve().is_relative_to(run_dir.resolve())
     owned = None
-    old_term = signal.signal(signal.SIGTERM, _exit_on_signal) if rank == 0 else None
+    main_thread = threading.current_thread() is threading.main_thread()  # (signals: the main thread's only)
+    old_term = signal.signal(signal.SIGTERM, _exit_on_signal) if rank == 0 and main_thread else None
     try:
         if rank == 0 and not args.dry_run:  # the run really starts: only now is anything moved or written
             owned = start_run_dir(run_dir, continuing)
