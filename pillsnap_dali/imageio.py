@@ -13,6 +13,9 @@ The one home of what every image reader shares: the image suffixes and formats, 
   with the same size check from one header parse (and the upright size for the letterbox);
 - ``open_rgb`` (the ``pil`` backend, prediction, the JPEG cache): the same size check, then a decode.
 
+Every one of them opens the path with ``open_regular``: a FIFO, a device, a socket or a directory is a reason
+(``not a regular file (a FIFO)``), never a read that blocks for ever or never ends; ``regular_file`` is the same
+check from one ``stat``, for callers that only list paths (``manifest --legacy``).
 What a bad file then becomes (skipped, logged, the skip limit) and which errors count as the file's fault is
 ``pillsnap_dali.badfiles``'s policy.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import struct
 import warnings
 from typing import Optional
@@ -31,6 +35,69 @@ from PIL import Image
 DEFAULT_MAX_PIXELS = 40_000_000   # the decompression-bomb guard's default (config data.max_pixels)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")   # what both DALI's decoder and PIL read
 _SIXTEEN_BIT = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+# ---------------------------------------------------------------------- is this a file at all?
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+class NotRegularFile(OSError):
+    """A path that names no regular file (a FIFO, a device, a socket, a directory): never read, since a read
+    from a FIFO without a writer blocks for ever and one from ``/dev/zero`` never ends."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def not_regular(mode: int) -> Optional[str]:
+    """``"not a regular file (a FIFO)"`` for an ``st_mode`` that is no regular file; None for a regular one."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+    return f"not a regular file ({kind})"
+
+
+def regular_file(path) -> Optional[str]:
+    """Reason ``path`` is not a regular file (``not_regular``'s, "missing file", "unreadable: ..."), from one
+    ``os.stat`` (links followed) and no open; None for a regular file. Callers that then open the file use
+    ``open_regular``, which checks the opened descriptor again (the path may be swapped in between)."""
+    try:
+        return not_regular(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return "missing file"
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+
+
+def open_regular(path):
+    """``open(path, "rb")`` for a regular file only: opened with ``O_NONBLOCK`` (opening a FIFO never waits
+    for a writer), then the descriptor's own ``fstat`` decides; anything else raises ``NotRegularFile`` before a
+    byte is read. (``O_NONBLOCK`` changes nothing for a regular file's reads.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:  # a socket cannot be opened (ENXIO): say what it is
+        if (reason := regular_file(path)) and reason.startswith("not a regular"):
+            raise NotRegularFile(0, reason, os.fspath(path)) from None
+        raise
+    try:
+        reason = not_regular(os.fstat(fd).st_mode)
+        if reason is not None:
+            raise NotRegularFile(0, reason, os.fspath(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _reason(err: OSError) -> str:
+    """A skip reason for an ``OSError`` of ``open_regular`` or a read."""
+    if isinstance(err, FileNotFoundError):
+        return "missing file"
+    if isinstance(err, NotRegularFile):
+        return err.strerror
+    return f"unreadable: {err.strerror or err}"
 
 
 # ---------------------------------------------------------------------- is this file usable?
@@ -100,10 +167,10 @@ def format_problem(head: bytes) -> str | None:
 def check_header(path: str, max_pixels: int) -> str | None:
     """Reason the file is unusable, judged without decoding pixels; None when it looks fine."""
     try:
-        size = os.path.getsize(path)
-        if size == 0:
-            return "empty file"
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                return "empty file"
             head = fh.read(_HEAD)
             if reason := format_problem(head):
                 return reason
@@ -111,18 +178,17 @@ def check_header(path: str, max_pixels: int) -> str | None:
                 fh.seek(max(0, size - _TAIL))
                 if b"IEND" not in fh.read():
                     return "truncated png"
-    except FileNotFoundError:
-        return "missing file"
+            fh.seek(0)
+            return _check_size(fh, max_pixels)
     except OSError as e:
-        return f"unreadable: {e.strerror}"
-    return _check_size(path, max_pixels)
+        return _reason(e)
 
 
-def _check_size(path: str, max_pixels: int) -> str | None:
+def _check_size(fh, max_pixels: int) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning: we apply our own limit
-            with Image.open(path) as img:
+            with Image.open(fh) as img:
                 w, h = img.size
     except Image.DecompressionBombError as e:
         return bomb_problem(e, max_pixels)
@@ -139,7 +205,7 @@ def check_full(path: str, max_pixels: int) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with open_regular(path) as fh, Image.open(fh) as img:
                 img.load()
     except Exception as e:  # noqa: BLE001 - PIL alone runs here: every decoder error is the file's (badfiles.py)
         return f"decode failed: {type(e).__name__}: {str(e)[:80]}"
@@ -176,9 +242,10 @@ def read_encoded_upright(path: str, max_pixels: int
 def _read_bytes(path: str) -> tuple[Optional[np.ndarray], Optional[str]]:
     """The file's bytes, or (None, reason) when it cannot be read or is no image of a supported format."""
     try:
-        buf = np.fromfile(path, dtype=np.uint8)
+        with open_regular(path) as fh:
+            buf = np.fromfile(fh, dtype=np.uint8)
     except OSError as e:
-        return None, f"unreadable: {e.strerror or e}"
+        return None, _reason(e)
     return (None, reason) if (reason := format_problem(buf[:_HEAD].tobytes())) else (buf, None)
 
 
@@ -223,8 +290,11 @@ def decoder_exif(im) -> Optional[bytes]:
 
 def header_info(source, orientation: bool = True) -> tuple[int, int, Optional[bytes]]:
     """(width, height, EXIF block the decoder honours or None) of a path or file object, from the header alone;
-    raises what ``Image.open`` raises. The EXIF block is the one PIL reads with the header (``im.getexif()``
-    would decode a whole PNG to look further)."""
+    raises what ``Image.open`` raises (``NotRegularFile`` for a path that is no regular file). The EXIF block is
+    the one PIL reads with the header (``im.getexif()`` would decode a whole PNG to look further)."""
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        with open_regular(source) as fh:
+            return header_info(fh, orientation)
     with Image.open(source) as im:
         w, h, exif, fmt = im.size[0], im.size[1], decoder_exif(im), im.format
     if exif is None and fmt == "PNG" and orientation:  # an eXIf chunk after the image data (PIL sees it only
@@ -235,7 +305,7 @@ def header_info(source, orientation: bool = True) -> tuple[int, int, Optional[by
 
 def _png_late_exif(source) -> Optional[bytes]:
     """The eXIf chunk of a PNG found by walking its chunk headers (no pixel is decoded), or None."""
-    fh = open(source, "rb") if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else source
+    fh = open_regular(source) if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else source
     try:
         fh.seek(8)  # the PNG signature
         for _ in range(1_000_000):
@@ -287,22 +357,23 @@ def open_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     (``decoder_exif``). Grayscale, palette (with transparency),
     alpha (dropped, as the DALI decoder does), 16-bit (scaled to 8 bits), float and CMYK become RGB.
     """
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:   # NotRegularFile (an OSError) for a FIFO, a device, a directory
         if reason := format_problem(fh.read(_HEAD)):  # the one format policy, before PIL (which reads GIF, TIFF)
             raise ValueError(reason)
-    try:
-        im = Image.open(path)
-    except Image.DecompressionBombError as e:
-        raise ValueError(bomb_problem(e, max_pixels)) from e
-    with im:
-        if reason := pixel_problem(im.width, im.height, max_pixels):
-            raise ValueError(reason)
-        im.load()
-        t = Image.Transpose  # EXIF orientation -> transpose, as ImageOps.exif_transpose maps them
-        method = {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE, 6: t.ROTATE_270,
-                  7: t.TRANSVERSE, 8: t.ROTATE_90}.get(exif_orientation(decoder_exif(im)))
-        if method is not None:
-            im = im.transpose(method)
+        fh.seek(0)
+        try:
+            im = Image.open(fh)
+        except Image.DecompressionBombError as e:
+            raise ValueError(bomb_problem(e, max_pixels)) from e
+        with im:
+            if reason := pixel_problem(im.width, im.height, max_pixels):
+                raise ValueError(reason)
+            im.load()
+            t = Image.Transpose  # EXIF orientation -> transpose, as ImageOps.exif_transpose maps them
+            method = {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE,
+                      6: t.ROTATE_270, 7: t.TRANSVERSE, 8: t.ROTATE_90}.get(exif_orientation(decoder_exif(im)))
+            if method is not None:
+                im = im.transpose(method)
     if im.mode in _SIXTEEN_BIT or im.mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         arr = arr / 257.0 if im.mode != "F" else arr

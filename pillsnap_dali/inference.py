@@ -289,7 +289,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
             if index:
                 _logger.info("%s: %d *_index.png layout pictures left out", p, len(index))
             out.extend(f for f in found if f not in index)
-        elif p.is_file():
+        elif p.exists():  # a FIFO or a device too: predict_one reports it per image ("not a regular file")
             out.append(p)
         else:
             raise FileNotFoundError(f"no such image or folder: {item}")

@@ -9,14 +9,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
 import logging
 import os
-import shutil
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,12 +28,13 @@ from tqdm import tqdm
 
 from pillsnap_dali.commands.common import SHARED_KEYS, add_shared_flags, config_from_args, existing_file, key_help, run_main
 from pillsnap_dali.commands.common import setup_logging as cli_logging
+from pillsnap_dali import rundir
 from pillsnap_dali.config import STAGES, Config, ConfigError, dump_config, stage_name
 from pillsnap_dali.data.checks import check_manifests
 from pillsnap_dali.data.manifest import ManifestError, class_map_for, read_manifest
 from pillsnap_dali.errors import PillsnapError
-from pillsnap_dali.training import multinode, pretrained, resume
-from pillsnap_dali.training.checkpoint import remove_orphan_temps
+from pillsnap_dali.training import multinode, pretrained, resume, stop
+from pillsnap_dali.training.checkpoint import remove_orphan_temps, restore_best
 from pillsnap_dali.training.engine import RunSpec, TrainData, Trainer, TrainingError
 from pillsnap_dali.training.report import write_report
 from pillsnap_dali.data.build import ensure_manifests
@@ -259,19 +263,37 @@ def run_dir_path(cfg: Config) -> Path:
     return Path(cfg.train.out) / (cfg.train.name or stage_name(cfg.stage))
 
 
-def start_run_dir(run_dir: Path, continuing: bool) -> bool:
-    """Make the run dir ready once every input was checked: an earlier run in it is moved aside (a new run
-    there), temp files of a write killed midway are removed (a continued one). True when the dir is new."""
-    if not continuing and (run_dir / "checkpoints").exists():
-        old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(run_dir.stat().st_mtime))}")
-        shutil.move(str(run_dir), old)
-        _logger.info("an earlier run was in %s: moved to %s (use --resume %s to continue it)", run_dir, old,
-                     old / "checkpoints" / "last.pt")
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+def start_run_dir(run_dir: Path, continuing: bool) -> rundir.RunDir:
+    """Make the run dir this run's once every input was checked (``rundir.take``: refused when another live run
+    holds it or it is not a run of ours; an earlier run in it is moved aside unless ``continuing``); temp files
+    of a write killed midway are removed."""
+    owned = rundir.take(run_dir, continuing)
     if (run_dir / "checkpoints").is_dir():
         remove_orphan_temps(run_dir / "checkpoints")
-    return created
+    return owned
+
+
+def complete_metrics(run_dir: Path, history: list) -> None:
+    """Append to ``metrics.jsonl`` the epochs of the resumed checkpoint's history it lacks (a stop between the
+    checkpoint and the log line): the file lists every epoch the run keeps."""
+    path = run_dir / "metrics.jsonl"
+    seen = set()
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                seen.add(json.loads(line)["epoch"])
+    missing = [h for h in history if h["epoch"] not in seen]
+    if missing:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(h) + "\n" for h in missing)
+        _logger.info("metrics.jsonl: %d epoch row(s) of the checkpoint added (a stop before they were logged)",
+                     len(missing))
+
+
+def _exit_on_signal(signum, _frame):
+    """SIGTERM outside the training loop (setup, the test split, the report): leave through ``finally`` (the
+    lock released, a half-made run dir removed) with 128 + the signal."""
+    raise SystemExit(128 + signum)
 
 
 def setup_logging(run_dir: Path | None, rank: int) -> None:
@@ -355,6 +377,21 @@ def weights_report(summary: dict, origin: dict, run_inputs: dict, num_classes: i
     return lines
 
 
+@dataclass
+class _RunInputs:
+    """What ``run`` checked and hands to the training (``_train``)."""
+    cfg: Config
+    data: TrainData
+    checks: object
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
+    resume_from: resume.Resume | None
+    run_inputs: dict
+    continuing: bool
+
+
 def run(args: argparse.Namespace) -> dict:
     cfg = resolve_config(args)
     rank, world, device = init_distributed(cfg)
@@ -368,47 +405,80 @@ def run(args: argparse.Namespace) -> dict:
     except PillsnapError as e:
         error = e
     multinode.agree_inputs(error)
-    run_inputs = record_run_inputs(data)
     # resuming another run's checkpoint into this run dir starts a new run there: an earlier run in it is moved
     # aside as for any new run (its metrics.jsonl must not mix with this one's)
     continuing = resume_from is not None and resume_from.path.resolve().is_relative_to(run_dir.resolve())
-    created = False
-    if rank == 0 and not args.dry_run:  # the run really starts: only now is anything moved or written
-        created = start_run_dir(run_dir, continuing)
-        setup_logging(run_dir, rank)
-        write_run_inputs(run_dir, cfg, data, quarantine)
-    say_test_note(run_inputs, rank)
-    if world > 1:
-        dist.barrier()  # the other ranks open their skip logs in the run dir once rank 0 has prepared it
-        if not (continuing or args.dry_run):  # a run dir on another machine: rank 0 did not prepare it
-            multinode.set_aside_stale_log(run_dir, rank)
-    spec = RunSpec(cfg=cfg, data=data, device=device, run_dir=run_dir, rank=rank, world_size=world,
-                   dry_run=args.dry_run, resume=resume_from, run_inputs=run_inputs)
+    inputs = _RunInputs(cfg, data, checks, rank, world, device, run_dir, resume_from, record_run_inputs(data),
+                        continuing)
+    owned = unhook = None
+    main_thread = threading.current_thread() is threading.main_thread()  # (signals: the main thread's only)
+    old_term = signal.signal(signal.SIGTERM, _exit_on_signal) if rank == 0 and main_thread else None
     try:
-        trainer = Trainer(spec)
+        if rank == 0 and not args.dry_run:  # the run really starts: only now is anything moved or written
+            owned = start_run_dir(run_dir, continuing)
+            unhook = stop.at_forced_exit(owned.close)
+            if continuing:  # a stop between the last.pt and best.pt writes (or the log line): made to agree
+                restore_best(run_dir / "checkpoints")
+                complete_metrics(run_dir, resume_from.history)
+            setup_logging(run_dir, rank)
+            write_run_inputs(run_dir, cfg, data, quarantine)
+        say_test_note(inputs.run_inputs, rank)
+        summary = _train(args, inputs, owned)
     except BaseException:
-        if created:  # a failed start leaves no run dir behind
+        if owned is not None and owned.lock is not None and not owned.started:  # failed or stopped before the
+            # training loop: no half-made run dir (a failure in the loop keeps its last.pt, skipped.csv, log)
             setup_logging(None, rank)
-            shutil.rmtree(run_dir, ignore_errors=True)
+            owned.abandon()
         raise
-    origin = start_origin(trainer, resume_from)
-    _logger.info("model %s, %d classes, %d px (%s), backend %s, device %s, %d rank(s)", cfg.model.name,
-                 len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, device, world)
-    summary = trainer.fit()
-    multinode.merge_skip_logs(trainer.skip_log)  # every rank's skipped rows into rank 0's skipped.csv
-    if rank == 0 and not args.dry_run:
-        if not summary["interrupted"]:  # the deployed weights on the test split (evaluate.after_training)
-            summary["test"] = after_training(run_dir, data.train.path, cfg, device)
-        header = {"stage": cfg.stage, "model": cfg.model.name, "classes": len(data.class_map),
-                  "image size": f"{cfg.preprocess.img_size} ({cfg.preprocess.resize_mode})", "backend": trainer.backend,
-                  "device": str(device), "ranks": world, "train rows": len(data.train), "val rows": len(data.val),
-                  "input": describe_input(data.train.path),
-                  "manifest checks": "; ".join(f"{f.level} {f.check}: {f.message}" for f in checks.findings) or "passed",
-                  **weights_report(summary, origin, run_inputs, len(data.class_map))}
-        summary["report"] = str(write_report(run_dir, summary, header, examples=data.val))
-    summary["run_dir"] = None if args.dry_run else str(run_dir)
+    finally:
+        if owned is not None:
+            owned.close()
+            unhook()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     if world > 1:
         dist.destroy_process_group()
+    return summary
+
+
+def _train(args, r: _RunInputs, owned: rundir.RunDir | None) -> dict:
+    """The training of a run whose inputs were checked and whose run dir is held: the trainer, its fit, the
+    skip logs merged, the test split and the report."""
+    if r.world > 1:
+        dist.barrier()  # the other ranks open their skip logs in the run dir once rank 0 has prepared it
+        if not (r.continuing or args.dry_run):  # a run dir on another machine: rank 0 did not prepare it
+            multinode.set_aside_stale_log(r.run_dir, r.rank)
+    spec = RunSpec(cfg=r.cfg, data=r.data, device=r.device, run_dir=r.run_dir, rank=r.rank, world_size=r.world,
+                   dry_run=args.dry_run, resume=r.resume_from, run_inputs=r.run_inputs)
+    trainer = Trainer(spec)
+    origin = start_origin(trainer, r.resume_from)
+    cfg, data = r.cfg, r.data
+    _logger.info("model %s, %d classes, %d px (%s), backend %s, device %s, %d rank(s)", cfg.model.name,
+                 len(data.class_map), cfg.preprocess.img_size, cfg.preprocess.resize_mode, trainer.backend, r.device,
+                 r.world)
+    first_step = trainer.run.step
+    if owned is not None:
+        owned.started = True
+    summary = trainer.fit()
+    multinode.merge_skip_logs(trainer.skip_log)  # every rank's skipped rows into rank 0's skipped.csv
+    if owned is not None and summary["interrupted"] and trainer.run.step == first_step and owned.created:
+        setup_logging(None, r.rank)
+        owned.abandon()  # stopped before its first step: nothing learnt, no half-made run dir left
+        summary.update(reason=f"interrupted by {summary['interrupted']} before the first step: nothing trained, "
+                              f"{r.run_dir} not kept", report=None, best_checkpoint=None)
+        summary["run_dir"] = None
+        return summary
+    if r.rank == 0 and not args.dry_run:
+        if not summary["interrupted"]:  # the deployed weights on the test split (evaluation.after_training)
+            summary["test"] = after_training(r.run_dir, data.train.path, cfg, r.device)
+        header = {"stage": cfg.stage, "model": cfg.model.name, "classes": len(data.class_map),
+                  "image size": f"{cfg.preprocess.img_size} ({cfg.preprocess.resize_mode})", "backend": trainer.backend,
+                  "device": str(r.device), "ranks": r.world, "train rows": len(data.train), "val rows": len(data.val),
+                  "input": describe_input(data.train.path),
+                  "manifest checks": "; ".join(f"{f.level} {f.check}: {f.message}" for f in r.checks.findings) or "passed",
+                  **weights_report(summary, origin, r.run_inputs, len(data.class_map))}
+        summary["report"] = str(write_report(r.run_dir, summary, header, examples=data.val))
+    summary["run_dir"] = None if args.dry_run else str(r.run_dir)
     return summary
 
 
@@ -433,8 +503,8 @@ def _main(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best_top1"]
         print(f"{summary['reason']}; best val top-1 {best:.4f}" if best >= 0 else summary["reason"])
-        if (summary.get("test") or {}).get("note"):
-            print(summary["test"]["note"])
+        if (summary.get("test") or {}).get("not_evaluated"):
+            print(f"test split: not evaluated ({summary['test']['not_evaluated']})")
         elif summary.get("test"):
             t = summary["test"]
             met = "" if t["targets_met"] is None else "; stage targets " + ("met" if t["targets_met"] else "NOT met")
@@ -442,7 +512,35 @@ def _main(args: argparse.Namespace) -> int:
         if summary.get("report"):
             print(f"report: {summary['report']}")
     # interrupted: 128 + the signal, as a shell reports a process the signal ended (130 SIGINT, 143 SIGTERM)
-    return 128 + summary["signal"] if summary.get("signal") else 0
+    if summary.get("signal"):
+        _leave_stuck_readers(128 + summary["signal"])
+        return 128 + summary["signal"]
+    return 0
+
+
+def _leave_stuck_readers(code: int, wait_s: float = 5.0) -> None:
+    """After a stop: if one of the loaders' reader threads (``pillsnap-read*``) is still inside a read, the
+    interpreter's exit would wait for it for ever: the process ends here with ``code`` instead. Idle reader
+    threads are left alone. (Loader worker processes end on the DataLoader's own SIGTERM, or with the process.)"""
+    stuck = [t for t in threading.enumerate() if t.name.startswith("pillsnap-read") and _reading(t)]
+    deadline = time.monotonic() + wait_s
+    for t in stuck:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and _reading(t) for t in stuck):
+        _logger.warning("a reader thread is still blocked in a read: exiting without waiting for it")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _reading(thread: threading.Thread) -> bool:
+    """Whether ``thread`` runs the project's code now (a read), not waiting idle for work."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if f"{os.sep}pillsnap_dali{os.sep}" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def main(argv=None) -> int:

@@ -32,6 +32,7 @@ from pillsnap_dali.data.checks import check_manifests
 from pillsnap_dali.data.manifest import (Manifest, ManifestError, read_manifest, split_missing,
                                          write_manifest)
 from pillsnap_dali.data.scan import ScanResult, missing_codes, scan_tree, tree_fingerprint
+from pillsnap_dali.imageio import regular_file
 from pillsnap_dali.data.verify import CACHE_NAME, MODES as VERIFY_MODES, Verifier, VerifySettings
 from pillsnap_dali.data.synth import ensure_demo_data
 
@@ -442,7 +443,9 @@ def import_legacy(paths: list, cfg: Config, out_dir: str | Path, *, verify: str 
     for split, m in zip(SPLITS, manifests):
         known = [c in code_set for c in m.codes]
         qrows += [(m.paths[i], f"class not in training manifest: {m.codes[i]}") for i, k in enumerate(known) if not k]
-        kept, missing = split_missing(m.subset(i for i, k in enumerate(known) if k))
+        special = {p: why for p in m.paths if (why := regular_file(p)) and why.startswith("not a regular")}
+        qrows += sorted(special.items())  # a FIFO or a device is never opened (nor called an empty file)
+        kept, missing = split_missing(m.subset(i for i, k in enumerate(known) if k and m.paths[i] not in special))
         bad = verifier.bad(kept.paths)
         qrows += missing + sorted(bad.items())
         kept = kept.subset(i for i, p in enumerate(kept.paths) if p not in bad)

@@ -10,8 +10,12 @@ other error is a bug and propagates out of the worker.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import multiprocessing
+import os
+import signal
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -124,8 +128,29 @@ def _collate(samples, dtype: torch.dtype = torch.float32, colour: Optional[Batch
     return _Collated(images, torch.tensor([r for _, r, _ in good], dtype=torch.int64), skipped)
 
 
-def _worker_init(_worker_id: int) -> None:
-    torch.set_num_threads(1)  # each worker is one process on one core
+def _worker_init(_worker_id: int, closing=None) -> None:
+    """Each worker is one process on one core. A signal sent to the whole process group (Ctrl-C, ``kill -TERM
+    -PGID``) is the parent's to handle: it finishes its step, saves and closes this loader, so the worker
+    ignores SIGINT and ignores SIGTERM until its loader is ``closing`` (then the DataLoader's own shutdown ends it
+    quietly, no traceback). It dies with the parent (a parent ended by force leaves no worker behind)."""
+    torch.set_num_threads(1)
+    signal.set_wakeup_fd(-1)  # a forked worker's signals are not the run's (training.stop watches that fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, functools.partial(_worker_sigterm, closing))
+    _die_with_parent()
+
+
+def _worker_sigterm(closing, _signum, _frame) -> None:
+    if closing is None or closing.is_set():
+        os._exit(0)
+
+
+def _die_with_parent() -> None:
+    """``prctl(PR_SET_PDEATHSIG, SIGKILL)`` where it exists (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        pass
 
 
 class PilLoader(LoaderBase):
@@ -148,11 +173,13 @@ class PilLoader(LoaderBase):
         colour = (BatchColour(mean=pre.mean, std=pre.std, dtype=ld.dtype, layout=ld.layout)
                   if self.spec.train else None)
         workers = ld.workers
+        self._closing = multiprocessing.get_context().Event() if workers else None
         return DataLoader(_RowDataset(self.paths, self.spec, self.epoch), batch_sampler=batches,
                           num_workers=workers,
                           collate_fn=functools.partial(_collate, dtype=getattr(torch, ld.dtype), colour=colour),
-                          worker_init_fn=_worker_init, prefetch_factor=self.spec.loader.prefetch if workers else None,
-                          pin_memory=cuda, generator=self._generator())
+                          worker_init_fn=functools.partial(_worker_init, closing=self._closing),
+                          prefetch_factor=self.spec.loader.prefetch if workers else None, pin_memory=cuda,
+                          generator=self._generator())
 
     def _generator(self) -> torch.Generator:
         """The DataLoader's own generator (its workers' base seed): iterating never draws from torch's global
@@ -163,14 +190,18 @@ class PilLoader(LoaderBase):
         plan = self.take_plan()
         self._last_stats = plan.stats
         self.position, consumed = plan.start, 0
-        for item in self._data_loader(self._batches(plan)):
-            for row, reason in item.skipped:
-                self.log_skip(row, reason)
-            plan.stats["skipped"] += len(item.skipped)
-            consumed += len(item.rows) + len(item.skipped)  # batches are consecutive slices of plan.order
-            self.position = plan.position(consumed)
-            if item.images is None:
-                continue
-            plan.stats["yielded"] += len(item.rows)
-            yield to_device_batch(item.images, item.rows, self.label_table,
-                                  self.spec.loader.layout == "NHWC")
+        try:
+            for item in self._data_loader(self._batches(plan)):
+                for row, reason in item.skipped:
+                    self.log_skip(row, reason)
+                plan.stats["skipped"] += len(item.skipped)
+                consumed += len(item.rows) + len(item.skipped)  # batches are consecutive slices of plan.order
+                self.position = plan.position(consumed)
+                if item.images is None:
+                    continue
+                plan.stats["yielded"] += len(item.rows)
+                yield to_device_batch(item.images, item.rows, self.label_table,
+                                      self.spec.loader.layout == "NHWC")
+        finally:
+            if getattr(self, "_closing", None) is not None:  # the workers may now end on the DataLoader's SIGTERM
+                self._closing.set()

@@ -398,6 +398,12 @@ class DaliRunner:
                 samples = self.reader.complete(np.asarray(outs[-1].as_tensor(), dtype=np.int64).reshape(-1))
                 self._memory_failures = self._blind_failures = 0  # only failures in a row count
                 yield collate(outs, samples)
+        except BaseException as e:
+            if not isinstance(e, (Exception, GeneratorExit)):  # a forced stop (a signal) in the middle of a
+                finished, self.pipe = True, None               # feed: the pipeline is dropped, never drained
+                self.reader.stop()
+                self.reader.take_in_flight()
+            raise
         finally:
             if not finished:
                 self._drain()

@@ -15,12 +15,19 @@ can read it::
             ``training.model.load_classifier`` loads those
     steps_per_epoch: the schedule's epoch length, fixed at the run's start; interruptions, elapsed (seconds of
     the run's earlier sessions), sessions: see ``training.resume.RunState``
+    best_epoch: the epoch whose weights best.pt holds (None before the first complete epoch)
+
+The pair ``last.pt`` / ``best.pt`` (``save_pair``): last.pt is written first, then best.pt as a byte copy of
+it, each atomically. A stop between the two leaves a last.pt whose ``best_epoch`` is its own epoch and an older
+best.pt: ``restore_best`` (on resume) sees it and copies last.pt over best.pt; at any other point both files
+are whole and agree.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +38,7 @@ from pillsnap_dali.config import Config, ConfigError, PreprocessConfig, config_f
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.errors import one_line
 from pillsnap_dali.errors import PillsnapError
+from pillsnap_dali.training import stop
 
 _logger = logging.getLogger(__name__)
 FORMAT = "pillsnap_dali/1"
@@ -60,6 +68,7 @@ class _WriteErrors:
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves half a file, and
     the file there before stays whole. A full or read-only disk raises ``OSError`` naming ``path``."""
+    stop.saving.set()  # a forced stop's watchdog waits for this write
     try:
         with atomic_open(path, "wb") as fh:
             out = _WriteErrors(fh)
@@ -71,6 +80,75 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
                 raise out.error from None
     except OSError as e:
         raise OSError(e.errno, f"cannot write the checkpoint ({e.strerror or e})", str(path)) from None
+    finally:
+        stop.saving.clear()
+
+
+def best_epoch(history: list) -> int | None:
+    """The epoch best.pt holds: the last history row marked best."""
+    best = [h["epoch"] for h in history or [] if h.get("best")]
+    return best[-1] if best else None
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """``src``'s bytes to ``dst``, atomically (temp file, fsync, rename)."""
+    stop.saving.set()
+    try:
+        with open(src, "rb") as fin, atomic_open(dst, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 16 * 2 ** 20)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the checkpoint ({e.strerror or e})", str(dst)) from None
+    finally:
+        stop.saving.clear()
+
+
+def save_pair(folder: Path, state: dict, *, best: bool, extra: tuple = ()) -> None:
+    """``last.pt`` (with ``best_epoch``), then the ``extra`` paths (``epoch_NNNN.pt``) and, when ``best``,
+    ``best.pt`` as copies of it: an order a stop at any point leaves repairable (module docstring)."""
+    folder = Path(folder)
+    state = {**state, "best_epoch": best_epoch(state.get("history"))}
+    save_checkpoint(folder / "last.pt", state)
+    for path in extra:
+        copy_checkpoint(folder / "last.pt", Path(path))
+    if best:
+        copy_checkpoint(folder / "last.pt", folder / "best.pt")
+
+
+def _identity(path: Path) -> tuple | None:
+    """(epoch, step, epoch_complete) of a checkpoint, memory-mapped (no weight is read); None if unloadable."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return st["epoch"], st["step"], st["epoch_complete"]
+    except Exception:  # noqa: BLE001 - missing, partial or foreign: the caller decides
+        return None
+
+
+def restore_best(folder: Path) -> str | None:
+    """Make ``best.pt`` agree with ``last.pt`` after a stop between the two writes; returns what was done
+    (``"restored"``, a mismatch that cannot be repaired, or None when they agree or there is nothing to check)."""
+    folder = Path(folder)
+    last, best = folder / "last.pt", folder / "best.pt"
+    try:
+        st = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - no last.pt to check against (its own loading reports its faults)
+        return None
+    want = st.get("best_epoch", best_epoch(st.get("history")))
+    if want is None:
+        return None
+    have = _identity(best) if best.exists() else None
+    if want == st["epoch"] and st["epoch_complete"]:
+        if have != (st["epoch"], st["step"], True):
+            copy_checkpoint(last, best)
+            _logger.warning("best.pt did not hold epoch %d, the best epoch last.pt records (a stop between the two "
+                            "writes): restored from last.pt", want)
+            return "restored"
+        return None
+    if have is None or have[0] != want:
+        msg = (f"best.pt holds epoch {have[0] if have else 'none'} but the run's best epoch is {want}: its weights "
+               "are lost; the next better epoch rewrites best.pt")
+        _logger.warning(msg)
+        return msg
+    return None
 
 
 def remove_orphan_temps(folder: str | Path) -> list[Path]:

@@ -41,6 +41,7 @@ from pillsnap_dali.gpumon import GpuMonitor
 from pillsnap_dali.training.metrics import EvalAccumulator
 from pillsnap_dali.training.model import build_model, one_sample_trains
 from pillsnap_dali.training.run_writer import RunWriter, training_checkpoint
+from pillsnap_dali.training.stop import StopFlag, StopNow
 from pillsnap_dali.training.tb import TBWriter
 from pillsnap_dali.training.resume import Resume, RunState, non_finite_tensors, planned_steps, rank_rng_state
 from pillsnap_dali.loaders import build_loader
@@ -175,28 +176,6 @@ class Optim:
     scaler: torch.amp.GradScaler
     ema: nn.Module | None = None    # timm ModelEmaV3
     grad_clip: float = 0.0
-
-
-class StopFlag:
-    """SIGINT/SIGTERM: finish the current step, save last.pt, leave cleanly."""
-
-    def __init__(self, signals):
-        self.reason: str | None = None
-        self.signum: int | None = None
-        self._old = {}
-        for s in signals:
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (tests): signals stay as they are
-                pass
-
-    def _handle(self, signum, frame):
-        self.reason, self.signum = signal.Signals(signum).name, int(signum)
-        _logger.warning("%s received: finishing this step, then saving last.pt", self.reason)
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 @dataclass
@@ -349,7 +328,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optim: Optim, loader
     tally = EpochTally(len(loader), device, step, epoch)
     data_t = compute_t = 0.0
     bar, steps = Progress(epoch, control, len(loader)), 0
-    with _join(model):
+    with _join(model), contextlib.suppress(StopNow):  # a forced stop while waiting for data: a step boundary
         t0 = time.perf_counter()
         for i, batch in enumerate(loader):
             t1 = time.perf_counter()
@@ -450,6 +429,18 @@ def stop_reason(cfg: Config, run: RunState, epoch: int, score: float, dry_run: b
     return None
 
 
+def ended_before(cfg: Config, run: RunState, dry_run: bool) -> str | None:
+    """A resumed run whose last complete epoch already met a stop rule (target accuracy, patience; killed at
+    its final save): the reason, so that no epoch is trained after it; None otherwise."""
+    h = run.history
+    if dry_run or not h or run.position or h[-1]["epoch"] != run.epoch - 1:
+        return None
+    reason = stop_reason(cfg, run, h[-1]["epoch"], h[-1]["selected_top1"], dry_run)
+    if reason:
+        _logger.info("the run had already stopped (%s): nothing more to train", reason)
+    return reason
+
+
 def build_optim(cfg: Config, model: nn.Module, steps_per_epoch: int, device: torch.device) -> Optim:
     """The optimizer bundle: optimizer, warmup + cosine schedule over the run's planned steps, grad scaler,
     EMA (``train.ema``) and the clip norm."""
@@ -514,14 +505,19 @@ class Trainer:
         """Train, evaluate, checkpoint each epoch until the epochs are done, a stop rule fires or a signal
         comes (then last.pt and the reason; ``--resume`` goes on from there)."""
         cfg, run, stop = self.cfg, self.run, StopFlag(self.spec.stop_signals)
-        reason = "epochs done"
+        ended = ended_before(cfg, run, self.spec.dry_run)  # met its target at a save a kill cut short
+        reason = ended or "epochs done"
         try:
-            for epoch in range(run.epoch, cfg.train.epochs):
+            for epoch in range(run.epoch, run.epoch if ended else cfg.train.epochs):
                 tr = self.train_epoch(epoch, stop)
                 if stop.reason:
                     reason = self.interrupted(epoch, stop.reason)
                     break
-                row = self.evaluate_epoch(epoch, tr)
+                try:
+                    row = self.evaluate_epoch(epoch, tr)
+                except StopNow:  # forced while validation waited for data: trained, not evaluated
+                    reason = self.interrupted(epoch, stop.reason, evaluated=False)
+                    break
                 best = run.record(row)
                 self.save(epoch, complete=True, best=best)
                 self.writer.epoch_row(row, cfg.train.epochs)
@@ -598,11 +594,14 @@ class Trainer:
                                       position=self.train_loader.position, rng=rank_rng_state(self.device))
         self.save(epoch, complete=False, best=False)
 
-    def interrupted(self, epoch: int, signal_name: str) -> str:
-        """last.pt of the interrupted epoch (not in a dry run); the reason the run ended."""
+    def interrupted(self, epoch: int, signal_name: str, evaluated: bool = True) -> str:
+        """last.pt of the interrupted epoch (not in a dry run); the reason the run ended (``evaluated=False``:
+        the epoch was trained and its validation cut short)."""
         self.save_interrupted(epoch)
         if self.spec.dry_run:
             return f"interrupted by {signal_name} (dry run: nothing saved)"
+        if not evaluated:
+            return f"interrupted by {signal_name} (last.pt saved; --resume evaluates epoch {epoch})"
         return (f"interrupted by {signal_name} (last.pt saved; --resume goes on with epoch {epoch} at row "
                 f"{self.train_loader.position})")
 

@@ -24,6 +24,7 @@ import torch
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.config import Config
 from pillsnap_dali.data.classmap import ClassMap
+from pillsnap_dali.errors import PillsnapError, one_line
 from pillsnap_dali.data.manifest import Manifest, ManifestError, read_manifest, split_missing
 from pillsnap_dali.training.metrics import EvalAccumulator, top_confusions, write_per_class
 from pillsnap_dali.loaders import build_loader
@@ -177,21 +178,25 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, cfg: Confi
 
 
 def after_training(run_dir: Path, train_manifest: str | None, cfg: Config, device: torch.device) -> dict | None:
-    """The test-split score of a finished run's best.pt (``after_training``); ``{"note": ...}`` when the
-    run has no test split (said plainly, for the report); None when not asked for or without best.pt; a
-    failure is logged, never the run's end."""
-    best = run_dir / "checkpoints" / "best.pt"
-    if not cfg.evaluate.after_training or not best.is_file():
+    """The test-split score of a finished run's best.pt, or ``{"not_evaluated": reason}`` (shown in the
+    report and the command's summary) when the run has no test split (``test_split``'s plain sentence), no
+    best.pt, or an expected fault (a bad test manifest or image loader failure, a disk error) stopped it; None
+    when ``evaluate.after_training`` is off. Any other exception is a bug and propagates."""
+    if not cfg.evaluate.after_training:
         return None
+    best = run_dir / "checkpoints" / "best.pt"
     test, note = test_split(train_manifest)
     if test is None:
-        _logger.warning("%s", note)
-        return {"note": note}
-    try:
-        return evaluate_checkpoint(best, test, cfg, device, run_dir / "test")
-    except (ValueError, OSError, RuntimeError) as e:  # the training itself succeeded: keep its report
-        _logger.warning("test split %s not evaluated: %s", test, e)
-        return None
+        reason = note
+    elif not best.is_file():
+        reason = f"no {best} (no epoch completed)"
+    else:
+        try:
+            return evaluate_checkpoint(best, test, cfg, device, run_dir / "test")
+        except (PillsnapError, OSError) as e:  # the training itself succeeded: keep its report, say why
+            reason = f"{test}: {one_line(e)}"
+    _logger.warning("test split not evaluated: %s", reason)
+    return {"not_evaluated": reason}
 
 
 @torch.no_grad()

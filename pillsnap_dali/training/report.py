@@ -113,8 +113,8 @@ def _late_sections(run_dir: Path, summary: dict, examples) -> list[str]:
     bad = bad_files(run_dir, *manifest_dir)  # the loaders' skips, train's and the manifest step's quarantine
     if bad:
         lines += ["", *_picture_section(lambda: skipped_sheet(bad, run_dir / "pictures"))]
-    if (summary.get("test") or {}).get("note"):
-        lines += ["", "## Test split", "", summary["test"]["note"]]
+    if (summary.get("test") or {}).get("not_evaluated"):
+        lines += ["", "## Test split", "", f"Not evaluated: {summary['test']['not_evaluated']}.", ""]
     elif summary.get("test"):
         lines += ["", *split_section(summary["test"], run_dir / "test")]
     return lines

@@ -181,6 +181,7 @@ class Resume:
         self.path = Path(path)
         self._state: dict | None = state
         self.weights_origin: dict | None = state.get("weights_origin")  # the first session's starting weights
+        self.history: list = list(state.get("history") or [])  # its epoch rows (metrics.jsonl is checked against)
         self._run: RunState | None = None
         self._rank_rng: dict | None = None
 

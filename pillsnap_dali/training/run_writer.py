@@ -59,15 +59,13 @@ class RunWriter:
         return badfiles.skip_log_for(self.out, self.rank)
 
     def checkpoints(self, state: dict, epoch: int, *, complete: bool, best: bool, save_every: int) -> None:
-        """last.pt, and epoch_NNNN.pt / best.pt when due (rank 0; each written atomically)."""
+        """last.pt, and epoch_NNNN.pt / best.pt when due (rank 0; each written atomically, in the order that
+        survives a crash between them: ``checkpoint.save_pair``)."""
         if not self.writes_checkpoints:
             return
         d = self.out / "checkpoints"
-        ckpt.save_checkpoint(d / "last.pt", state)
-        if complete and save_every and (epoch + 1) % save_every == 0:
-            ckpt.save_checkpoint(d / f"epoch_{epoch + 1:04d}.pt", state)
-        if best:
-            ckpt.save_checkpoint(d / "best.pt", state)
+        extra = (d / f"epoch_{epoch + 1:04d}.pt",) if complete and save_every and (epoch + 1) % save_every == 0 else ()
+        ckpt.save_pair(d, state, best=best, extra=extra)
 
     def rank_position(self, *, epoch: int, interruption: int, step: int, position: int, rng: dict) -> None:
         """Under DDP, where this rank (not 0, whose position is in the checkpoint) stopped, and its RNG."""
