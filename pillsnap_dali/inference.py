@@ -1,19 +1,7 @@
-"""Prediction: ``single`` classifies the whole image; ``combo`` detects pills, crops each box and classifies it.
-
-``python -m pillsnap_dali.predict IMAGE|DIR ... --classifier CKPT [--detector WEIGHTS] --mode single|combo
-[--topk 5] [--json]``. The mode is the user's choice and is never switched automatically (a combo image
-without detections gives an empty pill list and a warning, not a whole-image guess).
-
-The classifier input is exactly the preprocessing stored in its checkpoint (image size, resize mode,
-mean/std), applied by ``loaders.pil_eval_transform``, the PIL twin of the DALI evaluation graph. The
-existing project's checkpoints load too: a timm EfficientNetV2 state dict (``_orig_mod.`` prefixes
-stripped) plus its class map as JSON (``--class-map``). Each pill gets its top-k K-codes with confidence and
-the drug metadata of the class map (dl_name, shape, colours, imprint). Per-image latency (load, detect,
-crop, classify) is measured and p50/p95 printed.
-
-With ``--eval MANIFEST`` (a ``detect_*.csv``) it reports the two-stage accuracy instead: the share of
-labelled pills whose K-code is right at top-1 (a pill counts when a detection overlaps its box with
-IoU >= 0.5 and that detection's top-1 is its code).
+"""Prediction: ``single`` classifies the whole image; ``combo`` detects pills, crops each box and classifies it,
+with the checkpoint's own preprocessing (``loaders.pil_eval_transform``), the class map's drug metadata per
+K-code, latency per image and the two-stage accuracy of a detection manifest. The command and its options:
+``pillsnap_dali.commands.predict``.
 """
 from __future__ import annotations
 

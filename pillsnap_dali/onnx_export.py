@@ -1,18 +1,7 @@
-"""ONNX export (the command: ``python -m pillsnap_dali.export``): the trained models as ONNX, with a parity proof before anything is written.
-
-    python -m pillsnap_dali.export --classifier runs/demo/checkpoints/best.pt --format onnx --out export/demo
-    python -m pillsnap_dali.export --classifier runs/stage3/checkpoints/best.pt \\
-        --detector runs/detect_3/weights/best.pt --format onnx --out export/stage3 --fp16
-
-The classifier: opset 17, dynamic batch, input ``input`` (normalized NCHW float), output ``output`` (logits),
-the deployed weights (the EMA when ``best.pt`` chose it), with the K-codes, drug names and preprocessing
-(size, resize mode, mean/std) in the ONNX metadata and in ``classifier.json`` beside it (the full class
-map, the parity figures and latency too). Before writing, onnxruntime runs the model on real validation
-images (the validation manifest the run recorded in its checkpoint, or ``--images``) against torch: the
-max abs logit difference and the top-1 agreement must be within bounds (``--atol``, ``--min-agreement``;
-the same for ``--fp16`` with looser bounds), else nothing is written. Files are written atomically (an
-export over an existing one replaces it whole or not at all). The detector goes through Ultralytics' own
-export at its training letterbox size (640 for the users' detector) into ``detector.onnx`` + ``detector.json``.
+"""ONNX export of the classifier (opset 17, dynamic batch, the deployed weights, K-codes and preprocessing in
+the metadata) and of the detector (Ultralytics' own export), each written only after onnxruntime matches torch
+on real images within the parity bounds (``Bounds``, ``check``). The command and its options:
+``pillsnap_dali.commands.export``.
 """
 from __future__ import annotations
 

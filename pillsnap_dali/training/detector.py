@@ -1,31 +1,8 @@
-"""Detector training: Ultralytics YOLO fed by the DALI graph of ``pipelines/detect.py``.
-
-``python -m pillsnap_dali.detect --stage N [--model yolo11m.yaml|PATH] [--epochs E] [--imgsz 640]
-[--backend dali|dali-cpu|ultralytics]`` converts the stage's combination images to a YOLO dataset
-(``yolo_convert``), then trains. The DALI backends plug into Ultralytics through its extension hooks only:
-a ``DetectionTrainer`` subclass whose ``get_dataloader`` returns a ``DaliDetectLoader``
-(``pillsnap_dali.loaders.detect``, on the DALI runner the classification loader uses too) yielding the batch
-dict its trainer and validator expect (``img`` uint8 BCHW, ``cls``, ``bboxes`` normalized xywh,
-``batch_idx``, ``im_file``, ``ori_shape``, ``resized_shape``, ``ratio_pad``). ``--backend ultralytics``
-uses its own loader (mosaic and the rest of its augmentation).
-
-Fully offline: ``YOLO_OFFLINE`` is set before Ultralytics is imported (lazily, here only), plots are off
-(no font download), models are built from a yaml or a local ``.pt`` (never fetched, loaded ``weights_only``:
-``pillsnap_dali.weights``). Precision: ``amp="bf16"`` where the GPU has native bf16 and the installed
-Ultralytics accepts it, else fp16 AMP (its AMP check cannot download its reference model offline: it is
-skipped with a warning), off on the CPU. ``--device cuda:N``: DALI, torch and the detector on GPU N
-(``pillsnap_dali.device``). OS errors while writing are one line naming the path (``OutputError``).
-
-Run dir ``<train.out>/detect_<stage>/``: ``weights/{best,last}.pt``, ``metrics.json`` (P, R, mAP50,
-mAP50-95), ``skipped.csv`` (row, path, reason, backend, epoch: the images the DALI loaders could not use, written
-as they are found, not retried by a rerun in the same dir), Ultralytics' ``results.csv``/``args.yaml``.
-
-``--resume [CKPT]`` continues an interrupted run from ``weights/last.pt`` (or CKPT) with Ultralytics' own resume
-(``resume=<last.pt>``: its settings, weights, optimizer, EMA and epoch; ``results.csv`` is appended to). The
-checkpoint is scanned and checked first (``resume_state``): a missing file or a finished run's is one line.
-The DALI trainer sets its training loader's epoch from the trainer's at each epoch start, and the detection
-graph's flips and HSV factors are drawn on the host from (seed, epoch, image row)
-(``loaders.augment.draw_detect``), so a resumed epoch gets the order and draws of the interrupted one.
+"""Detector training: Ultralytics YOLO fed by the DALI graph of ``pipelines/detect.py``, through Ultralytics'
+extension hooks only (a ``DetectionTrainer`` subclass whose ``get_dataloader`` returns the DALI detection
+loader, ``loaders.detect``), fully offline (``weights.ultralytics_offline``; models from a yaml or a local
+``.pt``), bf16 only where native, resumable (Ultralytics' own resume from ``weights/last.pt``). The command,
+its options and the run dir it writes: ``pillsnap_dali.commands.detect``.
 """
 from __future__ import annotations
 

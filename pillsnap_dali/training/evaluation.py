@@ -1,15 +1,8 @@
-"""Test-split evaluation (the command: ``python -m pillsnap_dali.evaluate``): the score users report, on the test split (never trained on).
-
-    python -m pillsnap_dali.evaluate --checkpoint runs/stage3/checkpoints/best.pt \\
-        --manifest artifacts/stage3/manifest_test.csv
-
-The deployed weights of the checkpoint (the EMA when it chose it), with its own preprocessing, through the
-project's evaluation loader (``--backend``, as training): top-1/top-5, macro precision/recall/F1, a per-class
-CSV, the worst classes by recall, the stage targets (``evaluate.target_*``; Stage 3: 85 % top-1, 95 % top-5,
-every class's precision and recall >= 80 %) checked, and the test rows whose K-code the model never learned
-(absent from its class map) reported and left out, never a crash. Files go to ``--out`` (default: the run's
-``test/`` dir beside ``checkpoints/``): ``metrics.json``, ``per_class.csv``, ``report.md`` with pictures,
-``skipped.csv``. Training runs the same after its last epoch (``after_training``).
+"""Test-split evaluation, the score users report: the deployed weights of a checkpoint with its own
+preprocessing through the project's evaluation loader; top-1/top-5, macro precision/recall/F1, per-class CSV,
+the stage targets, absent K-codes reported and left out; ``after_training`` runs it when a training ends,
+``run_manifests``/``test_split`` say which manifests a run used and why it has no test split. The command and
+its options: ``pillsnap_dali.commands.evaluate``.
 """
 from __future__ import annotations
 
