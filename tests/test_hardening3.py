@@ -31,7 +31,7 @@ from pillsnap_dali import imageio, rundir
 from pillsnap_dali.commands import train
 from pillsnap_dali.config import load_config
 from pillsnap_dali.data.build import import_legacy
-from pillsnap_dali.data.manifest import Manifest, read_manifest
+from pillsnap_dali.data.manifest import Manifest, read_manifest, write_manifest
 from pillsnap_dali.data.verify import Verifier, VerifySettings
 from pillsnap_dali.inference import PredictOptions, collect_images, predict_one
 from pillsnap_dali.loaders import build_loader
@@ -446,7 +446,10 @@ def _manifests_with_bad_test_split(manifests: Path, folder: Path) -> Path:
     for f in manifests.iterdir():
         if f.is_file():
             shutil.copy(f, folder / f.name)
-    (folder / "manifest_test.csv").write_text("this,is,not\na,manifest,\n")
+    # a test manifest that reads well when the run starts (its rows are recorded in the checkpoint) but whose
+    # images are gone by the time training ends: the evaluation cannot run, and says so
+    m = read_manifest(folder / "manifest_test.csv")
+    write_manifest(m.replace(paths=[str(folder / "gone" / Path(q).name) for q in m.paths]), folder / "manifest_test.csv")
     return folder
 
 
@@ -471,4 +474,5 @@ def test_after_training_lets_an_unexpected_error_through(tmp_path, monkeypatch, 
     with pytest.raises(RuntimeError, match="a bug"):
         evaluation.after_training(tmp_path, str(manifests / "manifest_train.csv"), load_config("demo"), CPU)
     assert evaluation.after_training(tmp_path, str(tmp_path / "manifest_train.csv"), load_config("demo"), CPU) \
-        == {"not_evaluated": f"no test manifest (manifest_test.csv with rows) beside {tmp_path / 'manifest_train.csv'}"}
+        == {"not_evaluated": evaluation.test_split(tmp_path / "manifest_train.csv")[1]}
+    assert "no test manifest (manifest_test.csv) beside" in evaluation.test_split(tmp_path / "manifest_train.csv")[1]
