@@ -1,6 +1,8 @@
 """Torch's CPU threads are chosen with the loader and the machine's load in mind (issue 15 item 6, issue 25
 item 4; figures in docs/benchmarks.md)."""
 import math
+import time
+
 import pytest
 import torch
 
@@ -92,6 +94,20 @@ def test_bench_step_compares_thread_settings_beside_busy_processes(tmp_path):
 
 def test_busy_processes_run_and_are_stopped():
     from pillsnap_dali.bench.step import busy_processes
-    with busy_processes(1) as procs:
-        assert procs[0].poll() is None
-    assert procs[0].poll() is not None
+    import psutil
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    with busy_processes(1) as pids:
+        assert running(pids[0])
+        # not a child of this process: the load the auto thread rule samples (others' cores) includes it
+        assert pids[0] not in {c.pid for c in psutil.Process().children(recursive=True)}
+        time.sleep(0.5)
+        assert others_busy_cores(0.5) > 0.5
+    deadline = time.monotonic() + 10
+    while running(pids[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(pids[0])

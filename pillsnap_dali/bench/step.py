@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -89,17 +90,31 @@ def bench_step(cfg: Config, *, device: torch.device, batch: int, steps: int = 10
     return out
 
 
+_DETACHED_LOOP = ("import subprocess, sys\n"
+                  "p = subprocess.Popen([sys.executable, '-c', 'while True: pass'], start_new_session=True,\n"
+                  "                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                  "print(p.pid)")
+
+
 @contextlib.contextmanager
 def busy_processes(n: int):
-    """``n`` competing processes, each a Python busy loop on one core, for the duration of the block."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    """``n`` competing processes, each a Python busy loop on one core, for the duration of the block. They are
+    started detached (through a parent that exits at once), so they are no children of this process: the
+    ``auto`` thread rule leaves this process's children out of the load it samples, and another user's job
+    on the machine is no child of a training run either. Yields their pids."""
+    pids = []
     try:
-        yield procs
+        for _ in range(n):
+            out = subprocess.run([sys.executable, "-c", _DETACHED_LOOP], capture_output=True, text=True, check=True,
+                                 timeout=60)
+            pids.append(int(out.stdout.strip()))
+        yield pids
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def bench_step_threads(cfg: Config, *, settings: list[str], busy: list[int], **kw) -> list[dict]:
