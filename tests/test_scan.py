@@ -223,3 +223,18 @@ def test_dangling_link_and_same_name_images_are_quarantined_not_lost(tmp_path):
     assert "unreadable" in quarantined[str(folder / "gone.png")]
     images = [p for p, _ in res.quarantine if not p.endswith(".json")]
     assert len(res.records) + len(images) == res.counts["images"]
+
+
+def test_a_fifo_under_a_label_name_is_quarantined_never_read(tmp_path):
+    """A FIFO (or a device) named like a label JSON: opened without blocking, its image quarantined with the
+    reason, the scan goes on (before, the scan blocked for ever on the read)."""
+    root = _tree(tmp_path)
+    _, lbl = source_dirs(root, "raw", "train", "single", 1)
+    label = sorted(lbl.rglob("*.json"))[0]
+    label.unlink()
+    os.mkfifo(label)
+    res = scan_tree(root)
+    reasons = {Path(p).stem: r for p, r in res.quarantine}
+    assert "not a regular file (a FIFO)" in reasons[label.stem] and str(label) in reasons[label.stem]
+    assert res.defects["unparsable_json"] == 1
+    assert len(res.records) > 0

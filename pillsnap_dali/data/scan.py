@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pillsnap_dali.data.classmap import META_KEYS
 from pillsnap_dali.geometry import iou_xywh
-from pillsnap_dali.imageio import IMAGE_SUFFIXES
+from pillsnap_dali.imageio import IMAGE_SUFFIXES, NotRegularFile, open_regular
 
 _logger = logging.getLogger(__name__)
 
@@ -272,9 +272,12 @@ class _Scan:
     def _read_label(self, path: str, stem: str) -> tuple:
         """(code, width, height, bbox) of one pill JSON, counting its defects."""
         try:
-            with open(path, "rb") as fh:
+            with open_regular(path) as fh:  # a FIFO or a device under a .json name: never a read that blocks
                 raw = fh.read()
             doc = json.loads(raw)
+        except NotRegularFile as e:
+            self.res.defects["unparsable_json"] += 1
+            raise _LabelError(f"label {path}: {e}") from None
         except (OSError, ValueError):  # ValueError covers JSONDecodeError and UnicodeDecodeError
             self.res.defects["unparsable_json"] += 1
             raise _LabelError("unparsable json") from None
