@@ -307,3 +307,18 @@ def test_every_cli_prints_its_help(capsys):
             main(["--help"])
         assert e.value.code == 0 and "default" in capsys.readouterr().out
     assert bench_cmd.main(["--help"]) == 0 and "step" in capsys.readouterr().out
+
+
+def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys):
+    """A KeyboardInterrupt while a command checks its inputs or builds its data (before training's own signal
+    handling) ends with one line and 130, never a traceback; an unexpected exception still propagates."""
+    def interrupted():
+        raise KeyboardInterrupt
+    assert cli.run_main(interrupted) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted") and "Traceback" not in err[0]
+
+    def bug():
+        raise ZeroDivisionError("a bug")
+    with pytest.raises(ZeroDivisionError):
+        cli.run_main(bug)

@@ -25,6 +25,7 @@ from pillsnap_dali.data.scan import COMBO_RE, KCODE_RE, SOURCE_RE, find_sources
 from pillsnap_dali.errors import PillsnapError, UsageError, os_error_line
 
 EXIT_ERROR = 2
+EXIT_SIGINT = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _logger = logging.getLogger(__name__)
@@ -195,10 +196,16 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace]
 def run_main(fn: Callable[[], int | None]) -> int:
     """Run a CLI's body: its exit status; an expected error (:class:`PillsnapError`, or an ``OSError`` such as
     a missing file, a full disk or a permission) is one ``error: ...`` line on stderr and status 2 (its
-    traceback is logged at DEBUG); any other exception is a bug and propagates with its traceback."""
+    traceback is logged at DEBUG); Ctrl-C before a command's own handler takes over (while it checks its
+    inputs, builds manifests or a cache) is one ``interrupted`` line and status 130, as a shell reports it; any
+    other exception is a bug and propagates with its traceback."""
     try:
         return int(fn() or 0)
     except (PillsnapError, OSError) as e:
         _logger.debug("failure", exc_info=True)
         print(f"error: {error_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        _logger.debug("interrupted", exc_info=True)
+        print("interrupted (Ctrl-C): nothing kept from this command's unfinished step", file=sys.stderr)
+        return EXIT_SIGINT
