@@ -4,9 +4,12 @@
   (``RLIMIT_FSIZE``; SIGXFSZ ignored), so the first bigger write fails with EFBIG, as a full disk
   fails with ENOSPC: the same code paths, deterministic, on any file system.
 - ``READ_ONLY``: a folder no one may create anything in, root included (sysfs refuses mkdir).
+- ``SignalAt(text, signum)``: a log handler that sends this process ``signum`` when a log line contains
+  ``text``: the real signal path (the handler in the main thread) at a chosen step, without a subprocess.
 """
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
@@ -32,3 +35,16 @@ def error_lines(run: subprocess.CompletedProcess) -> list:
     """The ``error:`` lines of a run's stderr (a traceback would show as ``Traceback`` lines instead)."""
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     return [line for line in run.stderr.splitlines() if line.startswith("error:")]
+
+
+class SignalAt(logging.Handler):
+    """Sends this process ``signum`` when a log line contains ``text`` (once; ``fired`` says it did)."""
+
+    def __init__(self, text: str, signum: int = signal.SIGTERM):
+        super().__init__()
+        self.text, self.signum, self.fired = text, signum, False
+
+    def emit(self, record):
+        if not self.fired and self.text in record.getMessage():
+            self.fired = True
+            os.kill(os.getpid(), self.signum)

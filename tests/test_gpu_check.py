@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import torch
 
 from pillsnap_dali.commands import gpu_check
 from pillsnap_dali.commands.gpu_check import Step, judge, plan, run_steps, summarize
+
+from oslimits import SignalAt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,17 +232,6 @@ def test_shell_script_documents_its_modes():
     assert subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--nope"], capture_output=True).returncode == 2
 
 
-class _StopAt(logging.Handler):
-    """SIGTERM to this process when a log line of the package contains ``text`` (the training's own stop)."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.text, self.fired = text, False
-
-    def emit(self, record):
-        if not self.fired and self.text in record.getMessage():
-            self.fired = True
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.gpu
@@ -256,7 +246,7 @@ def test_dali_resume_ends_within_the_stated_weight_tolerance(manifests, tmp_path
               "test_efficientnet", "--img-size", "64", "--batch-size", "8", "--epochs", "2", "--backend", "dali",
               "--set", "train.warmup_epochs=0", "--set", "train.log_interval=1", "--set", "train.max_skipped=0.1"]
     assert train.main([*common, "--name", "whole"]) == 0
-    stop, log = _StopAt("epoch 0/2 step 3/"), logging.getLogger("pillsnap_dali")
+    stop, log = SignalAt("epoch 0/2 step 3/"), logging.getLogger("pillsnap_dali")
     log.addHandler(stop)
     try:
         assert train.main([*common, "--name", "cut"]) == 128 + signal.SIGTERM and stop.fired

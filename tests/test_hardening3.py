@@ -40,6 +40,8 @@ from pillsnap_dali.training import checkpoint as ckpt
 from pillsnap_dali.training import evaluation
 from pillsnap_dali.training.checkpoint import load_checkpoint
 
+from oslimits import SignalAt
+
 CPU = torch.device("cpu")
 TINY = ["--model", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--lr", "0.003",
         "--set", "train.warmup_epochs=0", "--set", "loader.threads=1", "--set", "loader.workers=1",
@@ -341,15 +343,6 @@ def test_a_stale_lock_is_taken_over_and_released(manifests, tmp_path, capsys):
     assert not (run_dir / rundir.LOCK_NAME).exists() and (run_dir / "checkpoints" / "last.pt").exists()
 
 
-class _SignalAt(logging.Handler):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text, self.fired = text, False
-
-    def emit(self, record):
-        if not self.fired and self.text in record.getMessage():
-            self.fired = True
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _not_handled(signum, frame):
@@ -361,7 +354,7 @@ def test_a_run_stopped_before_its_first_step_leaves_the_earlier_run_as_it_was(ma
     assert train.main(_args(manifests, runs, "--epochs", "1", "--name", "r")) == 0
     before = sorted(str(p.relative_to(runs)) for p in runs.rglob("*"))
     last = (runs / "r" / "checkpoints" / "last.pt").read_bytes()
-    hook = _SignalAt("model test_efficientnet")  # logged once the trainer is built, before its first step
+    hook = SignalAt("model test_efficientnet")  # logged once the trainer is built, before its first step
     logging.getLogger("pillsnap_dali.train").addHandler(hook)
     old = signal.signal(signal.SIGTERM, _not_handled)  # what the run installs replaces it
     try:

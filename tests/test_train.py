@@ -22,6 +22,8 @@ from pillsnap_dali.training.checkpoint import load_checkpoint
 from pillsnap_dali.training.model import load_classifier
 from pillsnap_dali.config import load_config
 
+from oslimits import SignalAt
+
 TINY = ["--model", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--lr", "0.003",
         "--set", "train.warmup_epochs=0", "--set", "loader.threads=1", "--set", "loader.workers=1",
         "--set", "train.log_interval=2",
@@ -449,22 +451,10 @@ def test_report_counts_the_skip_logs_of_every_rank(tmp_path):
     assert "Skipped files (not decodable, logged in `skipped.csv`, `skipped.rank1.csv`): 2" in report.read_text()
 
 
-class _SignalAt(logging.Handler):
-    """Sends this process ``signum`` when a log line contains ``text``: the real signal path (StopFlag's
-    handler in the main thread), at a chosen step, without a subprocess."""
-
-    def __init__(self, text: str, signum: int = signal.SIGTERM):
-        super().__init__()
-        self.text, self.signum, self.fired = text, signum, False
-
-    def emit(self, record):
-        if not self.fired and self.text in record.getMessage():
-            self.fired = True
-            os.kill(os.getpid(), self.signum)
 
 
 def _interrupted(argv: list, text: str, signum: int = signal.SIGTERM) -> int:
-    handler = _SignalAt(text, signum)
+    handler = SignalAt(text, signum)
     log = logging.getLogger("pillsnap_dali.training.engine")
     log.addHandler(handler)
     try:
