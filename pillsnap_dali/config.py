@@ -325,8 +325,8 @@ def _check_cache_value(v: Any) -> None:
         return
     text = str(v) if isinstance(v, str) else ""
     if not text or not ("/" in text or "\\" in text or text.startswith((".", "~"))):
-        raise ConfigError(f"config key 'loader.cache' must be auto, off or a folder (a path such as ./jpeg640 or "
-                          f"/data/jpeg640), got {v!r}")
+        raise ConfigError(f"config key 'loader.cache' must be auto, off or a folder (a path such as ./jpeg640, "
+                          f"~/jpeg640 or an absolute folder), got {v!r}")
 
 
 def config_default(key: str) -> Any:

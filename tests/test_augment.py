@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pillsnap_dali.bench.loaders import bench_manifest
+from pillsnap_dali.benchmarks.loaders import bench_manifest
 from pillsnap_dali.config import AugmentConfig, load_config
 from pillsnap_dali.loaders import build_loader
 from pillsnap_dali.loaders.augment import central_crop, crop_box, crop_windows, draw_augment
@@ -93,7 +93,7 @@ def test_the_crop_window_is_torchvisions_box_in_whole_pixels():
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Photo-like images of the AI Hub shape, small: PNGs (lossless) and a JPEG, one with an EXIF turn."""
-    from pillsnap_dali.bench.loaders import photo_like
+    from pillsnap_dali.benchmarks.loaders import photo_like
     folder = tmp_path_factory.mktemp("aug_photos")
     paths = []
     for i in range(6):

@@ -46,7 +46,7 @@ def test_bench_predict_combo_needs_a_detector(capsys):
 
 
 def test_bench_readers_compares_read_ahead_with_reading_in_place(tmp_path, capsys):
-    from pillsnap_dali.bench.loaders import write_bench_images
+    from pillsnap_dali.benchmarks.loaders import write_bench_images
     write_bench_images(tmp_path / "img", 4, fmt="jpeg", size=(64, 80))
     out = tmp_path / "readers.json"
     assert bench_cmd.main(["readers", str(tmp_path / "img"), "--readers", "0,2", "--latency-ms", "5", "--rows", "16",
@@ -64,8 +64,8 @@ def test_peer_arms_draw_the_same_crop_and_flip(tmp_path):
     window and flip, so the arms differ only in how they decode and resize."""
     import numpy as np
 
-    from pillsnap_dali.bench.loaders import write_bench_images
-    from pillsnap_dali.bench.peers import SAMPLERS, Drawer
+    from pillsnap_dali.benchmarks.loaders import write_bench_images
+    from pillsnap_dali.benchmarks.peers import SAMPLERS, Drawer
     path = write_bench_images(tmp_path, 1, fmt="jpeg", size=(488, 640))[0]
     buf = np.fromfile(path, dtype=np.uint8)
     drawer = Drawer(96, (0.5, 1.0), (0.75, 4 / 3), 0.5, seed=3)
@@ -90,8 +90,8 @@ def test_peer_arms_make_the_dali_cpu_training_batch(tmp_path):
     import torch
     from PIL import Image
 
-    from pillsnap_dali.bench.loaders import _bench_config, bench_manifest, write_bench_images
-    from pillsnap_dali.bench.peers import SAMPLERS, _colour, drawer_for
+    from pillsnap_dali.benchmarks.loaders import _bench_config, bench_manifest, write_bench_images
+    from pillsnap_dali.benchmarks.peers import SAMPLERS, _colour, drawer_for
     from pillsnap_dali.loaders import build_loader
     paths = [str(p) for p in write_bench_images(tmp_path, 2, fmt="jpeg", size=(244, 320))]
     for orientation in (3, 6):  # turned 180 degrees; a quarter turn (sides swapped)
@@ -144,13 +144,13 @@ def test_bench_epochs_reports_rss_per_epoch_and_its_slope(tmp_path, capsys):
 
 
 def test_slope_per_epoch_sees_a_leak_and_ignores_the_warm_up():
-    from pillsnap_dali.bench.epochs import slope_per_epoch
+    from pillsnap_dali.benchmarks.epochs import slope_per_epoch
     assert abs(slope_per_epoch([500, 900, 901, 902, 903]) - 1.0) < 1e-9  # the first epoch left out
     assert abs(slope_per_epoch([100, 100, 100])) < 1e-9 and slope_per_epoch([5.0]) == 0.0
 
 
 def test_bench_ops_times_each_arm_op_by_op(tmp_path, capsys):
-    from pillsnap_dali.bench.loaders import write_bench_images
+    from pillsnap_dali.benchmarks.loaders import write_bench_images
     write_bench_images(tmp_path / "img", 2, fmt="jpeg", size=(244, 320))
     out = tmp_path / "ops.json"
     assert bench_cmd.main(["ops", str(tmp_path / "img"), "--size", "48", "--json", str(out)]) == 0
@@ -172,8 +172,8 @@ def test_gpu_peer_arm_and_dali_against_the_best_gpu_peer(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
 
-    from pillsnap_dali.bench.loaders import write_bench_images
-    from pillsnap_dali.bench.peers import Drawer, gpu_batch, torchvision_sample
+    from pillsnap_dali.benchmarks.loaders import write_bench_images
+    from pillsnap_dali.benchmarks.peers import Drawer, gpu_batch, torchvision_sample
     path = write_bench_images(tmp_path / "img", 1, fmt="jpeg", size=(244, 320))[0]
     buf = np.fromfile(path, dtype=np.uint8)
     drawer = Drawer(48, (0.5, 1.0), (0.75, 4 / 3), 0.5)
@@ -192,12 +192,12 @@ def test_bench_step_logs_progress_at_least_every_interval(monkeypatch, caplog):
     """A long bench step (a 384 px model on a CPU takes minutes) says where it is between results."""
     import logging
 
-    from pillsnap_dali.bench import step as bench_step_module
+    from pillsnap_dali.benchmarks import step as bench_step_module
     from pillsnap_dali.config import load_config
 
     monkeypatch.setattr(bench_step_module, "PROGRESS_SECONDS", 0.0)
     cfg = load_config(stage="demo", sets=["model.name=test_efficientnet", "preprocess.img_size=32"])
-    with caplog.at_level(logging.INFO, logger="pillsnap_dali.bench.step"):
+    with caplog.at_level(logging.INFO, logger="pillsnap_dali.benchmarks.step"):
         bench_step_module.bench_step(cfg, device=torch.device("cpu"), batch=2, steps=2, warmup=1, reps=2,
                                      num_classes=4)
     lines = [r.getMessage() for r in caplog.records if "steps" in r.getMessage() and "/" in r.getMessage()]
@@ -213,7 +213,7 @@ def test_tree_memory_counts_shared_pages_once():
     import numpy as np
     import psutil
 
-    from pillsnap_dali.bench.loaders import tree_pss_bytes
+    from pillsnap_dali.benchmarks.loaders import tree_pss_bytes
     block = np.ones(200 * 2**20, dtype=np.uint8)  # 200 MB, touched: resident in the parent
     r, w = os.pipe()
     pid = os.fork()
@@ -242,7 +242,7 @@ def test_bench_scan_help_does_not_import_torch():
     import sys
     code = ("import sys\nfrom pillsnap_dali.commands.bench import main\n"
             "try:\n    main(['scan', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-            "import pillsnap_dali.bench.scan\n"
+            "import pillsnap_dali.benchmarks.scan\n"
             "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -250,7 +250,7 @@ def test_bench_scan_help_does_not_import_torch():
 
 
 def test_bench_scale_quick_measures_every_step_and_its_growth(tmp_path, capsys):
-    from pillsnap_dali.bench.scale import QUICK_SIZES, STEPS, growth_exponent
+    from pillsnap_dali.benchmarks.scale import QUICK_SIZES, STEPS, growth_exponent
     out = tmp_path / "scale.json"
     assert bench_cmd.main(["scale", "--quick", "--workdir", str(tmp_path), "--json", str(out)]) == 0
     res = json.loads(out.read_text())

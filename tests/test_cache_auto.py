@@ -69,7 +69,8 @@ def _big_pngs(tmp: Path, m, size=(700, 520)):
 def test_loader_cache_key_takes_auto_off_or_a_folder_and_refuses_other_words(tmp_path):
     assert load_config("demo").loader.cache == "auto"
     assert _cfg(**{"loader.cache": "off"}).loader.cache == "off"
-    assert _cfg(**{"loader.cache": "/data/jpeg640"}).loader.cache == "/data/jpeg640"
+    folder = str(tmp_path / "jpeg640")  # an absolute folder
+    assert _cfg(**{"loader.cache": folder}).loader.cache == folder
     for bad in ("on", "yes", "jpeg"):
         with pytest.raises(ConfigError, match="loader.cache"):
             _cfg(**{"loader.cache": bad})

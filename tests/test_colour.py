@@ -9,7 +9,7 @@ import torch
 import torchvision.transforms.functional as F
 from PIL import Image
 
-from pillsnap_dali.bench.loaders import bench_manifest, colour_in_graph
+from pillsnap_dali.benchmarks.loaders import bench_manifest, colour_in_graph
 from pillsnap_dali.config import ConfigError, load_config
 from pillsnap_dali.loaders import build_loader
 from pipelines import AUG_FIELDS, AUG_INDEX, IMAGENET_MEAN, IMAGENET_STD, BatchColour

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pillsnap_dali.bench.loaders import photo_like
+from pillsnap_dali.benchmarks.loaders import photo_like
 from pipelines import EvalSpec, PipelineOptions, classify_pipeline, decode_graph
 
 # 4:2:0 JPEG of a photo-like image with sharp colour edges (where chroma upsampling shows)

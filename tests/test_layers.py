@@ -13,7 +13,7 @@ from pillsnap_dali.commands import COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "pillsnap_dali"
-ENTRY_POINTS = {f"pillsnap_dali.{name}" for name in COMMANDS if name != "bench"} | {"pillsnap_dali.bench.__main__"}
+ENTRY_POINTS = {f"pillsnap_dali.{name}" for name in COMMANDS}
 
 
 def module_name(path: Path) -> str:
@@ -67,7 +67,7 @@ def test_pipelines_import_no_pillsnap_dali():
 def test_every_command_lives_in_commands_and_runs_by_its_old_name(name):
     cmd = importlib.import_module(f"pillsnap_dali.commands.{name}")
     assert callable(cmd.main)
-    entry = importlib.import_module("pillsnap_dali.bench.__main__" if name == "bench" else f"pillsnap_dali.{name}")
+    entry = importlib.import_module(f"pillsnap_dali.{name}")
     assert entry.main is cmd.main  # the entry point is thin: it runs the command's own main
     # every CLI module is under commands/: no parser is defined anywhere else in the package
     for p in library_modules():

@@ -187,7 +187,7 @@ def test_read_ahead_changes_nothing_but_timing(tmp_path, split, odd_images):
 def test_eval_parity_dali_cpu_vs_pil(tmp_path):
     """Bound: on 976x1280 photo-like PNGs the normalized evaluation tensors of dali-cpu and pil differ by
     at most 0.02 in mean absolute value (about 1.2 grey levels of 255), for both resize modes."""
-    from pillsnap_dali.bench.loaders import photo_like
+    from pillsnap_dali.benchmarks.loaders import photo_like
     paths = []
     for i in range(2):
         paths.append(tmp_path / f"photo_{i}.png")

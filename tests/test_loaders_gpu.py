@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pillsnap_dali.bench.loaders import bench_manifest
+from pillsnap_dali.benchmarks.loaders import bench_manifest
 from pillsnap_dali.config import load_config
 from pillsnap_dali.loaders import build_loader, resolve_backend
 from pillsnap_dali.skiplog import SkipLog
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from pillsnap_dali.bench.loaders import photo_like
+    from pillsnap_dali.benchmarks.loaders import photo_like
     folder = tmp_path_factory.mktemp("gpu_photos")
     paths = []
     for i in range(4):
@@ -85,7 +85,7 @@ def test_gpu_training_without_jitter_matches_dali_cpu_for_both_colour_modes(phot
     plain = ["augment.random_area=[1.0,1.0]", f"augment.random_aspect_ratio=[{976 / 1280},{976 / 1280}]",
              "augment.hflip=0", "augment.brightness=0", "augment.contrast=0", "augment.saturation=0",
              "augment.hue=0"]
-    from pillsnap_dali.bench.loaders import colour_in_graph
+    from pillsnap_dali.benchmarks.loaders import colour_in_graph
     for mode in ("batch", "graph"):
         cfg = _cfg(*plain)
         out = {}
@@ -116,7 +116,7 @@ def test_no_host_round_trip_between_decode_and_model(photos, colour):
     images, rows = pipe.run()
     assert isinstance(images.as_tensor(), dali_backend.TensorGPU)
     assert isinstance(rows.as_tensor(), dali_backend.TensorCPU)  # row ids stay on the host, tiny
-    from pillsnap_dali.bench.loaders import colour_in_graph
+    from pillsnap_dali.benchmarks.loaders import colour_in_graph
     loader = build_loader(bench_manifest(photos), [0] * 4, _cfg(), train=True, device=torch.device("cuda"),
                           backend="dali")
     if colour == "graph":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pillsnap_dali.bench.scan import TreeSpec, label_json, make_tree, source_dirs
+from pillsnap_dali.benchmarks.scan import TreeSpec, label_json, make_tree, source_dirs
 from pillsnap_dali.data.classmap import ClassMap
 from pillsnap_dali.config import ManifestConfig, load_config
 from pillsnap_dali.commands.manifest import main

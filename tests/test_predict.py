@@ -190,7 +190,7 @@ def test_prediction_letterbox_is_the_training_letterbox(size, imgsz):
     import numpy as np
     from PIL import Image
 
-    from pillsnap_dali.bench.loaders import photo_like
+    from pillsnap_dali.benchmarks.loaders import photo_like
     from pipelines import PipelineOptions
     from pipelines.detect import DetectSpec, detect_pipeline
 

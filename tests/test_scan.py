@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pillsnap_dali.bench.scan import TreeSpec, label_json, make_tree, source_dirs
+from pillsnap_dali.benchmarks.scan import TreeSpec, label_json, make_tree, source_dirs
 from pillsnap_dali.data.scan import scan_tree, tree_fingerprint
 
 

@@ -93,7 +93,7 @@ def test_bench_step_compares_thread_settings_beside_busy_processes(tmp_path):
 
 
 def test_busy_processes_run_and_are_stopped():
-    from pillsnap_dali.bench.step import busy_processes
+    from pillsnap_dali.benchmarks.step import busy_processes
     import psutil
 
     def running(pid: int) -> bool:

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from pillsnap_dali.bench.scan import tiny_png
+from pillsnap_dali.benchmarks.scan import tiny_png
 from pillsnap_dali.data.verify import Verifier, VerifySettings
 from pillsnap_dali.imageio import (check_full, check_header, open_rgb, pixel_problem, read_encoded,
                                    read_encoded_upright)

@@ -1,5 +1,5 @@
 """``python -m pillsnap_dali.bench {decode,step,scan,predict,readers,epochs,ops}``: the benchmarks behind
-docs/benchmarks.md; the measuring code lives in ``pillsnap_dali.bench``.
+docs/benchmarks.md; the measuring code lives in ``pillsnap_dali.benchmarks``.
 
 Each command's measuring module (and torch) is imported when that command runs: ``bench scan`` and every
 ``--help`` load neither torch nor the loaders, so the imports inside the ``_<command>`` functions are
@@ -44,7 +44,7 @@ def _step_parser() -> argparse.ArgumentParser:
 
 def _step(a: argparse.Namespace) -> int:
     import torch
-    from pillsnap_dali.bench.step import bench_step, bench_step_threads
+    from pillsnap_dali.benchmarks.step import bench_step, bench_step_threads
     cfg = config_from_args(a, {"model": "model.name", "img_size": "preprocess.img_size"})
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device in (None, "auto") else a.device)
     # the demo stage takes every class of its synthetic tree (manifest.classes is only an upper bound there)
@@ -125,7 +125,7 @@ def _readers_parser() -> argparse.ArgumentParser:
 
 
 def _readers(a: argparse.Namespace) -> int:
-    from pillsnap_dali.bench.loaders import bench_readers
+    from pillsnap_dali.benchmarks.loaders import bench_readers
     res = bench_readers(a.source, readers=[int(r) for r in a.readers.split(",")], latency_ms=a.latency_ms,
                         rows=a.rows, reps=a.reps)
     return _emit([{"readers": r, "latency ms/file": f"{a.latency_ms:g}", "img/s median": f"{v['images_per_s']:.1f}",
@@ -150,7 +150,7 @@ def _epochs_parser() -> argparse.ArgumentParser:
 
 
 def _epochs(a: argparse.Namespace) -> int:
-    from pillsnap_dali.bench.epochs import bench_epochs
+    from pillsnap_dali.benchmarks.epochs import bench_epochs
     res = bench_epochs(a.workdir, epochs=a.epochs, images=a.images, size=a.size, batch=a.batch, threads=a.threads,
                        backend=a.backend)
     rows = [{"memory": "RSS MB", **{k: f"{v:.1f}" for k, v in res["rss"].items()}}]
@@ -173,8 +173,8 @@ def _ops_parser() -> argparse.ArgumentParser:
 
 
 def _ops(a: argparse.Namespace) -> int:
-    from pillsnap_dali.bench.loaders import _paths_of
-    from pillsnap_dali.bench.ops import bench_ops
+    from pillsnap_dali.benchmarks.loaders import _paths_of
+    from pillsnap_dali.benchmarks.ops import bench_ops
     res = bench_ops(_paths_of(a.source)[:a.limit], size=a.size)
     return _emit([{"op": k, "ms/sample (1 thread)": f"{v:.2f}"} for k, v in res["ms_per_sample"].items()],
                  res, a.json)
@@ -214,7 +214,7 @@ def _decode_parser() -> argparse.ArgumentParser:
 
 
 def _decode(a: argparse.Namespace) -> int:
-    from pillsnap_dali.bench.decode import DecodeOptions, run
+    from pillsnap_dali.benchmarks.decode import DecodeOptions, run
     opts = DecodeOptions(**vars(a))
     given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v not in (None, False))
     print(run(opts, command=f"python -m pillsnap_dali.bench decode {given}"))
@@ -230,7 +230,7 @@ def _scan_parser() -> argparse.ArgumentParser:
 
 
 def _scan(a: argparse.Namespace) -> int:
-    from pillsnap_dali.bench.scan import run_scan_bench
+    from pillsnap_dali.benchmarks.scan import run_scan_bench
     r = run_scan_bench(a.images, a.out, tree=a.tree)
     print(f"scanned {r['images']} images in {r['wall_s']} s: {r['images_per_s']} images/s "
           f"({r['images_per_cpu_s']} per CPU-second) on {r['cpu']}")
@@ -238,7 +238,7 @@ def _scan(a: argparse.Namespace) -> int:
 
 
 def _scale_parser() -> argparse.ArgumentParser:
-    from pillsnap_dali.bench import scale  # the sizes' defaults (imports no torch)
+    from pillsnap_dali.benchmarks import scale  # the sizes' defaults (imports no torch)
     ap = argparse.ArgumentParser(prog="python -m pillsnap_dali.bench scale", description=HELP["scale"])
     ap.add_argument("--sizes", default=",".join(map(str, scale.SIZES)),
                     help="comma-separated manifest rows, at least two (default: %(default)s)")
@@ -252,7 +252,7 @@ def _scale_parser() -> argparse.ArgumentParser:
 
 
 def _scale(a: argparse.Namespace) -> int:
-    from pillsnap_dali.bench import scale
+    from pillsnap_dali.benchmarks import scale
     sizes = list(scale.QUICK_SIZES) if a.quick else [int(s) for s in a.sizes.split(",") if s.strip()]
     if len(sizes) < 2 or min(sizes) < 100:
         raise UsageError("--sizes needs at least two sizes of 100 rows or more")

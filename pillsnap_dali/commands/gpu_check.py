@@ -258,7 +258,7 @@ def skipped_by(paths: dict[str, Path], backend: str) -> list[str]:
     """The names of ``paths`` the ``backend`` loader (evaluation graph, one epoch) skips. On ``dali`` a file
     that fails on one decoder path (hardware JPEG engine or CUDA) is retried on the other before it is
     skipped (the runner's probe), so the two backends can agree."""
-    from pillsnap_dali.bench.loaders import bench_manifest
+    from pillsnap_dali.benchmarks.loaders import bench_manifest
     from pillsnap_dali.config import load_config
     from pillsnap_dali.loaders import build_loader
     from pillsnap_dali.skiplog import SkipLog

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from pillsnap_dali.bench.machine import load_average, machine_info
+from pillsnap_dali.benchmarks.machine import load_average, machine_info
 from pillsnap_dali.config import load_config
 from pillsnap_dali.data.build import _Build, _classification, _detection, _report, _write_all
 from pillsnap_dali.data.checks import check_manifests
@@ -61,9 +61,10 @@ STEPS = ("stage build", "manifest read + checks", "epoch plan + sharding", "skip
 
 
 # ------------------------------------------------------------------------------------------ synthetic work
-def synthetic_scan(rows: int, classes: int, root: str = "/data/aihub") -> ScanResult:
-    """Scan records of a tree with ``rows`` * 1.1 training singles over ``classes`` K-codes, 1 % combination
-    images (3 pills each) and a Validation part of ``rows`` / 10 singles, shaped like the real ones."""
+def synthetic_scan(rows: int, classes: int, root: str) -> ScanResult:
+    """Scan records of a tree under ``root`` (never created: no image is opened) with ``rows`` * 1.1 training
+    singles over ``classes`` K-codes, 1 % combination images (3 pills each) and a Validation part of
+    ``rows`` / 10 singles, with the real tree's folder names and path lengths."""
     recs, per = [], max(2, math.ceil(rows * 1.1 / classes))
     train, val = "1.Training/원천데이터/단일경구약제 5000종", "2.Validation/원천데이터/단일경구약제 5000종"
     for c in range(classes):
@@ -99,7 +100,7 @@ class _Work:
     def __init__(self, rows: int, classes: int, out: Path):
         self.cfg = load_config("4", sets=[f"manifest.images={rows}", f"manifest.classes={classes}"])
         self.rows, self.classes, self.out = rows, classes, out
-        self.scan = synthetic_scan(rows, classes)
+        self.scan = synthetic_scan(rows, classes, str(out / "aihub"))  # paths only: no image is written
         self.train = self.val = self.class_map = None
         self.skip_runs = 0
 

@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import torch
 
-from pillsnap_dali.bench.loaders import _bench_config, bench_manifest, write_bench_images
+from pillsnap_dali.benchmarks.loaders import _bench_config, bench_manifest, write_bench_images
 from pillsnap_dali.gpumon import GpuMonitor
 from pillsnap_dali.loaders import build_loader, resolve_backend
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pillsnap_dali.bench.peers import Drawer, _crop_flip_tensor, is_jpeg
+from pillsnap_dali.benchmarks.peers import Drawer, _crop_flip_tensor, is_jpeg
 from pillsnap_dali.config import AugmentConfig
 from pillsnap_dali.loaders.augment import draw_augment
 

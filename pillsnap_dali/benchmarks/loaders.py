@@ -26,9 +26,9 @@ import psutil
 import torch
 from PIL import Image
 
-from pillsnap_dali.bench.peers import CPU_PEERS, GPU_PEERS, PEERS, input_note, make_peer_runner
+from pillsnap_dali.benchmarks.peers import CPU_PEERS, GPU_PEERS, PEERS, input_note, make_peer_runner
 from pillsnap_dali.config import Config, load_config
-from pillsnap_dali.bench.machine import machine_info
+from pillsnap_dali.benchmarks.machine import machine_info
 from pillsnap_dali.sysinfo import available_cores
 from pillsnap_dali.imageio import IMAGE_SUFFIXES
 from pillsnap_dali.data.manifest import Manifest, read_manifest

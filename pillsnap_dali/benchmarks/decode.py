@@ -4,7 +4,7 @@ On one set of images (a manifest or a folder, or generated 976x1280 photo-like i
 it measures the images/s of the PIL DataLoader (workers = cores), ``dali-cpu`` and, with CUDA, ``dali``,
 all producing the same 384 px training output with the same augmentations; the peer arms a user would
 pick instead of DALI (``opencv``, ``torchvision``, ``pil-draft``; ``torchvision-gpu`` with CUDA; see
-``pillsnap_dali.bench.peers``) and each DALI arm's ratio to the best of them (``vs_best_peer``,
+``pillsnap_dali.benchmarks.peers``) and each DALI arm's ratio to the best of them (``vs_best_peer``,
 ``best_peer`` in the JSON); the decode-only ceilings (PIL
 and DALI, same threads; DALI on the GPU too) and the model-only training throughput on synthetic input.
 Median of ``--reps`` epochs after a warm-up, with min and max, CPU utilization, peak PSS of the process tree (shared pages counted once),
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from pillsnap_dali.bench.loaders import (CPU_PEER_ARMS, GPU_PEER_ARMS, bench_decode, bench_manifest, machine_info,
+from pillsnap_dali.benchmarks.loaders import (CPU_PEER_ARMS, GPU_PEER_ARMS, bench_decode, bench_manifest, machine_info,
                                          write_bench_images)
-from pillsnap_dali.bench.peers import PEERS, missing_note
-from pillsnap_dali.bench.step import bench_step
+from pillsnap_dali.benchmarks.peers import PEERS, missing_note
+from pillsnap_dali.benchmarks.step import bench_step
 from pillsnap_dali.config import load_config
 from pillsnap_dali.data.cache import PrepareOptions, prepare_cache
 from pillsnap_dali.data.manifest import read_manifest, write_manifest

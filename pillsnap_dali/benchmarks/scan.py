@@ -18,7 +18,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pillsnap_dali.bench.machine import machine_info
+from pillsnap_dali.benchmarks.machine import machine_info
 from pillsnap_dali.atomic import atomic_write_text
 from pillsnap_dali.data.scan import scan_tree
 
